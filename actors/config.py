@@ -1,0 +1,40 @@
+"""EngineConfig: every knob of one engine (one replica group), in one dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str = "demo"  # a local HF checkpoint directory, or "demo"
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", "xpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    kernel_backend: str | None = None  # None: the device's default (see segserve.kernels)
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # fixed pool size; overrides the memory budget below
+    kv_cache_memory_gb: float = 2.0  # CPU: bytes for the KV pool
+    gpu_memory_utilization: float = 0.85  # GPU: fraction of device memory for weights + KV
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048  # token budget per step (chunked prefill splits prompts)
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seeds requests that bring no seed of their own
+    max_queue_len: int | None = None  # bound on waiting requests; None: unbounded
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 64:
+            # a beam group (up to 64 beams) must fit one step's budget
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 64, got {self.max_num_batched_tokens}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError("kv_cache_memory_gb must be > 0")

@@ -1,0 +1,428 @@
+"""The engine: requests in, tokens out, on one device (or as rank 0 of a replica group).
+
+``EngineCore`` is synchronous: ``add_request`` validates and queues, ``step`` runs one scheduler
+iteration (schedule -> KV copies -> model -> sample -> stop checks) and returns the deltas it
+produced. ``AsyncEngine`` runs ``step`` in a worker thread and fans deltas out to per-request
+async iterators; it is what a Serve replica wraps. Neither knows anything of Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from segserve.models import load_tokenizer, resolve_model_path
+
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .kv_manager import SegmentKVManager
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, Delta, RequestOutput
+from .sampler import beam_step, sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceGroup, Status
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class QueueFull(RuntimeError):
+    """The engine's bounded waiting queue is full (the service answers 429)."""
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        path = resolve_model_path(config.model)
+        self.model_path = path
+        self.tokenizer = load_tokenizer(path)
+        self.runner = ModelRunner(config, path)
+        self.spec = self.runner.spec
+        self.max_model_len = self.runner.max_model_len
+        self.kv = SegmentKVManager(self.runner.num_blocks, config.block_size,
+                                   config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv)
+        self.eos_token_ids = frozenset(self.spec.eos_token_ids) | self._generation_eos(path)
+        self.groups: dict[str, SequenceGroup] = {}
+        self._inbox: deque[tuple[str, Any]] = deque()  # ("add", group) | ("abort", id)
+        self._rng = random.Random(config.seed)
+        self.num_steps = 0
+
+    @staticmethod
+    def _generation_eos(path) -> frozenset[int]:
+        import json
+
+        file = path / "generation_config.json"
+        if not file.is_file():
+            return frozenset()
+        eos = json.loads(file.read_text()).get("eos_token_id")
+        return frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    # ----- requests -------------------------------------------------------------------------
+    def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> SequenceGroup:
+        """Validate and tokenize; raises ValueError naming the problem. Touches no engine state,
+        so it is safe to call from any thread."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids instead of text")
+            prompt_ids = list(self.tokenizer(prompt).input_ids)
+            text = prompt
+        elif isinstance(prompt, list | tuple):
+            prompt_ids, text = list(prompt), None
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
+                raise ValueError("prompt token ids must be integers")
+            bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {self.spec.vocab_size})")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, not "
+                             f"{type(prompt).__name__}")
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the model's max length {self.max_model_len}"
+            )
+        need = self.kv.blocks_for(total) * params.num_sequences
+        if self.kv.blocks_for(len(prompt_ids)) + params.num_sequences > self.kv.num_blocks:
+            raise ValueError(f"the request needs more KV blocks than the pool holds "
+                             f"({self.kv.num_blocks}); shorten the prompt or raise the KV memory")
+        del need
+        if params.num_sequences > self.config.max_num_seqs:
+            raise ValueError(f"n/beam_width {params.num_sequences} exceeds max_num_seqs "
+                             f"{self.config.max_num_seqs}")
+        request_id = request_id or uuid.uuid4().hex
+        group = SequenceGroup(request_id, prompt_ids, params, time.monotonic(), prompt_text=text,
+                              eos_token_ids=self.eos_token_ids)
+        group.seqs.append(self._new_seq(group, 0))
+        return group
+
+    def _new_seq(self, group: SequenceGroup, index: int) -> Sequence:
+        seq = Sequence(group, index=index)
+        p = group.params
+        if not p.greedy and not p.use_beam_search:
+            seed = p.seed if p.seed is not None else self._rng.getrandbits(63)
+            seq.generator = torch.Generator().manual_seed(hash((seed, index)) & (2**63 - 1))
+        if self.tokenizer is not None:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, group.prompt_ids,
+                                               p.skip_special_tokens)
+        return seq
+
+    def submit(self, group: SequenceGroup) -> None:
+        """Queue a validated request; it joins the batch at the next step. Thread-safe."""
+        limit = self.config.max_queue_len
+        if limit is not None and len(self.scheduler.waiting) + len(self._inbox) >= limit:
+            raise QueueFull(f"the engine queue is full ({limit} waiting requests)")
+        self._inbox.append(("add", group))
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        group = self.make_request(prompt, params, request_id)
+        self.submit(group)
+        return group.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks at the next step. Thread-safe."""
+        self._inbox.append(("abort", request_id))
+
+    def _drain_inbox(self) -> list[Delta]:
+        deltas = []
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                if item.request_id in self.groups:
+                    logger.warning("duplicate request id %s ignored", item.request_id)
+                    continue
+                self.groups[item.request_id] = item
+                self.scheduler.add(item)
+            else:
+                group = self.groups.pop(item, None)
+                if group is not None:
+                    group.aborted = True
+                    self.scheduler.remove(group)
+                    deltas += [Delta(group.request_id, s.index, [], "", "abort")
+                               for s in group.seqs if not s.finished]
+        return deltas
+
+    def has_work(self) -> bool:
+        return bool(self._inbox) or self.scheduler.has_work()
+
+    # ----- one iteration ----------------------------------------------------------------------
+    def step(self) -> list[Delta]:
+        deltas = self._drain_inbox()
+        sched = self.scheduler.schedule()
+        if not sched.batch:
+            return deltas
+        self.num_steps += 1
+        try:
+            logits = self.runner.execute(sched.batch, self.kv.take_pending_copies())
+        except Exception as e:  # a kernel failure must not take the whole engine down
+            logger.exception("step failed; failing its requests")
+            return deltas + self._fail({item.seq.group for item in sched.batch}, e)
+        sampling = [item for item in sched.batch if item.samples]
+        for item in sched.batch:
+            seq, group = item.seq, item.seq.group
+            if seq.num_computed < group.prompt_len:
+                group.prompt_computed += item.num_tokens
+                self.kv.commit_prompt(group)
+            else:
+                seq.response_computed += item.num_tokens
+        rows = {id(item.seq): i for i, item in enumerate(sampling)}
+        done_groups = set()
+        for group in {item.seq.group for item in sampling}:
+            if group.params.use_beam_search:
+                deltas += self._beam_update(group, logits, rows)
+            else:
+                deltas += self._sample_update(group, logits, rows)
+            if group.is_finished:
+                done_groups.add(group)
+        for group in done_groups:
+            self.scheduler.remove(group)
+            self.groups.pop(group.request_id, None)
+        return deltas
+
+    def _fail(self, groups: set[SequenceGroup], error: Exception) -> list[Delta]:
+        out = []
+        for group in groups:
+            self.scheduler.remove(group)
+            self.groups.pop(group.request_id, None)
+            for s in group.seqs:
+                if not s.finished:
+                    s.finish_reason = "error"
+                    out.append(Delta(group.request_id, s.index, [], "", "error"))
+        return out
+
+    def _sample_update(self, group: SequenceGroup, logits: torch.Tensor,
+                       rows: dict[int, int]) -> list[Delta]:
+        seqs = [s for s in group.live_seqs() if id(s) in rows]
+        row_ids = [rows[id(s)] for s in seqs]
+        leader = group.seqs[0]
+        if len(group.seqs) == 1 and group.params.n > 1 and not leader.output_ids:
+            # The prompt is done: the request forks into its n samples, all reading the one
+            # prompt segment. Each sample draws its first token from the same logits row.
+            for j in range(1, group.params.n):
+                child = self._new_seq(group, j)
+                self.kv.fork(leader, child)
+                group.seqs.append(child)
+                seqs.append(child)
+                row_ids.append(rows[id(leader)])
+        if group.first_token_time is None:
+            group.first_token_time = time.monotonic()
+        results = sample(logits[row_ids], seqs)
+        return [self._append(seq, tok, lp, entry)
+                for seq, (tok, lp, entry) in zip(seqs, results, strict=True)]
+
+    def _append(self, seq: Sequence, token: int, logprob: float, entry) -> Delta:
+        group, p = seq.group, seq.group.params
+        seq.output_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if entry is not None:
+            seq.logprobs.append(entry)
+        prev_len = len(seq.text)
+        seq.text += seq.detok.add(token) if seq.detok is not None else ""
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in group.eos_token_ids):
+            reason = "stop"
+        elif p.stop and len(seq.text) > prev_len:
+            longest = max(map(len, p.stop))
+            hit = self._find_stop(seq.text, p.stop, max(prev_len - longest + 1, 0))
+            if hit is not None:
+                pos, stop = hit
+                seq.text = seq.text[: pos + len(stop) if p.include_stop_str_in_output else pos]
+                reason = "stop"
+        if reason is None and (len(seq.output_ids) >= p.max_tokens
+                               or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if seq.detok is not None and not (p.stop and reason == "stop" and
+                                              token not in p.stop_token_ids
+                                              and token not in group.eos_token_ids):
+                seq.text += seq.detok.flush()
+            seq.finish_reason = reason
+            self.kv.free_seq(seq)
+        # Hold back text that may be the start of a stop string, so nothing streamed is ever
+        # taken back.
+        holdback = max(map(len, p.stop)) - 1 if p.stop and reason is None else 0
+        upto = max(len(seq.text) - holdback, seq.streamed)
+        text, seq.streamed = seq.text[seq.streamed:upto], upto
+        return Delta(group.request_id, seq.index, [token], text, reason,
+                     [entry] if entry is not None else None)
+
+    @staticmethod
+    def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:
+        best = None
+        for stop in stops:
+            pos = text.find(stop, start)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, stop)
+        return best
+
+    def _beam_update(self, group: SequenceGroup, logits: torch.Tensor,
+                     rows: dict[int, int]) -> list[Delta]:
+        beams = group.live_seqs()
+        assert all(id(b) in rows for b in beams), "beams must step together"
+        if group.first_token_time is None:
+            group.first_token_time = time.monotonic()
+        chosen = beam_step(group, beams, logits[[rows[id(b)] for b in beams]],
+                           group.params.max_tokens)
+        if not chosen:
+            for b in beams:
+                self.kv.free_seq(b)
+                b.finish_reason = "stop"
+            return self._beam_final_deltas(group)
+        # First pass: every selected beam gets its own sequence; a parent picked twice forks
+        # (full response blocks shared, partial block copied).
+        claimed: set[int] = set()
+        assignments = []
+        for parent, token, score in chosen:
+            if parent.seq_id not in claimed:
+                claimed.add(parent.seq_id)
+                assignments.append((parent, parent.output_ids, token, score))
+                continue
+            child = self._new_seq(group, 0)
+            self.kv.fork(parent, child)
+            child.logprobs = list(parent.logprobs)
+            assignments.append((child, list(parent.output_ids), token, score))
+        for b in beams:
+            if b.seq_id not in claimed:
+                self.kv.free_seq(b)
+        new_seqs = []
+        for i, (seq, outputs, token, score) in enumerate(assignments):
+            seq.output_ids = outputs + [token]
+            seq.cumulative_logprob = score
+            seq.index = i
+            new_seqs.append(seq)
+        group.seqs = new_seqs
+        return []
+
+    def _beam_final_deltas(self, group: SequenceGroup) -> list[Delta]:
+        return [Delta(group.request_id, c.index, c.token_ids, c.text, c.finish_reason)
+                for c in self.build_output(group).outputs]
+
+    # ----- results ----------------------------------------------------------------------------
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def build_output(self, group: SequenceGroup) -> RequestOutput:
+        p = group.params
+        if p.use_beam_search:
+            outputs = []
+            for i, h in enumerate(group.finished_beams):
+                ends = bool(h.output_ids) and h.output_ids[-1] in (
+                    set(group.eos_token_ids) | set(p.stop_token_ids))
+                outputs.append(CompletionOutput(
+                    index=i, token_ids=list(h.output_ids),
+                    text=self.decode(h.output_ids, p.skip_special_tokens),
+                    finish_reason=("stop" if ends else "length") if group.beam_done else None,
+                    cumulative_logprob=h.cumulative_logprob, score=h.score))
+        else:
+            outputs = [CompletionOutput(
+                index=s.index, token_ids=list(s.output_ids), text=s.text,
+                finish_reason=s.finish_reason, cumulative_logprob=s.cumulative_logprob,
+                logprobs=list(s.logprobs) if p.logprobs is not None else None)
+                for s in sorted(group.seqs, key=lambda s: s.index)]
+        return RequestOutput(group.request_id, list(group.prompt_ids), outputs,
+                             finished=group.is_finished, prompt=group.prompt_text,
+                             num_cached_tokens=group.cached_prompt_tokens)
+
+    def stats(self) -> dict[str, float]:
+        m = self.kv.metrics()
+        m.waiting_seqs = sum(max(len(g.live_seqs()), 1) for g in self.scheduler.waiting)
+        m.running_seqs = self.scheduler.num_running_seqs()
+        out = m.as_dict()
+        out["waiting_requests"] = len(self.scheduler.waiting) + sum(
+            1 for k, _ in self._inbox if k == "add")
+        out["running_requests"] = len(self.scheduler.running)
+        out["steps"] = self.num_steps
+        return out
+
+
+class AsyncEngine:
+    """Async front of EngineCore: ``generate`` streams Deltas; one background task steps the
+    core in a worker thread so the event loop stays free for I/O."""
+
+    def __init__(self, config: EngineConfig, core: EngineCore | None = None) -> None:
+        self.core = core or EngineCore(config)
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._lock = threading.Lock()
+
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self.core.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                deltas = await asyncio.to_thread(self.core.step)
+            except Exception:  # never let the loop die; the step already failed its requests
+                logger.exception("engine step raised")
+                await asyncio.sleep(0.01)
+                continue
+            for d in deltas:
+                q = self._queues.get(d.request_id)
+                if q is not None:
+                    q.put_nowait(d)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[Delta]:
+        """Stream the request's deltas; the iterator ends when every sequence has finished.
+        Closing the iterator early (a client that went away) aborts the request."""
+        self._ensure_loop()
+        group = self.core.make_request(prompt, params, request_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[group.request_id] = queue
+        self.core.submit(group)
+        self._wake.set()
+        expected = group.params.num_sequences if group.params.use_beam_search else group.params.n
+        finished: set[int] = set()
+        try:
+            while len(finished) < expected:
+                delta = await queue.get()
+                if delta.finish_reason is not None:
+                    finished.add(delta.index)
+                    if delta.finish_reason in ("abort", "error"):
+                        finished = set(range(expected))
+                yield delta
+        finally:
+            self._queues.pop(group.request_id, None)
+            if len(finished) < expected:
+                self.core.abort(group.request_id)
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
+        if self._wake is not None:
+            self._wake.set()
+
+    def stats(self) -> dict[str, float]:
+        return self.core.stats()

@@ -1,0 +1,230 @@
+"""SegmentKVManager: the block pool and the two kinds of segment that live in it.
+
+* A **prompt segment** belongs to a request (SequenceGroup). All its sequences read it; it is
+  written once, during prefill, and never reordered or copied. Its full blocks are hashed by
+  content (chained over the prefix), so a later request with the same prefix takes the same
+  blocks. A block nobody references but that holds a hashed prefix stays *cached* and is
+  evicted least-recently-used when the pool runs dry.
+* A **response segment** is private to one sequence and grows a block at a time. A fork (beam
+  search) shares the parent's full response blocks and copies only the partial last one.
+
+A block's reference count is the number of segments that contain it. The manager never touches
+KV tensors: copies it needs (the partial block of a fork) are queued for the model runner.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from .sequence import Sequence, SequenceGroup
+
+
+class NoFreeBlocks(RuntimeError):
+    """The pool has no free or evictable block; the scheduler answers by preempting."""
+
+
+@dataclass
+class KVMetrics:
+    blocks_total: int
+    blocks_used: int
+    blocks_free: int
+    blocks_cached: int
+    utilization: float
+    tokens_stored: int
+    tokens_logical: int
+    tokens_saved_by_sharing: int
+    prefix_cache_hit_tokens: int
+    preemptions: int
+    evictions: int
+    waiting_seqs: int = 0
+    running_seqs: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+class SegmentKVManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.free: deque[int] = deque(range(num_blocks))
+        # hash -> block for full prompt blocks; insertion order of the ref-0 ones is the LRU.
+        self.hash_to_block: dict[int, int] = {}
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.evictable: OrderedDict[int, None] = OrderedDict()
+        self.pending_copies: list[tuple[int, int]] = []
+        self.live_groups: dict[str, SequenceGroup] = {}
+        self.prefix_cache_hit_tokens = 0
+        self.preemptions = 0
+        self.evictions = 0
+
+    # ----- the pool -------------------------------------------------------------------------
+    def num_available(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    def _allocate(self) -> int:
+        if self.free:
+            block = self.free.popleft()
+        elif self.evictable:
+            block, _ = self.evictable.popitem(last=False)
+            del self.hash_to_block[self.block_hash[block]]
+            self.block_hash[block] = None
+            self.evictions += 1
+        else:
+            raise NoFreeBlocks("KV cache pool exhausted")
+        assert self.ref_count[block] == 0
+        self.ref_count[block] = 1
+        return block
+
+    def _incref(self, block: int) -> None:
+        if self.ref_count[block] == 0:
+            self.evictable.pop(block)  # a cached block comes back into use
+        self.ref_count[block] += 1
+
+    def _decref(self, block: int) -> None:
+        assert self.ref_count[block] > 0, f"double free of block {block}"
+        self.ref_count[block] -= 1
+        if self.ref_count[block] == 0:
+            if self.block_hash[block] is not None:
+                self.evictable[block] = None
+            else:
+                self.free.append(block)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ----- prompt segments ------------------------------------------------------------------
+    def _block_hashes(self, prompt_ids: list[int]) -> list[int]:
+        hashes, parent = [], 0
+        for i in range(len(prompt_ids) // self.block_size):
+            parent = hash((parent, tuple(prompt_ids[i * self.block_size:(i + 1) * self.block_size])))
+            hashes.append(parent)
+        return hashes
+
+    def _prefix_hits(self, prompt_ids: list[int]) -> list[int]:
+        if not self.enable_prefix_caching:
+            return []
+        hits = []
+        for h in self._block_hashes(prompt_ids):
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        # Keep at least one prompt token to compute: its logits give the first output token.
+        if hits and len(hits) * self.block_size >= len(prompt_ids):
+            hits.pop()
+        return hits
+
+    def can_admit(self, group: SequenceGroup) -> bool:
+        """Room for the whole prompt segment plus one response block per sequence."""
+        hits = self._prefix_hits(group.prompt_ids)
+        revived = sum(1 for b in hits if self.ref_count[b] == 0)
+        need = self.blocks_for(group.prompt_len) - len(hits) + group.params.num_sequences
+        return self.num_available() - revived >= need
+
+    def admit(self, group: SequenceGroup) -> None:
+        """Give the group its prompt segment, reusing cached prefix blocks."""
+        assert not group.prompt_blocks
+        hits = self._prefix_hits(group.prompt_ids)
+        for b in hits:
+            self._incref(b)
+        blocks = list(hits)
+        try:
+            for _ in range(self.blocks_for(group.prompt_len) - len(hits)):
+                blocks.append(self._allocate())
+        except NoFreeBlocks:
+            for b in blocks:
+                self._decref(b)
+            raise
+        group.prompt_blocks = blocks
+        group.prompt_computed = len(hits) * self.block_size
+        group.cached_prompt_tokens = group.prompt_computed
+        self.prefix_cache_hit_tokens += group.prompt_computed
+        self.live_groups[group.request_id] = group
+
+    def commit_prompt(self, group: SequenceGroup) -> None:
+        """Publish the group's newly computed full prompt blocks to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        full = group.prompt_computed // self.block_size
+        for i, h in enumerate(self._block_hashes(group.prompt_ids[: full * self.block_size])):
+            block = group.prompt_blocks[i]
+            if self.block_hash[block] is None and h not in self.hash_to_block:
+                self.block_hash[block] = h
+                self.hash_to_block[h] = block
+
+    # ----- response segments ----------------------------------------------------------------
+    def ensure_response_capacity(self, seq: Sequence, num_response_tokens: int) -> None:
+        """Grow the response segment to hold ``num_response_tokens``; NoFreeBlocks if it can't
+        (the blocks it did get stay with the sequence and count for the next try)."""
+        while len(seq.response_blocks) * self.block_size < num_response_tokens:
+            seq.response_blocks.append(self._allocate())
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give ``child`` the parent's response KV: full blocks shared, partial block copied."""
+        assert not child.response_blocks
+        computed = parent.response_computed
+        full = computed // self.block_size
+        for b in parent.response_blocks[:full]:
+            self._incref(b)
+        child.response_blocks = list(parent.response_blocks[:full])
+        child.response_computed = computed
+        if computed % self.block_size:
+            block = self._allocate()
+            self.pending_copies.append((parent.response_blocks[full], block))
+            child.response_blocks.append(block)
+
+    def free_seq(self, seq: Sequence) -> None:
+        for b in seq.response_blocks:
+            self._decref(b)
+        seq.response_blocks = []
+        seq.response_computed = 0
+
+    def free_group(self, group: SequenceGroup) -> None:
+        """Release every block of the group (finish, abort or preemption)."""
+        for seq in group.seqs:
+            self.free_seq(seq)
+        for b in group.prompt_blocks:
+            self._decref(b)
+        group.prompt_blocks = []
+        group.prompt_computed = 0
+        self.live_groups.pop(group.request_id, None)
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    # ----- metrics --------------------------------------------------------------------------
+    def metrics(self) -> KVMetrics:
+        used = self.num_blocks - len(self.free) - len(self.evictable)
+        # Tokens the live sequences see, against tokens physically stored (each block once).
+        logical, fill = 0, {}
+        for group in self.live_groups.values():
+            seqs = [s for s in group.seqs if not s.finished] or group.seqs[:1]
+            plen = min(group.prompt_computed, group.prompt_len)
+            for i, b in enumerate(group.prompt_blocks):
+                fill[b] = max(fill.get(b, 0), min(self.block_size, plen - i * self.block_size))
+            for seq in seqs:
+                logical += plen + seq.response_computed
+                for i, b in enumerate(seq.response_blocks):
+                    n = min(self.block_size, seq.response_computed - i * self.block_size)
+                    fill[b] = max(fill.get(b, 0), n)
+        stored = sum(max(n, 0) for n in fill.values())
+        return KVMetrics(
+            blocks_total=self.num_blocks,
+            blocks_used=used,
+            blocks_free=len(self.free),
+            blocks_cached=len(self.evictable),
+            utilization=used / self.num_blocks,
+            tokens_stored=stored,
+            tokens_logical=logical,
+            tokens_saved_by_sharing=logical - stored,
+            prefix_cache_hit_tokens=self.prefix_cache_hit_tokens,
+            preemptions=self.preemptions,
+            evictions=self.evictions,
+        )

@@ -1,0 +1,52 @@
+"""LLM: the offline, synchronous API.
+
+    llm = LLM(model="demo", device="cpu", dtype="float32")
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0.0))
+    outs[0].outputs[0].text
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import EngineConfig
+from .engine import EngineCore, Prompt
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "demo", **kwargs: Any) -> None:
+        self.config = EngineConfig(model=model, **kwargs)
+        self.engine = EngineCore(self.config)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion, batched; outputs come back in prompt order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("prompts is empty")
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        # Validate everything before queueing anything, so a bad prompt fails the call cleanly.
+        groups = [self.engine.make_request(p, sp or SamplingParams())
+                  for p, sp in zip(prompts, params_list, strict=True)]
+        for group in groups:
+            self.engine.submit(group)
+        while self.engine.has_work():
+            self.engine.step()
+        return [self.engine.build_output(g) for g in groups]
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()

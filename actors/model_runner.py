@@ -1,0 +1,140 @@
+"""ModelRunner: one rank's model, KV pool and step execution.
+
+It turns the scheduler's plan (which sequences, how many new tokens each) into packed tensors,
+runs the model, and returns float32 logits for the sequences that sample this step. It knows the
+block tables but not how they were chosen: that is the KV manager's job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from segserve.kernels import AttentionMetadata, get_backend
+from segserve.models import load_model, load_spec, resolve_dtype
+from segserve.models.spec import ModelSpec
+
+from .config import EngineConfig
+from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # new tokens computed this step, starting at seq.num_computed
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the sequence, so its logits are needed."""
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+def _pad(rows: list[list[int]]) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0) or 1
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path, tp_rank: int = 0, tp_size: int = 1,
+                 all_reduce=None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype)
+        self.spec: ModelSpec = load_spec(model_path)
+        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
+        self.backend = get_backend(config.kernel_backend, self.device.type)
+        self.model = load_model(model_path, self.spec, self.backend, self.dtype, self.device,
+                                tp_rank, tp_size, all_reduce, max_positions=self.max_model_len)
+        self.block_size = config.block_size
+        self.num_kv_heads = self.spec.num_kv_heads // tp_size
+        self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        shape = (self.spec.num_layers, self.num_blocks, self.block_size, self.num_kv_heads,
+                 self.spec.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(self.spec.num_layers)]
+        logger.info("KV pool: %d blocks x %d tokens (%.1f MiB)", self.num_blocks,
+                    self.block_size, 2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20)
+
+    def block_bytes(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.spec.num_layers * self.block_size * self.num_kv_heads * self.spec.head_dim * elem
+
+    def _blocks_from_memory(self) -> int:
+        if self.device.type == "cpu":
+            budget = self.config.kv_cache_memory_gb * 2**30
+        else:
+            free, total = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else (
+                torch.xpu.mem_get_info(self.device))
+            used_elsewhere = total - free
+            budget = total * self.config.gpu_memory_utilization - used_elsewhere
+        blocks = int(budget // self.block_bytes())
+        if blocks < 1:
+            raise ValueError("no memory left for the KV cache; lower the model size or raise "
+                             "the memory budget")
+        return blocks
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        # Block dim is 1 in [layers, blocks, ...]; do all layers at once.
+        self.k_cache[:, dst] = self.k_cache[:, src]
+        self.v_cache[:, dst] = self.v_cache[:, src]
+
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor,
+                                                          AttentionMetadata, list[int]]:
+        bs = self.block_size
+        input_ids, positions, slots, cu = [], [], [], [0]
+        prompt_tables, response_tables, plens, rlens, sample_idx = [], [], [], [], []
+        for item in batch:
+            seq, group = item.seq, item.seq.group
+            start, end = seq.num_computed, seq.num_computed + item.num_tokens
+            plen = group.prompt_len
+            input_ids += seq.tokens(start, end)
+            positions += range(start, end)
+            for pos in range(start, end):
+                if pos < plen:
+                    slots.append(group.prompt_blocks[pos // bs] * bs + pos % bs)
+                else:
+                    r = pos - plen
+                    slots.append(seq.response_blocks[r // bs] * bs + r % bs)
+            cu.append(cu[-1] + item.num_tokens)
+            prompt_tables.append(group.prompt_blocks)
+            response_tables.append(seq.response_blocks)
+            plens.append(min(end, plen))
+            rlens.append(max(end - plen, 0))
+            if item.samples:
+                sample_idx.append(cu[-1] - 1)
+        dev = self.device
+        meta = AttentionMetadata(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            prompt_block_tables=_pad(prompt_tables).to(dev),
+            prompt_lens=torch.tensor(plens, dtype=torch.int32, device=dev),
+            response_block_tables=_pad(response_tables).to(dev),
+            response_lens=torch.tensor(rlens, dtype=torch.int32, device=dev),
+            max_q_len=max(item.num_tokens for item in batch),
+            cu_seqlens_q_host=cu,
+            prompt_lens_host=plens,
+            response_lens_host=rlens,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids, pos, meta, sample_idx
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq], copies: list[tuple[int, int]]) -> torch.Tensor:
+        """Run one step; returns logits ``[num_sampling_seqs, vocab]`` (float32, on CPU)."""
+        self.copy_blocks(copies)
+        ids, pos, meta, sample_idx = self.prepare(batch)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        if not sample_idx:
+            return torch.empty(0, self.spec.vocab_size)
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=self.device)])
+        return logits.cpu()

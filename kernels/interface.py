@@ -1,0 +1,108 @@
+"""The fused-op interface every kernel backend implements, and the attention metadata it reads.
+
+A sequence's KV lives in two segments of fixed-size blocks (docs/architecture.md): the prompt
+segment, shared by every sequence of a request and by requests with the same prefix, and the
+sequence's private response segment. Attention ops therefore take *two* block tables and two
+lengths per sequence and never see a concatenated cache.
+
+Token layout is "varlen": the new tokens of all sequences in a step are packed into one
+``[num_tokens, ...]`` tensor, and ``cu_seqlens_q`` marks where each sequence starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """What attention needs to know about one batch step.
+
+    For sequence ``i`` its context is ``prompt_lens[i]`` tokens read through
+    ``prompt_block_tables[i]`` followed by ``response_lens[i]`` tokens read through
+    ``response_block_tables[i]``; its ``q_len`` new queries are the *last* ``q_len`` positions of
+    that context (their K/V were already written by ``write_kv``), attended causally.
+    """
+
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    slot_mapping: torch.Tensor  # [T] int64, flat cache slot of each new token's K/V
+    prompt_block_tables: torch.Tensor  # [B, max_prompt_blocks] int32, padded with 0
+    prompt_lens: torch.Tensor  # [B] int32
+    response_block_tables: torch.Tensor  # [B, max_response_blocks] int32, padded with 0
+    response_lens: torch.Tensor  # [B] int32
+    max_q_len: int
+    # Host copies: python loops in the reference backend and launch grids read these without a
+    # device->host sync.
+    cu_seqlens_q_host: list[int]
+    prompt_lens_host: list[int]
+    response_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.prompt_lens_host)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_q_len == 1
+
+
+class KernelBackend:
+    """The op set. Subclasses override ops with faster versions; ``reference`` is the oracle."""
+
+    name = "abstract"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(rms_norm(x + residual), x + residual)``: the fused residual add."""
+        raise NotImplementedError
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dim."""
+        raise NotImplementedError
+
+    def rope(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding (HF "rotate_half" convention) of q ``[T, H, D]`` and k ``[T, Hkv, D]``."""
+        raise NotImplementedError
+
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Store new K/V ``[T, Hkv, D]`` into caches ``[num_blocks, block_size, Hkv, D]``."""
+        raise NotImplementedError
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """Causal attention of q ``[T, H, D]`` over both segments; returns ``[T, H, D]``.
+
+        With ``sliding_window = w`` a query at position p sees keys at positions > p - w.
+        """
+        raise NotImplementedError
+
+    def copy_blocks(self, caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy whole blocks ``src[i] -> dst[i]`` in every cache tensor (beam fork's CoW)."""
+        for cache in caches:
+            cache[dst] = cache[src]

@@ -1,0 +1,242 @@
+"""Load a local HF checkpoint directory: config, (sharded) safetensors, tokenizer.
+
+Weights are fused while loading (q/k/v -> qkv_proj, gate/up -> gate_up_proj) and sliced for the
+tensor-parallel rank, so a rank never materialises more than its shard. Nothing is downloaded:
+``model`` must be a directory, or ``"demo"`` for the built-in demo model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segserve.kernels import KernelBackend
+
+from .llama import AllReduce, LlamaForCausalLM
+from .spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Show a progress bar from this checkpoint size on; tiny test models stay quiet.
+PROGRESS_MIN_BYTES = 256 * 2**20
+
+
+class ModelLoadError(ValueError):
+    """The model directory is missing, incomplete, corrupt or of an unsupported kind."""
+
+
+def resolve_model_path(model: str) -> Path:
+    from .demo import DEMO_MODEL_NAME, ensure_demo_model
+
+    if model == DEMO_MODEL_NAME:
+        return ensure_demo_model()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model directory {str(path)!r} does not exist (segserve loads local checkpoints "
+            f"only; pass a directory with config.json and *.safetensors, or 'demo')"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model directory {str(path)!r} has no config.json")
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; choose one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_spec(path: Path) -> ModelSpec:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, OSError, json.JSONDecodeError, KeyError) as e:
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from e
+    try:
+        return ModelSpec.from_hf_config(config)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
+
+
+def load_tokenizer(path: Path) -> Any | None:
+    """The HF fast tokenizer, or None when the checkpoint ships none (token-id prompts only)."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        logger.warning("%s has no tokenizer files: only token-id prompts will work", path)
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # tokenizer loaders raise many types; name the file either way
+        raise ModelLoadError(f"cannot load the tokenizer in {path}: {e}") from e
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"corrupt index {index}: {e}") from e
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"shards listed in {index.name} are missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {path}")
+    return files
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _target(name: str) -> tuple[str, str | None] | None:
+    """Map an HF tensor name to (our parameter name, fused part or None)."""
+    if name.startswith("model.embed_tokens."):
+        return name.removeprefix("model."), None
+    if name.startswith("model.norm."):
+        return name.removeprefix("model."), None
+    if name.startswith("lm_head."):
+        return name, None
+    m = _LAYER.match(name)
+    if m is None:
+        return None
+    layer, rest = m.groups()
+    prefix = f"layers.{layer}."
+    for part in ("q", "k", "v"):
+        if rest.startswith(f"self_attn.{part}_proj."):
+            return prefix + "self_attn.qkv_proj." + rest.rsplit(".", 1)[1], part
+    for part in ("gate", "up"):
+        if rest.startswith(f"mlp.{part}_proj."):
+            return prefix + "mlp.gate_up_proj." + rest.rsplit(".", 1)[1], part
+    if rest.startswith("self_attn.rotary_emb"):
+        return None  # some old checkpoints carry inv_freq buffers
+    return prefix + rest, None
+
+
+class _Placer:
+    """Copies checkpoint tensors into the (fused, sharded) parameters and records coverage."""
+
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        self.model = model
+        self.params = dict(model.named_parameters())
+        spec, tp = model.spec, model.tp_size
+        self.rank, self.tp = model.tp_rank, tp
+        hd = spec.head_dim
+        q, kv = spec.num_heads // tp * hd, spec.num_kv_heads // tp * hd
+        inter = spec.intermediate_size // tp
+        # Row offsets of each fused part inside this rank's fused parameter.
+        self.parts = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, inter),
+                      "up": (inter, inter)}
+        self.loaded: set[tuple[str, str | None]] = set()
+
+    def place(self, name: str, tensor: torch.Tensor) -> None:
+        target = _target(name)
+        if target is None:
+            return
+        pname, part = target
+        if pname not in self.params:
+            raise ModelLoadError(f"checkpoint tensor {name!r} has no place in the model")
+        param = self.params[pname]
+        if part is not None:
+            offset, size = self.parts[part]
+            tensor = self._shard_rows(tensor, size)
+            dest = param.data.narrow(0, offset, size)
+        else:
+            if pname.endswith(("o_proj.weight", "down_proj.weight")):
+                tensor = self._shard_cols(tensor, param.shape[1])  # row-parallel
+            elif pname.startswith("lm_head."):
+                tensor = self._shard_rows(tensor, param.shape[0])  # vocab-parallel
+            dest = param.data
+        if tensor.shape != dest.shape:
+            raise ModelLoadError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+            )
+        dest.copy_(tensor)
+        self.loaded.add((pname, part))
+
+    def _shard_rows(self, t: torch.Tensor, size: int) -> torch.Tensor:
+        return t if self.tp == 1 else t.narrow(0, self.rank * size, size)
+
+    def _shard_cols(self, t: torch.Tensor, size: int) -> torch.Tensor:
+        return t if self.tp == 1 else t.narrow(1, self.rank * size, size)
+
+    def finish(self) -> None:
+        spec = self.model.spec
+        if spec.tie_word_embeddings or ("lm_head.weight", None) not in self.loaded:
+            if not spec.tie_word_embeddings:
+                raise ModelLoadError("checkpoint has no lm_head.weight and embeddings are not tied")
+            emb = self.params["embed_tokens.weight"].data
+            self.params["lm_head.weight"].data.copy_(
+                self._shard_rows(emb, self.params["lm_head.weight"].shape[0])
+            )
+            self.loaded.add(("lm_head.weight", None))
+        missing = []
+        for pname in self.params:
+            fused = [p for (n, p) in self.loaded if n == pname]
+            if pname.endswith("qkv_proj.weight") or pname.endswith("qkv_proj.bias"):
+                need = {"q", "k", "v"}
+            elif "gate_up_proj" in pname:
+                need = {"gate", "up"}
+            else:
+                need = {None}
+            if not need <= set(fused):
+                missing.append(pname)
+        if missing:
+            raise ModelLoadError(f"checkpoint is missing weights for: {', '.join(missing[:8])}"
+                                 + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+
+
+def load_model(
+    path: Path,
+    spec: ModelSpec,
+    backend: KernelBackend,
+    dtype: torch.dtype,
+    device: torch.device,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    all_reduce: AllReduce | None = None,
+    max_positions: int = 0,
+) -> LlamaForCausalLM:
+    from safetensors import SafetensorError, safe_open
+
+    files = safetensors_files(path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(spec, backend, tp_rank, tp_size, all_reduce)
+    model = model.to_empty(device=device).to(dtype)
+    placer = _Placer(model)
+    total = sum(f.stat().st_size for f in files)
+    progress = None
+    if total >= PROGRESS_MIN_BYTES:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    tensor = f.get_tensor(name)
+                    placer.place(name, tensor.to(dtype))
+                    if progress is not None:
+                        progress.update(tensor.numel() * tensor.element_size())
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ModelLoadError(f"corrupt or unreadable safetensors file {file}: {e}") from e
+    if progress is not None:
+        progress.close()
+    placer.finish()
+    model.init_rope(max(max_positions, spec.max_position_embeddings), device)
+    return model
