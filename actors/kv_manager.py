@@ -6,7 +6,7 @@
   blocks. A block nobody references but that holds a hashed prefix stays *cached* and is
   evicted least-recently-used when the pool runs dry.
 * A **response segment** is private to one sequence and grows a block at a time. A fork (beam
-  search) shares the parent's full response blocks and copies only the partial last one.
+  search) shares the parent's response blocks; the partial last one is copied on first write.
 
 A block's reference count is the number of segments that contain it. The manager never touches
 KV tensors: copies it needs (the partial block of a fork) are queued for the model runner.
@@ -160,24 +160,32 @@ class SegmentKVManager:
 
     # ----- response segments ----------------------------------------------------------------
     def ensure_response_capacity(self, seq: Sequence, num_response_tokens: int) -> None:
-        """Grow the response segment to hold ``num_response_tokens``; NoFreeBlocks if it can't
-        (the blocks it did get stay with the sequence and count for the next try)."""
+        """Make the response segment writable up to ``num_response_tokens``: copy a shared
+        partial block before the first write into it (copy-on-write after a fork), then grow.
+        Raises NoFreeBlocks if the pool is dry; what was done stays done and counts next try."""
+        computed = seq.response_computed
+        first_written = computed // self.block_size
+        last_written = -(-num_response_tokens // self.block_size)
+        for i in range(first_written, min(last_written, len(seq.response_blocks))):
+            shared = seq.response_blocks[i]
+            if self.ref_count[shared] > 1:
+                block = self._allocate()
+                if i * self.block_size < computed:  # holds tokens of the shared history
+                    self.pending_copies.append((shared, block))
+                self._decref(shared)
+                seq.response_blocks[i] = block
         while len(seq.response_blocks) * self.block_size < num_response_tokens:
             seq.response_blocks.append(self._allocate())
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Give ``child`` the parent's response KV: full blocks shared, partial block copied."""
+        """Give ``child`` the parent's response KV by sharing every block. The partial last
+        block is copied only when one of them first writes into it (ensure_response_capacity),
+        so a fork itself never needs a free block."""
         assert not child.response_blocks
-        computed = parent.response_computed
-        full = computed // self.block_size
-        for b in parent.response_blocks[:full]:
+        for b in parent.response_blocks:
             self._incref(b)
-        child.response_blocks = list(parent.response_blocks[:full])
-        child.response_computed = computed
-        if computed % self.block_size:
-            block = self._allocate()
-            self.pending_copies.append((parent.response_blocks[full], block))
-            child.response_blocks.append(block)
+        child.response_blocks = list(parent.response_blocks)
+        child.response_computed = parent.response_computed
 
     def free_seq(self, seq: Sequence) -> None:
         for b in seq.response_blocks:
