@@ -54,8 +54,10 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         shape = (self.spec.num_layers, self.num_blocks, self.block_size, self.num_kv_heads,
                  self.spec.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # empty, not zeros: slots are always written before they are read, and untouched pages
+        # of a large CPU pool then cost no memory.
+        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(self.spec.num_layers)]
         logger.info("KV pool: %d blocks x %d tokens (%.1f MiB)", self.num_blocks,
                     self.block_size, 2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20)
