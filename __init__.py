@@ -1,8 +1,8 @@
 """segserve: LLM inference on a segment KV cache, served by Ray Serve.
 
 The offline API is re-exported here so users write ``from segserve import LLM, SamplingParams``.
-Imports are lazy: ``import segserve.kernels`` must not pull in the engine (and its torch/transformers
-start-up cost) for code that only needs one layer.
+Imports are lazy: ``import segserve.kernels`` must not pull in the engine (and its
+torch/transformers start-up cost) for code that only needs one layer.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
-
 from segserve.models import load_tokenizer, resolve_model_path
 
 from .config import EngineConfig
@@ -30,7 +29,7 @@ from .outputs import CompletionOutput, Delta, RequestOutput
 from .sampler import beam_step, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceGroup, Status
+from .sequence import Sequence, SequenceGroup
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +49,9 @@ class EngineCore:
         self.runner = ModelRunner(config, path)
         self.spec = self.runner.spec
         self.max_model_len = self.runner.max_model_len
-        self.kv = SegmentKVManager(self.runner.num_blocks, config.block_size,
-                                   config.enable_prefix_caching)
+        self.kv = SegmentKVManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config, self.kv)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids) | self._generation_eos(path)
         self.groups: dict[str, SequenceGroup] = {}
@@ -70,8 +70,9 @@ class EngineCore:
         return frozenset([eos] if isinstance(eos, int) else (eos or []))
 
     # ----- requests -------------------------------------------------------------------------
-    def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> SequenceGroup:
+    def make_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> SequenceGroup:
         """Validate and tokenize; raises ValueError naming the problem. Touches no engine state,
         so it is safe to call from any thread."""
         params = params or SamplingParams()
@@ -90,11 +91,14 @@ class EngineCore:
                 raise ValueError("prompt token ids must be integers")
             bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
             if bad:
-                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
-                                 f"[0, {self.spec.vocab_size})")
+                raise ValueError(
+                    f"prompt token id {bad[0]} is outside the vocabulary "
+                    f"[0, {self.spec.vocab_size})"
+                )
         else:
-            raise ValueError(f"prompt must be a string or a list of token ids, not "
-                             f"{type(prompt).__name__}")
+            raise ValueError(
+                f"prompt must be a string or a list of token ids, not {type(prompt).__name__}"
+            )
         if not prompt_ids:
             raise ValueError("prompt is empty")
         total = len(prompt_ids) + params.max_tokens
@@ -103,17 +107,25 @@ class EngineCore:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                 f"exceeds the model's max length {self.max_model_len}"
             )
-        need = self.kv.blocks_for(total) * params.num_sequences
         if self.kv.blocks_for(len(prompt_ids)) + params.num_sequences > self.kv.num_blocks:
-            raise ValueError(f"the request needs more KV blocks than the pool holds "
-                             f"({self.kv.num_blocks}); shorten the prompt or raise the KV memory")
-        del need
+            raise ValueError(
+                f"the request needs more KV blocks than the pool holds "
+                f"({self.kv.num_blocks}); shorten the prompt or raise the KV memory"
+            )
         if params.num_sequences > self.config.max_num_seqs:
-            raise ValueError(f"n/beam_width {params.num_sequences} exceeds max_num_seqs "
-                             f"{self.config.max_num_seqs}")
+            raise ValueError(
+                f"n/beam_width {params.num_sequences} exceeds max_num_seqs "
+                f"{self.config.max_num_seqs}"
+            )
         request_id = request_id or uuid.uuid4().hex
-        group = SequenceGroup(request_id, prompt_ids, params, time.monotonic(), prompt_text=text,
-                              eos_token_ids=self.eos_token_ids)
+        group = SequenceGroup(
+            request_id,
+            prompt_ids,
+            params,
+            time.monotonic(),
+            prompt_text=text,
+            eos_token_ids=self.eos_token_ids,
+        )
         group.seqs.append(self._new_seq(group, 0))
         return group
 
@@ -124,8 +136,9 @@ class EngineCore:
             seed = p.seed if p.seed is not None else self._rng.getrandbits(63)
             seq.generator = torch.Generator().manual_seed(hash((seed, index)) & (2**63 - 1))
         if self.tokenizer is not None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, group.prompt_ids,
-                                               p.skip_special_tokens)
+            seq.detok = IncrementalDetokenizer(
+                self.tokenizer, group.prompt_ids, p.skip_special_tokens
+            )
         return seq
 
     def submit(self, group: SequenceGroup) -> None:
@@ -135,8 +148,9 @@ class EngineCore:
             raise QueueFull(f"the engine queue is full ({limit} waiting requests)")
         self._inbox.append(("add", group))
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         group = self.make_request(prompt, params, request_id)
         self.submit(group)
         return group.request_id
@@ -160,8 +174,11 @@ class EngineCore:
                 if group is not None:
                     group.aborted = True
                     self.scheduler.remove(group)
-                    deltas += [Delta(group.request_id, s.index, [], "", "abort")
-                               for s in group.seqs if not s.finished]
+                    deltas += [
+                        Delta(group.request_id, s.index, [], "", "abort")
+                        for s in group.seqs
+                        if not s.finished
+                    ]
         return deltas
 
     def has_work(self) -> bool:
@@ -212,8 +229,9 @@ class EngineCore:
                     out.append(Delta(group.request_id, s.index, [], "", "error"))
         return out
 
-    def _sample_update(self, group: SequenceGroup, logits: torch.Tensor,
-                       rows: dict[int, int]) -> list[Delta]:
+    def _sample_update(
+        self, group: SequenceGroup, logits: torch.Tensor, rows: dict[int, int]
+    ) -> list[Delta]:
         seqs = [s for s in group.live_seqs() if id(s) in rows]
         row_ids = [rows[id(s)] for s in seqs]
         leader = group.seqs[0]
@@ -229,8 +247,10 @@ class EngineCore:
         if group.first_token_time is None:
             group.first_token_time = time.monotonic()
         results = sample(logits[row_ids], seqs)
-        return [self._append(seq, tok, lp, entry)
-                for seq, (tok, lp, entry) in zip(seqs, results, strict=True)]
+        return [
+            self._append(seq, tok, lp, entry)
+            for seq, (tok, lp, entry) in zip(seqs, results, strict=True)
+        ]
 
     def _append(self, seq: Sequence, token: int, logprob: float, entry) -> Delta:
         group, p = seq.group, seq.group.params
@@ -250,13 +270,17 @@ class EngineCore:
                 pos, stop = hit
                 seq.text = seq.text[: pos + len(stop) if p.include_stop_str_in_output else pos]
                 reason = "stop"
-        if reason is None and (len(seq.output_ids) >= p.max_tokens
-                               or seq.num_tokens >= self.max_model_len):
+        if reason is None and (
+            len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
             reason = "length"
         if reason is not None:
-            if seq.detok is not None and not (p.stop and reason == "stop" and
-                                              token not in p.stop_token_ids
-                                              and token not in group.eos_token_ids):
+            if seq.detok is not None and not (
+                p.stop
+                and reason == "stop"
+                and token not in p.stop_token_ids
+                and token not in group.eos_token_ids
+            ):
                 seq.text += seq.detok.flush()
             seq.finish_reason = reason
             self.kv.free_seq(seq)
@@ -264,9 +288,15 @@ class EngineCore:
         # taken back.
         holdback = max(map(len, p.stop)) - 1 if p.stop and reason is None else 0
         upto = max(len(seq.text) - holdback, seq.streamed)
-        text, seq.streamed = seq.text[seq.streamed:upto], upto
-        return Delta(group.request_id, seq.index, [token], text, reason,
-                     [entry] if entry is not None else None)
+        text, seq.streamed = seq.text[seq.streamed : upto], upto
+        return Delta(
+            group.request_id,
+            seq.index,
+            [token],
+            text,
+            reason,
+            [entry] if entry is not None else None,
+        )
 
     @staticmethod
     def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:
@@ -277,14 +307,16 @@ class EngineCore:
                 best = (pos, stop)
         return best
 
-    def _beam_update(self, group: SequenceGroup, logits: torch.Tensor,
-                     rows: dict[int, int]) -> list[Delta]:
+    def _beam_update(
+        self, group: SequenceGroup, logits: torch.Tensor, rows: dict[int, int]
+    ) -> list[Delta]:
         beams = group.live_seqs()
         assert all(id(b) in rows for b in beams), "beams must step together"
         if group.first_token_time is None:
             group.first_token_time = time.monotonic()
-        chosen = beam_step(group, beams, logits[[rows[id(b)] for b in beams]],
-                           group.params.max_tokens)
+        chosen = beam_step(
+            group, beams, logits[[rows[id(b)] for b in beams]], group.params.max_tokens
+        )
         if not chosen:
             for b in beams:
                 self.kv.free_seq(b)
@@ -316,8 +348,10 @@ class EngineCore:
         return []
 
     def _beam_final_deltas(self, group: SequenceGroup) -> list[Delta]:
-        return [Delta(group.request_id, c.index, c.token_ids, c.text, c.finish_reason)
-                for c in self.build_output(group).outputs]
+        return [
+            Delta(group.request_id, c.index, c.token_ids, c.text, c.finish_reason)
+            for c in self.build_output(group).outputs
+        ]
 
     # ----- results ----------------------------------------------------------------------------
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -331,21 +365,38 @@ class EngineCore:
             outputs = []
             for i, h in enumerate(group.finished_beams):
                 ends = bool(h.output_ids) and h.output_ids[-1] in (
-                    set(group.eos_token_ids) | set(p.stop_token_ids))
-                outputs.append(CompletionOutput(
-                    index=i, token_ids=list(h.output_ids),
-                    text=self.decode(h.output_ids, p.skip_special_tokens),
-                    finish_reason=("stop" if ends else "length") if group.beam_done else None,
-                    cumulative_logprob=h.cumulative_logprob, score=h.score))
+                    set(group.eos_token_ids) | set(p.stop_token_ids)
+                )
+                outputs.append(
+                    CompletionOutput(
+                        index=i,
+                        token_ids=list(h.output_ids),
+                        text=self.decode(h.output_ids, p.skip_special_tokens),
+                        finish_reason=("stop" if ends else "length") if group.beam_done else None,
+                        cumulative_logprob=h.cumulative_logprob,
+                        score=h.score,
+                    )
+                )
         else:
-            outputs = [CompletionOutput(
-                index=s.index, token_ids=list(s.output_ids), text=s.text,
-                finish_reason=s.finish_reason, cumulative_logprob=s.cumulative_logprob,
-                logprobs=list(s.logprobs) if p.logprobs is not None else None)
-                for s in sorted(group.seqs, key=lambda s: s.index)]
-        return RequestOutput(group.request_id, list(group.prompt_ids), outputs,
-                             finished=group.is_finished, prompt=group.prompt_text,
-                             num_cached_tokens=group.cached_prompt_tokens)
+            outputs = [
+                CompletionOutput(
+                    index=s.index,
+                    token_ids=list(s.output_ids),
+                    text=s.text,
+                    finish_reason=s.finish_reason,
+                    cumulative_logprob=s.cumulative_logprob,
+                    logprobs=list(s.logprobs) if p.logprobs is not None else None,
+                )
+                for s in sorted(group.seqs, key=lambda s: s.index)
+            ]
+        return RequestOutput(
+            group.request_id,
+            list(group.prompt_ids),
+            outputs,
+            finished=group.is_finished,
+            prompt=group.prompt_text,
+            num_cached_tokens=group.cached_prompt_tokens,
+        )
 
     def stats(self) -> dict[str, float]:
         m = self.kv.metrics()
@@ -353,7 +404,8 @@ class EngineCore:
         m.running_seqs = self.scheduler.num_running_seqs()
         out = m.as_dict()
         out["waiting_requests"] = len(self.scheduler.waiting) + sum(
-            1 for k, _ in self._inbox if k == "add")
+            1 for k, _ in self._inbox if k == "add"
+        )
         out["running_requests"] = len(self.scheduler.running)
         out["steps"] = self.num_steps
         return out
@@ -393,8 +445,9 @@ class AsyncEngine:
                 if q is not None:
                     q.put_nowait(d)
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[Delta]:
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[Delta]:
         """Stream the request's deltas; the iterator ends when every sequence has finished.
         Closing the iterator early (a client that went away) aborts the request."""
         self._ensure_loop()

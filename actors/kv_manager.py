@@ -102,7 +102,9 @@ class SegmentKVManager:
     def _block_hashes(self, prompt_ids: list[int]) -> list[int]:
         hashes, parent = [], 0
         for i in range(len(prompt_ids) // self.block_size):
-            parent = hash((parent, tuple(prompt_ids[i * self.block_size:(i + 1) * self.block_size])))
+            parent = hash(
+                (parent, tuple(prompt_ids[i * self.block_size : (i + 1) * self.block_size]))
+            )
             hashes.append(parent)
         return hashes
 

@@ -1,8 +1,8 @@
 """LLM: the offline, synchronous API.
 
-    llm = LLM(model="demo", device="cpu", dtype="float32")
-    outs = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0.0))
-    outs[0].outputs[0].text
+llm = LLM(model="demo", device="cpu", dtype="float32")
+outs = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0.0))
+outs[0].outputs[0].text
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         # Validate everything before queueing anything, so a bad prompt fails the call cleanly.
-        groups = [self.engine.make_request(p, sp or SamplingParams())
-                  for p, sp in zip(prompts, params_list, strict=True)]
+        groups = [
+            self.engine.make_request(p, sp or SamplingParams())
+            for p, sp in zip(prompts, params_list, strict=True)
+        ]
         for group in groups:
             self.engine.submit(group)
         while self.engine.has_work():

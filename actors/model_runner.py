@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
 from segserve.kernels import AttentionMetadata, get_backend
 from segserve.models import load_model, load_spec, resolve_dtype
 from segserve.models.spec import ModelSpec
@@ -39,45 +38,75 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path, tp_rank: int = 0, tp_size: int = 1,
-                 all_reduce=None) -> None:
+    def __init__(
+        self, config: EngineConfig, model_path, tp_rank: int = 0, tp_size: int = 1, all_reduce=None
+    ) -> None:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype)
         self.spec: ModelSpec = load_spec(model_path)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         self.backend = get_backend(config.kernel_backend, self.device.type)
-        self.model = load_model(model_path, self.spec, self.backend, self.dtype, self.device,
-                                tp_rank, tp_size, all_reduce, max_positions=self.max_model_len)
+        self.model = load_model(
+            model_path,
+            self.spec,
+            self.backend,
+            self.dtype,
+            self.device,
+            tp_rank,
+            tp_size,
+            all_reduce,
+            max_positions=self.max_model_len,
+        )
         self.block_size = config.block_size
         self.num_kv_heads = self.spec.num_kv_heads // tp_size
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
-        shape = (self.spec.num_layers, self.num_blocks, self.block_size, self.num_kv_heads,
-                 self.spec.head_dim)
+        shape = (
+            self.spec.num_layers,
+            self.num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            self.spec.head_dim,
+        )
         # empty, not zeros: slots are always written before they are read, and untouched pages
         # of a large CPU pool then cost no memory.
         self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(self.spec.num_layers)]
-        logger.info("KV pool: %d blocks x %d tokens (%.1f MiB)", self.num_blocks,
-                    self.block_size, 2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20)
+        logger.info(
+            "KV pool: %d blocks x %d tokens (%.1f MiB)",
+            self.num_blocks,
+            self.block_size,
+            2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
+        )
 
     def block_bytes(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.spec.num_layers * self.block_size * self.num_kv_heads * self.spec.head_dim * elem
+        return (
+            2
+            * self.spec.num_layers
+            * self.block_size
+            * self.num_kv_heads
+            * self.spec.head_dim
+            * elem
+        )
 
     def _blocks_from_memory(self) -> int:
         if self.device.type == "cpu":
             budget = self.config.kv_cache_memory_gb * 2**30
         else:
-            free, total = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else (
-                torch.xpu.mem_get_info(self.device))
+            free, total = (
+                torch.cuda.mem_get_info(self.device)
+                if self.device.type == "cuda"
+                else (torch.xpu.mem_get_info(self.device))
+            )
             used_elsewhere = total - free
             budget = total * self.config.gpu_memory_utilization - used_elsewhere
         blocks = int(budget // self.block_bytes())
         if blocks < 1:
-            raise ValueError("no memory left for the KV cache; lower the model size or raise "
-                             "the memory budget")
+            raise ValueError(
+                "no memory left for the KV cache; lower the model size or raise the memory budget"
+            )
         return blocks
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -89,8 +118,9 @@ class ModelRunner:
         self.k_cache[:, dst] = self.k_cache[:, src]
         self.v_cache[:, dst] = self.v_cache[:, src]
 
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor,
-                                                          AttentionMetadata, list[int]]:
+    def prepare(
+        self, batch: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
         input_ids, positions, slots, cu = [], [], [], [0]
         prompt_tables, response_tables, plens, rlens, sample_idx = [], [], [], [], []

@@ -18,11 +18,15 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         p = seq.group.params
         if p.repetition_penalty != 1.0:
             # HF/CTRL: every token seen in prompt or output is made less likely.
-            seen = torch.tensor(sorted(set(seq.group.prompt_ids) | set(seq.output_ids)),
-                                device=logits.device, dtype=torch.long)
+            seen = torch.tensor(
+                sorted(set(seq.group.prompt_ids) | set(seq.output_ids)),
+                device=logits.device,
+                dtype=torch.long,
+            )
             row = logits[i, seen]
-            logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty,
-                                          row * p.repetition_penalty)
+            logits[i, seen] = torch.where(
+                row > 0, row / p.repetition_penalty, row * p.repetition_penalty
+            )
         if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
             # OpenAI: only generated tokens count.
             out = torch.tensor(seq.output_ids, device=logits.device, dtype=torch.long)
@@ -59,7 +63,9 @@ def _logprob_entry(logprobs: torch.Tensor, token: int, top_n: int | None) -> Tok
     return TokenLogprob(token, float(logprobs[token]), top)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, float, TokenLogprob | None]]:
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence]
+) -> list[tuple[int, float, TokenLogprob | None]]:
     """One token per row: ``(token_id, its logprob, logprob entry or None)``.
 
     Reported log-probs are the model's own distribution (log-softmax of the raw logits), so they
@@ -116,26 +122,30 @@ def beam_step(
     if not (full and p.early_stopping is True):
         for rank, parent, token, val, ends in candidates:
             if ends and rank < width:
-                group.finished_beams.append(BeamHypothesis(
-                    output_ids=parent.output_ids + [token],
-                    score=val / (gen_len**p.length_penalty),
-                    cumulative_logprob=val,
-                    logprobs=list(parent.logprobs),
-                ))
+                group.finished_beams.append(
+                    BeamHypothesis(
+                        output_ids=parent.output_ids + [token],
+                        score=val / (gen_len**p.length_penalty),
+                        cumulative_logprob=val,
+                        logprobs=list(parent.logprobs),
+                    )
+                )
         group.finished_beams.sort(key=lambda h: h.score, reverse=True)
         del group.finished_beams[width:]
 
     running = [(parent, token, val) for _, parent, token, val, ends in candidates if not ends]
     running = running[:width]
-    if len(running) < width or _search_done(group, running[0][2] if running else None, gen_len,
-                                             max_new_tokens):
+    if len(running) < width or _search_done(
+        group, running[0][2] if running else None, gen_len, max_new_tokens
+    ):
         group.beam_done = True
         return []
     return running
 
 
-def _search_done(group: SequenceGroup, best_running: float | None, gen_len: int,
-                 max_new_tokens: int) -> bool:
+def _search_done(
+    group: SequenceGroup, best_running: float | None, gen_len: int, max_new_tokens: int
+) -> bool:
     """HF's stopping rule: stop once W hypotheses are finished and (early_stopping=True) or no
     running beam can still beat the worst of them."""
     p = group.params

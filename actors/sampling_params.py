@@ -38,8 +38,11 @@ class SamplingParams:
             self.top_k = 0
         checks = [
             ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-             "must be an integer >= 1"),
+            (
+                "max_tokens",
+                isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+                "must be an integer >= 1",
+            ),
             ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be -1, 0 or >= 1"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
@@ -48,21 +51,34 @@ class SamplingParams:
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop),
-             "must be non-empty strings"),
-            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-             "must be non-negative integers"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int)
-                                                   and 0 <= self.logprobs <= 20),
-             "must be an integer in [0, 20]"),
-            ("beam_width", isinstance(self.beam_width, int) and 1 <= self.beam_width <= 64,
-             "must be an integer in [1, 64]"),
-            ("early_stopping", self.early_stopping in (True, False, "never"),
-             "must be true, false or 'never'"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            (
+                "stop_token_ids",
+                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+                "must be non-negative integers",
+            ),
+            (
+                "logprobs",
+                self.logprobs is None
+                or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+                "must be an integer in [0, 20]",
+            ),
+            (
+                "beam_width",
+                isinstance(self.beam_width, int) and 1 <= self.beam_width <= 64,
+                "must be an integer in [1, 64]",
+            ),
+            (
+                "early_stopping",
+                self.early_stopping in (True, False, "never"),
+                "must be true, false or 'never'",
+            ),
         ]
         for name, ok, why in checks:
             if not ok:
-                raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
+                raise ValueError(
+                    f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}"
+                )
         if self.use_beam_search and self.n not in (1, self.beam_width):
             raise ValueError(
                 f"invalid sampling parameter n={self.n}: beam search returns all "

@@ -53,13 +53,15 @@ class Sequence:
 
     def token_at(self, position: int) -> int:
         plen = len(self.group.prompt_ids)
-        return self.group.prompt_ids[position] if position < plen else self.output_ids[position - plen]
+        return (
+            self.group.prompt_ids[position] if position < plen else self.output_ids[position - plen]
+        )
 
     def tokens(self, start: int, end: int) -> list[int]:
         plen = len(self.group.prompt_ids)
-        out = self.group.prompt_ids[start:min(end, plen)] if start < plen else []
+        out = self.group.prompt_ids[start : min(end, plen)] if start < plen else []
         if end > plen:
-            out = out + self.output_ids[max(start - plen, 0):end - plen]
+            out = out + self.output_ids[max(start - plen, 0) : end - plen]
         return out
 
     @property

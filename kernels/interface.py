@@ -73,7 +73,7 @@ class KernelBackend:
         positions: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary embedding (HF "rotate_half" convention) of q ``[T, H, D]`` and k ``[T, Hkv, D]``."""
+        """Rotary embedding (HF "rotate_half") of q ``[T, H, D]`` and k ``[T, Hkv, D]``."""
         raise NotImplementedError
 
     def write_kv(

@@ -14,9 +14,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from segserve.kernels import AttentionMetadata, KernelBackend
+from torch import nn
 
 from .spec import ModelSpec
 
@@ -31,9 +30,7 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        )
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -57,7 +54,12 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     def __init__(
-        self, spec: ModelSpec, layer: int, backend: KernelBackend, tp_size: int, all_reduce: AllReduce
+        self,
+        spec: ModelSpec,
+        layer: int,
+        backend: KernelBackend,
+        tp_size: int,
+        all_reduce: AllReduce,
     ) -> None:
         super().__init__()
         if spec.num_heads % tp_size or spec.num_kv_heads % tp_size:
@@ -119,7 +121,12 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, spec: ModelSpec, layer: int, backend: KernelBackend, tp_size: int, all_reduce: AllReduce
+        self,
+        spec: ModelSpec,
+        layer: int,
+        backend: KernelBackend,
+        tp_size: int,
+        all_reduce: AllReduce,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, backend)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from segserve.kernels import KernelBackend
 
 from .llama import AllReduce, LlamaForCausalLM

@@ -43,7 +43,9 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelSpec:
         archs = getattr(config, "architectures", None) or []
-        family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        family = next(
+            (SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None
+        )
         if family is None:
             family = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(
                 getattr(config, "model_type", ""), None

@@ -28,18 +28,31 @@ def _config(family: str, **overrides):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
     )
     common.update(overrides)
     if family == "llama":
         return LlamaConfig(**common)
     if family == "llama3":
-        common.setdefault("rope_scaling", {
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
-        })
+        common.setdefault(
+            "rope_scaling",
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
         common.setdefault("rope_theta", 500000.0)
         return LlamaConfig(**common)
     if family == "mistral":
@@ -88,21 +101,33 @@ def tiny_models(tmp_path_factory):
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     with torch.no_grad():
         ids = torch.tensor([prompt_ids])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, num_beams=1)
-    return out[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            num_beams=1,
+        )
+    return out[0, len(prompt_ids) :].tolist()
 
 
-def hf_beams(model, prompt_ids: list[int], max_new_tokens: int, width: int,
-             **kwargs) -> list[list[int]]:
+def hf_beams(
+    model, prompt_ids: list[int], max_new_tokens: int, width: int, **kwargs
+) -> list[list[int]]:
     with torch.no_grad():
         ids = torch.tensor([prompt_ids])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, num_beams=width,
-                             num_return_sequences=width, **kwargs)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            num_beams=width,
+            num_return_sequences=width,
+            **kwargs,
+        )
     eos = model.generation_config.eos_token_id
     beams = []
-    for row in out[:, len(prompt_ids):].tolist():
+    for row in out[:, len(prompt_ids) :].tolist():
         # A beam ends at EOS (HF pads after it) or at max_new_tokens.
         if eos in row:
             row = row[: row.index(eos) + 1]

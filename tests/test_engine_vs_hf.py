@@ -7,7 +7,6 @@ import random
 
 import pytest
 from conftest import FAMILIES, hf_beams, hf_greedy
-
 from segserve import LLM, SamplingParams
 from segserve.actors import EngineConfig, EngineCore
 
@@ -24,8 +23,10 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 def llms(tiny_models):
     # block_size 4 and a small step budget make chunked prefill, block boundaries and
     # multi-block segments happen on short prompts.
-    return {f: LLM(path, block_size=4, max_num_batched_tokens=64)
-            for f, (path, _) in tiny_models.items()}
+    return {
+        f: LLM(path, block_size=4, max_num_batched_tokens=64)
+        for f, (path, _) in tiny_models.items()
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -72,8 +73,9 @@ def test_beam_search_matches_hf(family, tiny_models, llms):
         assert [c.token_ids for c in out.outputs] == hf_beams(hf, p, 8, 4)
 
 
-@pytest.mark.parametrize("early_stopping,length_penalty", [(True, 1.0), (False, 0.5),
-                                                          ("never", 2.0)])
+@pytest.mark.parametrize(
+    "early_stopping,length_penalty", [(True, 1.0), (False, 0.5), ("never", 2.0)]
+)
 def test_beam_search_with_eos_matches_hf(tmp_path, early_stopping, length_penalty):
     """A tiny vocabulary makes EOS common, exercising finished hypotheses and early stopping."""
     from conftest import make_model
@@ -81,11 +83,16 @@ def test_beam_search_with_eos_matches_hf(tmp_path, early_stopping, length_penalt
     hf = make_model(tmp_path, "llama", seed=5, vocab_size=8)
     llm = LLM(str(tmp_path), block_size=4)
     for p in ([0, 3, 4, 5], [0, 7, 6], [0, 5, 5, 5, 3]):
-        params = SamplingParams(max_tokens=10, beam_width=3, early_stopping=early_stopping,
-                                length_penalty=length_penalty)
+        params = SamplingParams(
+            max_tokens=10,
+            beam_width=3,
+            early_stopping=early_stopping,
+            length_penalty=length_penalty,
+        )
         ours = [c.token_ids for c in llm.generate([p], params)[0].outputs]
-        theirs = hf_beams(hf, p, 10, 3, early_stopping=early_stopping,
-                          length_penalty=length_penalty)
+        theirs = hf_beams(
+            hf, p, 10, 3, early_stopping=early_stopping, length_penalty=length_penalty
+        )
         assert ours == theirs
 
 

@@ -8,7 +8,6 @@ import json
 
 import torch
 from conftest import hf_greedy, make_model
-
 from segserve import LLM, SamplingParams
 from segserve.actors import AsyncEngine, EngineConfig
 from segserve.models import load_spec
@@ -68,8 +67,9 @@ def test_async_stream_equals_offline_and_abort_frees_blocks(tiny_models):
             if got == 3:
                 break
         await agen.aclose()
-        assert (await other) == LLM(path, block_size=4).generate(
-            [[0, 5, 6, 7]], GREEDY)[0].outputs[0].token_ids
+        assert (await other) == LLM(path, block_size=4).generate([[0, 5, 6, 7]], GREEDY)[0].outputs[
+            0
+        ].token_ids
         for _ in range(100):
             if engine.stats()["running_requests"] == 0:
                 break

@@ -7,7 +7,6 @@ import random
 
 import pytest
 from conftest import hf_greedy
-
 from segserve import LLM, SamplingParams
 from segserve.actors import EngineConfig, EngineCore
 
@@ -29,17 +28,24 @@ def llama(tiny_models):
     return tiny_models["llama"]
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(max_tokens=9, beam_width=4),
-    SamplingParams(max_tokens=9, n=4, temperature=1.0, seed=7, ignore_eos=True),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=9, beam_width=4),
+        SamplingParams(max_tokens=9, n=4, temperature=1.0, seed=7, ignore_eos=True),
+    ],
+)
 def test_group_stores_prompt_once(llama, params):
     path, _ = llama
     core = EngineCore(EngineConfig(model=path, block_size=BLOCK))
     p = prompt(30, seed=1)  # 8 prompt blocks, the last one partial
     core.add_request(p, params)
-    run_until(core, lambda: len(core.scheduler.running[0].live_seqs()) == 4
-              if core.scheduler.running else False)
+    run_until(
+        core,
+        lambda: (
+            len(core.scheduler.running[0].live_seqs()) == 4 if core.scheduler.running else False
+        ),
+    )
     for _ in range(4):  # a few decode steps: every sequence has its own response blocks now
         core.step()
     group = core.scheduler.running[0]
@@ -152,8 +158,9 @@ def test_preemption_of_beams_and_samples_keeps_results(llama):
     want_beam = [c.token_ids for c in alone.generate([p1], beam)[0].outputs]
     want_samples = [c.token_ids for c in alone.generate([p2], sampled)[0].outputs]
     tight = LLM(path, block_size=BLOCK, num_kv_blocks=30)
-    outs = tight.generate([p1, p2, p3], [beam, sampled, SamplingParams(max_tokens=16, n=2,
-                                                                       temperature=0.0)])
+    outs = tight.generate(
+        [p1, p2, p3], [beam, sampled, SamplingParams(max_tokens=16, n=2, temperature=0.0)]
+    )
     assert tight.stats()["preemptions"] > 0
     assert [c.token_ids for c in outs[0].outputs] == want_beam
     assert [c.token_ids for c in outs[1].outputs] == want_samples
