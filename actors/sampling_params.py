@@ -84,6 +84,13 @@ class SamplingParams:
                 f"invalid sampling parameter n={self.n}: beam search returns all "
                 f"beam_width={self.beam_width} beams, best first; leave n at 1"
             )
+        if self.use_beam_search and (self.stop or self.logprobs is not None):
+            # Beams are re-ranked until the end, so per-token streams of text or log-probs
+            # would describe hypotheses that may be dropped later.
+            field_name = "stop" if self.stop else "logprobs"
+            raise ValueError(
+                f"invalid sampling parameter {field_name}: not supported with beam search"
+            )
 
     @property
     def use_beam_search(self) -> bool:
