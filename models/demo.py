@@ -10,10 +10,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # transformers' model classes cost seconds to import: only when building
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 DEMO_MODEL_NAME = "demo"
 # Bump the suffix whenever anything below changes what gets built, so stale caches are not reused.
@@ -61,6 +64,8 @@ The user asked a question, and the assistant gave a short, helpful answer. Thank
 
 def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Train the demo byte-level BPE on the embedded corpus and wrap it for transformers."""
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     # add_prefix_space=False: "hi" and " hi" encode differently, as in GPT-2/Llama-3 style BPEs.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -87,6 +92,8 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 
 def demo_config(vocab_size: int) -> LlamaConfig:
     """The demo model's architecture: about 3.2M parameters (12.7 MB in float32)."""
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=256,
@@ -113,6 +120,8 @@ def _is_complete(path: Path) -> bool:
 
 
 def _build(out: Path) -> None:
+    from transformers import GenerationConfig, LlamaForCausalLM
+
     tokenizer = build_tokenizer()
     config = demo_config(len(tokenizer))
     # fork_rng keeps the caller's RNG state untouched; building on the CPU in float32 (whatever

@@ -1,0 +1,578 @@
+"""The ``segserve`` command line.
+
+    segserve generate --model demo --prompt "Hello" --max-tokens 16 --temperature 0
+    segserve bench-offline --model demo --batch-sizes 1,4,16
+
+Everything heavy (torch, the engine, and later Ray for ``serve``) is imported inside the
+subcommand that needs it: ``segserve --help`` stays instant, and importing this module never
+starts Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from segserve.actors import EngineConfig, EngineCore, RequestOutput, SamplingParams
+    from segserve.actors.outputs import Delta, TokenLogprob
+
+logger = logging.getLogger("segserve.cli")
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+Prompt = str | list[int]
+
+
+# ----- argument parsing ------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``; argparse turns the error into a usage message (exit 2)."""
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _positive_int_list(text: str) -> list[int]:
+    values = _int_list(text)
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine knobs shared by every subcommand that builds an engine. Defaults are None so the
+    values in EngineConfig stay the single source of truth."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", required=True,
+                   help="local HF checkpoint directory, or 'demo' for the built-in tiny model")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, xpu (default: cpu)")
+    g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    g.add_argument("--kernel-backend", default=None, help="default: the device's backend")
+    g.add_argument("--block-size", type=int, default=None, help="KV block size in tokens")
+    g.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="fixed KV pool size in blocks (overrides the memory budget)")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="CPU: bytes for the KV pool, in GiB")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="GPU: fraction of device memory for weights + KV")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget per engine step (longer prompts are chunked)")
+
+
+_ENGINE_FIELDS = ("device", "dtype", "kernel_backend", "block_size", "num_kv_blocks",
+                  "kv_cache_memory_gb", "gpu_memory_utilization", "max_model_len",
+                  "max_num_batched_tokens")
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+    """EngineConfig from the engine flags; only flags the user gave override its defaults."""
+    from segserve.actors.config import EngineConfig
+
+    kwargs: dict[str, Any] = {"model": args.model}
+    for name in _ENGINE_FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            kwargs[name] = value
+    kwargs.update(overrides)
+    return EngineConfig(**kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --log-level is accepted before or after the subcommand. SUPPRESS on the subcommands keeps
+    # them from overwriting a value given before the subcommand with their default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                        help="log level of segserve's loggers (default: leave as is, i.e. "
+                             "warnings and errors)")
+
+    parser = argparse.ArgumentParser(
+        prog="segserve", description="LLM inference on a segment KV cache.", parents=[common])
+    parser.set_defaults(log_level=None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", parents=[common], help="generate text offline",
+                         description="Run prompts through the engine and print the outputs.")
+    _add_engine_args(gen)
+    g = gen.add_argument_group("prompts (repeatable, kept in the order given)")
+    # Both flags append to one list, so mixed text and token-id prompts keep their order.
+    g.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT")
+    g.add_argument("--prompt-ids", dest="prompts", action="append", type=_int_list,
+                   metavar="1,2,3", help="a prompt given as token ids")
+    s = gen.add_argument_group("sampling (defaults: SamplingParams')")
+    s.add_argument("--max-tokens", type=int, default=None)
+    s.add_argument("--temperature", type=float, default=None)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--min-p", type=float, default=None)
+    s.add_argument("--repetition-penalty", type=float, default=None)
+    s.add_argument("--presence-penalty", type=float, default=None)
+    s.add_argument("--frequency-penalty", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--n", type=int, default=None, help="samples per prompt")
+    s.add_argument("--beam-width", type=int, default=None, help="> 1: beam search")
+    s.add_argument("--length-penalty", type=float, default=None)
+    s.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", default=None)
+    s.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="report the chosen token's logprob and the top N")
+    o = gen.add_argument_group("output")
+    o.add_argument("--stream", action="store_true", help="print text as it is generated")
+    o.add_argument("--json", action="store_true",
+                   help="one JSON object per request (per delta with --stream)")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser(
+        "bench-offline", parents=[common], help="benchmark the engine alone",
+        description="Prefill time, decode step latency and throughput of the engine alone, "
+                    "on random prompts (greedy, ignore_eos).")
+    _add_engine_args(bench)
+    bench.add_argument("--batch-sizes", type=_positive_int_list, default=[1, 4, 16],
+                       metavar="1,4,16")
+    bench.add_argument("--input-len", type=_positive_int, default=128)
+    bench.add_argument("--output-len", type=_positive_int, default=64)
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    bench.add_argument("--threads", type=threads_arg, default="auto", metavar="N|auto",
+                       help="CPU: torch threads; auto (default) probes for the fastest count")
+    bench.set_defaults(func=cmd_bench_offline)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # basicConfig is a no-op when the root logger already has handlers (an embedding app,
+    # pytest). Only segserve's own loggers take --log-level, so third-party chatter stays at
+    # WARNING, and their old level comes back afterwards: main() may run in-process (tests).
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ours = logging.getLogger("segserve")
+    old_level = ours.level
+    if args.log_level is not None:
+        ours.setLevel(args.log_level.upper())
+    try:
+        return int(args.func(args))
+    except ValueError as e:
+        # Bad input (a sampling value, a missing model dir, an oversize prompt): say what is wrong,
+        # not where. The traceback is still there for whoever asks for debug logs.
+        logger.debug("command failed", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        ours.setLevel(old_level)
+
+
+# ----- generate --------------------------------------------------------------------------------
+_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "seed", "n", "beam_width",
+                   "length_penalty", "stop", "ignore_eos", "logprobs")
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    from segserve.actors.sampling_params import SamplingParams
+
+    kwargs = {name: getattr(args, name) for name in _SAMPLING_FLAGS
+              if getattr(args, name, None) is not None}
+    return SamplingParams(**kwargs)
+
+
+def _logprob_json(entry: TokenLogprob) -> dict[str, Any]:
+    return {"token_id": entry.token_id, "logprob": entry.logprob,
+            "top": [[tid, lp] for tid, lp in entry.top]}
+
+
+def _request_json(index: int, out: RequestOutput) -> dict[str, Any]:
+    outputs = []
+    for c in out.outputs:
+        item: dict[str, Any] = {"index": c.index, "token_ids": c.token_ids, "text": c.text,
+                                "finish_reason": c.finish_reason,
+                                "cumulative_logprob": c.cumulative_logprob}
+        if c.score is not None:
+            item["score"] = c.score
+        if c.logprobs is not None:
+            item["logprobs"] = [_logprob_json(e) for e in c.logprobs]
+        outputs.append(item)
+    # The first (for beam search: best) output is repeated at the top level, so the common n=1
+    # case reads as {"token_ids", "text", "finish_reason"} without indexing into a list.
+    first = outputs[0] if outputs else {"token_ids": [], "text": "", "finish_reason": None}
+    return {"prompt_index": index, "request_id": out.request_id, "prompt": out.prompt,
+            "prompt_token_ids": out.prompt_token_ids, "token_ids": first["token_ids"],
+            "text": first["text"], "finish_reason": first["finish_reason"], "outputs": outputs}
+
+
+class _TextPrinter:
+    """Prints each (prompt, output) slot in order, with a header when there is more than one.
+
+    The streamed and the non-streamed paths both go through here, so their stdout is identical.
+    While streaming, the slot at the head is printed live and later slots are buffered until it
+    finishes: interleaved deltas of concurrent requests would be unreadable otherwise.
+    """
+
+    def __init__(self, slots: list[tuple[int, int]], decode: Callable[[list[int]], str],
+                 has_tokenizer: bool, out: IO[str]) -> None:
+        self.slots = slots
+        self.decode = decode
+        self.has_tokenizer = has_tokenizer
+        self.out = out
+        self.head = 0
+        self.header_done = False
+        self.text: dict[tuple[int, int], list[str]] = {s: [] for s in slots}
+        self.ids: dict[tuple[int, int], list[int]] = {s: [] for s in slots}
+        self.logprobs: dict[tuple[int, int], list[TokenLogprob]] = {s: [] for s in slots}
+        self.done: set[tuple[int, int]] = set()
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def _start(self, slot: tuple[int, int]) -> None:
+        if len(self.slots) > 1:
+            i, j = slot
+            several = sum(1 for s in self.slots if s[0] == i) > 1
+            self._write(f"=== prompt {i}" + (f", output {j}" if several else "") + " ===\n")
+        if self.has_tokenizer:
+            self._write("".join(self.text[slot]))
+
+    def _end(self, slot: tuple[int, int]) -> None:
+        if not self.has_tokenizer:  # token-id-only checkpoints: the ids are the output
+            self._write(" ".join(map(str, self.ids[slot])))
+        self._write("\n")
+        for e in self.logprobs[slot]:
+            top = ", ".join(f"{tid}:{lp:.4f}" for tid, lp in e.top)
+            token = json.dumps(self.decode([e.token_id])) if self.has_tokenizer else ""
+            self._write(f"  {e.token_id}\t{token}\t{e.logprob:.4f}" +
+                        (f"\ttop: {top}" if top else "") + "\n")
+
+    def _advance(self) -> None:
+        # Finish the head slot(s) that are done; start (flush the buffer of) the next one.
+        while self.head < len(self.slots):
+            slot = self.slots[self.head]
+            if not self.header_done:
+                self._start(slot)
+                self.header_done = True
+            if slot not in self.done:
+                return
+            self._end(slot)
+            self.head += 1
+            self.header_done = False
+
+    def add(self, slot: tuple[int, int], token_ids: list[int], text: str, finished: bool,
+            logprobs: list[TokenLogprob] | None = None) -> None:
+        if slot not in self.text:
+            return
+        live = self.head < len(self.slots) and self.slots[self.head] == slot and self.header_done
+        self.text[slot].append(text)
+        self.ids[slot].extend(token_ids)
+        self.logprobs[slot].extend(logprobs or [])
+        if live and self.has_tokenizer and text:
+            self._write(text)
+        if finished:
+            self.done.add(slot)
+        self._advance()
+
+    def close(self) -> None:
+        """Print whatever never finished (a request that failed mid-way), so nothing is lost."""
+        self.done.update(self.slots)
+        self._advance()
+
+
+def _slots(num_prompts: int, params: SamplingParams) -> list[tuple[int, int]]:
+    """(prompt index, output index) of every sequence the requests will return."""
+    return [(i, j) for i in range(num_prompts) for j in range(params.num_sequences)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompts: list[Prompt] = args.prompts
+    if not prompts:
+        raise ValueError("give at least one --prompt or --prompt-ids")
+    # Sampling values are checked before the (slow) model load, so a typo fails at once.
+    params = sampling_params_from_args(args)
+    from segserve.actors.llm import LLM
+
+    llm = LLM(**vars(engine_config_from_args(args)))
+    core = llm.engine
+    # Validate every prompt before anything runs, so a bad one fails cleanly with no output.
+    for prompt in prompts:
+        core.make_request(prompt, params)
+    if args.stream:
+        asyncio.run(_stream(llm, prompts, params, args.json))
+        return 0
+    outputs = llm.generate(list(prompts), params)
+    if args.json:
+        for i, out in enumerate(outputs):
+            print(json.dumps(_request_json(i, out)), flush=True)
+        return 0
+    # Slots from the actual outputs: a beam search may end with fewer than beam_width beams.
+    slots = [(i, c.index) for i, out in enumerate(outputs) for c in out.outputs]
+    printer = _TextPrinter(slots, core.decode, core.tokenizer is not None, sys.stdout)
+    for i, out in enumerate(outputs):
+        for c in out.outputs:
+            printer.add((i, c.index), c.token_ids, c.text, True, c.logprobs)
+    printer.close()
+    return 0
+
+
+async def _stream(llm: Any, prompts: list[Prompt], params: SamplingParams,
+                  as_json: bool) -> None:
+    from segserve.actors.engine import AsyncEngine
+
+    engine = AsyncEngine(llm.config, core=llm.engine)
+    core = llm.engine
+    printer = _TextPrinter(_slots(len(prompts), params), core.decode,
+                           core.tokenizer is not None, sys.stdout)
+
+    def emit(i: int, d: Delta) -> None:
+        if as_json:
+            item: dict[str, Any] = {"prompt_index": i, "request_id": d.request_id,
+                                    "index": d.index, "token_ids": d.token_ids, "text": d.text,
+                                    "finish_reason": d.finish_reason}
+            if d.logprobs is not None:
+                item["logprobs"] = [_logprob_json(e) for e in d.logprobs]
+            print(json.dumps(item), flush=True)
+        else:
+            printer.add((i, d.index), d.token_ids, d.text, d.finish_reason is not None,
+                        d.logprobs)
+
+    async def one(i: int, prompt: Prompt) -> None:
+        # All requests run concurrently in the engine; the event loop serialises emit().
+        async for d in engine.generate(prompt, params):
+            emit(i, d)
+
+    try:
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    finally:
+        if not as_json:
+            printer.close()
+
+
+# ----- bench-offline ---------------------------------------------------------------------------
+@dataclass
+class BatchTiming:
+    batch_size: int
+    input_len: int
+    output_len: int
+    prefill_s: float  # from submission until every request has its first token
+    decode_steps_s: list[float]  # each step in which every sequence only decoded
+    total_s: float
+    generated_tokens: int
+
+    @property
+    def decode_p50_s(self) -> float:
+        return statistics.median(self.decode_steps_s) if self.decode_steps_s else float("nan")
+
+    @property
+    def decode_p99_s(self) -> float:
+        return percentile(self.decode_steps_s, 99.0)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.total_s if self.total_s > 0 else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), without importing numpy."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def random_prompts(rng: random.Random, vocab_size: int, batch_size: int,
+                   input_len: int) -> list[list[int]]:
+    return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(batch_size)]
+
+
+def threads_arg(text: str) -> str | int:
+    """argparse type of --threads: a count >= 1, or "auto"."""
+    if text == "auto":
+        return text
+    return _positive_int(text)
+
+
+def set_cpu_threads(choice: str | int | None) -> str:
+    """Apply ``--threads`` (a count, "auto", or None for torch's default); returns a note for
+    the report. "auto" times a memory-bound matvec at a few thread counts and keeps the fastest:
+    on a small shared machine, one other busy process makes torch's all-cores default ~10-100x
+    slower (every op waits for a descheduled sibling thread), which would swamp what is measured.
+    """
+    import torch
+
+    if choice is None:
+        return f"threads={torch.get_num_threads()}"
+    if choice != "auto":
+        torch.set_num_threads(int(choice))
+        return f"threads={choice}"
+    n = torch.get_num_threads()
+    w = torch.randn(2048, 2048)  # 16 MiB: larger than a core's L2, like a real layer's weights
+    x = torch.randn(1, 2048)
+    times = {}
+    for k in sorted({n, max(n - 1, 1), 1}, reverse=True):
+        torch.set_num_threads(k)
+        x @ w.T
+        samples = []
+        for _ in range(10):
+            t = time.perf_counter()
+            x @ w.T
+            samples.append(time.perf_counter() - t)
+        times[k] = statistics.median(samples)
+    best = min(times, key=times.__getitem__)
+    torch.set_num_threads(best)
+    probe = ", ".join(f"{k}: {t * 1e3:.2f} ms" for k, t in times.items())
+    return f"threads={best} (auto; matvec probe {probe})"
+
+
+def kv_blocks_needed(batch_size: int, input_len: int, output_len: int, block_size: int) -> int:
+    """A pool that holds the whole batch at full length (plus one spare block per sequence), so
+    the measurement never includes a preemption."""
+    return batch_size * (-(-(input_len + output_len) // block_size) + 1)
+
+
+def measure_batch(core: EngineCore, prompts: list[list[int]], output_len: int) -> BatchTiming:
+    """Run ``prompts`` (greedy, ignore_eos, ``output_len`` tokens each) to completion, timing each
+    ``EngineCore.step()``. Steps until every request has its first token count as prefill; after
+    that every step only decodes and its time is one decode-step sample."""
+    import torch
+    from segserve.actors.sampling_params import SamplingParams
+
+    device = torch.device(core.config.device)
+
+    def sync() -> None:
+        # step() already waits for the logits (they come back to the host), but a backend that
+        # ever returns early must not make steps look faster than they are.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "xpu":
+            torch.xpu.synchronize(device)
+
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    groups = [core.make_request(p, params) for p in prompts]
+    if core.has_work():
+        raise RuntimeError("the engine must be idle before a measurement")
+    gc.collect()  # a collection inside the timed loop would land in p99
+    started: set[str] = set()
+    prefill_s, decode_steps, generated = 0.0, [], 0
+    sync()
+    t0 = time.perf_counter()
+    for g in groups:
+        core.submit(g)
+    while core.has_work():
+        decoding = len(started) == len(groups)
+        ts = time.perf_counter()
+        deltas = core.step()
+        sync()
+        dt = time.perf_counter() - ts
+        for d in deltas:
+            if d.finish_reason in ("error", "abort"):
+                raise RuntimeError(f"benchmark request {d.request_id} ended with "
+                                   f"{d.finish_reason!r}")
+            generated += len(d.token_ids)
+            if d.token_ids:
+                started.add(d.request_id)
+        if decoding:
+            decode_steps.append(dt)
+        else:
+            prefill_s += dt
+    total = time.perf_counter() - t0
+    if core.kv.preemptions:
+        logger.warning("%d preemptions during the benchmark: the KV pool is too small",
+                       core.kv.preemptions)
+    return BatchTiming(len(prompts), len(prompts[0]), output_len, prefill_s, decode_steps,
+                       total, generated)
+
+
+def bench_engine(core: EngineCore, batch_sizes: list[int], input_len: int, output_len: int,
+                 seed: int = 0, warmup_tokens: int = 8) -> list[BatchTiming]:
+    """For each batch size: a short warm-up at that shape, then the measured run. Every run gets
+    fresh random prompts, so the prefix cache never serves a measured prefill."""
+    rng = random.Random(seed)
+    vocab = core.spec.vocab_size
+    results = []
+    for b in batch_sizes:
+        warm = min(output_len, warmup_tokens)
+        measure_batch(core, random_prompts(rng, vocab, b, input_len), warm)
+        results.append(measure_batch(core, random_prompts(rng, vocab, b, input_len), output_len))
+    return results
+
+
+def format_table(rows: list[BatchTiming]) -> str:
+    header = (f"{'batch':>6} {'prefill ms':>11} {'decode ms p50':>14} {'decode ms p99':>14} "
+              f"{'tok/s':>10}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r.batch_size:>6} {r.prefill_s * 1e3:>11.2f} {r.decode_p50_s * 1e3:>14.3f} "
+                     f"{r.decode_p99_s * 1e3:>14.3f} {r.tokens_per_s:>10.1f}")
+    return "\n".join(lines)
+
+
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    max_b = max(args.batch_sizes)
+    overrides: dict[str, Any] = {"max_num_seqs": max(max_b, 1), "seed": args.seed}
+    probe = engine_config_from_args(args)  # validates the flags; gives the block size to use
+    if args.num_kv_blocks is None:
+        # Sized to the workload instead of the memory budget: allocating (and zeroing) a
+        # multi-GiB pool would dominate the run time of a small benchmark.
+        overrides["num_kv_blocks"] = kv_blocks_needed(max_b, args.input_len, args.output_len,
+                                                      probe.block_size)
+    config = engine_config_from_args(args, **overrides)
+    import torch
+
+    old_threads = torch.get_num_threads()
+    try:
+        return _bench_offline(args, config)
+    finally:
+        torch.set_num_threads(old_threads)  # main() may run in-process: leave torch as it was
+
+
+def _bench_offline(args: argparse.Namespace, config: EngineConfig) -> int:
+    from segserve.actors.engine import EngineCore
+
+    threads = ""
+    if config.device == "cpu":
+        threads = ", " + set_cpu_threads(args.threads)
+    t = time.perf_counter()
+    core = EngineCore(config)
+    load_s = time.perf_counter() - t
+    need = args.input_len + args.output_len
+    if need > core.max_model_len:
+        raise ValueError(f"input-len + output-len = {need} exceeds the model's max length "
+                         f"{core.max_model_len}")
+    print(f"model {args.model} on {config.device} ({config.dtype}{threads}), loaded in "
+          f"{load_s:.1f} s; input {args.input_len} tokens, output {args.output_len} tokens, "
+          f"block size {config.block_size}, KV pool {core.kv.num_blocks} blocks", flush=True)
+    rows = bench_engine(core, args.batch_sizes, args.input_len, args.output_len, args.seed)
+    print(format_table(rows), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
