@@ -89,28 +89,36 @@ class EngineCore:
             prompt_ids, text = list(prompt), None
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
                 raise ValueError("prompt token ids must be integers")
-            bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt token id {bad[0]} is outside the vocabulary "
-                    f"[0, {self.spec.vocab_size})"
-                )
         else:
             raise ValueError(
                 f"prompt must be a string or a list of token ids, not {type(prompt).__name__}"
             )
         if not prompt_ids:
             raise ValueError("prompt is empty")
+        # Text is checked too: a tokenizer may know more tokens than the model has embeddings.
+        bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token id {bad[0]} is outside the model's vocabulary "
+                f"[0, {self.spec.vocab_size})"
+            )
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                 f"exceeds the model's max length {self.max_model_len}"
             )
-        if self.kv.blocks_for(len(prompt_ids)) + params.num_sequences > self.kv.num_blocks:
+        # Worst case alone in the pool: the prompt segment plus a full private response segment
+        # per sequence (the last token's K/V is never written). A request over this could only
+        # preempt itself forever.
+        need = self.kv.blocks_for(len(prompt_ids)) + params.num_sequences * max(
+            self.kv.blocks_for(params.max_tokens - 1), 1
+        )
+        if need > self.kv.num_blocks:
             raise ValueError(
-                f"the request needs more KV blocks than the pool holds "
-                f"({self.kv.num_blocks}); shorten the prompt or raise the KV memory"
+                f"the request needs up to {need} KV blocks but the pool holds "
+                f"{self.kv.num_blocks}; shorten the prompt, lower max_tokens/n/beam_width or "
+                f"give the KV cache more memory"
             )
         if params.num_sequences > self.config.max_num_seqs:
             raise ValueError(
@@ -207,10 +215,15 @@ class EngineCore:
         rows = {id(item.seq): i for i, item in enumerate(sampling)}
         done_groups = set()
         for group in {item.seq.group for item in sampling}:
-            if group.params.use_beam_search:
-                deltas += self._beam_update(group, logits, rows)
-            else:
-                deltas += self._sample_update(group, logits, rows)
+            try:
+                if group.params.use_beam_search:
+                    deltas += self._beam_update(group, logits, rows)
+                else:
+                    deltas += self._sample_update(group, logits, rows)
+            except Exception as e:  # one request's failure must not wedge the others
+                logger.exception("sampling failed for request %s", group.request_id)
+                deltas += self._fail({group}, e)
+                continue
             if group.is_finished:
                 done_groups.add(group)
         for group in done_groups:

@@ -3,7 +3,63 @@ ValueError naming the field before the request ever reaches the engine loop."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _in(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], bool]:
+    return lambda v: _num(v) and (lo < v if lo_open else lo <= v) and v <= hi
+
+
+# (field, predicate, what a valid value is). Predicates check the type first, so a wrongly
+# typed value is reported as a bad value of its field, never as a TypeError.
+_CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("n", lambda v: _int(v) and v >= 1, "must be an integer >= 1"),
+    ("max_tokens", lambda v: _int(v) and v >= 1, "must be an integer >= 1"),
+    ("temperature", _in(0.0, 100.0), "must be a number in [0, 100]"),
+    ("top_k", lambda v: _int(v) and v >= 0, "must be -1, 0 or an integer >= 1"),
+    ("top_p", _in(0.0, 1.0, lo_open=True), "must be a number in (0, 1]"),
+    ("min_p", _in(0.0, 1.0), "must be a number in [0, 1]"),
+    ("repetition_penalty", _in(0.0, 10.0, lo_open=True), "must be a number in (0, 10]"),
+    ("presence_penalty", _in(-2.0, 2.0), "must be a number in [-2, 2]"),
+    ("frequency_penalty", _in(-2.0, 2.0), "must be a number in [-2, 2]"),
+    ("seed", lambda v: v is None or _int(v), "must be an integer"),
+    (
+        "stop",
+        lambda v: isinstance(v, list | tuple) and all(isinstance(s, str) and s for s in v),
+        "must be a string or a list of non-empty strings",
+    ),
+    (
+        "stop_token_ids",
+        lambda v: isinstance(v, list | tuple) and all(_int(t) and t >= 0 for t in v),
+        "must be a list of non-negative integers",
+    ),
+    (
+        "logprobs",
+        lambda v: v is None or (_int(v) and 0 <= v <= 20),
+        "must be an integer in [0, 20]",
+    ),
+    ("beam_width", lambda v: _int(v) and 1 <= v <= 64, "must be an integer in [1, 64]"),
+    ("length_penalty", _in(-10.0, 10.0), "must be a number in [-10, 10]"),
+    (
+        "early_stopping",
+        lambda v: v is True or v is False or v == "never",
+        "must be true, false or 'never'",
+    ),
+    ("ignore_eos", lambda v: isinstance(v, bool), "must be a boolean"),
+    ("include_stop_str_in_output", lambda v: isinstance(v, bool), "must be a boolean"),
+    ("skip_special_tokens", lambda v: isinstance(v, bool), "must be a boolean"),
+]
 
 
 @dataclass
@@ -32,53 +88,22 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
         if self.top_k == -1:
             self.top_k = 0
-        checks = [
-            ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
-            (
-                "max_tokens",
-                isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-                "must be an integer >= 1",
-            ),
-            ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be -1, 0 or >= 1"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
-            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
-            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
-            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
-            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-            (
-                "stop_token_ids",
-                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-                "must be non-negative integers",
-            ),
-            (
-                "logprobs",
-                self.logprobs is None
-                or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-                "must be an integer in [0, 20]",
-            ),
-            (
-                "beam_width",
-                isinstance(self.beam_width, int) and 1 <= self.beam_width <= 64,
-                "must be an integer in [1, 64]",
-            ),
-            (
-                "early_stopping",
-                self.early_stopping in (True, False, "never"),
-                "must be true, false or 'never'",
-            ),
-        ]
-        for name, ok, why in checks:
+        for name, valid, why in _CHECKS:
+            value = getattr(self, name)
+            try:
+                ok = bool(valid(value))
+            except (TypeError, ValueError):  # e.g. a string where a number belongs
+                ok = False
             if not ok:
-                raise ValueError(
-                    f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}"
-                )
+                raise ValueError(f"invalid sampling parameter {name}={value!r}: {why}")
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
         if self.use_beam_search and self.n not in (1, self.beam_width):
             raise ValueError(
                 f"invalid sampling parameter n={self.n}: beam search returns all "
