@@ -1,10 +1,69 @@
-"""CPU backend. For now it is the reference; SlimAttention, int8 KV and fused element-wise ops
-(design.md) replace these ops one by one, each tested against ``reference``."""
+"""CPU backend. Ops default to the reference; decode attention is batched.
+
+SlimAttention, int8 KV and fused element-wise ops (design.md) replace further ops one by one, each
+tested against ``reference`` on random inputs (tests/test_kernels.py).
+"""
 
 from __future__ import annotations
 
+import torch
+
+from .interface import AttentionMetadata
 from .reference import ReferenceBackend
 
 
 class CPUBackend(ReferenceBackend):
     name = "cpu"
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        if not meta.is_decode:
+            return super().attention(q, k_cache, v_cache, meta, scale, sliding_window)
+        return decode_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """One query per sequence, all sequences in one batched product: the per-sequence python
+    loop of the reference costs more than the arithmetic at decode sizes.
+
+    Both segments are read through their block tables into one padded ``[B, slots, Hkv, D]``
+    view per step; padding slots are masked out.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    ptab = meta.prompt_block_tables.long()
+    rtab = meta.response_block_tables.long()
+    keys = torch.cat([k_cache[ptab].flatten(1, 2), k_cache[rtab].flatten(1, 2)], dim=1)
+    values = torch.cat([v_cache[ptab].flatten(1, 2), v_cache[rtab].flatten(1, 2)], dim=1)
+    prompt_slots = ptab.shape[1] * block_size
+    slot = torch.arange(keys.shape[1])
+    plen = meta.prompt_lens.long()[:, None]
+    rlen = meta.response_lens.long()[:, None]
+    in_prompt = slot[None, :] < prompt_slots
+    # Position of the token in each slot: prompt slots count from 0, response slots from plen.
+    key_pos = torch.where(in_prompt, slot[None, :], plen + slot[None, :] - prompt_slots)
+    valid = torch.where(in_prompt, slot[None, :] < plen, slot[None, :] - prompt_slots < rlen)
+    if sliding_window is not None:
+        query_pos = plen + rlen - 1
+        valid &= key_pos > query_pos - sliding_window
+    group = num_heads // num_kv_heads
+    qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bkgd,bskd->bkgs", qg, keys.float()) * scale
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bkgs,bskd->bkgd", probs, values.float())
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
