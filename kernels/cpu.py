@@ -49,21 +49,31 @@ def decode_attention(
     rtab = meta.response_block_tables.long()
     keys = torch.cat([k_cache[ptab].flatten(1, 2), k_cache[rtab].flatten(1, 2)], dim=1)
     values = torch.cat([v_cache[ptab].flatten(1, 2), v_cache[rtab].flatten(1, 2)], dim=1)
-    prompt_slots = ptab.shape[1] * block_size
-    slot = torch.arange(keys.shape[1])
-    plen = meta.prompt_lens.long()[:, None]
-    rlen = meta.response_lens.long()[:, None]
-    in_prompt = slot[None, :] < prompt_slots
-    # Position of the token in each slot: prompt slots count from 0, response slots from plen.
-    key_pos = torch.where(in_prompt, slot[None, :], plen + slot[None, :] - prompt_slots)
-    valid = torch.where(in_prompt, slot[None, :] < plen, slot[None, :] - prompt_slots < rlen)
-    if sliding_window is not None:
-        query_pos = plen + rlen - 1
-        valid &= key_pos > query_pos - sliding_window
+    mask = meta.scratch.get(("decode_mask", sliding_window))
+    if mask is None:
+        mask = meta.scratch[("decode_mask", sliding_window)] = _decode_mask(
+            meta, ptab.shape[1] * block_size, keys.shape[1], sliding_window
+        )
     group = num_heads // num_kv_heads
     qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
     scores = torch.einsum("bkgd,bskd->bkgs", qg, keys.float()) * scale
-    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    scores.masked_fill_(mask, float("-inf"))
     probs = scores.softmax(dim=-1)
     out = torch.einsum("bkgs,bskd->bkgd", probs, values.float())
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def _decode_mask(
+    meta: AttentionMetadata, prompt_slots: int, num_slots: int, sliding_window: int | None
+) -> torch.Tensor:
+    """``[B, 1, 1, slots]``: True where a slot is padding or outside the window."""
+    slot = torch.arange(num_slots)[None, :]
+    plen = meta.prompt_lens.long()[:, None]
+    rlen = meta.response_lens.long()[:, None]
+    in_prompt = slot < prompt_slots
+    # Position of the token in each slot: prompt slots count from 0, response slots from plen.
+    key_pos = torch.where(in_prompt, slot, plen + slot - prompt_slots)
+    valid = torch.where(in_prompt, slot < plen, slot - prompt_slots < rlen)
+    if sliding_window is not None:
+        valid &= key_pos > plen + rlen - 1 - sliding_window
+    return ~valid[:, None, None, :]

@@ -11,7 +11,7 @@ Token layout is "varlen": the new tokens of all sequences in a step are packed i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,9 @@ class AttentionMetadata:
     cu_seqlens_q_host: list[int]
     prompt_lens_host: list[int]
     response_lens_host: list[int]
+    # Backends may keep per-step tensors derived from the above here (masks, indices), so every
+    # layer of the step reuses them.
+    scratch: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
