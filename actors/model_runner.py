@@ -46,6 +46,15 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype)
         self.spec: ModelSpec = load_spec(model_path)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
+        if (
+            self.spec.rope_type == "dynamic"
+            and self.max_model_len > self.spec.max_position_embeddings
+        ):
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds max_position_embeddings "
+                f"{self.spec.max_position_embeddings}, past which dynamic RoPE would re-rotate "
+                f"cached keys"
+            )
         self.backend = get_backend(config.kernel_backend, self.device.type)
         self.model = load_model(
             model_path,

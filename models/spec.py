@@ -90,6 +90,10 @@ class ModelSpec:
             hf_config=config,
         )
 
+    @property
+    def rope_type(self) -> str:
+        return rope_parameters(self.hf_config).get("rope_type", "default")
+
     def rope_cos_sin(self, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 cos/sin tables ``[max_positions, head_dim]``, computed exactly as HF does."""
         inv_freq, scaling = rope_inv_freq(self.hf_config, self.head_dim)
@@ -117,10 +121,12 @@ def rope_inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
         base = params["rope_theta"]
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         return inv_freq, 1.0
-    if rope_type in ("dynamic", "longrope"):
-        # Both change frequencies with the running sequence length, which a shared prompt
-        # segment cannot follow (its keys were rotated once).
+    if rope_type == "longrope":
+        # Changes frequencies with the running sequence length, which a shared prompt segment
+        # cannot follow (its keys were rotated once).
         raise ValueError(f"rope_type {rope_type!r} is not supported")
+    # "dynamic" (NTK) equals its initial frequencies up to max_position_embeddings, which
+    # EngineConfig.max_model_len may not exceed for it (checked in ModelRunner).
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:

@@ -106,3 +106,20 @@ def test_dtypes_load_and_run(tiny_models):
         assert len(ids) == 6
         # Low precision may flip a late near-tie, but the first tokens agree with float32 HF.
         assert ids[:2] == want[:2]
+
+
+@pytest.mark.parametrize(
+    "family,rope_scaling",
+    [
+        ("llama", {"rope_type": "linear", "factor": 4.0}),
+        ("llama", {"rope_type": "dynamic", "factor": 2.0}),
+        ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    ],
+)
+def test_rope_scaling_variants_match_hf(tmp_path, family, rope_scaling):
+    from conftest import make_model
+
+    hf = make_model(tmp_path, family, seed=7, rope_scaling=rope_scaling)
+    llm = LLM(str(tmp_path), block_size=4)
+    for p in prompts(2, seed=8, lo=20, hi=120):
+        assert llm.generate([p], GREEDY)[0].outputs[0].token_ids == hf_greedy(hf, p, 12)
