@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import threading
 import time
 import uuid
 from collections import deque
@@ -413,7 +412,7 @@ class EngineCore:
 
     def stats(self) -> dict[str, float]:
         m = self.kv.metrics()
-        m.waiting_seqs = sum(max(len(g.live_seqs()), 1) for g in self.scheduler.waiting)
+        m.waiting_seqs = sum(self.scheduler.seq_slots(g) for g in self.scheduler.waiting)
         m.running_seqs = self.scheduler.num_running_seqs()
         out = m.as_dict()
         out["waiting_requests"] = len(self.scheduler.waiting) + sum(
@@ -428,12 +427,18 @@ class AsyncEngine:
     """Async front of EngineCore: ``generate`` streams Deltas; one background task steps the
     core in a worker thread so the event loop stays free for I/O."""
 
+    # How stale a stats snapshot may get while steps run back to back: metrics() walks every
+    # live block, too costly to do after every step of a busy engine.
+    STATS_INTERVAL_S = 0.25
+
     def __init__(self, config: EngineConfig, core: EngineCore | None = None) -> None:
         self.core = core or EngineCore(config)
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._lock = threading.Lock()
+        self._stepping = False
+        self._stats: dict[str, float] = {}
+        self._stats_time = 0.0
 
     def _ensure_loop(self) -> None:
         if self._task is None or self._task.done():
@@ -447,16 +452,27 @@ class AsyncEngine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            self._stepping = True
             try:
-                deltas = await asyncio.to_thread(self.core.step)
+                deltas = await asyncio.to_thread(self._step)
             except Exception:  # never let the loop die; the step already failed its requests
                 logger.exception("engine step raised")
                 await asyncio.sleep(0.01)
                 continue
+            finally:
+                self._stepping = False
             for d in deltas:
                 q = self._queues.get(d.request_id)
                 if q is not None:
                     q.put_nowait(d)
+
+    def _step(self) -> list[Delta]:
+        """Runs in the worker thread: the only place engine state changes while serving."""
+        deltas = self.core.step()
+        now = time.monotonic()
+        if now - self._stats_time >= self.STATS_INTERVAL_S or not self.core.has_work():
+            self._stats, self._stats_time = self.core.stats(), now
+        return deltas
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
@@ -491,4 +507,8 @@ class AsyncEngine:
             self._wake.set()
 
     def stats(self) -> dict[str, float]:
+        """The KV manager's metrics and queue sizes. While a step runs in the worker thread this
+        is the snapshot taken after a recent step (reading live state then would race it)."""
+        if self._stepping:
+            return dict(self._stats)
         return self.core.stats()

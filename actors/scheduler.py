@@ -49,8 +49,16 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @staticmethod
+    def seq_slots(group: SequenceGroup) -> int:
+        """Sequences the group occupies, counting the samples/beams it forks into after its
+        prompt (before that it runs as one sequence)."""
+        if len(group.seqs) == 1 and not group.seqs[0].output_ids:
+            return group.params.num_sequences
+        return len(group.live_seqs())
+
     def num_running_seqs(self) -> int:
-        return sum(len(g.live_seqs()) for g in self.running)
+        return sum(self.seq_slots(g) for g in self.running)
 
     def _plan(self, group: SequenceGroup, budget: int) -> list[ScheduledSeq]:
         """The new tokens each of the group's sequences computes this step, within budget."""
@@ -114,7 +122,7 @@ class Scheduler:
         num_seqs = self.num_running_seqs()
         while self.waiting and budget > 0:
             group = self.waiting[0]
-            wanted = max(len(group.live_seqs()), 1)
+            wanted = self.seq_slots(group)
             if num_seqs + wanted > self.config.max_num_seqs and self.running:
                 break
             if not self.kv.can_admit(group):

@@ -59,7 +59,9 @@ def decode_attention(
     scores = torch.einsum("bkgd,bskd->bkgs", qg, keys.float()) * scale
     scores.masked_fill_(mask, float("-inf"))
     probs = scores.softmax(dim=-1)
-    out = torch.einsum("bkgs,bskd->bkgd", probs, values.float())
+    # Padding slots may hold anything (the pool is never zeroed): 0 * NaN would poison the sum.
+    values = values.float().masked_fill(mask.view(num_seqs, -1, 1, 1), 0.0)
+    out = torch.einsum("bkgs,bskd->bkgd", probs, values)
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 

@@ -50,6 +50,21 @@ def random_batch(rng: random.Random, num_blocks: int, q_lens: list[int]):
     )
 
 
+def poisoned_cache(meta: AttentionMetadata, num_blocks: int, kv_heads: int, dim: int):
+    """Random K or V where a segment holds tokens, NaN everywhere else: the pool is never
+    zeroed, so a kernel that lets an unwritten slot touch its result must fail."""
+    cache = torch.full((num_blocks, BLOCK, kv_heads, dim), float("nan"))
+    flat = cache.view(-1, kv_heads, dim)
+    for i in range(meta.num_seqs):
+        for tab, n in (
+            (meta.prompt_block_tables[i], meta.prompt_lens_host[i]),
+            (meta.response_block_tables[i], meta.response_lens_host[i]),
+        ):
+            for t in range(n):
+                flat[int(tab[t // BLOCK]) * BLOCK + t % BLOCK] = torch.randn(kv_heads, dim)
+    return cache
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("decode", [True, False])
@@ -60,8 +75,8 @@ def test_cpu_attention_matches_reference(seed, window, decode):
     q_lens = [1] * rng.randint(1, 9) if decode else [rng.randint(1, 6) for _ in range(4)]
     meta = random_batch(rng, num_blocks, q_lens)
     q = torch.randn(sum(q_lens), heads, dim)
-    k_cache = torch.randn(num_blocks, BLOCK, kv_heads, dim)
-    v_cache = torch.randn(num_blocks, BLOCK, kv_heads, dim)
+    k_cache = poisoned_cache(meta, num_blocks, kv_heads, dim)
+    v_cache = poisoned_cache(meta, num_blocks, kv_heads, dim)
     ref = get_backend("reference").attention(q, k_cache, v_cache, meta, 0.25, window)
     out = get_backend("cpu").attention(q, k_cache, v_cache, meta, 0.25, window)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
