@@ -181,11 +181,13 @@ class EngineCore:
                 if group is not None:
                     group.aborted = True
                     self.scheduler.remove(group)
-                    deltas += [
-                        Delta(group.request_id, s.index, [], "", "abort")
-                        for s in group.seqs
-                        if not s.finished
-                    ]
+                    deltas += _mark_done(
+                        [
+                            Delta(group.request_id, s.index, [], "", "abort")
+                            for s in group.seqs
+                            if not s.finished
+                        ]
+                    )
         return deltas
 
     def has_work(self) -> bool:
@@ -213,18 +215,20 @@ class EngineCore:
                 seq.response_computed += item.num_tokens
         rows = {id(item.seq): i for i, item in enumerate(sampling)}
         done_groups = set()
-        for group in {item.seq.group for item in sampling}:
+        for group in dict.fromkeys(item.seq.group for item in sampling):
             try:
                 if group.params.use_beam_search:
-                    deltas += self._beam_update(group, logits, rows)
+                    new = self._beam_update(group, logits, rows)
                 else:
-                    deltas += self._sample_update(group, logits, rows)
+                    new = self._sample_update(group, logits, rows)
             except Exception as e:  # one request's failure must not wedge the others
                 logger.exception("sampling failed for request %s", group.request_id)
                 deltas += self._fail({group}, e)
                 continue
             if group.is_finished:
                 done_groups.add(group)
+                _mark_done(new)
+            deltas += new
         for group in done_groups:
             self.scheduler.remove(group)
             self.groups.pop(group.request_id, None)
@@ -235,10 +239,12 @@ class EngineCore:
         for group in groups:
             self.scheduler.remove(group)
             self.groups.pop(group.request_id, None)
+            failed = []
             for s in group.seqs:
                 if not s.finished:
                     s.finish_reason = "error"
-                    out.append(Delta(group.request_id, s.index, [], "", "error"))
+                    failed.append(Delta(group.request_id, s.index, [], "", "error"))
+            out += _mark_done(failed)
         return out
 
     def _sample_update(
@@ -360,9 +366,11 @@ class EngineCore:
         return []
 
     def _beam_final_deltas(self, group: SequenceGroup) -> list[Delta]:
+        outputs = self.build_output(group).outputs
+        if not outputs:  # cannot happen with HF's rules; never leave a stream without an end
+            return [Delta(group.request_id, 0, [], "", "length")]
         return [
-            Delta(group.request_id, c.index, c.token_ids, c.text, c.finish_reason)
-            for c in self.build_output(group).outputs
+            Delta(group.request_id, c.index, c.token_ids, c.text, c.finish_reason) for c in outputs
         ]
 
     # ----- results ----------------------------------------------------------------------------
@@ -421,6 +429,12 @@ class EngineCore:
         out["running_requests"] = len(self.scheduler.running)
         out["steps"] = self.num_steps
         return out
+
+
+def _mark_done(deltas: list[Delta]) -> list[Delta]:
+    if deltas:
+        deltas[-1].request_done = True
+    return deltas
 
 
 class AsyncEngine:
@@ -485,19 +499,15 @@ class AsyncEngine:
         self._queues[group.request_id] = queue
         self.core.submit(group)
         self._wake.set()
-        expected = group.params.num_sequences if group.params.use_beam_search else group.params.n
-        finished: set[int] = set()
+        done = False
         try:
-            while len(finished) < expected:
+            while not done:
                 delta = await queue.get()
-                if delta.finish_reason is not None:
-                    finished.add(delta.index)
-                    if delta.finish_reason in ("abort", "error"):
-                        finished = set(range(expected))
+                done = delta.request_done
                 yield delta
         finally:
             self._queues.pop(group.request_id, None)
-            if len(finished) < expected:
+            if not done:
                 self.core.abort(group.request_id)
                 self._wake.set()
 

@@ -43,3 +43,4 @@ class Delta:
     text: str
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    request_done: bool = False  # set on a request's last delta: the stream ends after it

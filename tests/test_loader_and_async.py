@@ -85,3 +85,17 @@ async def _collect(engine, prompt, params):
     async for d in engine.generate(prompt, params):
         out += d.token_ids
     return out
+
+
+def test_async_beam_search_streams_the_final_beams_once(tiny_models):
+    path, _ = tiny_models["mistral"]
+    params = SamplingParams(max_tokens=6, beam_width=3)
+    want = LLM(path).generate([PROMPT], params)[0].outputs
+    engine = AsyncEngine(EngineConfig(model=path))
+
+    async def main():
+        return [d async for d in engine.generate(PROMPT, params)]
+
+    deltas = asyncio.run(main())
+    assert [d.token_ids for d in deltas] == [c.token_ids for c in want]
+    assert [d.request_done for d in deltas] == [False, False, True]
