@@ -199,7 +199,9 @@ class SegmentKVManager:
         """Release every block of the group (finish, abort or preemption)."""
         for seq in group.seqs:
             self.free_seq(seq)
-        for b in group.prompt_blocks:
+        # Tail first: the LRU then evicts a cached prefix from its end, and what stays cached
+        # is still reachable from the prompt's start.
+        for b in reversed(group.prompt_blocks):
             self._decref(b)
         group.prompt_blocks = []
         group.prompt_computed = 0

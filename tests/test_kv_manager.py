@@ -323,7 +323,7 @@ class KVMachine(RuleBasedStateMachine):
         self.live.remove(group)
         assert group.request_id not in self.kv.live_groups
         assert group.prompt_blocks == [] and group.prompt_computed == 0
-        self.release_hashed(blocks, before)  # prompt blocks are released in order
+        self.release_hashed(blocks[::-1], before)  # prompt blocks: tail released first
         if park:
             self.parked.append(group)
 
@@ -442,7 +442,8 @@ def test_prefix_hit_reuses_exactly_the_full_cached_blocks():
     prefill(kv, a)
     first_two = a.prompt_blocks[:2]
     kv.free_group(a)
-    assert list(kv.evictable) == first_two  # the full blocks stay cached, the partial is freed
+    # the full blocks stay cached (tail first in LRU order), the partial one is freed
+    assert list(kv.evictable) == first_two[::-1]
 
     b = make_group("b", list(range(10, 18)) + [99, 98, 97])  # shares 8 tokens = 2 blocks
     kv.admit(b)
@@ -621,3 +622,25 @@ def test_fork_right_after_the_prompt_shares_nothing_but_the_prompt():
         kv.ensure_response_capacity(s, 1)
     assert len({s.response_blocks[0] for s in g.seqs}) == 3
     assert kv.metrics().blocks_used == 5
+
+
+def test_eviction_takes_a_cached_prefix_from_its_tail():
+    """Under pressure the last block of a cached prefix goes first, so the rest stays a usable
+    prefix for the next request with the same start."""
+    kv = SegmentKVManager(num_blocks=5, block_size=4)
+    a = make_group("a", list(range(100, 112)))  # 3 full blocks, all cached once freed
+    kv.admit(a)
+    prefill(kv, a)
+    blocks = list(a.prompt_blocks)
+    kv.free_group(a)
+    assert list(kv.evictable) == blocks[::-1]
+    b = make_group("b", [7] * 8)  # takes the 2 free blocks
+    kv.admit(b)
+    c = make_group("c", [8] * 4)  # must evict a cached block: the prefix's tail
+    kv.admit(c)
+    assert c.prompt_blocks == [blocks[2]] and list(kv.evictable) == blocks[1::-1]
+    kv.free_group(b)
+    d = make_group("d", list(range(100, 108)) + [1])  # same first 2 blocks
+    assert kv.can_admit(d)
+    kv.admit(d)
+    assert d.prompt_blocks[:2] == blocks[:2] and d.cached_prompt_tokens == 8
