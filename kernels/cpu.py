@@ -45,23 +45,30 @@ def decode_attention(
     """
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    ptab = meta.prompt_block_tables.long()
-    rtab = meta.response_block_tables.long()
-    keys = torch.cat([k_cache[ptab].flatten(1, 2), k_cache[rtab].flatten(1, 2)], dim=1)
-    values = torch.cat([v_cache[ptab].flatten(1, 2), v_cache[rtab].flatten(1, 2)], dim=1)
+    step = meta.scratch.get("decode_tables")
+    if step is None:
+        ptab = meta.prompt_block_tables.long()
+        # One table per sequence: its prompt blocks, then its response blocks.
+        tables = torch.cat([ptab, meta.response_block_tables.long()], dim=1)
+        num_slots = tables.shape[1] * block_size
+        step = meta.scratch["decode_tables"] = (tables, ptab.shape[1] * block_size, num_slots)
+    tables, prompt_slots, num_slots = step
     mask = meta.scratch.get(("decode_mask", sliding_window))
     if mask is None:
         mask = meta.scratch[("decode_mask", sliding_window)] = _decode_mask(
-            meta, ptab.shape[1] * block_size, keys.shape[1], sliding_window
+            meta, prompt_slots, num_slots, sliding_window
         )
+    # [B, slots, Hkv, D] -> [B, Hkv, slots, D]
+    keys = k_cache[tables].view(num_seqs, num_slots, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache[tables].view(num_seqs, num_slots, num_kv_heads, head_dim).transpose(1, 2)
     group = num_heads // num_kv_heads
     qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.einsum("bkgd,bskd->bkgs", qg, keys.float()) * scale
+    scores = torch.matmul(qg, keys.float().transpose(2, 3)) * scale  # [B, Hkv, G, slots]
     scores.masked_fill_(mask, float("-inf"))
     probs = scores.softmax(dim=-1)
     # Padding slots may hold anything (the pool is never zeroed): 0 * NaN would poison the sum.
-    values = values.float().masked_fill(mask.view(num_seqs, -1, 1, 1), 0.0)
-    out = torch.einsum("bkgs,bskd->bkgd", probs, values)
+    values = values.float().masked_fill(mask.view(num_seqs, 1, num_slots, 1), 0.0)
+    out = torch.matmul(probs, values)  # [B, Hkv, G, D]
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 

@@ -70,13 +70,13 @@ class KernelBackend:
         raise NotImplementedError
 
     def rope(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary embedding (HF "rotate_half") of q ``[T, H, D]`` and k ``[T, Hkv, D]``."""
+        """Rotary embedding (HF "rotate_half") of q ``[T, H, D]`` and k ``[T, Hkv, D]``.
+
+        ``cos``/``sin`` are ``[T, D]`` float32 rows for each token's position, looked up once
+        per step by the model and shared by every layer.
+        """
         raise NotImplementedError
 
     def write_kv(

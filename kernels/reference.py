@@ -39,14 +39,11 @@ class ReferenceBackend(KernelBackend):
         return F.silu(gate) * up
 
     def rope(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = cos_sin[0][positions].unsqueeze(1).to(q.dtype)
-        sin = cos_sin[1][positions].unsqueeze(1).to(q.dtype)
+        # HF casts the float32 tables to the activation dtype before multiplying; so do we.
+        cos = cos.unsqueeze(1).to(q.dtype)
+        sin = sin.unsqueeze(1).to(q.dtype)
 
         def rotate_half(x: torch.Tensor) -> torch.Tensor:
             x1, x2 = x.chunk(2, dim=-1)

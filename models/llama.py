@@ -81,7 +81,6 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
@@ -92,7 +91,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.backend.rope(q, k, positions, cos_sin)
+        q, k = self.backend.rope(q, k, *cos_sin)
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = self.backend.attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
@@ -138,13 +137,12 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        positions: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, cos_sin, kv_cache, meta)
+        h = self.self_attn(h, cos_sin, kv_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -190,10 +188,11 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` after the final norm, for the packed new tokens."""
         assert self.cos_sin is not None, "call init_rope() after loading"
+        cos_sin = (self.cos_sin[0][positions], self.cos_sin[1][positions])  # once per step
         x = self.embed_tokens(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, positions, self.cos_sin, kv_cache, meta)
+            x, residual = layer(x, residual, cos_sin, kv_cache, meta)
         x, _ = self.norm(x, residual)
         return x
 
