@@ -65,7 +65,9 @@ def _config(family: str, **overrides):
     raise ValueError(family)
 
 
-def make_model(path, family: str, seed: int = 0, dtype=torch.float32, **overrides):
+def make_model(
+    path, family: str, seed: int = 0, dtype=torch.float32, sharpen: bool = True, **overrides
+):
     """Save a tiny random model of ``family`` (with a tokenizer) to ``path``; return HF model."""
     from transformers import AutoModelForCausalLM
 
@@ -75,7 +77,7 @@ def make_model(path, family: str, seed: int = 0, dtype=torch.float32, **override
     # Random init at std 0.02 gives near-flat logits; sharpen them so greedy choices are decided
     # by real margins, not by float rounding (both sides still compute in float32).
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in model.named_parameters() if sharpen else ():
             if p.dim() == 2:
                 p.normal_(0.0, 0.15)
             elif "bias" in name:
