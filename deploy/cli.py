@@ -341,7 +341,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 async def _stream(llm: Any, prompts: list[Prompt], params: SamplingParams,
                   as_json: bool) -> None:
-    from segserve.actors.engine import AsyncEngine
+    from segserve.actors import AsyncEngine
 
     engine = AsyncEngine(llm.config, core=llm.engine)
     core = llm.engine

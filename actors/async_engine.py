@@ -1,0 +1,106 @@
+"""AsyncEngine: the async front of EngineCore, what a Serve replica wraps.
+
+``generate`` streams Deltas; one background task steps the core in a worker thread so the event
+loop stays free for I/O. The worker thread is the only place engine state changes while serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from .config import EngineConfig
+from .engine import EngineCore, Prompt
+from .outputs import Delta
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    """Async front of EngineCore: ``generate`` streams Deltas; one background task steps the
+    core in a worker thread so the event loop stays free for I/O."""
+
+    # How stale a stats snapshot may get while steps run back to back: metrics() walks every
+    # live block, too costly to do after every step of a busy engine.
+    STATS_INTERVAL_S = 0.25
+
+    def __init__(self, config: EngineConfig, core: EngineCore | None = None) -> None:
+        self.core = core or EngineCore(config)
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._stepping = False
+        self._stats: dict[str, float] = {}
+        self._stats_time = 0.0
+
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self.core.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._stepping = True
+            try:
+                deltas = await asyncio.to_thread(self._step)
+            except Exception:  # never let the loop die; the step already failed its requests
+                logger.exception("engine step raised")
+                await asyncio.sleep(0.01)
+                continue
+            finally:
+                self._stepping = False
+            for d in deltas:
+                q = self._queues.get(d.request_id)
+                if q is not None:
+                    q.put_nowait(d)
+
+    def _step(self) -> list[Delta]:
+        """Runs in the worker thread: the only place engine state changes while serving."""
+        deltas = self.core.step()
+        now = time.monotonic()
+        if now - self._stats_time >= self.STATS_INTERVAL_S or not self.core.has_work():
+            self._stats, self._stats_time = self.core.stats(), now
+        return deltas
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[Delta]:
+        """Stream the request's deltas; the iterator ends when every sequence has finished.
+        Closing the iterator early (a client that went away) aborts the request."""
+        self._ensure_loop()
+        group = self.core.make_request(prompt, params, request_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[group.request_id] = queue
+        self.core.submit(group)
+        self._wake.set()
+        done = False
+        try:
+            while not done:
+                delta = await queue.get()
+                done = delta.request_done
+                yield delta
+        finally:
+            self._queues.pop(group.request_id, None)
+            if not done:
+                self.core.abort(group.request_id)
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
+        if self._wake is not None:
+            self._wake.set()
+
+    def stats(self) -> dict[str, float]:
+        """The KV manager's metrics and queue sizes. While a step runs in the worker thread this
+        is the snapshot taken after a recent step (reading live state then would race it)."""
+        if self._stepping:
+            return dict(self._stats)
+        return self.core.stats()
