@@ -174,17 +174,9 @@ class EngineCore:
                 self.groups[item.request_id] = item
                 self.scheduler.add(item)
             else:
-                group = self.groups.pop(item, None)
+                group = self.groups.get(item)
                 if group is not None:
-                    group.aborted = True
-                    self.scheduler.remove(group)
-                    deltas += _mark_done(
-                        [
-                            Delta(group.request_id, s.index, [], "", "abort")
-                            for s in group.seqs
-                            if not s.finished
-                        ]
-                    )
+                    deltas += self._end(group, "abort")
         return deltas
 
     def has_work(self) -> bool:
@@ -199,9 +191,10 @@ class EngineCore:
         self.num_steps += 1
         try:
             logits = self.runner.execute(sched.batch, self.kv.take_pending_copies())
-        except Exception as e:  # a kernel failure must not take the whole engine down
+        except Exception:  # a kernel failure must not take the whole engine down
             logger.exception("step failed; failing its requests")
-            return deltas + self._fail({item.seq.group for item in sched.batch}, e)
+            groups = dict.fromkeys(item.seq.group for item in sched.batch)
+            return deltas + [d for g in groups for d in self._end(g, "error")]
         sampling = [item for item in sched.batch if item.samples]
         for item in sched.batch:
             seq, group = item.seq, item.seq.group
@@ -218,9 +211,9 @@ class EngineCore:
                     new = self._beam_update(group, logits, rows)
                 else:
                     new = self._sample_update(group, logits, rows)
-            except Exception as e:  # one request's failure must not wedge the others
+            except Exception:  # one request's failure must not wedge the others
                 logger.exception("sampling failed for request %s", group.request_id)
-                deltas += self._fail({group}, e)
+                deltas += self._end(group, "error")
                 continue
             if group.is_finished:
                 done_groups.add(group)
@@ -231,18 +224,15 @@ class EngineCore:
             self.groups.pop(group.request_id, None)
         return deltas
 
-    def _fail(self, groups: set[SequenceGroup], error: Exception) -> list[Delta]:
-        out = []
-        for group in groups:
-            self.scheduler.remove(group)
-            self.groups.pop(group.request_id, None)
-            failed = []
-            for s in group.seqs:
-                if not s.finished:
-                    s.finish_reason = "error"
-                    failed.append(Delta(group.request_id, s.index, [], "", "error"))
-            out += _mark_done(failed)
-        return out
+    def _end(self, group: SequenceGroup, reason: str) -> list[Delta]:
+        """End a request early ("abort" or "error"): free its blocks, end its live sequences."""
+        self.scheduler.remove(group)
+        self.groups.pop(group.request_id, None)
+        deltas = []
+        for s in group.live_seqs():
+            s.finish_reason = reason
+            deltas.append(Delta(group.request_id, s.index, [], "", reason))
+        return _mark_done(deltas)
 
     def _sample_update(
         self, group: SequenceGroup, logits: torch.Tensor, rows: dict[int, int]
@@ -259,8 +249,6 @@ class EngineCore:
                 group.seqs.append(child)
                 seqs.append(child)
                 row_ids.append(rows[id(leader)])
-        if group.first_token_time is None:
-            group.first_token_time = time.monotonic()
         results = sample(logits[row_ids], seqs)
         return [
             self._append(seq, tok, lp, entry)
@@ -327,8 +315,6 @@ class EngineCore:
     ) -> list[Delta]:
         beams = group.live_seqs()
         assert all(id(b) in rows for b in beams), "beams must step together"
-        if group.first_token_time is None:
-            group.first_token_time = time.monotonic()
         chosen = beam_step(
             group, beams, logits[[rows[id(b)] for b in beams]], group.params.max_tokens
         )
@@ -338,7 +324,7 @@ class EngineCore:
                 b.finish_reason = "stop"
             return self._beam_final_deltas(group)
         # First pass: every selected beam gets its own sequence; a parent picked twice forks
-        # (full response blocks shared, partial block copied).
+        # (all response blocks shared; a shared partial block is copied on its first write).
         claimed: set[int] = set()
         assignments = []
         for parent, token, score in chosen:
@@ -348,7 +334,6 @@ class EngineCore:
                 continue
             child = self._new_seq(group, 0)
             self.kv.fork(parent, child)
-            child.logprobs = list(parent.logprobs)
             assignments.append((child, list(parent.output_ids), token, score))
         for b in beams:
             if b.seq_id not in claimed:

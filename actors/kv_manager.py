@@ -99,32 +99,34 @@ class SegmentKVManager:
         return -(-num_tokens // self.block_size)
 
     # ----- prompt segments ------------------------------------------------------------------
-    def _block_hashes(self, prompt_ids: list[int]) -> list[int]:
-        hashes, parent = [], 0
-        for i in range(len(prompt_ids) // self.block_size):
-            parent = hash(
-                (parent, tuple(prompt_ids[i * self.block_size : (i + 1) * self.block_size]))
-            )
-            hashes.append(parent)
-        return hashes
+    def _block_hashes(self, group: SequenceGroup) -> list[int]:
+        """Chained hashes of the prompt's full blocks, computed once per request: the prompt
+        never changes, and admission and every prefill chunk need them."""
+        if group.prompt_block_hashes is None:
+            hashes, parent, ids, bs = [], 0, group.prompt_ids, self.block_size
+            for i in range(len(ids) // bs):
+                parent = hash((parent, tuple(ids[i * bs : (i + 1) * bs])))
+                hashes.append(parent)
+            group.prompt_block_hashes = hashes
+        return group.prompt_block_hashes
 
-    def _prefix_hits(self, prompt_ids: list[int]) -> list[int]:
+    def _prefix_hits(self, group: SequenceGroup) -> list[int]:
         if not self.enable_prefix_caching:
             return []
         hits = []
-        for h in self._block_hashes(prompt_ids):
+        for h in self._block_hashes(group):
             block = self.hash_to_block.get(h)
             if block is None:
                 break
             hits.append(block)
         # Keep at least one prompt token to compute: its logits give the first output token.
-        if hits and len(hits) * self.block_size >= len(prompt_ids):
+        if hits and len(hits) * self.block_size >= group.prompt_len:
             hits.pop()
         return hits
 
     def can_admit(self, group: SequenceGroup) -> bool:
         """Room for the whole prompt segment plus one response block per sequence."""
-        hits = self._prefix_hits(group.prompt_ids)
+        hits = self._prefix_hits(group)
         revived = sum(1 for b in hits if self.ref_count[b] == 0)
         need = self.blocks_for(group.prompt_len) - len(hits) + group.params.num_sequences
         return self.num_available() - revived >= need
@@ -132,7 +134,7 @@ class SegmentKVManager:
     def admit(self, group: SequenceGroup) -> None:
         """Give the group its prompt segment, reusing cached prefix blocks."""
         assert not group.prompt_blocks
-        hits = self._prefix_hits(group.prompt_ids)
+        hits = self._prefix_hits(group)
         for b in hits:
             self._incref(b)
         blocks = list(hits)
@@ -154,7 +156,7 @@ class SegmentKVManager:
         if not self.enable_prefix_caching:
             return
         full = group.prompt_computed // self.block_size
-        for i, h in enumerate(self._block_hashes(group.prompt_ids[: full * self.block_size])):
+        for i, h in enumerate(self._block_hashes(group)[:full]):
             block = group.prompt_blocks[i]
             if self.block_hash[block] is None and h not in self.hash_to_block:
                 self.block_hash[block] = h

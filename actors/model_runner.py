@@ -123,9 +123,7 @@ class ModelRunner:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        # Block dim is 1 in [layers, blocks, ...]; do all layers at once.
-        self.k_cache[:, dst] = self.k_cache[:, src]
-        self.v_cache[:, dst] = self.v_cache[:, src]
+        self.backend.copy_blocks(self.k_cache, self.v_cache, src, dst)
 
     def prepare(
         self, batch: list[ScheduledSeq]

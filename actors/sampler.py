@@ -35,6 +35,10 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+def _penalized(p) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+
+
 def filter_logits(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
     """Mask (with -inf) what top-k, top-p (nucleus) and min-p exclude from one row."""
     if top_k and top_k < row.numel():
@@ -72,7 +76,8 @@ def sample(
     do not depend on the decoding knobs.
     """
     raw_logprobs = torch.log_softmax(logits, dim=-1)
-    logits = apply_penalties(logits.clone(), seqs)
+    if any(_penalized(s.group.params) for s in seqs):
+        logits = apply_penalties(logits.clone(), seqs)
     results = []
     for i, seq in enumerate(seqs):
         p = seq.group.params
@@ -127,7 +132,6 @@ def beam_step(
                         output_ids=parent.output_ids + [token],
                         score=val / (gen_len**p.length_penalty),
                         cumulative_logprob=val,
-                        logprobs=list(parent.logprobs),
                     )
                 )
         group.finished_beams.sort(key=lambda h: h.score, reverse=True)

@@ -90,7 +90,6 @@ class Scheduler:
         self.running.remove(group)
         self.kv.free_group(group)
         self.kv.preemptions += 1
-        group.num_preemptions += 1
         group.status = Status.WAITING
         self.waiting.appendleft(group)
 

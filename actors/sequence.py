@@ -51,12 +51,6 @@ class Sequence:
     def num_computed(self) -> int:
         return self.group.prompt_computed + self.response_computed
 
-    def token_at(self, position: int) -> int:
-        plen = len(self.group.prompt_ids)
-        return (
-            self.group.prompt_ids[position] if position < plen else self.output_ids[position - plen]
-        )
-
     def tokens(self, start: int, end: int) -> list[int]:
         plen = len(self.group.prompt_ids)
         out = self.group.prompt_ids[start : min(end, plen)] if start < plen else []
@@ -74,7 +68,6 @@ class BeamHypothesis:
     output_ids: list[int]
     score: float  # length-penalised, as HF ranks finished beams
     cumulative_logprob: float
-    logprobs: list[dict[str, Any]]
 
 
 @dataclass(eq=False)
@@ -89,13 +82,11 @@ class SequenceGroup:
     prompt_blocks: list[int] = field(default_factory=list)
     prompt_computed: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at the last admission
-    num_preemptions: int = 0
+    prompt_block_hashes: list[int] | None = None  # set by the KV manager, which owns hashing
     eos_token_ids: frozenset[int] = frozenset()
     # Beam search: hypotheses that ended (EOS), best kept by score.
     finished_beams: list[BeamHypothesis] = field(default_factory=list)
     beam_done: bool = False
-    first_token_time: float | None = None
-    aborted: bool = False
 
     @property
     def prompt_len(self) -> int:

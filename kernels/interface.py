@@ -105,7 +105,10 @@ class KernelBackend:
         """
         raise NotImplementedError
 
-    def copy_blocks(self, caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy whole blocks ``src[i] -> dst[i]`` in every cache tensor (beam fork's CoW)."""
-        for cache in caches:
-            cache[dst] = cache[src]
+    def copy_blocks(
+        self, k_pool: torch.Tensor, v_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
+    ) -> None:
+        """Copy whole blocks ``src[i] -> dst[i]`` in every layer of the pools
+        ``[layers, num_blocks, block_size, Hkv, D]`` (copy-on-write after a fork)."""
+        k_pool[:, dst] = k_pool[:, src]
+        v_pool[:, dst] = v_pool[:, src]

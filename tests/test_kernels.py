@@ -130,3 +130,14 @@ def test_elementwise_ops_match_hand_formulas():
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda-magic'"):
         get_backend("cuda-magic")
+
+
+def test_copy_blocks_copies_every_layer_and_nothing_else():
+    torch.manual_seed(2)
+    k, v = torch.randn(3, 10, BLOCK, 2, 8), torch.randn(3, 10, BLOCK, 2, 8)
+    k0, v0 = k.clone(), v.clone()
+    get_backend("cpu").copy_blocks(k, v, torch.tensor([4, 7]), torch.tensor([1, 9]))
+    for pool, orig in ((k, k0), (v, v0)):
+        torch.testing.assert_close(pool[:, [1, 9]], orig[:, [4, 7]], rtol=0, atol=0)
+        rest = [b for b in range(10) if b not in (1, 9)]
+        torch.testing.assert_close(pool[:, rest], orig[:, rest], rtol=0, atol=0)
