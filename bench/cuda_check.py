@@ -19,19 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import FAMILIES, make_model  # noqa: E402
+from conftest import FAMILIES, hf_beams, hf_greedy, make_model  # noqa: E402
 from segserve import LLM, SamplingParams  # noqa: E402
-
-
-def hf_generate(model, prompt: list[int], device: str, **kw) -> list[list[int]]:
-    ids = torch.tensor([prompt], device=device)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **kw)
-    eos = model.generation_config.eos_token_id
-    rows = []
-    for row in out[:, len(prompt):].tolist():
-        rows.append(row[: row.index(eos) + 1] if eos in row else row)
-    return rows
 
 
 def main() -> None:
@@ -46,18 +35,24 @@ def main() -> None:
             path = Path(tmp) / family
             hf = make_model(path, family).to(dev)
             llm = LLM(str(path), device=dev, block_size=4, max_num_batched_tokens=64)
-            prompts = [[0] + [rng.randrange(3, 256) for _ in range(rng.randint(2, 80))]
-                       for _ in range(5)]
+            prompts = [
+                [0] + [rng.randrange(3, 256) for _ in range(rng.randint(2, 80))] for _ in range(5)
+            ]
             greedy = SamplingParams(max_tokens=12, temperature=0.0)
             outs = llm.generate(prompts, greedy)
-            g_ok = sum(o.outputs[0].token_ids == hf_generate(hf, p, dev, max_new_tokens=12)[0]
-                       for p, o in zip(prompts, outs, strict=True))
+            g_ok = sum(
+                o.outputs[0].token_ids == hf_greedy(hf, p, 12)
+                for p, o in zip(prompts, outs, strict=True)
+            )
             b_ok = 0
             for p in prompts[:2]:
-                ours = [c.token_ids for c in llm.generate(
-                    [p], SamplingParams(max_tokens=8, beam_width=4))[0].outputs]
-                b_ok += ours == hf_generate(hf, p, dev, max_new_tokens=8, num_beams=4,
-                                            num_return_sequences=4)
+                ours = [
+                    c.token_ids
+                    for c in llm.generate([p], SamplingParams(max_tokens=8, beam_width=4))[
+                        0
+                    ].outputs
+                ]
+                b_ok += ours == hf_beams(hf, p, 8, 4)
             rows.append((family, f"{g_ok}/5", f"{b_ok}/2"))
             del llm, hf
             torch.cuda.empty_cache() if dev.startswith("cuda") else None

@@ -100,38 +100,39 @@ def tiny_models(tmp_path_factory):
     return out
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+def hf_generate(model, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[list[int]]:
+    """HF ``generate`` (no sampling) on one unpadded prompt, on the model's device: the new
+    tokens of each returned sequence, cut after EOS (HF pads finished beams behind it)."""
     with torch.no_grad():
-        ids = torch.tensor([prompt_ids])
+        ids = torch.tensor([prompt_ids], device=model.device)
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             do_sample=False,
             max_new_tokens=max_new_tokens,
-            num_beams=1,
+            **kwargs,
         )
-    return out[0, len(prompt_ids) :].tolist()
+    eos = model.generation_config.eos_token_id
+    rows = out[:, len(prompt_ids) :].tolist()
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    return hf_generate(model, prompt_ids, max_new_tokens, num_beams=1)[0]
 
 
 def hf_beams(
     model, prompt_ids: list[int], max_new_tokens: int, width: int, **kwargs
 ) -> list[list[int]]:
+    return hf_generate(
+        model, prompt_ids, max_new_tokens, num_beams=width, num_return_sequences=width, **kwargs
+    )
+
+
+def hf_greedy_no_eos(model, prompt_ids: list[int], n: int) -> list[int]:
+    """Greedy by plain forward passes, straight through EOS (the oracle for ignore_eos)."""
+    ids = list(prompt_ids)
     with torch.no_grad():
-        ids = torch.tensor([prompt_ids])
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            num_beams=width,
-            num_return_sequences=width,
-            **kwargs,
-        )
-    eos = model.generation_config.eos_token_id
-    beams = []
-    for row in out[:, len(prompt_ids) :].tolist():
-        # A beam ends at EOS (HF pads after it) or at max_new_tokens.
-        if eos in row:
-            row = row[: row.index(eos) + 1]
-        beams.append(row)
-    return beams
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids) :]

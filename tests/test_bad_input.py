@@ -15,8 +15,7 @@ import shutil
 import struct
 
 import pytest
-import torch
-from conftest import make_model
+from conftest import hf_greedy_no_eos, make_model
 from segserve import LLM, SamplingParams
 from segserve.actors import EngineConfig, EngineCore
 from segserve.models.loader import ModelLoadError
@@ -24,14 +23,6 @@ from segserve.models.loader import ModelLoadError
 MAX_LEN = 64
 GOOD_PROMPT = [0, 17, 99, 23, 54, 120]
 GOOD_PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-
-
-def hf_greedy_no_eos(hf, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
 
 
 @pytest.fixture(scope="module")

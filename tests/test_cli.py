@@ -35,23 +35,40 @@ SMALL_POOL = ["--num-kv-blocks", "64"]
 def test_generate_json_matches_llm(capsys):
     from segserve import LLM, SamplingParams
 
-    rc, out, err = run(capsys, ["generate", "--model", "demo", "--prompt", "hi",
-                                "--max-tokens", "4", "--temperature", "0", "--json"])
+    rc, out, err = run(
+        capsys,
+        [
+            "generate",
+            "--model",
+            "demo",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--json",
+        ],
+    )
     assert rc == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 1
     got = json.loads(lines[0])
     assert set(got) >= {"token_ids", "text", "finish_reason"}
-    expected = LLM("demo", num_kv_blocks=64).generate(
-        "hi", SamplingParams(max_tokens=4, temperature=0.0))[0].outputs[0]
+    expected = (
+        LLM("demo", num_kv_blocks=64)
+        .generate("hi", SamplingParams(max_tokens=4, temperature=0.0))[0]
+        .outputs[0]
+    )
     assert got["token_ids"] == expected.token_ids
     assert got["text"] == expected.text
     assert got["finish_reason"] == expected.finish_reason
 
 
 def test_bad_sampling_value_exits_2_naming_it(capsys):
-    rc, out, err = run(capsys, ["generate", "--model", "demo", "--prompt", "hi",
-                                "--temperature", "-1"])
+    rc, out, err = run(
+        capsys, ["generate", "--model", "demo", "--prompt", "hi", "--temperature", "-1"]
+    )
     assert rc == 2
     assert out == ""
     lines = err.strip().splitlines()
@@ -68,15 +85,31 @@ def test_missing_model_dir_exits_2(capsys, tmp_path):
 
 
 def test_prompt_outside_vocab_exits_2(capsys):
-    rc, _, err = run(capsys, ["generate", "--model", "demo", *SMALL_POOL,
-                              "--prompt-ids", "0,99999"])
+    rc, _, err = run(
+        capsys, ["generate", "--model", "demo", *SMALL_POOL, "--prompt-ids", "0,99999"]
+    )
     assert rc == 2 and err.startswith("error:") and "99999" in err
 
 
 def test_stream_prints_the_same_text(capsys):
-    argv = ["generate", "--model", "demo", *SMALL_POOL, "--prompt", "hi", "--prompt",
-            "The weather", "--max-tokens", "12", "--temperature", "0.8", "--seed", "3",
-            "--n", "2"]
+    argv = [
+        "generate",
+        "--model",
+        "demo",
+        *SMALL_POOL,
+        "--prompt",
+        "hi",
+        "--prompt",
+        "The weather",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--n",
+        "2",
+    ]
     rc, plain, err = run(capsys, argv)
     assert rc == 0, err
     rc, streamed, err = run(capsys, [*argv, "--stream"])
@@ -86,19 +119,40 @@ def test_stream_prints_the_same_text(capsys):
 
 
 def test_stream_single_prompt_is_bare_text(capsys):
-    argv = ["generate", "--model", "demo", *SMALL_POOL, "--prompt", "hi", "--max-tokens", "6",
-            "--temperature", "0"]
+    argv = [
+        "generate",
+        "--model",
+        "demo",
+        *SMALL_POOL,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]
     _, plain, _ = run(capsys, argv)
     _, streamed, _ = run(capsys, [*argv, "--stream"])
     assert streamed == plain and "===" not in plain
 
 
 def test_bench_offline_prints_one_row_per_batch_size(capsys):
-    rc, out, err = run(capsys, ["bench-offline", "--model", "demo", "--batch-sizes", "1,2",
-                                "--input-len", "8", "--output-len", "4"])
+    rc, out, err = run(
+        capsys,
+        [
+            "bench-offline",
+            "--model",
+            "demo",
+            "--batch-sizes",
+            "1,2",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+        ],
+    )
     assert rc == 0, err
-    rows = [line.split() for line in out.splitlines()
-            if line.split() and line.split()[0].isdigit()]
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
     assert [r[0] for r in rows] == ["1", "2"]
     for r in rows:
         assert len(r) == 5  # batch, prefill ms, decode p50, decode p99, tok/s
@@ -108,9 +162,15 @@ def test_bench_offline_prints_one_row_per_batch_size(capsys):
 def test_module_runs_without_importing_ray():
     # `python -m segserve.deploy.cli` works, and the module itself pulls in neither Ray nor torch
     # (the engine is imported by the subcommand that needs it).
-    code = ("import sys, segserve.deploy.cli; "
-            "assert 'ray' not in sys.modules and 'torch' not in sys.modules")
+    code = (
+        "import sys, segserve.deploy.cli; "
+        "assert 'ray' not in sys.modules and 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
-    out = subprocess.run([sys.executable, "-m", "segserve.deploy.cli", "--help"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "segserve.deploy.cli", "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "generate" in out and "bench-offline" in out

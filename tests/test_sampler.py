@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import hf_greedy_no_eos, make_model
 from segserve import LLM, SamplingParams
 from segserve.actors.outputs import TokenLogprob
 from segserve.actors.sampler import apply_penalties, filter_logits, sample
@@ -258,14 +258,6 @@ def hf_logprobs(hf, prompt: list[int], output: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + len(output) - 1], -1)
 
 
-def hf_greedy_no_eos(hf, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
-
-
 def random_prompts(n: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[0] + [rng.randrange(3, 256) for _ in range(rng.randint(2, 12))] for _ in range(n)]
@@ -315,11 +307,11 @@ TEXT_PROMPT = "The weather today"
 
 @pytest.fixture(scope="module")
 def greedy_reference(llm, model):
-    """Greedy tokens and text of a text prompt, checked against HF (no EOS in 24 tokens)."""
+    """HF's greedy tokens and text for a text prompt, straight through EOS: the tests below
+    pass ignore_eos, so only the condition under test can end a run before 24 tokens."""
     _, hf = model
     ids = llm.tokenizer(TEXT_PROMPT).input_ids
     want = hf_greedy_no_eos(hf, ids, 24)
-    assert 1 not in want  # the EOS id: the stop tests below need a run to length
     text = llm.tokenizer.decode(want, skip_special_tokens=True)
     return want, text
 
@@ -342,7 +334,8 @@ def tokens_to_reach(tokenizer, ids: list[int], s: str) -> int:
 
 def test_unconstrained_greedy_run_matches_the_reference(llm, greedy_reference):
     want, text = greedy_reference
-    out = llm.generate(TEXT_PROMPT, SamplingParams(temperature=0.0, max_tokens=24))[0].outputs[0]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    out = llm.generate(TEXT_PROMPT, params)[0].outputs[0]
     assert out.token_ids == want and out.text == text and out.finish_reason == "length"
 
 
@@ -354,6 +347,7 @@ def test_stop_string_truncates_the_text(llm, greedy_reference, include):
     params = SamplingParams(
         temperature=0.0,
         max_tokens=24,
+        ignore_eos=True,
         stop=["never-in-this-text", stop],
         include_stop_str_in_output=include,
     )
@@ -365,7 +359,9 @@ def test_stop_string_truncates_the_text(llm, greedy_reference, include):
 
 def test_stop_string_that_never_appears_runs_to_length(llm, greedy_reference):
     want, text = greedy_reference
-    params = SamplingParams(temperature=0.0, max_tokens=24, stop=["never-in-this-text"])
+    params = SamplingParams(
+        temperature=0.0, max_tokens=24, ignore_eos=True, stop=["never-in-this-text"]
+    )
     out = llm.generate(TEXT_PROMPT, params)[0].outputs[0]
     assert (out.token_ids, out.text, out.finish_reason) == (want, text, "length")
 
@@ -373,7 +369,9 @@ def test_stop_string_that_never_appears_runs_to_length(llm, greedy_reference):
 def test_stop_token_ids_stop_generation(llm, greedy_reference):
     want, _ = greedy_reference
     j = next(j for j in range(3, len(want)) if want[j] not in want[:j])
-    params = SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[want[j]])
+    params = SamplingParams(
+        temperature=0.0, max_tokens=24, ignore_eos=True, stop_token_ids=[want[j]]
+    )
     out = llm.generate(TEXT_PROMPT, params)[0].outputs[0]
     assert out.finish_reason == "stop"
     assert out.token_ids == want[: j + 1]  # the stop token is the last one returned
