@@ -139,7 +139,8 @@ class EngineCore:
         if not p.greedy and not p.use_beam_search:
             seed = p.seed if p.seed is not None else self._rng.getrandbits(63)
             seq.generator = torch.Generator().manual_seed(hash((seed, index)) & (2**63 - 1))
-        if self.tokenizer is not None:
+        # Beams are decoded once, at the end (build_output): they never stream text.
+        if self.tokenizer is not None and not p.use_beam_search:
             seq.detok = IncrementalDetokenizer(
                 self.tokenizer, group.prompt_ids, p.skip_special_tokens
             )
