@@ -98,6 +98,12 @@ class AsyncEngine:
         if self._wake is not None:
             self._wake.set()
 
+    @property
+    def healthy(self) -> bool:
+        """False once the stepping task has died (it catches step errors, so only a bug in the
+        loop itself ends it); not started yet counts as healthy."""
+        return self._task is None or not self._task.done()
+
     def stats(self) -> dict[str, float]:
         """The KV manager's metrics and queue sizes. While a step runs in the worker thread this
         is the snapshot taken after a recent step (reading live state then would race it)."""

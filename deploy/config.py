@@ -1,0 +1,226 @@
+"""The service's configuration: which models run on which pools, and how the ingress behaves.
+
+This is the ``args`` block of a Ray Serve config file (``import_path:
+segserve.deploy.app:build_app``). Serve validates ``args`` against ``ServiceConfig`` because
+``build_app`` is annotated with it, so a bad field fails ``serve run``/``serve deploy`` with a
+message naming it. Ports are Serve's own (``http_options.port``, ``grpc_options.port``):
+``load_serve_file`` checks those too, for ``segserve serve``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..actors.config import EngineConfig
+
+Device = Literal["cpu", "cuda", "xpu"]
+ACCELERATORS = ("cuda", "xpu")
+
+
+class _Strict(BaseModel):
+    # A misspelt key must fail loudly, not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    # '#' delimits Serve replica ids, so it cannot appear in a deployment name.
+    name: str = Field(pattern=r"^[^#\s]+$", description="the id clients send as `model`")
+    path: str = Field("demo", description="a local HF checkpoint directory, or 'demo'")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    kv_dtype: Literal["auto"] = Field(
+        "auto", description="KV cache dtype; 'auto' = the model dtype (int8 KV is not built yet)"
+    )
+    max_model_len: int | None = Field(None, ge=1)
+    pools: list[str] | None = Field(None, description="pools that serve it; default: all")
+
+
+class AutoscalingConfig(_Strict):
+    """Scale a pool on KV pressure (see deploy/autoscaling.py)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    scale_up_kv_utilization: float = Field(0.8, gt=0, le=1)
+    scale_up_waiting_per_replica: float = Field(1.0, gt=0)
+    scale_down_kv_utilization: float = Field(0.3, ge=0, lt=1)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    look_back_period_s: float = Field(15.0, gt=10)  # Serve wants > its 10 s interval
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        if self.scale_down_kv_utilization >= self.scale_up_kv_utilization:
+            raise ValueError("scale_down_kv_utilization must be < scale_up_kv_utilization")
+        return self
+
+
+class PoolConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+    device: Device
+    tensor_parallel_size: int = Field(1, ge=1)
+    num_replicas: int | None = Field(None, ge=1, description="fixed replicas (or autoscaling)")
+    autoscaling: AutoscalingConfig | None = None
+    # KV memory: exactly one of these may be set; none takes the device's default.
+    kv_cache_memory_gb: float | None = Field(None, gt=0, description="CPU: bytes for KV")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    num_kv_blocks: int | None = Field(None, ge=1)
+    block_size: int = Field(16, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=64)
+    max_num_seqs: int = Field(128, ge=1)
+    max_queue_len: int = Field(256, ge=1, description="waiting requests before 429")
+    kernel_backend: str | None = None
+    cpus_per_replica: float = Field(1.0, gt=0)
+    # Spill (auto device preference): the pool counts as saturated when every replica has
+    # at least this many waiting requests or this KV utilization.
+    spill_waiting_requests: int = Field(1, ge=1)
+    spill_kv_utilization: float = Field(0.95, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> PoolConfig:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set num_replicas or autoscaling, not both")
+        sizes = [self.kv_cache_memory_gb, self.gpu_memory_utilization, self.num_kv_blocks]
+        if sum(s is not None for s in sizes) > 1:
+            raise ValueError(
+                "set at most one of kv_cache_memory_gb, gpu_memory_utilization, num_kv_blocks"
+            )
+        if self.device == "cpu" and self.gpu_memory_utilization is not None:
+            raise ValueError("gpu_memory_utilization applies to cuda/xpu pools only")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.tensor_parallel_size > 1:
+            # The model and loader shard already; starting TP worker ranks is its own issue.
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        return self
+
+    @property
+    def is_accelerator(self) -> bool:
+        return self.device in ACCELERATORS
+
+
+class IngressConfig(_Strict):
+    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>`")
+    api_key_env: str | None = Field(None, description="read the API key from this env var")
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(1024, ge=1)
+    request_timeout_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_key(self) -> IngressConfig:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("set api_key or api_key_env, not both")
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty")
+        return self
+
+
+class ServiceConfig(_Strict):
+    models: list[ModelConfig] = Field(min_length=1)
+    pools: list[PoolConfig] = Field(min_length=1)
+    ingress: IngressConfig = IngressConfig()
+
+    @model_validator(mode="after")
+    def _references(self) -> ServiceConfig:
+        pool_names = [p.name for p in self.pools]
+        model_names = [m.name for m in self.models]
+        for kind, names in (("pool", pool_names), ("model", model_names)):
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ValueError(f"duplicate {kind} name(s): {sorted(dup)}")
+        for m in self.models:
+            unknown = set(m.pools or []) - set(pool_names)
+            if unknown:
+                raise ValueError(
+                    f"model {m.name!r} names unknown pool(s) {sorted(unknown)}; "
+                    f"pools are {pool_names}"
+                )
+        return self
+
+    def pools_for(self, model: ModelConfig) -> list[PoolConfig]:
+        wanted = model.pools
+        return [p for p in self.pools if wanted is None or p.name in wanted]
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def engine_config(model: ModelConfig, pool: PoolConfig) -> EngineConfig:
+    """The engine of one (model, pool) replica."""
+    dtype = model.dtype
+    if dtype == "auto":
+        # bf16 halves the bytes each decode step reads on accelerators; CPUs without bf16
+        # matmul units are faster (and exact) in fp32.
+        dtype = "bfloat16" if pool.is_accelerator else "float32"
+    memory: dict[str, Any] = {}
+    if pool.kv_cache_memory_gb is not None:
+        memory["kv_cache_memory_gb"] = pool.kv_cache_memory_gb
+    if pool.gpu_memory_utilization is not None:
+        memory["gpu_memory_utilization"] = pool.gpu_memory_utilization
+    if pool.num_kv_blocks is not None:
+        memory["num_kv_blocks"] = pool.num_kv_blocks
+    return EngineConfig(
+        model=model.path,
+        device=pool.device,
+        dtype=dtype,
+        kernel_backend=pool.kernel_backend,
+        block_size=pool.block_size,
+        max_model_len=model.max_model_len,
+        max_num_seqs=pool.max_num_seqs,
+        max_num_batched_tokens=pool.max_num_batched_tokens,
+        max_queue_len=pool.max_queue_len,
+        **memory,
+    )
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate; the message names the bad field."""
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        lines.append(f"{where or '<root>'}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def parse_service_config(args: dict[str, Any], where: str = "args") -> ServiceConfig:
+    try:
+        return ServiceConfig.model_validate(args)
+    except ValidationError as e:
+        raise ConfigError(f"invalid segserve config: {format_validation_error(e, where)}") from e
+
+
+def load_serve_file(path: str | Path) -> tuple[dict[str, Any], list[ServiceConfig]]:
+    """Read a Serve config file of ours: Serve's own schema (ports, applications) validated by
+    Ray's ``ServeDeploySchema``, and each segserve application's ``args`` by ours."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping (Serve's config format)")
+    try:
+        ServeDeploySchema.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {format_validation_error(e)}") from e
+    services = [
+        parse_service_config(app.get("args") or {}, f"applications.{i}.args")
+        for i, app in enumerate(raw["applications"])
+        if app.get("import_path", "").startswith("segserve.")
+    ]
+    if len(services) != len(raw["applications"]):
+        raise ConfigError(f"{path}: every application's import_path must be "
+                          "segserve.deploy.app:build_app")  # fmt: skip
+    return raw, services

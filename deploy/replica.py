@@ -1,0 +1,181 @@
+"""LLMReplica: the Serve deployment that hosts one engine (one replica group).
+
+The ingress sends it token ids and SamplingParams kwargs; it streams back plain dicts (one per
+engine delta), so nothing engine-specific crosses the Ray boundary. It reports KV pressure to
+the request router (``record_routing_stats``), to the autoscaler (``record_autoscaling_stats``)
+and to Prometheus (``ray.util.metrics``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.util import metrics
+
+from ..actors.async_engine import AsyncEngine
+from ..actors.config import EngineConfig
+from ..actors.engine import QueueFull
+from ..actors.outputs import Delta
+from ..actors.sampling_params import SamplingParams
+from .protocol import APIError
+
+logger = logging.getLogger(__name__)
+
+# KV manager metrics exported as gauges (the engine's stats() keys).
+KV_GAUGES = (
+    "blocks_total", "blocks_used", "blocks_free", "blocks_cached", "utilization",
+    "tokens_logical", "tokens_stored", "tokens_saved", "waiting_seqs", "running_seqs",
+    "waiting_requests", "running_requests",
+)  # fmt: skip
+KV_COUNTERS = ("prefix_hits", "preemptions", "evictions")
+_LATENCY_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+class ReplicaMetrics:
+    """Prometheus metrics of one replica, tagged with its model and pool."""
+
+    def __init__(self, model: str, pool: str) -> None:
+        tags = ("model", "pool")
+        self.tags = {"model": model, "pool": pool}
+        self.gauges = {
+            k: metrics.Gauge(f"segserve_kv_{k}", f"KV manager: {k}", tag_keys=tags)
+            for k in KV_GAUGES
+        }
+        self.counters = {
+            k: metrics.Counter(f"segserve_kv_{k}_total", f"KV manager: {k}", tag_keys=tags)
+            for k in KV_COUNTERS
+        }
+        self._last_counts = dict.fromkeys(KV_COUNTERS, 0.0)
+        self.ttft = metrics.Histogram(
+            "segserve_time_to_first_token_seconds", "Time to first token (engine side)",
+            boundaries=_LATENCY_BOUNDS, tag_keys=tags,
+        )  # fmt: skip
+        self.tpot = metrics.Histogram(
+            "segserve_time_per_output_token_seconds", "Mean time per output token after the "
+            "first, per request", boundaries=_LATENCY_BOUNDS, tag_keys=tags,
+        )  # fmt: skip
+        self.requests = metrics.Counter(
+            "segserve_requests_total", "Requests by final status",
+            tag_keys=(*tags, "status"),
+        )  # fmt: skip
+
+    def export(self, stats: dict[str, float]) -> None:
+        for k, g in self.gauges.items():
+            if k in stats:
+                g.set(float(stats[k]), tags=self.tags)
+        for k, c in self.counters.items():
+            # The engine reports running totals; Prometheus counters take increments.
+            delta = float(stats.get(k, 0.0)) - self._last_counts[k]
+            if delta > 0:
+                c.inc(delta, tags=self.tags)
+                self._last_counts[k] += delta
+
+    def finished(self, status: str) -> None:
+        self.requests.inc(1, tags={**self.tags, "status": status})
+
+
+def delta_to_wire(d: Delta) -> dict[str, Any]:
+    out: dict[str, Any] = {"index": d.index, "token_ids": d.token_ids, "text": d.text}
+    if d.finish_reason is not None:
+        out["finish_reason"] = d.finish_reason
+    if d.logprobs is not None:
+        out["logprobs"] = [(lp.token_id, lp.logprob, lp.top) for lp in d.logprobs]
+    return out
+
+
+class LLMReplica:
+    """One engine. Serve options (resources, replicas, autoscaling, router) come from
+    ``app.build_app``."""
+
+    METRICS_PERIOD_S = 1.0
+
+    def __init__(self, engine_config: dict[str, Any], model: str, pool: str) -> None:
+        self.model, self.pool = model, pool
+        self.engine = AsyncEngine(EngineConfig(**engine_config))
+        self.max_model_len = self.engine.core.max_model_len
+        self.metrics = ReplicaMetrics(model, pool)
+        self._metrics_task: asyncio.Task | None = None
+        logger.info("LLMReplica %s/%s ready: %s", model, pool, self.engine.core.stats())
+
+    def _ensure_metrics_loop(self) -> None:
+        if self._metrics_task is None or self._metrics_task.done():
+            self._metrics_task = asyncio.get_running_loop().create_task(self._export_loop())
+
+    async def _export_loop(self) -> None:
+        while True:
+            try:
+                self.metrics.export(self.engine.stats())
+            except Exception:  # metrics must never take the replica down
+                logger.exception("metrics export failed")
+            await asyncio.sleep(self.METRICS_PERIOD_S)
+
+    async def generate(
+        self, prompt_ids: list[int], sampling: dict[str, Any], request_id: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream one request: a dict per engine delta, or a single ``{"error": ...}``.
+
+        Cancelling the stream (the client went away) closes the engine iterator, which aborts
+        the request and frees its KV blocks."""
+        self._ensure_metrics_loop()
+        start = time.perf_counter()
+        first = last = None
+        later_tokens = 0  # tokens after the first delta's, for TPOT
+        status = "error"
+        try:
+            stream = self.engine.generate(prompt_ids, SamplingParams(**sampling), request_id)
+            async for d in stream:
+                now = time.perf_counter()
+                if d.token_ids:
+                    if first is None:
+                        first = now
+                        self.metrics.ttft.observe(now - start, tags=self.metrics.tags)
+                    else:
+                        later_tokens += len(d.token_ids)
+                    last = now
+                status = d.finish_reason or status
+                yield delta_to_wire(d)
+        except (ValueError, TypeError) as e:
+            status = "rejected"
+            yield {"error": APIError(400, str(e)).to_dict()}
+        except QueueFull as e:
+            status = "rejected"
+            yield {"error": APIError(429, str(e)).to_dict()}
+        except asyncio.CancelledError:
+            status = "abort"
+            raise
+        finally:
+            self.metrics.finished(status)
+            if later_tokens:
+                self.metrics.tpot.observe((last - first) / later_tokens, tags=self.metrics.tags)
+
+    async def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    async def info(self) -> dict[str, Any]:
+        return {"model": self.model, "pool": self.pool, "max_model_len": self.max_model_len}
+
+    def record_routing_stats(self) -> dict[str, float]:
+        """Read by the request router (router.KVHeadroomRouter) and the pool spill check."""
+        s = self.engine.stats()
+        return {k: float(s[k]) for k in ("utilization", "waiting_requests", "running_requests")}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom metrics for autoscaling.KVPressurePolicy."""
+        s = self.engine.stats()
+        return {
+            "kv_utilization": float(s["utilization"]),
+            "waiting_requests": float(s["waiting_requests"]),
+            "running_requests": float(s["running_requests"]),
+        }
+
+    async def check_health(self) -> None:
+        if not self.engine.healthy:
+            raise RuntimeError("the engine loop has stopped")
+
+
+LLMReplicaDeployment = serve.deployment(LLMReplica, name="LLMReplica")

@@ -1,0 +1,129 @@
+"""Routing: which pool serves a request (PoolRouter), and which replica in it
+(KVHeadroomRouter, a Serve request router).
+
+Both read the replicas' ``record_routing_stats`` (KV utilization, waiting and running
+requests), which Serve refreshes every ``ROUTING_STATS_PERIOD_S``. The ingress adds its own
+count of in-flight requests per pool, which is fresh between those refreshes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from .config import ModelConfig, PoolConfig, ServiceConfig
+from .protocol import APIError
+
+ROUTING_STATS_PERIOD_S = 0.5
+
+# Request routers live in the process that holds the handle (the ingress replica). Each one
+# registers here so PoolRouter can read the same replica stats when it decides on spill.
+_ROUTERS: dict[tuple[str, str], KVHeadroomRouter] = {}
+
+
+def replica_load(stats: dict[str, float], ongoing: int | None) -> tuple[float, float, float]:
+    """Sort key, least loaded first: queued work, then KV pressure, then requests in flight."""
+    return (
+        stats.get("waiting_requests", 0.0),
+        stats.get("utilization", 0.0),
+        float(ongoing if ongoing is not None else stats.get("running_requests", 0.0)),
+    )
+
+
+class KVHeadroomRouter(FIFOMixin, RequestRouter):
+    """Sends a request to the replica with the most KV headroom and the shortest queue."""
+
+    def initialize_state(self, **kwargs) -> None:
+        key = (self._deployment_id.app_name, self._deployment_id.name)
+        _ROUTERS[key] = self
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        cache = self.replica_queue_len_cache
+
+        def key(r: RunningReplica) -> tuple[float, float, float]:
+            return replica_load(r.routing_stats or {}, cache.get(r.replica_id))
+
+        # One replica per rank: Serve tries the best first and falls back down the list when
+        # a replica rejects (at max_ongoing_requests).
+        return [[r] for r in sorted(candidate_replicas, key=key)]
+
+    def replica_stats(self) -> list[dict[str, float]]:
+        return [r.routing_stats or {} for r in self.curr_replicas.values()]
+
+
+@dataclass
+class PoolState:
+    pool: PoolConfig
+    deployment: str  # the Serve deployment name of (model, pool)
+    in_flight: int = 0  # sent by this ingress and not finished
+
+    def saturated(self, app_name: str) -> bool:
+        """Every known replica is full: requests are waiting, or KV is nearly exhausted.
+
+        Before the first request the router has no stats; an unknown pool is not saturated, so
+        traffic goes to the preferred pool and the stats follow."""
+        stats = self._stats(app_name)
+        if self.in_flight >= self.pool.max_num_seqs * max(1, len(stats)):
+            return True
+        if not stats:
+            return False
+        return all(
+            s.get("waiting_requests", 0.0) >= self.pool.spill_waiting_requests
+            or s.get("utilization", 0.0) >= self.pool.spill_kv_utilization
+            for s in stats
+        )
+
+    def load(self, app_name: str) -> float:
+        stats = self._stats(app_name)
+        waiting = sum(s.get("waiting_requests", 0.0) for s in stats)
+        return (self.in_flight + waiting) / max(1, len(stats))
+
+    def _stats(self, app_name: str) -> list[dict[str, float]]:
+        router = _ROUTERS.get((app_name, self.deployment))
+        return router.replica_stats() if router is not None else []
+
+
+def deployment_name(model: str, pool: str) -> str:
+    return f"LLM:{model}:{pool}"
+
+
+class PoolRouter:
+    """Picks the pool for a request: the model's pools that match the device preference,
+    accelerators first; with ``auto`` a saturated accelerator pool spills to CPU."""
+
+    def __init__(self, config: ServiceConfig, app_name: str = "") -> None:
+        self.app_name = app_name
+        self.pools: dict[str, list[PoolState]] = {}
+        for m in config.models:
+            states = [PoolState(p, deployment_name(m.name, p.name)) for p in config.pools_for(m)]
+            # Stable sort: accelerator pools first, config order within each kind.
+            self.pools[m.name] = sorted(states, key=lambda s: not s.pool.is_accelerator)
+
+    def candidates(self, model: ModelConfig, device: str) -> list[PoolState]:
+        states = self.pools.get(model.name, [])
+        if device == "gpu":
+            states = [s for s in states if s.pool.is_accelerator]
+        elif device == "cpu":
+            states = [s for s in states if not s.pool.is_accelerator]
+        if not states:
+            raise APIError(404, f"model {model.name!r} is not served on a {device} pool", "device")
+        return states
+
+    def choose(self, model: ModelConfig, device: str = "auto") -> PoolState:
+        states = self.candidates(model, device)
+        for s in states:
+            if not s.saturated(self.app_name):
+                return s
+        # Everything is busy: the least loaded pool queues it (and answers 429 when its
+        # bounded queue is full).
+        return min(states, key=lambda s: s.load(self.app_name))
+
+    def all_states(self) -> Iterable[PoolState]:
+        for states in self.pools.values():
+            yield from states
