@@ -2,6 +2,7 @@
 
     segserve generate --model demo --prompt "Hello" --max-tokens 16 --temperature 0
     segserve bench-offline --model demo --batch-sizes 1,4,16
+    segserve client --prompt "Hello" --stream        (a running deployment; see client_cli.py)
 
 Everything heavy (torch, the engine, and later Ray for ``serve``) is imported inside the
 subcommand that needs it: ``segserve --help`` stays instant, and importing this module never
@@ -161,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=threads_arg, default="auto", metavar="N|auto",
                        help="CPU: torch threads; auto (default) probes for the fastest count")
     bench.set_defaults(func=cmd_bench_offline)
+
+    from segserve.deploy import client_cli  # stdlib only; grpc loads when the command runs
+
+    client_cli.add_parser(sub, common)
     return parser
 
 

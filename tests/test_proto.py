@@ -1,0 +1,414 @@
+"""The gRPC stubs, ``SegServeClient`` and ``segserve client``, against in-process fakes.
+
+The fake gRPC servicer echoes what it received (request fields, which sampling fields are
+present, metadata) as JSON in the response text, so the tests see exactly what went over the
+wire. The fake HTTP server serves canned OpenAI-style replies. No Ray, no engine.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+
+from google.protobuf import json_format  # noqa: E402
+from segserve.deploy.cli import main  # noqa: E402
+from segserve.proto import segserve_pb2, segserve_pb2_grpc  # noqa: E402
+from segserve.proto.client import SegServeClient  # noqa: E402
+from segserve.proto.generate import OUTPUTS, PROTO_DIR, generate  # noqa: E402
+
+API_KEY = "secret-key"
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_api_key(monkeypatch):
+    # A developer's own SEGSERVE_API_KEY must not leak into the CLI tests.
+    monkeypatch.delenv("SEGSERVE_API_KEY", raising=False)
+
+
+# ----- generated stubs -------------------------------------------------------------------------
+def test_generated_stubs_are_up_to_date(tmp_path):
+    pytest.importorskip("grpc_tools")
+    written = generate(tmp_path)
+    assert sorted(p.name for p in written) == sorted(OUTPUTS)
+    for path in written:
+        committed = PROTO_DIR / path.name
+        assert committed.exists(), f"{committed} is missing: run python -m segserve.proto.generate"
+        assert path.read_bytes() == committed.read_bytes(), (
+            f"{committed.name} is stale (segserve.proto or grpcio-tools changed): "
+            "run python -m segserve.proto.generate and commit the result")
+
+
+def test_stubs_import_as_a_package_and_cli_import_needs_no_grpc():
+    # Ray Serve's gRPC proxy imports the servicer adder by dotted path in its own process.
+    assert callable(segserve_pb2_grpc.add_SegServeServicer_to_server)
+    code = ("import sys; import segserve.deploy.cli as c; c.build_parser(); "
+            "import segserve.proto; "
+            "assert 'grpc' not in sys.modules and 'google.protobuf' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ----- fake gRPC server ------------------------------------------------------------------------
+class EchoServicer(segserve_pb2_grpc.SegServeServicer):
+    """Choice 0's text is a JSON echo of the request; other choices say their index.
+
+    Prompts drive failures: "fail" aborts with INVALID_ARGUMENT before any output, "fail-mid"
+    streams one delta and then aborts.
+    """
+
+    def _check(self, context: grpc.ServicerContext) -> dict[str, str]:
+        metadata = dict(context.invocation_metadata())
+        auth = metadata.get("authorization")
+        if auth is not None and auth != f"Bearer {API_KEY}":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid API key")
+        return {k: v for k, v in metadata.items() if k in ("authorization", "application")}
+
+    @staticmethod
+    def _echo(request: segserve_pb2.GenerateRequest, metadata: dict[str, str]) -> str:
+        return json.dumps({
+            "model": request.model,
+            "prompt": request.prompt,
+            "prompt_token_ids": list(request.prompt_token_ids),
+            "messages": [[m.role, m.content] for m in request.messages],
+            "device": request.device,
+            # ListFields lists exactly the fields present on the wire.
+            "present": sorted(f.name for f, _ in request.sampling.ListFields()),
+            "sampling": json_format.MessageToDict(request.sampling,
+                                                  preserving_proto_field_name=True),
+            "metadata": metadata,
+        }, sort_keys=True)
+
+    @staticmethod
+    def _n(request: segserve_pb2.GenerateRequest) -> int:
+        return request.sampling.n if request.sampling.HasField("n") else 1
+
+    def Generate(self, request, context):  # noqa: N802 (the gRPC method name)
+        metadata = self._check(context)
+        if request.prompt == "fail":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be >= 1")
+        choices = [segserve_pb2.Choice(index=0, text=self._echo(request, metadata),
+                                       finish_reason="stop")]
+        choices += [segserve_pb2.Choice(index=i, text=f"choice {i}", finish_reason="stop")
+                    for i in range(1, self._n(request))]
+        return segserve_pb2.GenerateResponse(id="req-1", model=request.model, choices=choices,
+                                             pool="cpu")
+
+    def GenerateStream(self, request, context):  # noqa: N802
+        self._check(context)
+        if request.prompt == "fail":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be >= 1")
+        words = (request.prompt or "chat reply").split(" ")
+        for k, word in enumerate(words):
+            text = word if k == 0 else " " + word
+            yield segserve_pb2.GenerateResponse(
+                id="req-1", choices=[segserve_pb2.Choice(index=i, text=f"{text}{i or ''}")
+                                     for i in range(self._n(request))])
+            if request.prompt == "fail-mid":
+                context.abort(grpc.StatusCode.INTERNAL, "engine step failed")
+        yield segserve_pb2.GenerateResponse(
+            id="req-1", choices=[segserve_pb2.Choice(index=i, finish_reason="stop")
+                                 for i in range(self._n(request))],
+            usage=segserve_pb2.Usage(prompt_tokens=3, completion_tokens=len(words),
+                                     total_tokens=3 + len(words)))
+
+    def ListModels(self, request, context):  # noqa: N802
+        self._check(context)
+        return segserve_pb2.ListModelsResponse(
+            models=[segserve_pb2.ModelInfo(id="demo", pools=["cpu"], max_model_len=512)])
+
+    def Health(self, request, context):  # noqa: N802
+        return segserve_pb2.HealthResponse(status="ok")
+
+
+@pytest.fixture(scope="module")
+def grpc_target() -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    segserve_pb2_grpc.add_SegServeServicer_to_server(EchoServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+@pytest.fixture
+def client(grpc_target) -> Iterator[SegServeClient]:
+    with SegServeClient(grpc_target, api_key=API_KEY, timeout=10) as c:
+        yield c
+
+
+def echo_of(response: segserve_pb2.GenerateResponse) -> dict[str, Any]:
+    return json.loads(response.choices[0].text)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----- SegServeClient --------------------------------------------------------------------------
+def test_generate_marshals_sampling_and_presence(client):
+    echo = echo_of(client.generate(
+        "hello", model="m1", device="cpu", max_tokens=7, temperature=0.0, top_p=0.5, seed=3,
+        stop="END", stop_token_ids=[5, 6], early_stopping="never", ignore_eos=False))
+    assert echo["model"] == "m1" and echo["prompt"] == "hello" and echo["device"] == "cpu"
+    # Zero / False values are present: presence, not the value, tells the server they were set.
+    assert echo["present"] == sorted(["max_tokens", "temperature", "top_p", "seed", "stop",
+                                      "stop_token_ids", "early_stopping", "ignore_eos"])
+    s = echo["sampling"]
+    assert s["max_tokens"] == 7 and s["temperature"] == 0.0 and s["top_p"] == 0.5
+    assert s["seed"] == "3"  # int64 is a string in proto JSON
+    assert s["stop"] == ["END"] and s["stop_token_ids"] == [5, 6]
+    assert s["early_stopping"] == "never" and s["ignore_eos"] is False
+
+
+def test_generate_defaults_send_nothing_optional(client):
+    echo = echo_of(client.generate("hi", temperature=None))
+    assert echo["present"] == []
+    assert echo["model"] == "demo" and echo["device"] == "auto"
+    assert echo["metadata"] == {"authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.mark.parametrize("value, sent", [(True, "true"), (False, "false"), ("never", "never")])
+def test_early_stopping_is_sent_as_string(client, value, sent):
+    assert echo_of(client.generate("x", early_stopping=value))["sampling"]["early_stopping"] \
+        == sent
+
+
+def test_messages_and_token_ids(client):
+    echo = echo_of(client.generate(messages=[{"role": "user", "content": "hi"},
+                                             segserve_pb2.ChatMessage(role="assistant",
+                                                                      content="yo")]))
+    assert echo["messages"] == [["user", "hi"], ["assistant", "yo"]] and echo["prompt"] == ""
+    assert echo_of(client.generate(prompt_token_ids=[1, 2, 3]))["prompt_token_ids"] == [1, 2, 3]
+
+
+def test_bad_arguments_raise_before_sending(client):
+    with pytest.raises(TypeError, match="temprature"):
+        client.generate("x", temprature=0.5)
+    with pytest.raises(TypeError, match="temprature"):
+        client.generate_stream("x", temprature=0.5)  # at the call, not at the first next()
+    with pytest.raises(ValueError, match="early_stopping"):
+        client.generate("x", early_stopping="sometimes")
+    with pytest.raises(ValueError, match="exactly one"):
+        client.generate("x", prompt_token_ids=[1])
+    with pytest.raises(ValueError, match="exactly one"):
+        client.generate()
+
+
+def test_stream(client):
+    replies = list(client.generate_stream("one two three", n=2))
+    text = {0: "", 1: ""}
+    for r in replies[:-1]:
+        for c in r.choices:
+            text[c.index] += c.text
+    assert text == {0: "one two three", 1: "one1 two1 three1"}
+    assert [c.finish_reason for c in replies[-1].choices] == ["stop", "stop"]
+    assert replies[-1].usage.completion_tokens == 3
+
+
+def test_metadata_application_and_no_key(grpc_target):
+    with SegServeClient(grpc_target, application="llm") as c:
+        assert echo_of(c.generate("x"))["metadata"] == {"application": "llm"}
+
+
+def test_errors_surface_as_rpc_error(client, grpc_target):
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate("fail")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "max_tokens must be >= 1"
+
+    stream = client.generate_stream("fail-mid")
+    assert next(stream).choices[0].text == "fail-mid"
+    with pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+
+    with SegServeClient(grpc_target, api_key="wrong") as c, pytest.raises(grpc.RpcError) as info:
+        c.generate("x")
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_list_models_and_health(client):
+    assert [m.id for m in client.list_models().models] == ["demo"]
+    assert client.health().status == "ok"
+
+
+def test_lazy_export():
+    import segserve.proto
+
+    assert segserve.proto.SegServeClient is SegServeClient
+
+
+# ----- segserve client --grpc ------------------------------------------------------------------
+def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(["client", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_grpc_sends_flags(capsys, grpc_target, monkeypatch):
+    monkeypatch.setenv("SEGSERVE_API_KEY", API_KEY)
+    rc, out, err = run_cli(capsys, ["--grpc", grpc_target, "--prompt", "hi", "--model", "m2",
+                                    "--max-tokens", "5", "--temperature", "0", "--seed", "1",
+                                    "--device", "gpu"])
+    assert rc == 0, err
+    echo = json.loads(out)
+    assert echo["prompt"] == "hi" and echo["model"] == "m2" and echo["device"] == "gpu"
+    assert echo["present"] == ["max_tokens", "seed", "temperature"]
+    assert echo["metadata"] == {"authorization": f"Bearer {API_KEY}"}  # from the environment
+
+
+def test_cli_grpc_chat_and_n(capsys, grpc_target):
+    rc, out, err = run_cli(capsys, ["--grpc", grpc_target, "--prompt", "hi", "--chat",
+                                    "--n", "2"])
+    assert rc == 0, err
+    head, first, second, text = out.splitlines()
+    assert head == "=== choice 0 ===" and second == "=== choice 1 ===" and text == "choice 1"
+    assert json.loads(first)["messages"] == [["user", "hi"]]
+
+
+def test_cli_grpc_stream(capsys, grpc_target):
+    rc, out, err = run_cli(capsys, ["--grpc", grpc_target, "--prompt", "one two three",
+                                    "--stream"])
+    assert (rc, out) == (0, "one two three\n"), err
+    rc, out, err = run_cli(capsys, ["--grpc", grpc_target, "--prompt", "a b", "--stream",
+                                    "--n", "2"])
+    assert (rc, out) == (0, "=== choice 0 ===\na b\n=== choice 1 ===\na1 b1\n"), err
+    rc, out, err = run_cli(capsys, ["--grpc", grpc_target, "--prompt", "a b", "--stream",
+                                    "--json"])
+    assert rc == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["choices"][0]["text"] for line in lines] == ["a", " b", ""]
+    assert lines[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_cli_grpc_errors(capsys, grpc_target):
+    rc, out, err = run_cli(capsys, ["--grpc", grpc_target, "--prompt", "fail"])
+    assert rc == 1 and out == ""
+    assert err == "error: gRPC INVALID_ARGUMENT: max_tokens must be >= 1\n"
+
+    rc, out, err = run_cli(capsys, ["--grpc", grpc_target, "--prompt", "fail", "--stream"])
+    assert (rc, out) == (1, "") and err == "error: gRPC INVALID_ARGUMENT: max_tokens must be >= 1\n"
+
+    rc, out, err = run_cli(capsys, ["--grpc", grpc_target, "--prompt", "fail-mid", "--stream"])
+    assert rc == 1 and out == "fail-mid\n"  # what arrived is kept
+    assert err == "error: gRPC INTERNAL: engine step failed\n"
+
+    rc, out, err = run_cli(capsys, ["--grpc", grpc_target, "--prompt", "x", "--api-key", "no"])
+    assert rc == 1 and err.startswith("error: gRPC UNAUTHENTICATED")
+
+    target = f"127.0.0.1:{closed_port()}"
+    rc, out, err = run_cli(capsys, ["--grpc", target, "--prompt", "x", "--timeout", "5"])
+    assert rc == 1 and err.startswith(f"error: cannot reach {target}") and err.count("\n") == 1
+
+
+# ----- segserve client --http ------------------------------------------------------------------
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """Canned replies. Prompt "bad" gets a 400 with an OpenAI-style error body; the requests
+    received are kept in ``server.requests``."""
+
+    def log_message(self, *args: Any) -> None:  # keep test output clean
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(  # type: ignore[attr-defined]
+            {"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        chat = self.path == "/v1/chat/completions"
+        if body.get("prompt") == "bad":
+            error = {"error": {"message": "max_tokens must be >= 1",
+                               "type": "invalid_request_error", "code": 400}}
+            return self._send(400, json.dumps(error).encode(), "application/json")
+        pieces = ["Hel", "lo", " world"]
+        if not body.get("stream"):
+            choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}}
+                      if chat else {"index": 0, "text": "".join(pieces)})
+            return self._send(200, json.dumps({"choices": [choice]}).encode(),
+                              "application/json")
+        if chat:
+            chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant"}}]}]
+            chunks += [{"choices": [{"index": 0, "delta": {"content": p}}]} for p in pieces]
+        else:
+            chunks = [{"choices": [{"index": 0, "text": p}]} for p in pieces]
+        chunks.append({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
+        events = [f"data: {json.dumps(c)}\n\n" for c in chunks]
+        events.insert(1, ": keep-alive\n\n")
+        events.append("data: [DONE]\n\n")
+        self._send(200, "".join(events).encode(), "text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def http_server() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    server.requests = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def http_url(server: ThreadingHTTPServer) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+def test_cli_http_stream(capsys, http_server):
+    http_server.requests.clear()
+    rc, out, err = run_cli(capsys, ["--http", http_url(http_server), "--prompt", "hi",
+                                    "--stream", "--max-tokens", "3", "--device", "cpu",
+                                    "--api-key", "k"])
+    assert (rc, out) == (0, "Hello world\n"), err
+    (req,) = http_server.requests
+    assert req["path"] == "/v1/completions" and req["auth"] == "Bearer k"
+    assert req["body"] == {"model": "demo", "prompt": "hi", "max_tokens": 3, "device": "cpu",
+                           "stream": True}
+
+    rc, out, err = run_cli(capsys, ["--http", http_url(http_server), "--prompt", "hi",
+                                    "--stream", "--chat"])
+    assert (rc, out) == (0, "Hello world\n"), err
+    req = http_server.requests[-1]
+    assert req["path"] == "/v1/chat/completions" and req["auth"] is None
+    assert req["body"]["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_cli_http_non_stream(capsys, http_server):
+    for extra in ([], ["--chat"]):
+        rc, out, err = run_cli(capsys, ["--http", http_url(http_server), "--prompt", "hi",
+                                        *extra])
+        assert (rc, out) == (0, "Hello world\n"), err
+
+
+def test_cli_http_errors(capsys, http_server):
+    for extra in ([], ["--stream"]):
+        rc, out, err = run_cli(capsys, ["--http", http_url(http_server), "--prompt", "bad",
+                                        *extra])
+        assert (rc, out) == (1, "")
+        assert err == "error: HTTP 400: max_tokens must be >= 1\n"
+    url = f"http://127.0.0.1:{closed_port()}"
+    rc, out, err = run_cli(capsys, ["--http", url, "--prompt", "x"])
+    assert (rc, out, err) == (1, "", f"error: cannot reach {url}: connection refused\n")
+
+
+def test_cli_help_lists_client(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "client" in capsys.readouterr().out
