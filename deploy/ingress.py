@@ -6,8 +6,9 @@ item is awaited before any response starts, so an error the replica finds (pool 
 queue full) still becomes a proper status code rather than a broken stream.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations
+# at runtime, and Serve's class-based ingress rebinds the methods where string annotations
+# no longer resolve.
 import asyncio
 import hmac
 import json
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
@@ -60,7 +62,13 @@ async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
 
-def validation_error(e: ValidationError) -> APIError:
+@api.exception_handler(RequestValidationError)
+async def _request_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    err = validation_error(e)
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def validation_error(e: ValidationError | RequestValidationError) -> APIError:
     """The first problem, named by its JSON path (what OpenAI's `param` means)."""
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
@@ -272,6 +280,74 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+async def _parse(request: Request, model: type) -> Any:
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise validation_error(e) from e
+
+
+# ----- gRPC helpers ------------------------------------------------------------------------
+_GRPC_SCALARS = (
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "seed", "n", "logprobs", "beam_width",
+    "length_penalty", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+)  # fmt: skip
+
+
+def _grpc_sampling(opts: Any) -> dict[str, Any]:
+    out = {k: getattr(opts, k) for k in _GRPC_SCALARS if opts.HasField(k)}
+    if opts.stop:
+        out["stop"] = list(opts.stop)
+    if opts.stop_token_ids:
+        out["stop_token_ids"] = list(opts.stop_token_ids)
+    if opts.HasField("early_stopping"):
+        value = {"true": True, "false": False, "never": "never"}.get(opts.early_stopping)
+        if value is None:
+            raise APIError(400, "early_stopping must be 'true', 'false' or 'never'",
+                           "early_stopping")  # fmt: skip
+        out["early_stopping"] = value
+    return out
+
+
+def _grpc_authorization(grpc_context: Any) -> str | None:
+    if grpc_context is None:
+        return None
+    for key, value in grpc_context.invocation_metadata():
+        if key.lower() == "authorization":
+            return value
+    return None
+
+
+def _grpc_fail(grpc_context: Any, e: APIError, response: Any) -> Any:
+    import grpc
+
+    if grpc_context is not None:
+        grpc_context.set_code(getattr(grpc.StatusCode, e.grpc_code_name))
+        grpc_context.set_details(e.message)
+    return response
+
+
+def _pb_choice(pb: Any, c: ChoiceState) -> Any:
+    return pb.Choice(
+        index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason or "",
+        logprobs=[
+            pb.TokenLogprob(token_id=e["token_id"], token=e["token"], logprob=e["logprob"],
+                            top=[pb.TopLogprob(**t) for t in e["top"]])
+            for e in c.logprobs
+        ],
+    )  # fmt: skip
+
+
+def _pb_usage(pb: Any, prep: Prepared, completion_tokens: int) -> Any:
+    n = len(prep.prompt_ids)
+    return pb.Usage(prompt_tokens=n, completion_tokens=completion_tokens,
+                    total_tokens=n + completion_tokens)  # fmt: skip
+
+
+# Serve pickles the FastAPI app when the class is decorated, with the module globals its
+# routes use at that moment: everything they call must be defined above this point.
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -458,69 +534,3 @@ class Ingress:
             request.model, _grpc_sampling(request.sampling), prompt=prompt, messages=messages,
             device=device,
         )  # fmt: skip
-
-
-async def _parse(request: Request, model: type) -> Any:
-    raw = await request.body()
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as e:
-        raise validation_error(e) from e
-
-
-# ----- gRPC helpers ------------------------------------------------------------------------
-_GRPC_SCALARS = (
-    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "seed", "n", "logprobs", "beam_width",
-    "length_penalty", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
-)  # fmt: skip
-
-
-def _grpc_sampling(opts: Any) -> dict[str, Any]:
-    out = {k: getattr(opts, k) for k in _GRPC_SCALARS if opts.HasField(k)}
-    if opts.stop:
-        out["stop"] = list(opts.stop)
-    if opts.stop_token_ids:
-        out["stop_token_ids"] = list(opts.stop_token_ids)
-    if opts.HasField("early_stopping"):
-        value = {"true": True, "false": False, "never": "never"}.get(opts.early_stopping)
-        if value is None:
-            raise APIError(400, "early_stopping must be 'true', 'false' or 'never'",
-                           "early_stopping")  # fmt: skip
-        out["early_stopping"] = value
-    return out
-
-
-def _grpc_authorization(grpc_context: Any) -> str | None:
-    if grpc_context is None:
-        return None
-    for key, value in grpc_context.invocation_metadata():
-        if key.lower() == "authorization":
-            return value
-    return None
-
-
-def _grpc_fail(grpc_context: Any, e: APIError, response: Any) -> Any:
-    import grpc
-
-    if grpc_context is not None:
-        grpc_context.set_code(getattr(grpc.StatusCode, e.grpc_code_name))
-        grpc_context.set_details(e.message)
-    return response
-
-
-def _pb_choice(pb: Any, c: ChoiceState) -> Any:
-    return pb.Choice(
-        index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason or "",
-        logprobs=[
-            pb.TokenLogprob(token_id=e["token_id"], token=e["token"], logprob=e["logprob"],
-                            top=[pb.TopLogprob(**t) for t in e["top"]])
-            for e in c.logprobs
-        ],
-    )  # fmt: skip
-
-
-def _pb_usage(pb: Any, prep: Prepared, completion_tokens: int) -> Any:
-    n = len(prep.prompt_ids)
-    return pb.Usage(prompt_tokens=n, completion_tokens=completion_tokens,
-                    total_tokens=n + completion_tokens)  # fmt: skip

@@ -20,11 +20,12 @@ PROTO_DIR = Path(__file__).resolve().parent
 PROTO_FILE = "segserve.proto"
 OUTPUTS = ("segserve_pb2.py", "segserve_pb2.pyi", "segserve_pb2_grpc.py")
 
-# protoc writes a top-level import, which only resolves when the stubs' folder is on sys.path.
-# Ray Serve's gRPC proxy imports `segserve.proto.segserve_pb2_grpc` in its own process, so the
-# import must be package-relative.
-_GRPC_IMPORT = b"import segserve_pb2 as segserve__pb2\n"
-_GRPC_IMPORT_RELATIVE = b"from . import segserve_pb2 as segserve__pb2\n"
+# protoc names the generated module after the .proto's path under -I. Compiling it as
+# segserve/proto/segserve.proto makes the messages' __module__ `segserve.proto.segserve_pb2`:
+# Ray Serve pickles request messages between its gRPC proxy and the ingress, and unpickling
+# imports that module by name, so a bare `segserve_pb2` would fail outside this folder.
+_PACKAGE_PATH = Path("segserve") / "proto"
+_GRPC_IMPORT = b"from segserve.proto import segserve_pb2 as segserve_dot_proto_dot_segserve__pb2\n"
 
 
 def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
@@ -37,28 +38,29 @@ def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
     # protoc writes into a scratch folder first, so a failed run leaves the old stubs intact.
     with tempfile.TemporaryDirectory() as tmp:
         # The .proto is named by its path relative to -I: the descriptor embedded in _pb2 then
-        # says "segserve.proto", never this machine's absolute path.
+        # says "segserve/proto/segserve.proto", never this machine's absolute path.
+        src = Path(tmp) / "src"
+        (src / _PACKAGE_PATH).mkdir(parents=True)
+        (src / _PACKAGE_PATH / PROTO_FILE).write_bytes((proto_dir / PROTO_FILE).read_bytes())
         rc = protoc.main([
             "grpc_tools.protoc",
-            f"--proto_path={proto_dir}",
+            f"--proto_path={src}",
             f"--proto_path={include}",
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
-            str(proto_dir / PROTO_FILE),
+            str(_PACKAGE_PATH / PROTO_FILE),
         ])
         if rc != 0:
             raise RuntimeError(f"protoc failed on {proto_dir / PROTO_FILE} (exit {rc}); "
                                "its messages are above")
         written = []
         for name in OUTPUTS:
-            data = (Path(tmp) / name).read_bytes()
-            if name == "segserve_pb2_grpc.py":
-                if data.count(_GRPC_IMPORT) != 1:
-                    # A grpcio-tools release changed the import line: fail rather than commit
-                    # stubs that only import with the proto folder on sys.path.
-                    raise RuntimeError(f"expected one {_GRPC_IMPORT!r} in the generated {name}")
-                data = data.replace(_GRPC_IMPORT, _GRPC_IMPORT_RELATIVE)
+            data = (Path(tmp) / _PACKAGE_PATH / name).read_bytes()
+            if name == "segserve_pb2_grpc.py" and data.count(_GRPC_IMPORT) != 1:
+                # A grpcio-tools release changed how it imports: fail rather than commit stubs
+                # that only import with the proto folder on sys.path.
+                raise RuntimeError(f"expected one {_GRPC_IMPORT!r} in the generated {name}")
             path = out_dir / name
             path.write_bytes(data)
             written.append(path)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import segserve_pb2 as segserve__pb2
+from segserve.proto import segserve_pb2 as segserve_dot_proto_dot_segserve__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in segserve_pb2_grpc.py depends on'
+        + ' but the generated code in segserve/proto/segserve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class SegServeStub:
         """
         self.Generate = channel.unary_unary(
                 '/segserve.v1.SegServe/Generate',
-                request_serializer=segserve__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=segserve__pb2.GenerateResponse.FromString,
+                request_serializer=segserve_dot_proto_dot_segserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=segserve_dot_proto_dot_segserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/segserve.v1.SegServe/GenerateStream',
-                request_serializer=segserve__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=segserve__pb2.GenerateResponse.FromString,
+                request_serializer=segserve_dot_proto_dot_segserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=segserve_dot_proto_dot_segserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/segserve.v1.SegServe/ListModels',
-                request_serializer=segserve__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=segserve__pb2.ListModelsResponse.FromString,
+                request_serializer=segserve_dot_proto_dot_segserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=segserve_dot_proto_dot_segserve__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/segserve.v1.SegServe/Health',
-                request_serializer=segserve__pb2.HealthRequest.SerializeToString,
-                response_deserializer=segserve__pb2.HealthResponse.FromString,
+                request_serializer=segserve_dot_proto_dot_segserve__pb2.HealthRequest.SerializeToString,
+                response_deserializer=segserve_dot_proto_dot_segserve__pb2.HealthResponse.FromString,
                 _registered_method=True)
 
 
@@ -90,23 +90,23 @@ def add_SegServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=segserve__pb2.GenerateRequest.FromString,
-                    response_serializer=segserve__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=segserve_dot_proto_dot_segserve__pb2.GenerateRequest.FromString,
+                    response_serializer=segserve_dot_proto_dot_segserve__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=segserve__pb2.GenerateRequest.FromString,
-                    response_serializer=segserve__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=segserve_dot_proto_dot_segserve__pb2.GenerateRequest.FromString,
+                    response_serializer=segserve_dot_proto_dot_segserve__pb2.GenerateResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=segserve__pb2.ListModelsRequest.FromString,
-                    response_serializer=segserve__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=segserve_dot_proto_dot_segserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=segserve_dot_proto_dot_segserve__pb2.ListModelsResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=segserve__pb2.HealthRequest.FromString,
-                    response_serializer=segserve__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=segserve_dot_proto_dot_segserve__pb2.HealthRequest.FromString,
+                    response_serializer=segserve_dot_proto_dot_segserve__pb2.HealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,8 +134,8 @@ class SegServe:
             request,
             target,
             '/segserve.v1.SegServe/Generate',
-            segserve__pb2.GenerateRequest.SerializeToString,
-            segserve__pb2.GenerateResponse.FromString,
+            segserve_dot_proto_dot_segserve__pb2.GenerateRequest.SerializeToString,
+            segserve_dot_proto_dot_segserve__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -161,8 +161,8 @@ class SegServe:
             request,
             target,
             '/segserve.v1.SegServe/GenerateStream',
-            segserve__pb2.GenerateRequest.SerializeToString,
-            segserve__pb2.GenerateResponse.FromString,
+            segserve_dot_proto_dot_segserve__pb2.GenerateRequest.SerializeToString,
+            segserve_dot_proto_dot_segserve__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -188,8 +188,8 @@ class SegServe:
             request,
             target,
             '/segserve.v1.SegServe/ListModels',
-            segserve__pb2.ListModelsRequest.SerializeToString,
-            segserve__pb2.ListModelsResponse.FromString,
+            segserve_dot_proto_dot_segserve__pb2.ListModelsRequest.SerializeToString,
+            segserve_dot_proto_dot_segserve__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -215,8 +215,8 @@ class SegServe:
             request,
             target,
             '/segserve.v1.SegServe/Health',
-            segserve__pb2.HealthRequest.SerializeToString,
-            segserve__pb2.HealthResponse.FromString,
+            segserve_dot_proto_dot_segserve__pb2.HealthRequest.SerializeToString,
+            segserve_dot_proto_dot_segserve__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
