@@ -2,6 +2,7 @@
 
     segserve generate --model demo --prompt "Hello" --max-tokens 16 --temperature 0
     segserve bench-offline --model demo --batch-sizes 1,4,16
+    segserve serve [deploy/configs/local.yaml]       (the service on Ray Serve; see launch.py)
     segserve client --prompt "Hello" --stream        (a running deployment; see client_cli.py)
 
 Everything heavy (torch, the engine, and later Ray for ``serve``) is imported inside the
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     from segserve.deploy import client_cli  # stdlib only; grpc loads when the command runs
 
     client_cli.add_parser(sub, common)
+    from segserve.deploy import launch  # Ray loads when the command runs
+
+    launch.add_parser(sub, common)
     return parser
 
 

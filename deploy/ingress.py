@@ -163,7 +163,9 @@ class ServiceCore:
             # The template already holds the special tokens (BOS) it wants.
             prompt_ids = list(tok(text, add_special_tokens=False).input_ids)
             if "max_tokens" not in sampling:
-                sampling = {**sampling, "max_tokens": max(1, served.max_model_len - len(prompt_ids))}
+                # OpenAI's chat default: up to the context length
+                room = served.max_model_len - len(prompt_ids)
+                sampling = {**sampling, "max_tokens": max(1, room)}
         elif isinstance(prompt, str):
             if tok is None:
                 raise APIError(400, f"model {model!r} has no tokenizer; send token ids", "prompt")
@@ -388,9 +390,8 @@ class Ingress:
             choices = await self.core.collect(prep, stream)
             usage = usage_body(len(prep.prompt_ids), sum(len(c.token_ids) for c in choices))
             return completion_body(rid, body.model, choices, usage, want_lp)
-        return StreamingResponse(
-            self._completion_events(prep, stream, rid, body, want_lp), media_type="text/event-stream"
-        )
+        events = self._completion_events(prep, stream, rid, body, want_lp)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     async def _completion_events(
         self, prep: Prepared, stream: AsyncIterator[dict], rid: str, body: CompletionRequest,

@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_serve_file
-
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 GRPC_SERVICER = "segserve.proto.segserve_pb2_grpc.add_SegServeServicer_to_server"
 
 
 def start(config_path: str | Path, address: str | None = None, blocking: bool = True) -> Any:
     """Deploy every application in the file; returns Serve's status once all are running."""
+    from .config import load_serve_file
+
     raw, services = load_serve_file(config_path)
     # Ray 2.60 turns on token auth for new local clusters by default and keeps the token in
     # ~/.ray/auth_token. We keep that default, but say so explicitly: RAY_AUTH_MODE=disabled
@@ -95,18 +95,27 @@ def _wait_forever() -> None:
     serve.shutdown()
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def add_parser(sub: Any, common: Any) -> Any:
+    """Register ``serve`` on the ``segserve`` subcommand parsers."""
+    p = sub.add_parser("serve", parents=[common], help="run the service (Ray Serve)",
+                       description="Start Ray (embedded, or join --address), deploy the Serve "
+                                   "config file and serve HTTP and gRPC until Ctrl-C.")  # fmt: skip
+    p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                   help="a Serve config file (default: deploy/configs/local.yaml, the demo "
+                        "model on CPU)")  # fmt: skip
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: local)")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args: Any) -> int:
     import sys
 
-    ap = argparse.ArgumentParser(prog="segserve serve", description=__doc__)
-    ap.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
-                    help="a Serve config file (default: the demo model on CPU)")  # fmt: skip
-    ap.add_argument("--address", default=None, help="join this Ray cluster (default: local)")
-    args = ap.parse_args(argv)
+    from .config import ConfigError
+
     try:
         start(args.config, address=args.address)
     except ConfigError as e:
-        print(f"segserve serve: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
