@@ -1,0 +1,314 @@
+"""The OpenAI wire format (deploy/protocol.py): strict request parsing, the mapping to
+SamplingParams kwargs, errors, and the log-prob bodies."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from segserve.deploy.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+)
+
+
+def comp(**fields: Any) -> CompletionRequest:
+    return CompletionRequest.model_validate_json(
+        json.dumps({"model": "m", "prompt": "hi", **fields})
+    )
+
+
+def chat(**fields: Any) -> ChatCompletionRequest:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return ChatCompletionRequest.model_validate_json(json.dumps(body))
+
+
+def api_error(fn, *args) -> APIError:
+    with pytest.raises(APIError) as info:
+        fn(*args)
+    return info.value
+
+
+def field_errors(exc: ValidationError) -> set[tuple]:
+    return {(e["loc"], e["type"]) for e in exc.errors()}
+
+
+# ----- strict parsing --------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [comp, chat])
+def test_string_number_rejected(make):
+    with pytest.raises(ValidationError) as info:
+        make(max_tokens="8")
+    assert field_errors(info.value) == {(("max_tokens",), "int_type")}
+
+
+@pytest.mark.parametrize("make", [comp, chat])
+def test_bool_for_int_rejected(make):
+    with pytest.raises(ValidationError) as info:
+        make(n=True)
+    assert field_errors(info.value) == {(("n",), "int_type")}
+
+
+def test_float_for_int_rejected():
+    with pytest.raises(ValidationError) as info:
+        comp(max_tokens=8.0)
+    assert field_errors(info.value) == {(("max_tokens",), "int_type")}
+
+
+def test_int_accepted_for_float():
+    r = comp(temperature=1, top_p=1, presence_penalty=0)
+    assert r.temperature == 1.0 and isinstance(r.temperature, float)
+    assert r.sampling() == {"n": 1, "temperature": 1.0, "top_p": 1.0, "presence_penalty": 0.0}
+
+
+@pytest.mark.parametrize("make", [comp, chat])
+def test_unknown_field_rejected(make):
+    with pytest.raises(ValidationError) as info:
+        make(max_token=8)
+    assert field_errors(info.value) == {(("max_token",), "extra_forbidden")}
+
+
+def test_unknown_field_in_a_message_rejected():
+    with pytest.raises(ValidationError) as info:
+        chat(messages=[{"role": "user", "content": "hi", "tool_call_id": "x"}])
+    assert field_errors(info.value) == {(("messages", 0, "tool_call_id"), "extra_forbidden")}
+
+
+def test_ignored_fields_accepted():
+    r = comp(user="u1", metadata={"k": "v"}, store=False, service_tier="auto")
+    assert r.sampling() == {"n": 1}  # they change nothing (n always has its default 1)
+    c = chat(user="u1", metadata={"k": "v"}, parallel_tool_calls=False)
+    assert c.sampling() == {"n": 1}
+
+
+def test_missing_or_empty_model():
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate_json('{"prompt": "x"}')
+    with pytest.raises(ValidationError):
+        comp(model="")
+
+
+def test_bad_role_and_device():
+    with pytest.raises(ValidationError):
+        chat(messages=[{"role": "robot", "content": "x"}])
+    with pytest.raises(ValidationError):
+        comp(device="tpu")
+    assert comp(device="cpu").device == "cpu"
+    assert comp().device == "auto"
+
+
+# ----- sampling() ------------------------------------------------------------------------------
+def test_sampling_only_set_fields():
+    r = comp(n=2, max_tokens=8, temperature=0.5, top_k=4, seed=7, ignore_eos=True,
+             stop_token_ids=[3], early_stopping="never", beam_width=2)  # fmt: skip
+    assert r.sampling() == {
+        "n": 2,
+        "max_tokens": 8,
+        "temperature": 0.5,
+        "top_k": 4,
+        "seed": 7,
+        "ignore_eos": True,
+        "stop_token_ids": [3],
+        "early_stopping": "never",
+        "beam_width": 2,
+    }
+
+
+def test_stop_string_becomes_a_list():
+    assert comp(stop="\n").sampling() == {"n": 1, "stop": ["\n"]}
+    assert comp(stop=["a", "b"]).sampling() == {"n": 1, "stop": ["a", "b"]}
+
+
+def test_completion_logprobs():
+    assert comp(logprobs=3).sampling() == {"n": 1, "logprobs": 3}
+    assert comp(logprobs=0).sampling() == {"n": 1, "logprobs": 0}
+
+
+def test_max_completion_tokens():
+    assert chat(max_completion_tokens=5).sampling() == {"n": 1, "max_tokens": 5}
+    # the newer name wins over the deprecated one
+    assert chat(max_tokens=9, max_completion_tokens=5).sampling() == {"n": 1, "max_tokens": 5}
+    assert chat(max_tokens=9).sampling() == {"n": 1, "max_tokens": 9}
+
+
+def test_chat_logprobs():
+    assert chat(logprobs=True, top_logprobs=4).sampling() == {"n": 1, "logprobs": 4}
+    assert chat(logprobs=True).sampling() == {"n": 1, "logprobs": 0}
+    assert chat(logprobs=False).sampling() == {"n": 1}
+    e = api_error(chat(top_logprobs=2).sampling)
+    assert (e.status, e.param) == (400, "top_logprobs")
+
+
+def test_logit_bias():
+    assert comp(logit_bias={}).sampling() == {"n": 1}
+    e = api_error(comp(logit_bias={"50256": -100}).sampling)
+    assert (e.status, e.param) == (400, "logit_bias")
+    e = api_error(chat(logit_bias={"1": 1}).sampling)
+    assert (e.status, e.param) == (400, "logit_bias")
+
+
+def test_include_usage():
+    assert not comp().include_usage
+    assert not comp(stream=True, stream_options={"include_usage": False}).include_usage
+    assert comp(stream=True, stream_options={"include_usage": True}).include_usage
+    with pytest.raises(ValidationError):
+        comp(stream_options={"include_usage": "yes"})
+
+
+# ----- single_prompt() -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("hello", "hello"),
+        ([1, 2, 3], [1, 2, 3]),
+        (["hello"], "hello"),
+        ([[4, 5]], [4, 5]),
+    ],
+)
+def test_single_prompt(prompt, expected):
+    assert comp(prompt=prompt).single_prompt() == expected
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": [[1], [2]]}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [""]}, "prompt"),
+        ({"echo": True}, "echo"),
+        ({"suffix": "end"}, "suffix"),
+        ({"best_of": 2}, "best_of"),  # n = 1
+        ({"best_of": 1, "n": 2}, "best_of"),
+    ],
+)
+def test_single_prompt_refused(fields, param):
+    e = api_error(comp(**fields).single_prompt)
+    assert (e.status, e.param) == (400, param)
+
+
+def test_best_of_equal_to_n_is_fine():
+    assert comp(best_of=3, n=3).single_prompt() == "hi"
+    assert comp(suffix="").single_prompt() == "hi"
+
+
+def test_prompt_of_mixed_types_rejected():
+    with pytest.raises(ValidationError):
+        comp(prompt=[1, "a"])
+    with pytest.raises(ValidationError):
+        comp(prompt=7)
+
+
+# ----- template_messages() ---------------------------------------------------------------------
+def test_template_messages():
+    r = chat(messages=[
+        {"role": "developer", "content": "be brief"},
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None},
+    ])  # fmt: skip
+    assert r.template_messages() == [
+        {"role": "system", "content": "be brief"},
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+def test_template_messages_refused():
+    e = api_error(chat(messages=[]).template_messages)
+    assert (e.status, e.param) == (400, "messages")
+    e = api_error(chat(tools=[{"type": "function"}]).template_messages)
+    assert (e.status, e.param) == (400, "tools")
+    e = api_error(chat(tool_choice="auto").template_messages)
+    assert (e.status, e.param) == (400, "tools")
+    e = api_error(chat(response_format={"type": "json_object"}).template_messages)
+    assert (e.status, e.param) == (400, "response_format")
+
+
+def test_template_messages_accepted_options():
+    out = [{"role": "user", "content": "hi"}]
+    assert chat(tools=[], tool_choice="none").template_messages() == out
+    assert chat(response_format={"type": "text"}).template_messages() == out
+
+
+def test_image_part_rejected():
+    with pytest.raises(ValidationError):
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+
+
+# ----- APIError --------------------------------------------------------------------------------
+def test_api_error_body():
+    e = APIError(400, "bad n", "n")
+    assert e.body() == {
+        "error": {"message": "bad n", "type": "invalid_request_error", "param": "n", "code": 400}
+    }
+    assert str(e) == "bad n"
+    assert APIError(429, "full").body() == {
+        "error": {"message": "full", "type": "rate_limit_error", "param": None, "code": 429}
+    }
+    assert APIError(418, "teapot").body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "status, code",
+    [
+        (400, "INVALID_ARGUMENT"),
+        (401, "UNAUTHENTICATED"),
+        (404, "NOT_FOUND"),
+        (429, "RESOURCE_EXHAUSTED"),
+        (500, "INTERNAL"),
+        (503, "UNAVAILABLE"),
+        (418, "UNKNOWN"),
+    ],
+)
+def test_grpc_code_name(status, code):
+    assert APIError(status, "x").grpc_code_name == code
+
+
+def test_api_error_round_trip():
+    e = APIError.from_dict(APIError(404, "no model", "model").to_dict())
+    assert (e.status, e.message, e.param) == (404, "no model", "model")
+    assert APIError.from_dict({"status": 500, "message": "x"}).param is None
+
+
+# ----- log-prob bodies -------------------------------------------------------------------------
+ENTRIES = [
+    {"token": "Hé", "logprob": -0.5,
+     "top": [{"token": "Hé", "logprob": -0.5}, {"token": "A", "logprob": -1.5}]},
+    {"token": " world", "logprob": -0.25, "top": [{"token": " world", "logprob": -0.25}]},
+    {"token": "!", "logprob": -2.0, "top": []},
+]  # fmt: skip
+
+
+def test_completion_logprobs_body():
+    assert completion_logprobs(ENTRIES) == {
+        "tokens": ["Hé", " world", "!"],
+        "token_logprobs": [-0.5, -0.25, -2.0],
+        "top_logprobs": [{"Hé": -0.5, "A": -1.5}, {" world": -0.25}, {}],
+        # offsets in characters: 0, len("Hé") = 2, 2 + len(" world") = 8
+        "text_offset": [0, 2, 8],
+    }
+    assert completion_logprobs([]) is None
+
+
+def test_chat_logprobs_body():
+    body = chat_logprobs(ENTRIES)
+    first = body["content"][0]
+    assert first == {
+        "token": "Hé",
+        "logprob": -0.5,
+        "bytes": [72, 195, 169],  # UTF-8: é is two bytes
+        "top_logprobs": [
+            {"token": "Hé", "logprob": -0.5, "bytes": [72, 195, 169]},
+            {"token": "A", "logprob": -1.5, "bytes": [65]},
+        ],
+    }
+    assert body["content"][1]["bytes"] == list(b" world")
+    assert body["content"][2] == {"token": "!", "logprob": -2.0, "bytes": [33], "top_logprobs": []}
+    assert chat_logprobs([]) is None
