@@ -21,7 +21,8 @@ class KVPressurePolicy:
       >= ``scale_up_waiting_per_replica``. The new size brings utilization back to the target
       (the midpoint of the thresholds) and gives every waiting request's share a replica.
     - down: one replica at a time, when mean utilization < ``scale_down_kv_utilization`` and
-      nothing waits (and the remaining replicas would stay under the scale-up threshold).
+      nothing waits (and the remaining replicas would stay under the scale-up threshold); the
+      last replica only when nothing runs either (to zero, if min_replicas allows).
     """
 
     def __init__(
@@ -47,6 +48,9 @@ class KVPressurePolicy:
         """The decision on plain numbers (also what the tests drive)."""
         if current == 0:
             return 1 if waiting or running else 0
+        if not kv:
+            # No replica has reported yet (starting, or metrics late): no evidence either way.
+            return current
         mean_kv = _mean(kv)
         if mean_kv > self.up_kv or waiting / current >= self.up_waiting:
             target_kv = (self.up_kv + self.down_kv) / 2
@@ -54,7 +58,10 @@ class KVPressurePolicy:
             by_queue = current + math.ceil(waiting / max(self.up_waiting, 1.0))
             return max(current + 1, by_kv, by_queue if waiting / current >= self.up_waiting
                        else current)  # fmt: skip
-        if mean_kv < self.down_kv and waiting == 0 and current > 1:
+        if mean_kv < self.down_kv and waiting == 0:
+            if current == 1:
+                # Only an idle pool goes to zero (Serve clamps this to min_replicas).
+                return 0 if running == 0 else 1
             # Would the survivors stay calm? Their utilization rises by current/(current-1).
             if mean_kv * current / (current - 1) < self.up_kv:
                 return current - 1

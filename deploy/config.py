@@ -34,7 +34,9 @@ class ModelConfig(_Strict):
         "auto", description="KV cache dtype; 'auto' = the model dtype (int8 KV is not built yet)"
     )
     max_model_len: int | None = Field(None, ge=1)
-    pools: list[str] | None = Field(None, description="pools that serve it; default: all")
+    pools: list[str] | None = Field(
+        None, min_length=1, description="pools that serve it; default: all"
+    )
 
 
 class AutoscalingConfig(_Strict):
@@ -54,6 +56,9 @@ class AutoscalingConfig(_Strict):
     def _bounds(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must be <= max_replicas")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError("initial_replicas must lie in [min_replicas, max_replicas]")
         if self.scale_down_kv_utilization >= self.scale_up_kv_utilization:
             raise ValueError("scale_down_kv_utilization must be < scale_up_kv_utilization")
         return self
@@ -177,6 +182,10 @@ def engine_config(model: ModelConfig, pool: PoolConfig) -> EngineConfig:
     )
 
 
+# Serve accepts both spellings of an import path.
+BUILD_APP_PATHS = ("segserve.deploy.app:build_app", "segserve.deploy.app.build_app")
+
+
 class ConfigError(ValueError):
     """A config file that does not validate; the message names the bad field."""
 
@@ -215,12 +224,10 @@ def load_serve_file(path: str | Path) -> tuple[dict[str, Any], list[ServiceConfi
         ServeDeploySchema.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {format_validation_error(e)}") from e
-    services = [
-        parse_service_config(app.get("args") or {}, f"applications.{i}.args")
-        for i, app in enumerate(raw["applications"])
-        if app.get("import_path", "").startswith("segserve.")
-    ]
-    if len(services) != len(raw["applications"]):
-        raise ConfigError(f"{path}: every application's import_path must be "
-                          "segserve.deploy.app:build_app")  # fmt: skip
+    services = []
+    for i, app in enumerate(raw["applications"]):
+        if app.get("import_path") not in BUILD_APP_PATHS:
+            raise ConfigError(f"{path}: applications.{i}.import_path must be "
+                              f"{BUILD_APP_PATHS[0]}, not {app.get('import_path')!r}")  # fmt: skip
+        services.append(parse_service_config(app.get("args") or {}, f"applications.{i}.args"))
     return raw, services

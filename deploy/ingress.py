@@ -34,6 +34,7 @@ from .config import ModelConfig, ServiceConfig
 from .protocol import (
     APIError,
     ChatCompletionRequest,
+    ChatMessage,
     ChoiceState,
     CompletionRequest,
     chat_body,
@@ -198,16 +199,20 @@ class ServiceCore:
         """Start the request and wait for its first item, so errors surface before a response
         is committed. The returned iterator yields that item first; closing it early (client
         gone) cancels the replica call, which aborts the request and frees its KV blocks."""
-        handle = self.handles[prep.pool.deployment]
-        gen = handle.options(stream=True).generate.remote(
-            prep.prompt_ids, prep.sampling, prep.request_id
-        )
+        handle = self.handles[prep.pool.deployment].options(stream=True)
+        gen = None
         prep.pool.in_flight += 1
         try:
+            # Serve may refuse at .remote() already (its handle queue is full: backpressure).
+            gen = handle.generate.remote(prep.prompt_ids, prep.sampling, prep.request_id)
             first = await gen.__anext__()
-        except BaseException as e:
+        except asyncio.CancelledError:  # the client went away while we waited
             prep.pool.in_flight -= 1
-            gen.cancel()
+            if gen is not None:
+                gen.cancel()
+            raise
+        except Exception as e:  # the call failed: nothing left to cancel
+            prep.pool.in_flight -= 1
             raise _replica_error(e) from e
         if "error" in first:
             prep.pool.in_flight -= 1
@@ -398,13 +403,15 @@ class Ingress:
         want_lp: bool,
     ) -> AsyncIterator[str]:  # fmt: skip
         created, completion_tokens = int(time.time()), 0
+        text_len: dict[int, int] = {}  # per choice, for logprobs' text_offset
         try:
             async for item in stream:
                 completion_tokens += len(item["token_ids"])
                 lp = None
                 if want_lp and "logprobs" in item:
                     entries = self.core.logprob_entries(body.model, item["logprobs"])
-                    lp = completion_logprobs(entries)
+                    lp = completion_logprobs(entries, text_len.get(item["index"], 0))
+                text_len[item["index"]] = text_len.get(item["index"], 0) + len(item["text"])
                 choice = {"index": item["index"], "text": item["text"], "logprobs": lp,
                           "finish_reason": item.get("finish_reason")}  # fmt: skip
                 yield _sse(completion_chunk(rid, body.model, created, choice))
@@ -501,8 +508,10 @@ class Ingress:
             prep = self._grpc_prepare(request, grpc_context)
             stream = await self.core.open_stream(prep)
         except APIError as e:
+            # A streaming method's status only reaches the client through an exception:
+            # Serve's proxy turns it into the code set on the context.
             _grpc_fail(grpc_context, e, None)
-            return
+            raise
         tokens = 0
         try:
             async for item in stream:
@@ -513,7 +522,7 @@ class Ingress:
                                           pool=prep.pool.pool.name, choices=[_pb_choice(pb, c)])
         except APIError as e:
             _grpc_fail(grpc_context, e, None)
-            return
+            raise
         yield pb.GenerateResponse(id=prep.request_id, model=prep.model.name,
                                   pool=prep.pool.pool.name, usage=_pb_usage(pb, prep, tokens))
 
@@ -526,7 +535,11 @@ class Ingress:
             raise APIError(400, "model is required", "model")
         messages = None
         if request.messages:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            try:  # the HTTP API's message schema, so both APIs accept the same roles
+                parsed = [ChatMessage(role=m.role, content=m.content) for m in request.messages]
+            except ValidationError as e:
+                raise validation_error(e) from e
+            messages = [m.as_template_input() for m in parsed]
         prompt = request.prompt or list(request.prompt_token_ids) or None
         device = request.device or "auto"
         if device not in ("auto", "gpu", "cpu"):

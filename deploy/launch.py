@@ -46,8 +46,7 @@ def start(config_path: str | Path, address: str | None = None, blocking: bool = 
     from .app import build_app
 
     # load_serve_file validated each segserve application's args, in file order.
-    ours = [a for a in schema.applications if a.import_path.startswith("segserve.")]
-    for app, service in zip(ours, services, strict=True):
+    for app, service in zip(schema.applications, services, strict=True):
         serve.run(build_app(service), name=app.name, route_prefix=app.route_prefix,
                   blocking=False)  # fmt: skip
     if blocking:

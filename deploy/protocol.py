@@ -47,6 +47,10 @@ class APIError(Exception):
         self.message = message
         self.param = param
 
+    def __reduce__(self) -> tuple:
+        # Ray pickles exceptions across processes; the default would call APIError(message).
+        return (type(self), (self.status, self.message, self.param))
+
     @property
     def grpc_code_name(self) -> str:
         return self.GRPC_CODES.get(self.status, "UNKNOWN")
@@ -242,11 +246,12 @@ def usage_body(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> d
     }
 
 
-def completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Legacy completions format: parallel lists."""
+def completion_logprobs(entries: list[dict[str, Any]], start: int = 0) -> dict[str, Any] | None:
+    """Legacy completions format: parallel lists. ``start``: the text length before these
+    tokens (a stream's earlier chunks), so offsets index the whole completion."""
     if not entries:
         return None
-    offsets, pos = [], 0
+    offsets, pos = [], start
     for e in entries:
         offsets.append(pos)
         pos += len(e["token"])

@@ -29,10 +29,11 @@ logger = logging.getLogger(__name__)
 # KV manager metrics exported as gauges (the engine's stats() keys).
 KV_GAUGES = (
     "blocks_total", "blocks_used", "blocks_free", "blocks_cached", "utilization",
-    "tokens_logical", "tokens_stored", "tokens_saved", "waiting_seqs", "running_seqs",
-    "waiting_requests", "running_requests",
+    "tokens_logical", "tokens_stored", "tokens_saved_by_sharing", "waiting_seqs",
+    "running_seqs", "waiting_requests", "running_requests",
 )  # fmt: skip
-KV_COUNTERS = ("prefix_hits", "preemptions", "evictions")
+# Running totals in the engine, Prometheus counters here.
+KV_COUNTERS = ("prefix_cache_hit_tokens", "preemptions", "evictions")
 _LATENCY_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 

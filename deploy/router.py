@@ -13,14 +13,12 @@ from dataclasses import dataclass
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from . import routing_view
 from .config import ModelConfig, PoolConfig, ServiceConfig
 from .protocol import APIError
 
 ROUTING_STATS_PERIOD_S = 0.5
 
-# Request routers live in the process that holds the handle (the ingress replica). Each one
-# registers here so PoolRouter can read the same replica stats when it decides on spill.
-_ROUTERS: dict[tuple[str, str], KVHeadroomRouter] = {}
 
 
 def replica_load(stats: dict[str, float], ongoing: int | None) -> tuple[float, float, float]:
@@ -36,8 +34,12 @@ class KVHeadroomRouter(FIFOMixin, RequestRouter):
     """Sends a request to the replica with the most KV headroom and the shortest queue."""
 
     def initialize_state(self, **kwargs) -> None:
+        # Imported here, by absolute name: this class arrives pickled by value, and only a
+        # module imported by reference is shared with PoolRouter (see routing_view.py).
+        from segserve.deploy import routing_view
+
         key = (self._deployment_id.app_name, self._deployment_id.name)
-        _ROUTERS[key] = self
+        routing_view.ROUTERS[key] = self
 
     async def choose_replicas(
         self,
@@ -85,7 +87,7 @@ class PoolState:
         return (self.in_flight + waiting) / max(1, len(stats))
 
     def _stats(self, app_name: str) -> list[dict[str, float]]:
-        router = _ROUTERS.get((app_name, self.deployment))
+        router = routing_view.ROUTERS.get((app_name, self.deployment))
         return router.replica_stats() if router is not None else []
 
 

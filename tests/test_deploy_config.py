@@ -354,21 +354,11 @@ def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ModelConfig.pools accepts [], so the model gets no deployment and every request "
-    "for it is a 404; should be refused (Field(None, min_length=1))",
-)
 def test_model_with_empty_pool_list_is_refused():
     with pytest.raises(ConfigError, match=r"args\.models\.0\.pools"):
         parse_service_config(_set(_base(), "models.0.pools", []))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AutoscalingConfig does not check initial_replicas against min/max; the config "
-    "validates and only Ray's DeploymentConfig fails later, without naming the field",
-)
 @pytest.mark.parametrize("initial", [0, 5])
 def test_initial_replicas_outside_bounds_is_refused(initial):
     bad = _set(_base(), "pools.0.autoscaling",
@@ -444,11 +434,6 @@ def test_load_foreign_import_path(tmp_path):
         load_serve_file(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_serve_file only checks the 'segserve.' prefix of import_path, so another "
-    "segserve object is parsed as a ServiceConfig and fails only when Serve builds it",
-)
 def test_load_other_segserve_import_path(tmp_path):
     path = _write(tmp_path, APP_YAML.format(import_path="segserve.deploy.ingress:Ingress",
                                             device="cpu"))  # fmt: skip

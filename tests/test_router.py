@@ -1,6 +1,6 @@
 """Pool choice and spill (PoolRouter/PoolState) and replica ranking (KVHeadroomRouter).
 
-Replica stats reach PoolState through the request routers registered in ``router._ROUTERS``;
+Replica stats reach PoolState through the request routers registered in ``routing_view.ROUTERS``;
 here fake routers (anything with ``replica_stats()``) or a real KVHeadroomRouter with fake
 replicas stand in for Serve.
 """
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
-from segserve.deploy import router as router_mod
+from segserve.deploy import routing_view
 from segserve.deploy.app import replica_options
 from segserve.deploy.config import parse_service_config
 from segserve.deploy.protocol import APIError
@@ -28,11 +28,11 @@ APP = "segserve"
 
 @pytest.fixture(autouse=True)
 def clean_routers():
-    saved = dict(router_mod._ROUTERS)
-    router_mod._ROUTERS.clear()
-    yield router_mod._ROUTERS
-    router_mod._ROUTERS.clear()
-    router_mod._ROUTERS.update(saved)
+    saved = dict(routing_view.ROUTERS)
+    routing_view.ROUTERS.clear()
+    yield routing_view.ROUTERS
+    routing_view.ROUTERS.clear()
+    routing_view.ROUTERS.update(saved)
 
 
 # The CPU pool is listed first: accelerator pools still come first for "auto".
@@ -61,7 +61,7 @@ def stats(waiting: float = 0.0, util: float = 0.0, running: float = 0.0) -> dict
 
 
 def register(pool: str, *replicas: dict[str, float], model: str = "m", app: str = APP):
-    router_mod._ROUTERS[(app, deployment_name(model, pool))] = FakeRouter(list(replicas))
+    routing_view.ROUTERS[(app, deployment_name(model, pool))] = FakeRouter(list(replicas))
 
 
 @pytest.fixture
@@ -222,7 +222,7 @@ async def test_choose_replicas_empty():
 def test_router_registers_and_reports_stats(pr):
     r = make_router()
     r.initialize_state()
-    assert router_mod._ROUTERS[(APP, "LLM:m:gpu")] is r
+    assert routing_view.ROUTERS[(APP, "LLM:m:gpu")] is r
     full = [replica("a", stats(waiting=2)), replica("b", stats(util=0.95))]
     r._replicas = {x.replica_id: x for x in full}  # what update_replicas sets
     assert r.replica_stats() == [stats(waiting=2), stats(util=0.95)]
@@ -242,12 +242,6 @@ def restore_router_class():
         setattr(KVHeadroomRouter, k, v)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Serve cloudpickles the request router class by value (register_pickle_by_value on "
-    "segserve.deploy.router), so the router the handle runs writes into a copy of _ROUTERS "
-    "and PoolState never sees replica stats",
-)
 def test_router_as_serve_ships_it_registers_in_the_module(restore_router_class):
     from ray import cloudpickle
 
@@ -258,4 +252,4 @@ def test_router_as_serve_ships_it_registers_in_the_module(restore_router_class):
     cls = cloudpickle.loads(rc.get_serialized_request_router_cls())  # what the handle does
     r = cls(deployment_id=DEP, handle_source=DeploymentHandleSource.UNKNOWN)
     r.initialize_state()
-    assert router_mod._ROUTERS.get((APP, "LLM:m:gpu")) is r
+    assert routing_view.ROUTERS.get((APP, "LLM:m:gpu")) is r
