@@ -20,13 +20,15 @@ GRPC_SERVICER = "segserve.proto.segserve_pb2_grpc.add_SegServeServicer_to_server
 
 def start(config_path: str | Path, address: str | None = None, blocking: bool = True) -> Any:
     """Deploy every application in the file; returns Serve's status once all are running."""
+    # Ray 2.60 turns on token auth for new local clusters by default and keeps the token in
+    # ~/.ray/auth_token (made on first start). We keep that default, but say so explicitly;
+    # RAY_AUTH_MODE=disabled turns it off (the tests do, on loopback). It must be set before
+    # Ray is first imported: Ray reads it once, and a stale "disabled" would skip making the
+    # token that the GCS then demands.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     from .config import load_serve_file
 
     raw, services = load_serve_file(config_path)
-    # Ray 2.60 turns on token auth for new local clusters by default and keeps the token in
-    # ~/.ray/auth_token. We keep that default, but say so explicitly: RAY_AUTH_MODE=disabled
-    # turns it off (the tests do, on loopback).
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
