@@ -53,7 +53,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def svc():
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    metrics_port = _free_port()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)  # fmt: skip
     http_port, grpc_port = _free_port(), _free_port()
     serve.start(
         http_options=HTTPOptions(host="127.0.0.1", port=http_port),
@@ -65,6 +67,7 @@ def svc():
     grpc_client = SegServeClient(f"127.0.0.1:{grpc_port}", application="segserve", timeout=60)
     yield SimpleNamespace(
         http_port=http_port,
+        metrics_port=metrics_port,
         base=f"http://127.0.0.1:{http_port}",
         grpc_target=f"127.0.0.1:{grpc_port}",
         oai=openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused",
@@ -409,3 +412,28 @@ def test_disconnect_mid_stream_frees_blocks(svc):
 
     settled = _wait_for(lambda: svc.stats()["running_requests"] == 0 and svc.stats())
     assert settled and settled["blocks_used"] == idle["blocks_used"], settled
+
+
+def test_prometheus_metrics_exported(svc):
+    """The replica's ray.util.metrics reach Ray's Prometheus endpoint, tagged by model/pool."""
+    svc.oai.completions.create(model="demo", prompt="metrics", max_tokens=2)
+    wanted = ["ray_segserve_requests_total", "ray_segserve_kv_blocks_total",
+              "ray_segserve_kv_utilization", "ray_segserve_time_to_first_token_seconds_count"]
+
+    def scrape() -> str | None:
+        conn = http.client.HTTPConnection("127.0.0.1", svc.metrics_port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        except OSError:
+            return None
+        finally:
+            conn.close()
+        ours = [ln for ln in text.splitlines() if ln.startswith("ray_segserve_")]
+        have = all(any(ln.startswith(w) and 'model="demo"' in ln for ln in ours) for w in wanted)
+        return text if have else None
+
+    text = _wait_for(scrape, timeout=60)
+    assert text, "segserve metrics never showed up on Ray's metrics endpoint"
+    total = [ln for ln in text.splitlines() if ln.startswith("ray_segserve_kv_blocks_total{")]
+    assert any(ln.endswith(" 256.0") for ln in total), total  # the pool's size
