@@ -218,7 +218,7 @@ class EngineCore:
                 continue
             if group.is_finished:
                 done_groups.add(group)
-                _mark_done(new)
+                _mark_done(new, group)
             deltas += new
         for group in done_groups:
             self.scheduler.remove(group)
@@ -233,7 +233,7 @@ class EngineCore:
         for s in group.live_seqs():
             s.finish_reason = reason
             deltas.append(Delta(group.request_id, s.index, [], "", reason))
-        return _mark_done(deltas)
+        return _mark_done(deltas, group)
 
     def _sample_update(
         self, group: SequenceGroup, logits: torch.Tensor, rows: dict[int, int]
@@ -414,7 +414,8 @@ class EngineCore:
         return out
 
 
-def _mark_done(deltas: list[Delta]) -> list[Delta]:
+def _mark_done(deltas: list[Delta], group: SequenceGroup) -> list[Delta]:
     if deltas:
         deltas[-1].request_done = True
+        deltas[-1].num_cached_tokens = group.cached_prompt_tokens
     return deltas

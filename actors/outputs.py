@@ -44,3 +44,4 @@ class Delta:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     request_done: bool = False  # set on a request's last delta: the stream ends after it
+    num_cached_tokens: int = 0  # on the last delta: prompt tokens served from the prefix cache

@@ -91,6 +91,7 @@ class Prepared:
     sampling: dict[str, Any]
     pool: PoolState
     request_id: str
+    cached_tokens: int = 0  # prompt tokens the replica found in its prefix cache (at the end)
 
 
 @dataclass
@@ -217,24 +218,27 @@ class ServiceCore:
         if "error" in first:
             prep.pool.in_flight -= 1
             raise APIError.from_dict(first["error"])
-        return self._rest(gen, first, prep.pool)
+        return self._rest(gen, first, prep)
 
     @staticmethod
-    async def _rest(gen: Any, first: dict[str, Any], pool: PoolState) -> AsyncIterator[dict]:
+    async def _rest(gen: Any, first: dict[str, Any], prep: Prepared) -> AsyncIterator[dict]:
         finished = False
         try:
-            yield first
-            async for item in gen:
+            item = first
+            while True:
+                prep.cached_tokens = item.get("num_cached_tokens", prep.cached_tokens)
+                yield item
+                item = await gen.__anext__()
                 if "error" in item:
                     raise APIError.from_dict(item["error"])
-                yield item
+        except StopAsyncIteration:
             finished = True
         except (APIError, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:
             raise _replica_error(e) from e
         finally:
-            pool.in_flight -= 1
+            prep.pool.in_flight -= 1
             if not finished:
                 gen.cancel()
 
@@ -281,6 +285,10 @@ def _replica_error(e: BaseException) -> APIError:
         return APIError(503, f"no replica is available: {e}")
     logger.exception("replica call failed", exc_info=e)
     return APIError(500, f"internal error: {type(e).__name__}: {e}")
+
+
+def _usage(prep: Prepared, completion_tokens: int) -> dict[str, Any]:
+    return usage_body(len(prep.prompt_ids), completion_tokens, prep.cached_tokens)
 
 
 def _sse(obj: Any) -> str:
@@ -350,7 +358,8 @@ def _pb_choice(pb: Any, c: ChoiceState) -> Any:
 def _pb_usage(pb: Any, prep: Prepared, completion_tokens: int) -> Any:
     n = len(prep.prompt_ids)
     return pb.Usage(prompt_tokens=n, completion_tokens=completion_tokens,
-                    total_tokens=n + completion_tokens)  # fmt: skip
+                    total_tokens=n + completion_tokens,
+                    cached_prompt_tokens=prep.cached_tokens)  # fmt: skip
 
 
 # Serve pickles the FastAPI app when the class is decorated, with the module globals its
@@ -393,7 +402,7 @@ class Ingress:
         rid, want_lp = new_id("cmpl"), body.logprobs is not None
         if not body.stream:
             choices = await self.core.collect(prep, stream)
-            usage = usage_body(len(prep.prompt_ids), sum(len(c.token_ids) for c in choices))
+            usage = _usage(prep, sum(len(c.token_ids) for c in choices))
             return completion_body(rid, body.model, choices, usage, want_lp)
         events = self._completion_events(prep, stream, rid, body, want_lp)
         return StreamingResponse(events, media_type="text/event-stream")
@@ -416,7 +425,7 @@ class Ingress:
                           "finish_reason": item.get("finish_reason")}  # fmt: skip
                 yield _sse(completion_chunk(rid, body.model, created, choice))
             if body.include_usage:
-                usage = usage_body(len(prep.prompt_ids), completion_tokens)
+                usage = _usage(prep, completion_tokens)
                 yield _sse({**completion_chunk(rid, body.model, created, {}), "choices": [],
                             "usage": usage})  # fmt: skip
         except APIError as e:
@@ -434,7 +443,7 @@ class Ingress:
         rid = new_id("chatcmpl")
         if not body.stream:
             choices = await self.core.collect(prep, stream)
-            usage = usage_body(len(prep.prompt_ids), sum(len(c.token_ids) for c in choices))
+            usage = _usage(prep, sum(len(c.token_ids) for c in choices))
             return chat_body(rid, body.model, choices, usage, body.logprobs)
         return StreamingResponse(
             self._chat_events(prep, stream, rid, body), media_type="text/event-stream"
@@ -461,7 +470,7 @@ class Ingress:
                           "finish_reason": item.get("finish_reason")}  # fmt: skip
                 yield _sse(chat_chunk(rid, body.model, created, [choice]))
             if body.include_usage:
-                usage = usage_body(len(prep.prompt_ids), completion_tokens)
+                usage = _usage(prep, completion_tokens)
                 yield _sse({**chat_chunk(rid, body.model, created, []), "usage": usage})
         except APIError as e:
             yield _sse(e.body())

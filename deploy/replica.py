@@ -86,6 +86,8 @@ def delta_to_wire(d: Delta) -> dict[str, Any]:
         out["finish_reason"] = d.finish_reason
     if d.logprobs is not None:
         out["logprobs"] = [(lp.token_id, lp.logprob, lp.top) for lp in d.logprobs]
+    if d.request_done:
+        out["num_cached_tokens"] = d.num_cached_tokens
     return out
 
 

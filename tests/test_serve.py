@@ -141,6 +141,16 @@ def test_token_id_prompt_and_usage_in_stream(svc, engine):
     assert "".join(c.choices[0].text for c in chunks[:-1]) == want.outputs[0].text
 
 
+def test_prefix_cache_hits_are_reported_in_usage(svc):
+    prompt = list(range(1, 41))  # 40 tokens: two full 16-token blocks can be reused
+    first = svc.oai.completions.create(model="demo", prompt=prompt, max_tokens=2)
+    again = svc.oai.completions.create(model="demo", prompt=prompt, max_tokens=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 32
+    via_grpc = svc.grpc.generate(prompt_token_ids=prompt, model="demo", max_tokens=2)
+    assert via_grpc.usage.cached_prompt_tokens == 32
+
+
 def test_chat_uses_template_and_streams(svc, engine):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     tok = engine.tokenizer
