@@ -1,0 +1,582 @@
+#!/usr/bin/env python
+"""Serving benchmark: the engine alone, then the same engine behind Ray Serve over HTTP (OpenAI
+SSE) and gRPC, driven by one request schedule, side by side, in one run.
+
+    python bench/serve.py
+    python bench/serve.py --input-len 128 --output-len 64 --rates 2,4,8 --json serve.json
+
+The design target it checks: Serve adds <= 5 ms to TTFT and <= 3% to TPOT over the engine alone.
+
+The three paths:
+
+* **engine alone**: ``AsyncEngine`` in this process, built by ``deploy.config.engine_config``
+  from the same ServiceConfig the service gets, with as many torch threads as Ray gives the
+  replica (``OMP_NUM_THREADS``, else the floor of ``cpus_per_replica``). It runs while Ray is
+  down, so no Ray process competes with it for the CPU.
+* **HTTP**: streaming ``POST /v1/completions`` through Serve's HTTP proxy, with aiohttp (a
+  dependency of ray[serve], so always there; httpx need not be). Each network read is
+  timestamped on arrival, then split into SSE events.
+* **gRPC**: streaming ``GenerateStream`` through Serve's gRPC proxy (``grpc.aio``).
+
+The schedule: (a) concurrency 1, ``--num-sequential`` requests one after another; (b) for each
+of ``--rates``, ``--num-requests`` Poisson arrivals. Arrival times and prompts come from
+``--seed``, so every path sees the same ones. Prompts are random token ids (a list of ids over
+HTTP, ``prompt_token_ids`` over gRPC: no tokenizer in the way), decoding is greedy with
+``ignore_eos``, so every request makes exactly ``--output-len`` tokens. Each path warms up first
+(discarded). Unless ``--no-engine-again``, the engine alone runs once more (a fresh engine)
+after Serve has shut down: how far it moves from the first run is the machine's noise floor
+(on a small shared VM it can exceed the 3% target by itself).
+
+Metrics, all taken at the client: TTFT (send -> first token), TPOT per request ((last token -
+first token) / (tokens - 1)), ITL (every gap between token chunks), at p50 and p99; requests/s
+and output tokens/s over the phase (first send -> last token). The verdicts compare medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import math
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segserve.deploy.cli import kv_blocks_needed, percentile
+
+PATHS = ("engine", "http", "grpc", "engine_again")
+LABELS = {"engine": "engine alone", "http": "Serve HTTP", "grpc": "Serve gRPC",
+          "engine_again": "engine again"}  # fmt: skip
+# First prompt token offset per path (see prompt_for). The rerun gets a fresh engine, so it can
+# use the engine's prompts.
+SALT = {"engine": 0, "http": 1, "grpc": 2, "engine_again": 0}
+APP_NAME = "segserve"
+TTFT_TARGET_MS = 5.0
+TPOT_TARGET_RATIO = 1.03
+
+
+def _list_of(kind: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            values = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__},"
+                                             f" got {text!r}") from None  # fmt: skip
+        if not values or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected positive values, got {text!r}")
+        return values
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo", help="HF checkpoint directory, or 'demo'")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "xpu"])
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--num-sequential", type=int, default=8,
+                   help="requests of the concurrency-1 phase")
+    p.add_argument("--rates", type=_list_of(float), default=[2.0, 4.0],
+                   help="Poisson request rates (req/s), comma-separated")
+    p.add_argument("--num-requests", type=int, default=16, help="requests per rate")
+    p.add_argument("--warmup", type=int, default=4,
+                   help="warm-up requests per path: this many one by one, then as many at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-queue-len", type=int, default=1024)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--cpus-per-replica", type=float, default=1.0,
+                   help="the pool's cpus_per_replica (Ray derives the replica's torch threads "
+                        "from it; the engine alone gets as many)")
+    p.add_argument("--ray-cpus", type=int, default=4,
+                   help="logical CPUs of the local Ray cluster (the ingress and the replica "
+                        "reserve 1 each)")
+    p.add_argument("--http-port", type=int, default=18080)
+    p.add_argument("--grpc-port", type=int, default=19090)
+    p.add_argument("--no-engine-again", dest="engine_again", action="store_false",
+                   help="skip the engine-alone rerun after Serve (the noise floor)")
+    p.add_argument("--ray-logs", action="store_true",
+                   help="forward the Serve processes' logs to this terminal")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="write every number (summaries and per-request samples) here")
+    args = p.parse_args(argv)
+    if args.input_len < 2:
+        p.error("--input-len must be >= 2 (one token tells the paths' prompts apart)")
+    if args.output_len < 2:
+        p.error("--output-len must be >= 2 (TPOT needs two tokens)")
+    if min(args.num_sequential, args.num_requests) < 1 or args.warmup < 0:
+        p.error("--num-sequential and --num-requests must be >= 1, --warmup >= 0")
+    return args
+
+
+# ----- the schedule ----------------------------------------------------------------------------
+@dataclass
+class Phase:
+    name: str
+    prompts: list[list[int]]  # the paths' shared prompt bodies (see prompt_for)
+    arrivals_s: list[float] | None  # offsets from the phase start; None: one after another
+    rate: float | None = None
+
+
+def make_phases(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], list[Phase]]:
+    """(warm-up prompts, measured phases). Every phase has fresh prompts, so no measured prefill
+    is served from the prefix cache."""
+    rng = random.Random(args.seed)
+
+    def prompts(n: int) -> list[list[int]]:
+        return [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(n)]
+
+    warm = prompts(2 * args.warmup)
+    phases = [Phase("c=1", prompts(args.num_sequential), None)]
+    for rate in args.rates:
+        t, arrivals = 0.0, []
+        for _ in range(args.num_requests):
+            arrivals.append(t)
+            t += rng.expovariate(rate)
+        phases.append(Phase(f"{rate:g} req/s", prompts(args.num_requests), arrivals, rate))
+    return warm, phases
+
+
+def prompt_for(path: str, body: list[int], vocab: int) -> list[int]:
+    """The HTTP and gRPC runs share one replica and its prefix cache: with identical prompts the
+    second path's prefills would mostly be cache hits. A path-specific first token changes every
+    block hash (they are chained) and nothing else: same length, same work."""
+    return [(body[0] + SALT[path]) % vocab, *body[1:]]
+
+
+# ----- measurement -----------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """One request as the client saw it (perf_counter seconds)."""
+
+    sent: float
+    chunk_times: list[float] = field(default_factory=list)  # arrivals of chunks with tokens
+    tokens: int = 0
+    finished: float = 0.0
+
+    @property
+    def ttft(self) -> float:
+        return self.chunk_times[0] - self.sent
+
+    @property
+    def tpot(self) -> float:
+        return (self.chunk_times[-1] - self.chunk_times[0]) / max(1, self.tokens - 1)
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:], strict=False)]
+
+
+Send = Callable[[list[int]], Awaitable[Sample]]
+
+
+@dataclass
+class PhaseResult:
+    samples: list[Sample]
+    duration_s: float  # first send -> last token
+
+    def summary(self, output_len: int) -> dict[str, float]:
+        ttft = [s.ttft for s in self.samples]
+        tpot = [s.tpot for s in self.samples]
+        itl = [g for s in self.samples for g in s.itls]
+        tokens = sum(s.tokens for s in self.samples)
+        return {
+            "requests": len(self.samples),
+            "ttft_p50_ms": statistics.median(ttft) * 1e3,
+            "ttft_p99_ms": percentile(ttft, 99.0) * 1e3,
+            "tpot_p50_ms": statistics.median(tpot) * 1e3,
+            "tpot_p99_ms": percentile(tpot, 99.0) * 1e3,
+            "itl_p50_ms": statistics.median(itl) * 1e3 if itl else math.nan,
+            "itl_p99_ms": percentile(itl, 99.0) * 1e3,
+            "requests_per_s": len(self.samples) / self.duration_s,
+            "output_tokens_per_s": tokens / self.duration_s,
+            "output_tokens": tokens,
+            "short_requests": sum(s.tokens != output_len for s in self.samples),
+            "duration_s": self.duration_s,
+        }
+
+    def raw(self) -> dict[str, Any]:
+        t0 = min(s.sent for s in self.samples)
+        return {
+            "requests": [{"sent_s": s.sent - t0, "ttft_s": s.ttft, "tpot_s": s.tpot,
+                          "tokens": s.tokens, "chunks": len(s.chunk_times),
+                          "e2e_s": s.finished - s.sent} for s in self.samples],
+            "itl_s": [g for s in self.samples for g in s.itls],
+        }  # fmt: skip
+
+
+async def run_phase(send: Send, phase: Phase, path: str, vocab: int) -> PhaseResult:
+    prompts = [prompt_for(path, p, vocab) for p in phase.prompts]
+    gc.collect()  # a collection of the previous phase's garbage would land in this one's p99
+    if phase.arrivals_s is None:
+        samples = [await send(p) for p in prompts]
+    else:
+        tasks = []
+        t0 = time.perf_counter()
+        for prompt, at in zip(prompts, phase.arrivals_s, strict=True):
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(send(prompt)))
+        samples = list(await asyncio.gather(*tasks))
+    bad = [s for s in samples if not s.chunk_times]
+    if bad:
+        raise RuntimeError(f"{path}, {phase.name}: {len(bad)} request(s) returned no tokens")
+    start = min(s.sent for s in samples)
+    end = max(s.chunk_times[-1] for s in samples)
+    return PhaseResult(samples, end - start)
+
+
+async def run_path(path: str, send: Send, warm: list[list[int]], phases: list[Phase],
+                   vocab: int, output_len: int) -> dict[str, PhaseResult]:
+    half = len(warm) // 2
+    warm = [prompt_for(path, p, vocab) for p in warm]
+    # One by one, then all at once: the batched decode shapes get their first run here too.
+    for p in warm[:half]:
+        await send(p)
+    await asyncio.gather(*(send(p) for p in warm[half:]))
+    out = {}
+    for phase in phases:
+        out[phase.name] = result = await run_phase(send, phase, path, vocab)
+        s = result.summary(output_len)
+        print(f"  {LABELS[path]:<13} {phase.name:<10} TTFT p50 {s['ttft_p50_ms']:7.2f} ms, "
+              f"TPOT p50 {s['tpot_p50_ms']:6.2f} ms, {s['output_tokens_per_s']:7.1f} tok/s",
+              flush=True)  # fmt: skip
+    return out
+
+
+# ----- the three paths -------------------------------------------------------------------------
+def engine_sender(engine: Any, output_len: int) -> Send:
+    from segserve.actors.sampling_params import SamplingParams
+
+    # What the ingress builds from the HTTP body / gRPC SamplingOptions below.
+    sampling = {"max_tokens": output_len, "temperature": 0.0, "ignore_eos": True}
+
+    async def send(prompt: list[int]) -> Sample:
+        s = Sample(time.perf_counter())
+        async for d in engine.generate(prompt, SamplingParams(**sampling)):
+            if d.token_ids:
+                s.chunk_times.append(time.perf_counter())
+                s.tokens += len(d.token_ids)
+        s.finished = time.perf_counter()
+        return s
+
+    return send
+
+
+def http_sender(session: Any, url: str, model: str, output_len: int) -> Send:
+    base = {"model": model, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    headers = {"Content-Type": "application/json"}
+
+    async def send(prompt: list[int]) -> Sample:
+        body = json.dumps({**base, "prompt": prompt}).encode()
+        s = Sample(time.perf_counter())
+        async with session.post(url, data=body, headers=headers) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+            buf = b""
+            # iter_any yields each network read as it arrives: events that came in one read
+            # share its timestamp, which is when the client could have seen them.
+            async for data in resp.content.iter_any():
+                now = time.perf_counter()
+                *events, buf = (buf + data).split(b"\n\n")
+                for event in events:
+                    if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                        continue
+                    obj = json.loads(event[6:])
+                    if "error" in obj:
+                        raise RuntimeError(f"stream error: {obj['error']}")
+                    if obj.get("choices"):
+                        s.chunk_times.append(now)
+                    if obj.get("usage"):
+                        s.tokens = obj["usage"]["completion_tokens"]
+        s.finished = time.perf_counter()
+        return s
+
+    return send
+
+
+def grpc_sender(stub: Any, model: str, output_len: int) -> Send:
+    from segserve.proto.client import generate_request
+
+    metadata = (("application", APP_NAME),)
+
+    async def send(prompt: list[int]) -> Sample:
+        request = generate_request(prompt_token_ids=prompt, model=model, max_tokens=output_len,
+                                   temperature=0.0, ignore_eos=True)  # fmt: skip
+        s = Sample(time.perf_counter())
+        async for resp in stub.GenerateStream(request, metadata=metadata):
+            n = sum(len(c.token_ids) for c in resp.choices)
+            if n:
+                s.chunk_times.append(time.perf_counter())
+                s.tokens += n
+        s.finished = time.perf_counter()
+        return s
+
+    return send
+
+
+def service_config(args: argparse.Namespace) -> dict[str, Any]:
+    slots = args.max_num_seqs + 2 * args.warmup
+    return {
+        "models": [{"name": "demo", "path": args.model, "dtype": args.dtype}],
+        "pools": [{
+            "name": args.device, "device": args.device, "num_replicas": 1,
+            # Every sequence the engine may run at once fits at full length: no preemption.
+            "num_kv_blocks": kv_blocks_needed(slots, args.input_len, args.output_len,
+                                              args.block_size),
+            "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+            "max_queue_len": args.max_queue_len, "cpus_per_replica": args.cpus_per_replica,
+        }],
+    }  # fmt: skip
+
+
+def replica_threads(cpus_per_replica: float) -> int:
+    """torch's thread count in a replica: Ray sets OMP_NUM_THREADS in each worker, unless the
+    driver's environment already does, to the floor of the actor's num_cpus (at least 1)."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    return int(env) if env else max(1, math.floor(cpus_per_replica))
+
+
+def bench_engine(args: argparse.Namespace, core: Any, warm: list[list[int]],
+                 phases: list[Phase], vocab: int, path: str = "engine") -> dict[str, PhaseResult]:
+    from segserve.actors.async_engine import AsyncEngine
+
+    async def main() -> dict[str, PhaseResult]:
+        engine = AsyncEngine(core.config, core=core)
+        return await run_path(path, engine_sender(engine, args.output_len), warm, phases, vocab,
+                              args.output_len)  # fmt: skip
+
+    return asyncio.run(main())
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            msg = f"port {port} is in use; pick another with --http-port/--grpc-port"
+            raise SystemExit(msg) from None
+
+
+async def _wait_ready(session: Any, base: str, stub: Any, timeout_s: float = 60.0) -> None:
+    """serve.run returns once the replicas run; the proxies learn the route a moment later."""
+    from segserve.proto import segserve_pb2
+
+    deadline = time.monotonic() + timeout_s
+    metadata = (("application", APP_NAME),)
+    while True:
+        problem = "not ready"
+        try:
+            async with session.get(f"{base}/health") as resp:
+                http_ok = resp.status == 200
+            health = await stub.Health(segserve_pb2.HealthRequest(), timeout=5, metadata=metadata)
+            if http_ok and health.status == "ok":
+                return
+        except Exception as e:  # connection refused / UNAVAILABLE until the proxies are up
+            problem = repr(e)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the service did not become ready in {timeout_s:.0f} s: {problem}")
+        await asyncio.sleep(0.25)
+
+
+def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Phase],
+                vocab: int) -> dict[str, dict[str, PhaseResult]]:
+    # A throwaway cluster that lives for this run only and is reached from this machine: token
+    # auth (Ray 2.60's default for new clusters) would only add a ~/.ray/auth_token to manage.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import aiohttp
+    import grpc
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+    from segserve.deploy.app import build_app
+    from segserve.deploy.launch import GRPC_SERVICER
+    from segserve.proto import segserve_pb2_grpc
+
+    _check_port_free(args.http_port)
+    _check_port_free(args.grpc_port)
+    keep = ("PYTHONPATH", "SEGSERVE_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    t = time.perf_counter()
+    # address="local": always a fresh cluster of our own, never one somebody else started.
+    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False,
+             log_to_driver=args.ray_logs,
+             runtime_env={"env_vars": {k: os.environ[k] for k in keep if k in os.environ}})
+    try:
+        serve.start(
+            http_options=HTTPOptions(host="127.0.0.1", port=args.http_port),
+            grpc_options=gRPCOptions(port=args.grpc_port,
+                                     grpc_servicer_functions=[GRPC_SERVICER]),
+        )  # fmt: skip
+        serve.run(build_app(service_config(args)), name=APP_NAME, route_prefix="/")
+        print(f"Serve up in {time.perf_counter() - t:.1f} s", flush=True)
+
+        async def main() -> dict[str, dict[str, PhaseResult]]:
+            base = f"http://127.0.0.1:{args.http_port}"
+            # limit=0: no client-side cap on connections, so a burst is never queued here.
+            connector = aiohttp.TCPConnector(limit=0)
+            timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
+            async with (aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                        grpc.aio.insecure_channel(f"127.0.0.1:{args.grpc_port}") as channel):
+                stub = segserve_pb2_grpc.SegServeStub(channel)
+                await _wait_ready(session, base, stub)
+                senders = {
+                    "http": http_sender(session, f"{base}/v1/completions", "demo",
+                                        args.output_len),
+                    "grpc": grpc_sender(stub, "demo", args.output_len),
+                }  # fmt: skip
+                return {path: await run_path(path, send, warm, phases, vocab, args.output_len)
+                        for path, send in senders.items()}  # fmt: skip
+
+        return asyncio.run(main())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# ----- report ----------------------------------------------------------------------------------
+def format_phase(phase: Phase, summaries: dict[str, dict[str, float]], output_len: int) -> str:
+    head = (f"{'path':<13} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
+            f"{'ITL p50':>8} {'ITL p99':>8} {'req/s':>7} {'tok/s':>8}")
+    title = (f"{phase.name}: {len(phase.prompts)} requests"
+             + (" one after another" if phase.rate is None else ", Poisson arrivals"))
+    lines = [title + " (ms; throughput from first send to last token)", head, "-" * len(head)]
+    for path, s in summaries.items():
+        note = f"  ({s['short_requests']} not {output_len} tokens!)" if s["short_requests"] else ""
+        lines.append(
+            f"{LABELS[path]:<13} {s['ttft_p50_ms']:>9.2f} {s['ttft_p99_ms']:>9.2f} "
+            f"{s['tpot_p50_ms']:>9.3f} {s['tpot_p99_ms']:>9.3f} {s['itl_p50_ms']:>8.3f} "
+            f"{s['itl_p99_ms']:>8.3f} {s['requests_per_s']:>7.2f} "
+            f"{s['output_tokens_per_s']:>8.1f}{note}"
+        )
+    return "\n".join(lines)
+
+
+SHORT = {"http": "HTTP", "grpc": "gRPC", "engine_again": "engine again"}
+
+
+def verdicts(phases: list[Phase], summaries: dict[str, dict[str, dict[str, float]]]) -> list[dict]:
+    """Each Serve path against the engine alone, per phase; the engine's rerun is compared the
+    same way but is no verdict: its difference is what noise alone gives."""
+    rows = []
+    for phase in phases:
+        eng = summaries["engine"][phase.name]
+        for path in [p for p in PATHS[1:] if p in summaries]:
+            s = summaries[path][phase.name]
+            d_ttft = s["ttft_p50_ms"] - eng["ttft_p50_ms"]
+            r_tpot = s["tpot_p50_ms"] / eng["tpot_p50_ms"]
+            rows.append({"phase": phase.name, "path": path, "ttft_added_ms": d_ttft,
+                         "ttft_pass": d_ttft <= TTFT_TARGET_MS, "tpot_ratio": r_tpot,
+                         "tpot_pass": r_tpot <= TPOT_TARGET_RATIO,
+                         "noise_floor": path == "engine_again"})  # fmt: skip
+    return rows
+
+
+def format_verdicts(rows: list[dict]) -> str:
+    head = f"{'phase':<10} {'path':<12} {'TTFT +ms':>9} {'':<7} {'TPOT ratio':>10}"
+    lines = [f"Serve over the engine alone (medians); targets: TTFT +<= {TTFT_TARGET_MS:g} ms, "
+             f"TPOT <= {TPOT_TARGET_RATIO:.2f}x", head, "-" * len(head)]  # fmt: skip
+
+    def verdict(ok: bool, noise: bool) -> str:
+        return "(noise)" if noise else "PASS" if ok else "FAIL"
+
+    for r in rows:
+        noise = r["noise_floor"]
+        lines.append(f"{r['phase']:<10} {SHORT[r['path']]:<12} {r['ttft_added_ms']:>+9.2f} "
+                     f"{verdict(r['ttft_pass'], noise):<7} {r['tpot_ratio']:>9.3f}x "
+                     f"{verdict(r['tpot_pass'], noise):<7}".rstrip())  # fmt: skip
+    return "\n".join(lines)
+
+
+def _load() -> str:
+    return f", load avg {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local checkpoints only, never the network
+    wall = time.perf_counter()
+    import torch
+    from segserve.deploy.config import ServiceConfig, engine_config
+
+    cfg = ServiceConfig.model_validate(service_config(args))
+    model_cfg = cfg.models[0]
+    pool = cfg.pools_for(model_cfg)[0]
+    econfig = engine_config(model_cfg, pool)
+    threads = replica_threads(pool.cpus_per_replica)
+    if args.device == "cpu":
+        torch.set_num_threads(threads)
+
+    from segserve.actors.engine import EngineCore
+
+    # The engine alone; its reading of the model also gives the vocabulary and context length.
+    core = EngineCore(econfig)
+    vocab, max_len = core.spec.vocab_size, core.max_model_len
+    if args.input_len + args.output_len > max_len:
+        raise SystemExit(f"input-len + output-len exceeds the model's max length {max_len}")
+    warm, phases = make_phases(args, vocab)
+
+    print(f"model {args.model} {args.dtype} on {args.device} (torch threads {threads}, as in the "
+          f"replica), {os.cpu_count()} CPUs{_load()}; input {args.input_len}, output "
+          f"{args.output_len} tokens, greedy, ignore_eos; warm-up {2 * args.warmup} requests "
+          f"per path", flush=True)  # fmt: skip
+
+    print("engine alone ...", flush=True)
+    results = {"engine": bench_engine(args, core, warm, phases, vocab)}
+    del core  # its KV pool and weights are not needed while Serve runs
+    gc.collect()
+    print(f"Serve (HTTP, then gRPC){_load()} ...", flush=True)
+    results.update(bench_serve(args, warm, phases, vocab))
+    paths = [p for p in PATHS if p in results]
+    if args.engine_again:
+        print(f"engine alone again, a fresh engine{_load()} ...", flush=True)
+        core = EngineCore(econfig)
+        results["engine_again"] = bench_engine(args, core, warm, phases, vocab, "engine_again")
+        paths.append("engine_again")
+        del core
+
+    summaries = {path: {name: r.summary(args.output_len) for name, r in res.items()}
+                 for path, res in results.items()}  # fmt: skip
+    print()
+    for phase in phases:
+        print(format_phase(phase, {p: summaries[p][phase.name] for p in paths},
+                           args.output_len))  # fmt: skip
+        print()
+    rows = verdicts(phases, summaries)
+    print(format_verdicts(rows))
+    wall = time.perf_counter() - wall
+    print(f"\nwall time {wall:.1f} s{_load()}", flush=True)
+
+    if args.json is not None:
+        out = {
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "engine_config": asdict(econfig),
+            "torch_threads": threads,
+            "phases": [{"name": ph.name, "rate": ph.rate, "arrivals_s": ph.arrivals_s}
+                       for ph in phases],
+            "summaries": summaries,
+            "raw": {path: {name: r.raw() for name, r in res.items()}
+                    for path, res in results.items()},
+            "verdicts": rows,
+            "wall_s": wall,
+        }  # fmt: skip
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
