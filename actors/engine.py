@@ -138,7 +138,7 @@ class EngineCore:
         p = group.params
         if not p.greedy and not p.use_beam_search:
             seed = p.seed if p.seed is not None else self._rng.getrandbits(63)
-            seq.generator = torch.Generator().manual_seed(hash((seed, index)) & (2**63 - 1))
+            seq.sample_seed = hash((seed, index)) & (2**63 - 1)
         # Beams are decoded once, at the end (build_output): they never stream text.
         if self.tokenizer is not None and not p.use_beam_search:
             seq.detok = IncrementalDetokenizer(
@@ -205,15 +205,21 @@ class EngineCore:
             else:
                 seq.response_computed += item.num_tokens
         rows = {id(item.seq): i for i, item in enumerate(sampling)}
+        groups = list(dict.fromkeys(item.seq.group for item in sampling))
+        results: dict[SequenceGroup, list[Delta]] = {}
+        plain = [g for g in groups if not g.params.use_beam_search]
+        results.update(self._sample_groups(plain, logits, rows))
+        for group in groups:
+            if group.params.use_beam_search:
+                try:
+                    results[group] = self._beam_update(group, logits, rows)
+                except Exception:  # one request's failure must not wedge the others
+                    logger.exception("beam step failed for request %s", group.request_id)
+                    results[group] = None
         done_groups = set()
-        for group in dict.fromkeys(item.seq.group for item in sampling):
-            try:
-                if group.params.use_beam_search:
-                    new = self._beam_update(group, logits, rows)
-                else:
-                    new = self._sample_update(group, logits, rows)
-            except Exception:  # one request's failure must not wedge the others
-                logger.exception("sampling failed for request %s", group.request_id)
+        for group in groups:
+            new = results.get(group)
+            if new is None:
                 deltas += self._end(group, "error")
                 continue
             if group.is_finished:
@@ -235,9 +241,10 @@ class EngineCore:
             deltas.append(Delta(group.request_id, s.index, [], "", reason))
         return _mark_done(deltas, group)
 
-    def _sample_update(
-        self, group: SequenceGroup, logits: torch.Tensor, rows: dict[int, int]
-    ) -> list[Delta]:
+    def _sampling_rows(
+        self, group: SequenceGroup, rows: dict[int, int]
+    ) -> tuple[list[Sequence], list[int]]:
+        """The group's sequences that sample this step and their logits rows."""
         seqs = [s for s in group.live_seqs() if id(s) in rows]
         row_ids = [rows[id(s)] for s in seqs]
         leader = group.seqs[0]
@@ -250,11 +257,45 @@ class EngineCore:
                 group.seqs.append(child)
                 seqs.append(child)
                 row_ids.append(rows[id(leader)])
-        results = sample(logits[row_ids], seqs)
-        return [
-            self._append(seq, tok, lp, entry)
-            for seq, (tok, lp, entry) in zip(seqs, results, strict=True)
-        ]
+        return seqs, row_ids
+
+    def _sample_groups(
+        self, groups: list[SequenceGroup], logits: torch.Tensor, rows: dict[int, int]
+    ) -> dict[SequenceGroup, list[Delta] | None]:
+        """Sample every row of ``groups`` in one batched call (one host copy per step). If the
+        batch fails, each group is retried alone, so one bad request fails only itself."""
+        if not groups:
+            return {}
+        per_group = [(g, *self._sampling_rows(g, rows)) for g in groups]
+        try:
+            seqs = [s for _, group_seqs, _ in per_group for s in group_seqs]
+            row_ids = [r for _, _, group_rows in per_group for r in group_rows]
+            picked = logits if row_ids == list(range(logits.shape[0])) else logits[row_ids]
+            chosen = iter(sample(picked, seqs))
+            choices = {g: [next(chosen) for _ in group_seqs] for g, group_seqs, _ in per_group}
+        except Exception:
+            if len(groups) == 1:
+                logger.exception("sampling failed for request %s", groups[0].request_id)
+                return {groups[0]: None}
+            choices = {}
+            for g, group_seqs, group_rows in per_group:
+                try:
+                    choices[g] = sample(logits[group_rows], group_seqs)
+                except Exception:
+                    logger.exception("sampling failed for request %s", g.request_id)
+                    choices[g] = None
+        out: dict[SequenceGroup, list[Delta] | None] = {}
+        for g, group_seqs, _ in per_group:
+            if choices[g] is None:
+                out[g] = None
+                continue
+            try:
+                out[g] = [self._append(seq, tok, lp, entry)
+                          for seq, (tok, lp, entry) in zip(group_seqs, choices[g], strict=True)]
+            except Exception:  # e.g. detokenization: fails this request only
+                logger.exception("token bookkeeping failed for request %s", g.request_id)
+                out[g] = None
+        return out
 
     def _append(self, seq: Sequence, token: int, logprob: float, entry) -> Delta:
         group, p = seq.group, seq.group.params

@@ -169,11 +169,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], copies: list[tuple[int, int]]) -> torch.Tensor:
-        """Run one step; returns logits ``[num_sampling_seqs, vocab]`` (float32, on CPU)."""
+        """Run one step; returns logits ``[num_sampling_seqs, vocab]`` (float32, on the device:
+        the sampler runs there)."""
         self.copy_blocks(copies)
         ids, pos, meta, sample_idx = self.prepare(batch)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         if not sample_idx:
-            return torch.empty(0, self.spec.vocab_size)
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=self.device)])
-        return logits.cpu()
+            return torch.empty(0, self.spec.vocab_size, device=self.device)
+        return self.model.compute_logits(hidden[torch.tensor(sample_idx, device=self.device)])

@@ -1,95 +1,209 @@
-"""Token selection: penalties, temperature, top-k/top-p/min-p, seeded sampling, log-probs, and the
-beam-search step (HF-compatible scoring).
+"""Token selection on the logits' own device: penalties, temperature, top-k/top-p/min-p, seeded
+sampling, log-probs, and the beam-search step (HF-compatible scoring).
 
-Everything here works on float32 logits ``[num_seqs, vocab]`` of one step. Per-request knobs
-differ row by row, so filters are applied row-wise where they are on.
+Everything works on float32 logits ``[rows, vocab]`` of one step, all rows at once: per-request
+knobs become per-row tensors, so a step costs the same handful of kernels whatever the mix of
+requests, and logits never leave the device. Only the chosen ids and the asked-for log-probs come
+back to the host, in one copy (:meth:`DeviceSample.to_host`).
+
+Seeded sampling draws its randomness from a counter-based hash of (sequence seed, draw number,
+token id) instead of a stateful generator per sequence: a whole batch draws in one op, and a
+sequence's draws do not depend on which other rows share its step or on the device.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .outputs import TokenLogprob
 from .sequence import BeamHypothesis, Sequence, SequenceGroup
 
+# splitmix64's constants, written as signed int64 (torch has no uint64 arithmetic).
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    for i, seq in enumerate(seqs):
-        p = seq.group.params
-        if p.repetition_penalty != 1.0:
-            # HF/CTRL: every token seen in prompt or output is made less likely.
-            seen = torch.tensor(
-                sorted(set(seq.group.prompt_ids) | set(seq.output_ids)),
-                device=logits.device,
-                dtype=torch.long,
-            )
-            row = logits[i, seen]
-            logits[i, seen] = torch.where(
-                row > 0, row / p.repetition_penalty, row * p.repetition_penalty
-            )
-        if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-            # OpenAI: only generated tokens count.
-            out = torch.tensor(seq.output_ids, device=logits.device, dtype=torch.long)
-            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-    return logits
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic: mask off the sign copies)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer; int64 multiplication wraps, as uint64's does."""
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def uniform_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[rows, vocab]`` float32 uniforms in (0, 1), a pure function of (seed, draw, token id)."""
+    base = _mix(seeds * _GOLDEN + draws)
+    token = torch.arange(vocab, device=seeds.device, dtype=torch.int64) * _GOLDEN
+    bits = _shr(_mix(base[:, None] + token[None, :]), 40)  # the top 24 bits
+    return (bits.float() + 0.5) * (1.0 / (1 << 24))
 
 
 def _penalized(p) -> bool:
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
 
 
+def _prompt_tensor(group: SequenceGroup, device: torch.device) -> torch.Tensor:
+    """The prompt's ids on ``device``, made once per request (repetition penalty reads it every
+    step)."""
+    cached = getattr(group, "_prompt_ids_dev", None)
+    if cached is None or cached.device != device:
+        cached = torch.tensor(group.prompt_ids, dtype=torch.long, device=device)
+        group._prompt_ids_dev = cached
+    return cached
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition (HF/CTRL: tokens seen in prompt or output), presence and frequency (OpenAI:
+    generated tokens only) penalties, in place, for all rows in a few batched ops."""
+    dev = logits.device
+    rep_rows, rep_toks, out_rows, out_toks = [], [], [], []
+    rep = torch.ones(len(seqs), dtype=logits.dtype)
+    pres = torch.zeros(len(seqs), dtype=logits.dtype)
+    freq = torch.zeros(len(seqs), dtype=logits.dtype)
+    for i, seq in enumerate(seqs):
+        p = seq.group.params
+        if p.repetition_penalty != 1.0:
+            rep[i] = p.repetition_penalty
+            rep_toks.append(_prompt_tensor(seq.group, dev))
+            rep_rows.append(len(seq.group.prompt_ids))
+        if seq.output_ids and (p.repetition_penalty != 1.0 or p.presence_penalty
+                               or p.frequency_penalty):
+            pres[i], freq[i] = p.presence_penalty, p.frequency_penalty
+            out_toks.extend(seq.output_ids)
+            out_rows.extend([i] * len(seq.output_ids))
+    counts = torch.zeros_like(logits)
+    if out_toks:
+        rows = torch.tensor(out_rows, device=dev)
+        toks = torch.tensor(out_toks, device=dev)
+        counts.index_put_((rows, toks), torch.ones(len(out_toks), device=dev), accumulate=True)
+    if rep_toks:
+        rep_idx = [i for i, s in enumerate(seqs) if s.group.params.repetition_penalty != 1.0]
+        rows = torch.repeat_interleave(torch.tensor(rep_idx), torch.tensor(rep_rows)).to(dev)
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
+        seen[rows, torch.cat(rep_toks)] = True
+        # Output tokens are seen too; rows without a repetition penalty have rep == 1.
+        seen |= counts > 0
+        r = rep.to(dev)[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    if out_toks:
+        logits -= freq.to(dev)[:, None] * counts + pres.to(dev)[:, None] * (counts > 0)
+    return logits
+
+
+def filter_rows(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """Mask (with -inf) what top-k, then top-p (nucleus, on the top-k survivors), then min-p
+    exclude, row by row. ``top_k`` 0 or >= vocab, ``top_p`` 1 and ``min_p`` 0 turn a filter off.
+    Ties with the k-th value are kept."""
+    neg = float("-inf")
+    vocab = logits.shape[1]
+    sorted_vals, order = torch.sort(logits, dim=-1, descending=True)
+    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    kth = sorted_vals.gather(1, (k - 1)[:, None])
+    sorted_vals = sorted_vals.masked_fill(sorted_vals < kth, neg)
+    probs = sorted_vals.softmax(-1)
+    # keep the smallest best-first prefix whose mass reaches top_p (the first token always stays)
+    drop_sorted = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    out = logits.masked_fill((logits < kth) | drop, neg)
+    probs = out.softmax(-1)
+    return out.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), neg)
+
+
 def filter_logits(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Mask (with -inf) what top-k, top-p (nucleus) and min-p exclude from one row."""
-    if top_k and top_k < row.numel():
-        kth = torch.topk(row, top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(row, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = probs.cumsum(-1) - probs >= top_p
-        row = row.clone()
-        row[order[drop]] = float("-inf")
-    if min_p > 0.0:
-        probs = row.softmax(-1)
-        row = row.masked_fill(probs < min_p * probs.max(), float("-inf"))
-    return row
+    """:func:`filter_rows` for one row and plain numbers."""
+    def t(v, dtype):
+        return torch.tensor([v], dtype=dtype, device=row.device)
+    return filter_rows(row[None], t(top_k, torch.long), t(top_p, row.dtype),
+                       t(min_p, row.dtype))[0]
 
 
-def _logprob_entry(logprobs: torch.Tensor, token: int, top_n: int | None) -> TokenLogprob | None:
-    if top_n is None:
-        return None
-    top: list[tuple[int, float]] = []
-    if top_n > 0:
-        vals, ids = torch.topk(logprobs, top_n)
-        top = list(zip(ids.tolist(), vals.tolist(), strict=True))
-    return TokenLogprob(token, float(logprobs[token]), top)
+@dataclass
+class DeviceSample:
+    """One step's choices, still on the device until :meth:`to_host`."""
+
+    tokens: torch.Tensor  # [rows] int64
+    logprobs: torch.Tensor  # [rows] float32, the chosen token's raw log-prob
+    top_ids: torch.Tensor | None  # [rows, N]: the N best raw log-probs, best first
+    top_vals: torch.Tensor | None
+    top_n: list[int | None]  # per row: how many of them were asked for (None: no entry)
+
+    def to_host(self) -> list[tuple[int, float, TokenLogprob | None]]:
+        # One device->host copy (float64 holds every int32 token id exactly).
+        parts = [self.tokens.double()[:, None], self.logprobs.double()[:, None]]
+        if self.top_ids is not None:
+            parts += [self.top_ids.double(), self.top_vals.double()]
+        host = torch.cat(parts, dim=1).cpu().tolist()
+        n_top = 0 if self.top_ids is None else self.top_ids.shape[1]
+        out = []
+        for row, n in zip(host, self.top_n, strict=True):
+            token, lp = int(row[0]), row[1]
+            entry = None
+            if n is not None:
+                ids, vals = row[2 : 2 + n_top], row[2 + n_top :]
+                entry = TokenLogprob(token, lp, [(int(i), v) for i, v in
+                                                 zip(ids[:n], vals[:n], strict=True)])
+            out.append((token, lp, entry))
+        return out
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
+    """One token per row, chosen on the logits' device with no host sync.
+
+    Reported log-probs are the model's own distribution (log-softmax of the raw logits), so they
+    do not depend on the decoding knobs. Greedy (temperature 0, or top_k 1) takes the argmax
+    after penalties; sampling draws ``argmax(p / E)`` with ``E ~ Exp(1)`` per token, which picks
+    token j with probability ``p_j`` (the exponential race).
+    """
+    dev = logits.device
+    params = [s.group.params for s in seqs]
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if any(_penalized(p) for p in params):
+        logits = apply_penalties(logits.clone(), seqs)
+    tokens = torch.argmax(logits, dim=-1)
+    drawn = [i for i, p in enumerate(params) if not (p.greedy or p.top_k == 1)]
+    if drawn:
+        ps = [params[i] for i in drawn]
+        rows = torch.tensor(drawn, device=dev)
+        temp = torch.tensor([p.temperature for p in ps], dtype=logits.dtype, device=dev)
+        sub = logits[rows] / temp[:, None]
+        if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in ps):
+            sub = filter_rows(
+                sub,
+                torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev),
+                torch.tensor([p.top_p for p in ps], dtype=logits.dtype, device=dev),
+                torch.tensor([p.min_p for p in ps], dtype=logits.dtype, device=dev),
+            )
+        probs = sub.softmax(-1)
+        seeds = torch.tensor([seqs[i].sample_seed for i in drawn], dtype=torch.long)
+        counts = torch.tensor([seqs[i].num_draws for i in drawn], dtype=torch.long)
+        for i in drawn:
+            seqs[i].num_draws += 1
+        noise = -torch.log(uniform_noise(seeds.to(dev), counts.to(dev), logits.shape[1]))
+        tokens[rows] = torch.argmax(probs / noise, dim=-1)
+    chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+    top_n = [p.logprobs for p in params]
+    n_max = max((n for n in top_n if n), default=0)
+    top_ids = top_vals = None
+    if n_max:
+        top_vals, top_ids = torch.topk(raw_logprobs, n_max, dim=-1)
+    return DeviceSample(tokens, chosen, top_ids, top_vals, top_n)
 
 
 def sample(
     logits: torch.Tensor, seqs: list[Sequence]
 ) -> list[tuple[int, float, TokenLogprob | None]]:
-    """One token per row: ``(token_id, its logprob, logprob entry or None)``.
-
-    Reported log-probs are the model's own distribution (log-softmax of the raw logits), so they
-    do not depend on the decoding knobs.
-    """
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
-    if any(_penalized(s.group.params) for s in seqs):
-        logits = apply_penalties(logits.clone(), seqs)
-    results = []
-    for i, seq in enumerate(seqs):
-        p = seq.group.params
-        if p.greedy:
-            token = int(torch.argmax(logits[i]))
-        else:
-            row = filter_logits(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
-            probs = row.softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=seq.generator))
-        lp = raw_logprobs[i]
-        results.append((token, float(lp[token]), _logprob_entry(lp, token, p.logprobs)))
-    return results
+    """One token per row: ``(token_id, its logprob, logprob entry or None)``."""
+    return sample_on_device(logits, seqs).to_host()
 
 
 def beam_step(
@@ -102,6 +216,7 @@ def beam_step(
     ``group.finished_beams`` with score ``logprob_sum / generated_len ** length_penalty``; the
     best W non-ending candidates continue. Returns ``(parent, token, new cumulative logprob)`` for
     the next running beams, or ``[]`` when the search is over (``group.beam_done`` is then set).
+    The candidates are selected on the device; only the top ``2W`` (or more) come back.
     """
     p = group.params
     width = p.beam_width
@@ -109,15 +224,17 @@ def beam_step(
     end_ids |= set(p.stop_token_ids)
     logprobs = torch.log_softmax(logits, dim=-1)
     scores = torch.tensor([b.cumulative_logprob for b in beams], dtype=torch.float32)
-    acc = (logprobs + scores[:, None]).reshape(-1)
+    acc = (logprobs + scores.to(logits.device)[:, None]).reshape(-1)
     vocab = logits.shape[1]
     k = min(max(2, 1 + len(end_ids)) * width, acc.numel())
     top_vals, top_idx = torch.topk(acc, k)
+    top = torch.stack([top_vals.double(), top_idx.double()]).cpu().tolist()
     gen_len = len(beams[0].output_ids) + 1
     at_max = gen_len >= max_new_tokens
 
     candidates = []
-    for rank, (val, idx) in enumerate(zip(top_vals.tolist(), top_idx.tolist(), strict=True)):
+    for rank, (val, idx) in enumerate(zip(top[0], top[1], strict=True)):
+        idx = int(idx)
         parent, token = beams[idx // vocab], idx % vocab
         ends = at_max or token in end_ids
         candidates.append((rank, parent, token, val, ends))

@@ -32,7 +32,8 @@ class Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     logprobs: list[dict[str, Any]] = field(default_factory=list)
-    generator: Any = None  # torch.Generator for seeded sampling
+    sample_seed: int = 0  # seeds this sequence's draws (sampler.uniform_noise)
+    num_draws: int = 0  # draws so far: the counter of the next draw's noise
     text: str = ""
     streamed: int = 0  # characters of text already sent as deltas
     seq_id: int = field(default_factory=lambda: next(_seq_ids))

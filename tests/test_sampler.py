@@ -22,7 +22,7 @@ def make_seq(params: SamplingParams, prompt=(0,), output=(), seed: int | None = 
     group = SequenceGroup("r", list(prompt), params, 0.0)
     seq = Sequence(group, output_ids=list(output))
     if seed is not None:
-        seq.generator = torch.Generator().manual_seed(seed)
+        seq.sample_seed = seed
     group.seqs.append(seq)
     return seq
 
