@@ -11,6 +11,7 @@ class EngineConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", "xpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
     kernel_backend: str | None = None  # None: the device's default (see segserve.kernels)
+    cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA + a graphable backend)
     block_size: int = 16
     num_kv_blocks: int | None = None  # fixed pool size; overrides the memory budget below
     kv_cache_memory_gb: float = 2.0  # CPU: bytes for the KV pool

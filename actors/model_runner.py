@@ -16,6 +16,7 @@ from segserve.models import load_model, load_spec, resolve_dtype
 from segserve.models.spec import ModelSpec
 
 from .config import EngineConfig
+from .decode_graphs import DecodeGraphs
 from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,16 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
 
 
+def _slots(blocks: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat cache slots of segment positions ``[start, end)``: a python loop for a few tokens,
+    tensor arithmetic for a prompt chunk."""
+    if end - start <= 32:
+        return [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
+    pos = torch.arange(start, end)
+    table = torch.tensor(blocks[: (end - 1) // block_size + 1])
+    return (table[pos // block_size] * block_size + pos % block_size).tolist()
+
+
 class ModelRunner:
     def __init__(
         self, config: EngineConfig, model_path, tp_rank: int = 0, tp_size: int = 1, all_reduce=None
@@ -55,7 +66,7 @@ class ModelRunner:
                 f"{self.spec.max_position_embeddings}, past which dynamic RoPE would re-rotate "
                 f"cached keys"
             )
-        self.backend = get_backend(config.kernel_backend, self.device.type)
+        self.backend = self._pick_backend(config)
         self.model = load_model(
             model_path,
             self.spec,
@@ -88,6 +99,42 @@ class ModelRunner:
             self.block_size,
             2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
         )
+
+        self.decode: DecodeGraphs | None = None
+        if getattr(self.backend, "graphable", False):
+            use_graphs = self.device.type == "cuda" and config.cuda_graphs
+            self.decode = DecodeGraphs(
+                self._forward_logits, config.max_num_seqs,
+                -(-self.max_model_len // self.block_size), self.block_size, self.device,
+                use_graphs=use_graphs,
+            )
+            if use_graphs:
+                self.decode.capture()
+
+    def _pick_backend(self, config: EngineConfig):
+        """The configured backend, or the device's default. A default that cannot run this
+        model's shapes falls back to ``reference`` with one warning; an explicit choice that
+        cannot fails here, at start, never mid-serving."""
+        backend = get_backend(config.kernel_backend, self.device.type)
+        check = getattr(backend, "check_supported", None)
+        if check is None:
+            return backend
+        spec = self.spec
+        try:
+            check(spec.head_dim, spec.num_heads, spec.num_kv_heads, self.dtype, config.block_size)
+        except ValueError as e:
+            if config.kernel_backend is not None:
+                raise ValueError(f"kernel backend {backend.name!r}: {e}") from None
+            logger.warning("kernel backend %r cannot run this model (%s); using 'reference'",
+                           backend.name, e)
+            return get_backend("reference", self.device.type)
+        return backend
+
+    def _forward_logits(
+        self, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Logits of every row of a decode step (each row samples)."""
+        return self.model.compute_logits(self.model(ids, pos, self.kv_caches, meta))
 
     def block_bytes(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -137,12 +184,8 @@ class ModelRunner:
             plen = group.prompt_len
             input_ids += seq.tokens(start, end)
             positions += range(start, end)
-            for pos in range(start, end):
-                if pos < plen:
-                    slots.append(group.prompt_blocks[pos // bs] * bs + pos % bs)
-                else:
-                    r = pos - plen
-                    slots.append(seq.response_blocks[r // bs] * bs + r % bs)
+            slots += _slots(group.prompt_blocks, start, min(end, plen), bs)
+            slots += _slots(seq.response_blocks, max(start - plen, 0), max(end - plen, 0), bs)
             cu.append(cu[-1] + item.num_tokens)
             prompt_tables.append(group.prompt_blocks)
             response_tables.append(seq.response_blocks)
@@ -172,6 +215,12 @@ class ModelRunner:
         """Run one step; returns logits ``[num_sampling_seqs, vocab]`` (float32, on the device:
         the sampler runs there)."""
         self.copy_blocks(copies)
+        if (
+            self.decode is not None
+            and len(batch) <= self.decode.max_batch
+            and all(item.num_tokens == 1 and item.samples for item in batch)
+        ):
+            return self.decode.run(batch)
         ids, pos, meta, sample_idx = self.prepare(batch)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         if not sample_idx:

@@ -55,6 +55,10 @@ class KernelBackend:
     """The op set. Subclasses override ops with faster versions; ``reference`` is the oracle."""
 
     name = "abstract"
+    # True when, in decode, attention reads only device tensors (never the ``*_host`` lists),
+    # does no host sync, and ``write_kv`` skips slots < 0: the engine then runs decode steps on
+    # fixed buffers and, on CUDA, replays them as graphs (actors/decode_graphs.py).
+    graphable = False
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise NotImplementedError
