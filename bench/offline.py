@@ -1,27 +1,28 @@
 #!/usr/bin/env python
-"""Offline benchmark: segserve against HF transformers (eager) and the memory-bandwidth floor,
-side by side, in one run, on one device.
+"""Offline benchmark: the segserve engine against HF transformers and the hardware floors, side
+by side, in one run, on one device.
 
     python bench/offline.py --model demo --device cpu
     python bench/offline.py --random-shape tinyllama-1.1b --dtype bfloat16 --device cpu
-    python bench/offline.py --random-shape llama2-7b --dtype bfloat16 --device cuda
+    python bench/offline.py --random-shape llama2-7b --dtype bfloat16 --device cuda [--profile]
 
-What is measured:
+What it prints, in order:
 
-* **batch-1 decode latency.** Ours: the median time of an ``EngineCore.step()`` that only
-  decodes (prefill excluded). HF: ``generate`` (greedy) timed at two ``max_new_tokens`` values;
-  the difference over the extra tokens is the per-token decode time, free of prefill and
-  set-up costs.
-* **floor.** A decode step must read every weight once: weight bytes / measured memory
-  bandwidth. The bandwidth comes from a large tensor sum (read) and copy (read + write) on the
-  same device; the higher of the two is used, so the floor is never flattered.
-* **throughput** at a few batch sizes: ``batch x output_len`` generated tokens over the wall
-  time of the whole batch, prefill included, for both (HF: one ``generate`` call on a batch of
-  equal-length prompts, so no padding).
-
-The demo model (12.7 MB) fits in the CPU's caches, so its floor is an L2/L3 floor, not a DRAM
-one, and its step time is all framework overhead; use ``--random-shape`` for the shapes the
-design's targets are stated on.
+* **ceilings**: copy bandwidth (a large device copy, read + write counted), the bf16/fp16 matmul
+  rate (a large square product), the weight bytes a decode step must read, and so the floor of a
+  decode step (weights + the step's KV reads, over the bandwidth).
+* **our decode step** at each batch size: the median ``EngineCore.step()`` of steps that only
+  decode (host work included), its ratio to the floor and the bandwidth it achieves.
+* **HF transformers**: eager ``generate`` and, on CUDA, static cache + ``torch.compile`` where it
+  runs: the per-token time at batch 1 (the difference of two generation lengths, free of prefill)
+  and throughput at the HF batch sizes.
+* **throughput** at input/output lengths (default 128/128 on GPU): ours at our best batch against
+  HF eager at its best batch.
+* **prefill**: one ``--prefill-len`` prompt (default 2,048 on GPU) against the matmul floor
+  ``2 * params * tokens / matmul rate``.
+* **beam search**: a ``--beam-width`` request's KV bytes (the prompt stored once) and step time,
+  against our greedy batch of the same width and HF's beam search.
+* ``--profile``: a torch.profiler table of one decode step (kernels, GPU busy time, idle time).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import random
 import statistics
 import sys
 import time
@@ -36,15 +38,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from segserve.actors import EngineConfig, EngineCore
-from segserve.deploy.cli import (
+from segserve.actors import EngineConfig, EngineCore, SamplingParams
+from segserve.actors.benchmark import (
     BatchTiming,
     format_table,
     kv_blocks_needed,
     measure_batch,
     random_prompts,
     set_cpu_threads,
-    threads_arg,
 )
 from segserve.models import resolve_dtype
 
@@ -65,9 +66,9 @@ def _int_list(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
+    if min(values, default=0) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    return [v for v in values if v > 0]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,24 +80,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(built once into $SEGSERVE_CACHE_DIR)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--input-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16])
+    p.add_argument("--input-len", type=int, default=None, help="default: 128 GPU, 32 CPU")
+    p.add_argument("--output-len", type=int, default=None, help="default: 128 GPU, 32 CPU")
+    p.add_argument("--batch-sizes", type=_int_list, default=None,
+                   help="ours; default 1,8,32,64,128,256 on GPU, 1,4,16 on CPU")
+    p.add_argument("--hf-batch-sizes", type=_int_list, default=None,
+                   help="HF eager; default 1,16,64 on GPU, 1,4,16 on CPU")
+    p.add_argument("--hf-compile-batch-sizes", type=_int_list, default=None,
+                   help="HF static cache + torch.compile (CUDA only); default 1,16; '0' skips")
+    p.add_argument("--prefill-len", type=int, default=None, help="default 2048 GPU, 0 CPU (skip)")
+    p.add_argument("--beam-width", type=int, default=None, help="default 4 GPU, 0 CPU (skip)")
     p.add_argument("--repeats", type=int, default=3, help="HF timings: median of this many")
-    p.add_argument("--threads", type=threads_arg, default="auto", metavar="N|auto",
+    p.add_argument("--threads", default="auto", metavar="N|auto",
                    help="CPU: torch threads; auto (default) probes for the fastest count, "
                         "which both engines then use")
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="size of the bandwidth probe tensor (default: 512 CPU, 4096 GPU)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kernel-backend", default=None)
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-hf", action="store_true", help="ours and the floor only")
+    p.add_argument("--skip-hf", action="store_true", help="ours and the floors only")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one decode step at batch 1 and the largest batch")
     args = p.parse_args(argv)
+    gpu = args.device != "cpu"
+    defaults = dict(input_len=128 if gpu else 32, output_len=128 if gpu else 32,
+                    batch_sizes=[1, 8, 32, 64, 128, 256] if gpu else [1, 4, 16],
+                    hf_batch_sizes=[1, 16, 64] if gpu else [1, 4, 16],
+                    hf_compile_batch_sizes=[1, 16] if args.device.startswith("cuda") else [],
+                    prefill_len=2048 if gpu else 0, beam_width=4 if gpu else 0)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.output_len < 4:
         p.error("--output-len must be >= 4 (HF's per-token time needs two lengths)")
-    if args.input_len < 1 or args.repeats < 1:
-        p.error("--input-len and --repeats must be >= 1")
+    if args.input_len < 1 or args.repeats < 1 or not args.batch_sizes:
+        p.error("--input-len, --repeats and --batch-sizes must be >= 1")
     return args
 
 
@@ -122,7 +142,7 @@ def measure_bandwidth(device: torch.device, mib: int, repeats: int = 5) -> tuple
     is far larger than any cache, so this is DRAM/HBM bandwidth."""
     sync = synchronizer(device)
     n = mib * 2**20 // 4
-    x = torch.ones(n, dtype=torch.float32, device=device)  # touched, so no first-touch faults
+    x = torch.randn(n, dtype=torch.float32, device=device)  # random: zeros can run faster
     y = torch.empty_like(x)
     y.copy_(x)
     nbytes = x.numel() * x.element_size()
@@ -131,11 +151,26 @@ def measure_bandwidth(device: torch.device, mib: int, repeats: int = 5) -> tuple
     return nbytes / read / 1e9, 2 * nbytes / copy / 1e9
 
 
+def measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul rate in TFLOP/s at the serving dtype, on random data, best of 5."""
+    n = 8192 if device.type != "cpu" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = synchronizer(device)
+    a @ b
+    best = min(timed(lambda: a @ b, sync) for _ in range(5))
+    return 2 * n**3 / best / 1e12
+
+
 def weight_bytes_per_step(core: EngineCore) -> int:
     """Bytes a decode step must read: every parameter except the embedding table, of which a step
     reads one row per token (the LM head is its own matrix in our model, tied or not)."""
     return sum(p.numel() * p.element_size() for name, p in core.runner.model.named_parameters()
                if not name.startswith("embed_tokens"))
+
+
+def kv_bytes_per_token(core: EngineCore) -> int:
+    return core.runner.block_bytes() // core.runner.block_size
 
 
 # ----- the model under test --------------------------------------------------------------------
@@ -167,6 +202,7 @@ def build_random_checkpoint(shape: str, dtype: str, device: torch.device) -> Pat
     return path
 
 
+# ----- ours ------------------------------------------------------------------------------------
 def run_ours(core: EngineCore, prompts: dict[int, list[list[int]]], warm: dict[int, list],
              output_len: int) -> dict[int, BatchTiming]:
     out = {}
@@ -176,124 +212,267 @@ def run_ours(core: EngineCore, prompts: dict[int, list[list[int]]], warm: dict[i
     return out
 
 
-def run_hf(path: Path, device: torch.device, dtype: torch.dtype,
-           prompts: dict[int, list[list[int]]], output_len: int,
-           repeats: int) -> tuple[float, dict[int, float], str]:
-    """(per-token decode seconds at batch 1, {batch: tok/s}, attention implementation)."""
+def run_prefill(core: EngineCore, prompt: list[int], sync: Callable[[], None]) -> float:
+    """Seconds from submission to the first token of one long prompt (one step if the step's
+    token budget holds it), best of 3 on fresh prompts' positions (a new first token each time,
+    so the prefix cache never serves it)."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    best = float("inf")
+    for i in range(4):
+        ids = [(i + 1) % len(prompt)] + prompt[1:]
+        core.add_request(ids, params)
+        t = timed(lambda: [core.step() for _ in iter(core.has_work, False)], sync)
+        if i:  # the first run compiles kernels at this shape
+            best = min(best, t)
+    return best
+
+
+def run_beam(core: EngineCore, prompt: list[int], width: int, output_len: int,
+             sync: Callable[[], None]) -> tuple[float, int, int]:
+    """(median step s once the beams run, KV tokens stored, KV tokens the beams see)."""
+    params = SamplingParams(max_tokens=output_len, beam_width=width, ignore_eos=True)
+    for _ in range(2):  # the first run compiles kernels at the beam shapes
+        core.add_request(prompt, params)
+        steps, stored, logical = [], 0, 0
+        while core.has_work():
+            steps.append(timed(core.step, sync))
+            m = core.kv.metrics()
+            if m.tokens_logical > logical:
+                stored, logical = m.tokens_stored, m.tokens_logical
+        prompt = [(prompt[0] + 1) % core.spec.vocab_size] + prompt[1:]
+    return statistics.median(steps[2:]), stored, logical
+
+
+def profile_step(core: EngineCore, batch: list[list[int]]) -> str:
+    """A torch.profiler table of one decode step at this batch size, with kernel count, GPU busy
+    time and the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for ids in batch:
+        core.add_request(ids, params)
+    for _ in range(3):  # prefill, then two decode steps to warm up
+        core.step()
+    device = torch.device(core.config.device)
+    sync = synchronizer(device)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        core.step()
+        sync()
+        wall = time.perf_counter() - t
+    while core.has_work():
+        core.step()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy_us = sum(e.device_time for e in events) if events else 0.0
+    table = prof.key_averages().table(
+        sort_by="cuda_time_total" if events else "cpu_time_total", row_limit=15)
+    return (f"{table}\nbatch {len(batch)}: {len(events)} GPU kernels/copies, GPU busy "
+            f"{busy_us / 1e3:.3f} ms, step wall {wall * 1e3:.3f} ms, GPU idle "
+            f"{max(wall * 1e3 - busy_us / 1e3, 0):.3f} ms")
+
+
+# ----- HF transformers -------------------------------------------------------------------------
+def run_hf(path: Path, device: torch.device, dtype: torch.dtype, prompts: dict[int, list],
+           output_len: int, repeats: int, compiled: bool,
+           beam_prompt: list[int] | None = None, beam_width: int = 0) -> dict:
+    """HF generate: ``{"step": s/token at batch 1, "tput": {batch: tok/s}, "beam_step": s,
+    "attn": impl}``; with ``compiled``, static cache + torch.compile. A batch size that fails
+    (out of memory, compile error) is reported as missing, not fatal."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    if compiled:
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     sync = synchronizer(device)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else 0
 
-    def generate(batch: list[list[int]], new_tokens: int) -> float:
+    def generate(batch: list[list[int]], new_tokens: int, **kw) -> float:
         ids = torch.tensor(batch, device=device)
 
         def call() -> None:
             # min_new_tokens keeps EOS from ending a row early: every row makes new_tokens.
             with torch.inference_mode():
                 model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                               pad_token_id=pad)
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               pad_token_id=pad, **kw)
         return timed(call, sync)
 
-    one = prompts[min(prompts)][:1]
-    short, long = max(2, output_len // 4), output_len
-    generate(one, short)  # warm-up
-    t_short = statistics.median(generate(one, short) for _ in range(repeats))
-    t_long = statistics.median(generate(one, long) for _ in range(repeats))
-    per_token = (t_long - t_short) / (long - short)
-    tput = {}
+    def per_token(batch, **kw) -> float:
+        short, long = max(2, output_len // 4), output_len
+        generate(batch, short, **kw)  # warm-up (and compile)
+        generate(batch, long, **kw)
+        t_short = statistics.median(generate(batch, short, **kw) for _ in range(repeats))
+        t_long = statistics.median(generate(batch, long, **kw) for _ in range(repeats))
+        return (t_long - t_short) / (long - short)
+
+    out: dict = {"tput": {}, "step": float("nan"), "beam_step": float("nan"),
+                 "attn": getattr(model.config, "_attn_implementation", "?")}
     for b, batch in prompts.items():
-        generate(batch, 2)  # warm-up at this batch size
-        t = statistics.median(generate(batch, output_len) for _ in range(repeats))
-        tput[b] = b * output_len / t
-    attn = getattr(model.config, "_attn_implementation", "?")
-    return per_token, tput, attn  # the model is freed with this frame
+        try:
+            if b == 1:
+                out["step"] = per_token(batch)
+            generate(batch, 2)  # warm-up at this batch size
+            t = statistics.median(generate(batch, output_len) for _ in range(repeats))
+            out["tput"][b] = b * output_len / t
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"  HF{' compiled' if compiled else ''} batch {b} failed: "
+                  f"{type(e).__name__}: {str(e)[:200]}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if beam_prompt is not None and beam_width > 1:
+        out["beam_step"] = per_token([beam_prompt], num_beams=beam_width)
+    return out  # the model is freed with this frame
 
 
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 and a == a and b == b else "-"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local checkpoints only, never the network
-    device = torch.device(args.device)
-    model = (str(build_random_checkpoint(args.random_shape, args.dtype, device))
-             if args.random_shape else args.model)
-
-    max_b = max(args.batch_sizes)
-    config = EngineConfig(
-        model=model, device=args.device, dtype=args.dtype, block_size=args.block_size,
-        kernel_backend=args.kernel_backend, max_num_seqs=max_b, seed=args.seed,
-        # Sized to the workload, so a GPU run leaves memory for the HF model loaded after ours.
-        num_kv_blocks=kv_blocks_needed(max_b, args.input_len, args.output_len, args.block_size),
-        max_num_batched_tokens=max(2048, max_b * args.input_len),
-    )
-    core = EngineCore(config)
-    if args.input_len + args.output_len > core.max_model_len:
-        raise SystemExit(f"input-len + output-len exceeds the model's max length "
-                         f"{core.max_model_len}")
-
-    import random
-
-    rng = random.Random(args.seed)
-    vocab = core.spec.vocab_size
-    sizes = sorted(set(args.batch_sizes) | {1})  # batch 1 always: it gives the latency
-    prompts = {b: random_prompts(rng, vocab, b, args.input_len) for b in sizes}
-    warm = {b: random_prompts(rng, vocab, b, args.input_len) for b in sizes}
-
-    nparams = sum(p.numel() for p in core.runner.model.parameters())
-    threads = ", " + set_cpu_threads(args.threads) if device.type == "cpu" else ""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    load = f", load avg {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-    print(f"model {Path(model).name} ({nparams / 1e6:.1f}M params), {name} {args.dtype}{threads}"
-          f"{load}; input {args.input_len}, output {args.output_len} tokens, greedy", flush=True)
-
-    mib = args.bandwidth_mib or (512 if device.type == "cpu" else 4096)
-    read_bw, copy_bw = measure_bandwidth(device, mib)
-    bw = max(read_bw, copy_bw)
-    wbytes = weight_bytes_per_step(core)
-    floor = wbytes / (bw * 1e9)
-    print(f"memory bandwidth ({mib} MiB probe): read {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s "
-          f"(read+write) -> {bw:.1f} GB/s", flush=True)
-    print(f"weights read per decode step: {wbytes / 1e6:.1f} MB -> floor {floor * 1e3:.3f} ms",
-          flush=True)
-
-    ours = run_ours(core, prompts, warm, args.output_len)
-    print("\nsegserve engine alone:")
-    print(format_table([ours[b] for b in sizes]), flush=True)
-    ours_step = ours[1].decode_p50_s
-    model_dir = core.model_path
-    # Free our engine before HF loads: on a GPU both 7B copies plus HF's cache may not fit.
-    del core
+def free_device(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    hf_step, hf_tput, attn = float("nan"), {}, "-"
-    if not args.skip_hf:
-        hf_step, hf_tput, attn = run_hf(model_dir, device, resolve_dtype(args.dtype), prompts,
-                                        args.output_len, args.repeats)
 
-    print(f"\nbatch-1 decode step (ms); HF eager attention: {attn}")
-    print(f"{'floor':>9} {'ours':>9} {'HF':>9} {'ours/floor':>11} {'HF/ours':>9}")
-    print(f"{floor * 1e3:>9.3f} {ours_step * 1e3:>9.3f} {hf_step * 1e3:>9.3f} "
-          f"{ratio(ours_step, floor):>11} {ratio(hf_step, ours_step):>9}")
-    print(f"\nthroughput (generated tok/s, prefill included), input {args.input_len}, "
-          f"output {args.output_len}")
-    print(f"{'batch':>6} {'ours':>10} {'HF':>10} {'ours/HF':>9}")
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local checkpoints only, never the network
+    device = torch.device(args.device)
+    sync = synchronizer(device)
+    dtype = resolve_dtype(args.dtype)
+    model = (str(build_random_checkpoint(args.random_shape, args.dtype, device))
+             if args.random_shape else args.model)
+
+    sizes = sorted(set(args.batch_sizes) | {1})  # batch 1 always: it gives the latency
+    max_b = max(sizes + ([args.beam_width] if args.beam_width else []))
+    seq_len = args.input_len + args.output_len
+    blocks = kv_blocks_needed(max_b, args.input_len, args.output_len, args.block_size)
+    blocks += 2 * (-(-args.prefill_len // args.block_size))
+    config = EngineConfig(
+        model=model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+        kernel_backend=args.kernel_backend, max_num_seqs=max_b, seed=args.seed,
+        cuda_graphs=not args.no_cuda_graphs,
+        # Sized to the workload, so a GPU run leaves memory for the HF model loaded after ours.
+        num_kv_blocks=blocks,
+        max_num_batched_tokens=max(2048, args.prefill_len, max_b * args.input_len // 4),
+        max_model_len=max(seq_len, args.prefill_len + 1, 64),
+    )
+    threads = ", " + set_cpu_threads(args.threads) if device.type == "cpu" else ""
+    t = time.perf_counter()
+    core = EngineCore(config)
+    load_s = time.perf_counter() - t
+    if seq_len > core.spec.max_position_embeddings:
+        raise SystemExit(f"input-len + output-len exceeds the model's max length "
+                         f"{core.spec.max_position_embeddings}")
+
+    rng = random.Random(args.seed)
+    vocab = core.spec.vocab_size
+    prompts = {b: random_prompts(rng, vocab, b, args.input_len) for b in sizes}
+    warm = {b: random_prompts(rng, vocab, b, args.input_len) for b in sizes}
+
+    nparams = sum(p.numel() for p in core.runner.model.parameters())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    load = f", load avg {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    graphs = core.runner.decode is not None and core.runner.decode.use_graphs
+    print(f"model {Path(model).name} ({nparams / 1e6:.1f}M params), {name} {args.dtype}{threads}"
+          f"{load}; backend {core.runner.backend.name}, CUDA graphs {'on' if graphs else 'off'}, "
+          f"engine ready in {load_s:.1f} s; input {args.input_len}, output {args.output_len} "
+          f"tokens, greedy", flush=True)
+
+    mib = args.bandwidth_mib or (512 if device.type == "cpu" else 4096)
+    read_bw, copy_bw = measure_bandwidth(device, mib)
+    bw = max(read_bw, copy_bw) * 1e9
+    tflops = measure_matmul(device, dtype)
+    wbytes = weight_bytes_per_step(core)
+    kv_tok = kv_bytes_per_token(core)
+    floor1 = wbytes / bw
+    print(f"copy bandwidth ({mib} MiB): read {read_bw:.0f} GB/s, copy {copy_bw:.0f} GB/s "
+          f"(read+write) -> {bw / 1e9:.0f} GB/s; {args.dtype} matmul {tflops:.1f} TFLOP/s")
+    print(f"weights read per decode step {wbytes / 1e9:.3f} GB -> floor {floor1 * 1e3:.3f} ms; "
+          f"KV {kv_tok / 1024:.0f} KiB per token", flush=True)
+
+    ours = run_ours(core, prompts, warm, args.output_len)
+    print("\nsegserve engine alone:")
+    print(format_table([ours[b] for b in sizes]), flush=True)
+
+    prefill_s = beam = greedy_w = float("nan")
+    beam_kv = (0, 0)
+    if args.prefill_len:
+        prefill_s = run_prefill(core, random_prompts(rng, vocab, 1, args.prefill_len)[0], sync)
+    if args.beam_width > 1:
+        bprompt = random_prompts(rng, vocab, 1, args.input_len)[0]
+        beam, *beam_kv = run_beam(core, bprompt, args.beam_width, min(args.output_len, 64), sync)
+        greedy_w = measure_batch(core, random_prompts(rng, vocab, args.beam_width,
+                                                      args.input_len), 32).decode_p50_s
+    profiles = []
+    if args.profile:
+        for b in sorted({1, max(sizes)}):
+            profiles.append(profile_step(core, random_prompts(rng, vocab, b, args.input_len)))
+    model_dir = core.model_path
+    # Free our engine before HF loads: on a GPU both 7B copies plus HF's cache may not fit.
+    del core
+    free_device(device)
+
+    hf_prompts = {b: random_prompts(rng, vocab, b, args.input_len) for b in args.hf_batch_sizes}
+    hf = hfc = {"tput": {}, "step": float("nan"), "beam_step": float("nan"), "attn": "-"}
+    if not args.skip_hf:
+        beam_prompt = random_prompts(rng, vocab, 1, args.input_len)[0]
+        hf = run_hf(model_dir, device, dtype, hf_prompts, args.output_len, args.repeats, False,
+                    beam_prompt, args.beam_width)
+        free_device(device)
+        if args.hf_compile_batch_sizes and device.type == "cuda":
+            cprompts = {b: random_prompts(rng, vocab, b, args.input_len)
+                        for b in args.hf_compile_batch_sizes}
+            try:
+                hfc = run_hf(model_dir, device, dtype, cprompts, args.output_len, args.repeats,
+                             True)
+            except Exception as e:  # noqa: BLE001 - compile may not run everywhere
+                print(f"  HF static cache + torch.compile failed: {type(e).__name__}: "
+                      f"{str(e)[:200]}")
+            free_device(device)
+
+    for text in profiles:
+        print("\n" + text)
+    print(f"\n== decode step (ms); floor = (weights + KV read at mean context "
+          f"{args.input_len + args.output_len // 2}) / {bw / 1e9:.0f} GB/s ==")
+    print(f"{'batch':>6} {'floor':>8} {'ours':>8} {'ours/floor':>11} {'GB/s':>7}")
     for b in sizes:
-        hf = hf_tput.get(b, float("nan"))
-        print(f"{b:>6} {ours[b].tokens_per_s:>10.1f} {hf:>10.1f} "
-              f"{ratio(ours[b].tokens_per_s, hf):>9}")
-    if hf_tput:
-        best_b = max(hf_tput, key=hf_tput.__getitem__)
-        best_ours = max(r.tokens_per_s for r in ours.values())
-        print(f"best ours / best HF (HF at batch {best_b}): "
-              f"{ratio(best_ours, hf_tput[best_b])}")
+        kv = b * (args.input_len + args.output_len // 2) * kv_tok
+        step = ours[b].decode_p50_s
+        print(f"{b:>6} {(wbytes + kv) / bw * 1e3:>8.3f} {step * 1e3:>8.3f} "
+              f"{ratio(step, (wbytes + kv) / bw):>11} {(wbytes + kv) / step / 1e9:>7.0f}")
+    print(f"\n== batch-1 decode step (ms): floor {floor1 * 1e3:.3f}, ours "
+          f"{ours[1].decode_p50_s * 1e3:.3f} ({ratio(ours[1].decode_p50_s, floor1)} floor), "
+          f"HF eager {hf['step'] * 1e3:.3f} (attn {hf['attn']}), HF static+compile "
+          f"{hfc['step'] * 1e3:.3f}")
+    print(f"\n== throughput (generated tok/s, prefill included), {args.input_len} in / "
+          f"{args.output_len} out ==")
+    print(f"{'batch':>6} {'ours':>10} {'HF eager':>10} {'HF compiled':>12}")
+    for b in sorted(set(sizes) | set(hf["tput"]) | set(hfc["tput"])):
+        o = ours[b].tokens_per_s if b in ours else float("nan")
+        print(f"{b:>6} {o:>10.1f} {hf['tput'].get(b, float('nan')):>10.1f} "
+              f"{hfc['tput'].get(b, float('nan')):>12.1f}")
+    best_b = max(ours, key=lambda b: ours[b].tokens_per_s)
+    if hf["tput"]:
+        hf_b = max(hf["tput"], key=hf["tput"].__getitem__)
+        print(f"ours best (batch {best_b}) {ours[best_b].tokens_per_s:.0f} tok/s vs HF eager best "
+              f"(batch {hf_b}) {hf['tput'][hf_b]:.0f} tok/s: "
+              f"{ratio(ours[best_b].tokens_per_s, hf['tput'][hf_b])}")
+    if args.prefill_len:
+        mm_floor = 2 * nparams * args.prefill_len / (tflops * 1e12)
+        print(f"\n== prefill {args.prefill_len} tokens: ours {prefill_s * 1e3:.2f} ms, matmul "
+              f"floor {mm_floor * 1e3:.2f} ms ({ratio(prefill_s, mm_floor)} floor) ==")
+    if args.beam_width > 1:
+        stored, logical = beam_kv
+        print(f"\n== beam {args.beam_width}: step {beam * 1e3:.3f} ms vs our greedy batch "
+              f"{args.beam_width} {greedy_w * 1e3:.3f} ms ({ratio(beam, greedy_w)}), HF beam "
+              f"step {hf['beam_step'] * 1e3:.3f} ms; KV stored {stored} tokens "
+              f"({stored * kv_tok / 2**20:.1f} MiB) for {logical} tokens the beams see ==")
     return 0
 
 

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segserve.deploy.cli import kv_blocks_needed, percentile
+from segserve.actors.benchmark import kv_blocks_needed, percentile
 
 PATHS = ("engine", "http", "grpc", "engine_again")
 LABELS = {"engine": "engine alone", "http": "Serve HTTP", "grpc": "Serve gRPC",
