@@ -41,28 +41,20 @@ class DecodeInputs:
     def __init__(self, max_rows: int, table_width: int, block_size: int,
                  device: torch.device) -> None:
         self.max_rows, self.block_size = max_rows, block_size
-        pin = device.type == "cuda"
-        # ids, positions, slots (int64); prompt len, response len, prompt group start (int32)
-        self.h_long = torch.zeros(3, max_rows, dtype=torch.int64, pin_memory=pin)
-        self.h_int = torch.zeros(3, max_rows, dtype=torch.int32, pin_memory=pin)
-        self.h_ptab = torch.zeros(max_rows, table_width, dtype=torch.int32, pin_memory=pin)
-        self.h_rtab = torch.zeros(max_rows, table_width, dtype=torch.int32, pin_memory=pin)
-        self.d_long = self.h_long.to(device)
-        self.d_int = self.h_int.to(device)
-        self.d_ptab = self.h_ptab.to(device)
-        self.d_rtab = self.h_rtab.to(device)
+        # Two host mirrors, used in turn: with a step in flight (the engine's lookahead), the
+        # copy from one mirror may still be queued while the next step is written to the other.
+        self._mirrors = [_HostMirror(max_rows, table_width, device.type == "cuda")
+                         for _ in range(2)]
+        self.host = self._mirrors[0]
+        # copy=True: on the CPU .to() would alias the mirror, and the mirrors' row caches
+        # would no longer describe what they hold.
+        self.d_long = self.host.long.to(device, copy=True)
+        self.d_int = self.host.int.to(device, copy=True)
+        self.d_ptab = self.host.ptab.to(device, copy=True)
+        self.d_rtab = self.host.rtab.to(device, copy=True)
         self.cu_seqlens = torch.arange(max_rows + 1, dtype=torch.int32, device=device)
-        # What each host table row holds now, to skip rewriting unchanged rows.
-        self._prompt_rows: list[list[int] | None] = [None] * max_rows
-        self._response_rows: list[list[int] | None] = [None] * max_rows
-        self.set_padding(0, max_rows)
-
-    def set_padding(self, start: int, end: int) -> None:
-        """Rows ``[start, end)`` do nothing: no KV write, empty segments, own prompt group."""
-        self.h_long[:, start:end] = 0
-        self.h_long[2, start:end] = -1
-        self.h_int[:2, start:end] = 0
-        self.h_int[2, start:end] = torch.arange(start, end, dtype=torch.int32)
+        for mirror in self._mirrors:
+            mirror.set_padding(0, max_rows)
 
     def metadata(self, rows: int) -> AttentionMetadata:
         """Views of the device buffers for a step of ``rows`` rows (what a graph captures)."""
@@ -85,10 +77,14 @@ class DecodeInputs:
     def ids_and_positions(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.d_long[0, :rows], self.d_long[1, :rows]
 
-    def fill(self, batch: list, rows: int) -> None:
+    def fill(self, batch: list, rows: int,
+             token_source: tuple[torch.Tensor, list[int]] | None = None) -> None:
         """Write the step of ``batch`` (ScheduledSeq, one new token each) into rows ``[0, rows)``
-        and start the copies to the device."""
+        and start the copies to the device. With ``token_source = (tokens, src_rows)`` row r's
+        input id is ``tokens[src_rows[r]]``, a device tensor the last step sampled and the host
+        has not seen yet (the engine's lookahead)."""
         bs = self.block_size
+        self.host = host = self._mirrors[1] if self.host is self._mirrors[0] else self._mirrors[0]
         ids, pos, slots, plens, rlens, starts = [], [], [], [], [], []
         first_row: dict[int, int] = {}
         for r, item in enumerate(batch):
@@ -96,7 +92,10 @@ class DecodeInputs:
             group = seq.group
             p = seq.num_computed  # the new token's position
             plen = group.prompt_len
-            ids.append(seq.output_ids[p - plen] if p >= plen else group.prompt_ids[p])
+            if token_source is not None:
+                ids.append(0)
+            else:
+                ids.append(seq.output_ids[p - plen] if p >= plen else group.prompt_ids[p])
             pos.append(p)
             if p < plen:  # the last prompt token (a request whose whole prompt was cached)
                 slots.append(group.prompt_blocks[p // bs] * bs + p % bs)
@@ -108,25 +107,50 @@ class DecodeInputs:
                 plens.append(plen)
                 rlens.append(q + 1)
             starts.append(first_row.setdefault(id(group), r))
-            if self._prompt_rows[r] != group.prompt_blocks:
-                self._prompt_rows[r] = list(group.prompt_blocks)
-                self._write_row(self.h_ptab, r, group.prompt_blocks)
-            if self._response_rows[r] != seq.response_blocks:
-                self._response_rows[r] = list(seq.response_blocks)
-                self._write_row(self.h_rtab, r, seq.response_blocks)
+            host.write_tables(r, group.prompt_blocks, seq.response_blocks)
         n = len(batch)
-        self.h_long[:, :n] = torch.tensor([ids, pos, slots], dtype=torch.int64)
-        self.h_int[:, :n] = torch.tensor([plens, rlens, starts], dtype=torch.int32)
-        self.set_padding(n, rows)
-        self.d_long.copy_(self.h_long, non_blocking=True)
-        self.d_int.copy_(self.h_int, non_blocking=True)
-        self.d_ptab[:rows].copy_(self.h_ptab[:rows], non_blocking=True)
-        self.d_rtab[:rows].copy_(self.h_rtab[:rows], non_blocking=True)
+        host.long[:, :n] = torch.tensor([ids, pos, slots], dtype=torch.int64)
+        host.int[:, :n] = torch.tensor([plens, rlens, starts], dtype=torch.int32)
+        host.set_padding(n, rows)
+        self.d_long.copy_(host.long, non_blocking=True)
+        self.d_int.copy_(host.int, non_blocking=True)
+        self.d_ptab[:rows].copy_(host.ptab[:rows], non_blocking=True)
+        self.d_rtab[:rows].copy_(host.rtab[:rows], non_blocking=True)
+        if token_source is not None:
+            tokens, src = token_source
+            if src != list(range(n)):
+                tokens = tokens[torch.tensor(src, device=tokens.device)]
+            self.d_long[0, :n].copy_(tokens[:n])
 
-    @staticmethod
-    def _write_row(table: torch.Tensor, row: int, blocks: list[int]) -> None:
-        if blocks:
-            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+
+class _HostMirror:
+    """Pinned host copies of the step buffers; table rows rewritten only when they change."""
+
+    def __init__(self, max_rows: int, table_width: int, pin: bool) -> None:
+        # ids, positions, slots (int64); prompt len, response len, prompt group start (int32)
+        self.long = torch.zeros(3, max_rows, dtype=torch.int64, pin_memory=pin)
+        self.int = torch.zeros(3, max_rows, dtype=torch.int32, pin_memory=pin)
+        self.ptab = torch.zeros(max_rows, table_width, dtype=torch.int32, pin_memory=pin)
+        self.rtab = torch.zeros(max_rows, table_width, dtype=torch.int32, pin_memory=pin)
+        self._rows: list[tuple[list[int], list[int]] | None] = [None] * max_rows
+
+    def set_padding(self, start: int, end: int) -> None:
+        """Rows ``[start, end)`` do nothing: no KV write, empty segments, own prompt group."""
+        self.long[:, start:end] = 0
+        self.long[2, start:end] = -1
+        self.int[:2, start:end] = 0
+        self.int[2, start:end] = torch.arange(start, end, dtype=torch.int32)
+
+    def write_tables(self, row: int, prompt: list[int], response: list[int]) -> None:
+        held = self._rows[row]
+        if held is not None and held[0] == prompt and held[1] == response:
+            return
+        if held is None or held[0] != prompt:
+            self.ptab[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.int32)
+        if held is None or held[1] != response:
+            if response:
+                self.rtab[row, : len(response)] = torch.tensor(response, dtype=torch.int32)
+        self._rows[row] = (list(prompt), list(response))
 
 
 class DecodeGraphs:
@@ -155,9 +179,10 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Capture every bucket, largest first, so the smaller ones reuse its memory pool. Each
         is run once eagerly first (JIT-compiles the kernels at that shape outside capture)."""
-        self.inputs.set_padding(0, self.inputs.max_rows)
-        self.inputs.d_long.copy_(self.inputs.h_long)
-        self.inputs.d_int.copy_(self.inputs.h_int)
+        host = self.inputs.host
+        host.set_padding(0, self.inputs.max_rows)
+        self.inputs.d_long.copy_(host.long)
+        self.inputs.d_int.copy_(host.int)
         pool = None
         for rows in sorted(self.buckets, reverse=True):
             self._step(rows)
@@ -170,9 +195,10 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         logger.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
 
-    def run(self, batch: list) -> torch.Tensor:
+    def run(self, batch: list,
+            token_source: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
         rows = next(b for b in self.buckets if b >= len(batch))
-        self.inputs.fill(batch, rows)
+        self.inputs.fill(batch, rows, token_source)
         if not self.use_graphs:
             return self._step(rows)[: len(batch)]
         self.graphs[rows].replay()

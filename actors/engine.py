@@ -12,6 +12,7 @@ import random
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,17 +20,29 @@ from segserve.models import load_tokenizer, resolve_model_path
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .kv_manager import SegmentKVManager
-from .model_runner import ModelRunner
+from .kv_manager import NoFreeBlocks, SegmentKVManager
+from .model_runner import ModelRunner, ScheduledSeq
 from .outputs import CompletionOutput, Delta, RequestOutput
-from .sampler import beam_step, sample
+from .sampler import DeviceSample, beam_step, sample, sample_on_device
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceGroup
+from .sequence import Sequence, SequenceGroup, Status
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+
+
+@dataclass
+class _Step:
+    """A launched model step: its batch, the rows that sample, their logits (on the device),
+    and, for a decode step of plain sampling, the tokens already chosen on the device."""
+
+    batch: list[ScheduledSeq]
+    sampling: list[ScheduledSeq]
+    logits: torch.Tensor
+    on_decode_buffers: bool = False
+    presampled: DeviceSample | None = None
 
 
 class QueueFull(RuntimeError):
@@ -54,6 +67,8 @@ class EngineCore:
         self._inbox: deque[tuple[str, Any]] = deque()  # ("add", group) | ("abort", id)
         self._rng = random.Random(config.seed)
         self.num_steps = 0
+        self._inflight: _Step | None = None  # a decode step whose tokens are not read yet
+        self._failed: list[Delta] = []
 
     @staticmethod
     def _generation_eos(path) -> frozenset[int]:
@@ -181,38 +196,120 @@ class EngineCore:
         return deltas
 
     def has_work(self) -> bool:
-        return bool(self._inbox) or self.scheduler.has_work()
+        return bool(self._inbox) or self.scheduler.has_work() or self._inflight is not None
 
     # ----- one iteration ----------------------------------------------------------------------
     def step(self) -> list[Delta]:
+        """One iteration. A decode step whose tokens can be chosen on the device is left in
+        flight: the next call first launches the step after it (its input ids taken from the
+        device), then reads this one's tokens while the GPU works, so host bookkeeping
+        overlaps device time. Its deltas therefore come back one call later."""
         deltas = self._drain_inbox()
+        if self._inflight is not None:
+            prev, self._inflight = self._inflight, None
+            batch = self._lookahead(prev)
+            if batch is not None:
+                self._inflight = self._launch(batch, prev)
+            deltas += self._complete(prev)
+            if self._inflight is not None:
+                return deltas
         sched = self.scheduler.schedule()
         if not sched.batch:
             return deltas
+        step = self._launch(sched.batch)
+        if step is None:
+            return deltas + self._failed
+        if step.presampled is not None:
+            self._inflight = step
+            return deltas
+        return deltas + self._complete(step)
+
+    def _launch(self, batch: list[ScheduledSeq], prev: _Step | None = None) -> _Step | None:
+        """Run the model on ``batch`` and advance its computed counts; a decode step of plain
+        sampling also queues its sampling and the copy of its results."""
         self.num_steps += 1
+        source = None
+        if prev is not None:
+            rows = {id(item.seq): i for i, item in enumerate(prev.sampling)}
+            source = (prev.presampled.tokens, [rows[id(item.seq)] for item in batch])
+        on_decode_buffers = self.runner.is_decode_step(batch)
         try:
-            logits = self.runner.execute(sched.batch, self.kv.take_pending_copies())
+            logits = self.runner.execute(batch, self.kv.take_pending_copies(), source)
         except Exception:  # a kernel failure must not take the whole engine down
             logger.exception("step failed; failing its requests")
-            groups = dict.fromkeys(item.seq.group for item in sched.batch)
-            return deltas + [d for g in groups for d in self._end(g, "error")]
-        sampling = [item for item in sched.batch if item.samples]
-        for item in sched.batch:
+            groups = dict.fromkeys(item.seq.group for item in batch)
+            self._failed = [d for g in groups for d in self._end(g, "error")]
+            return None
+        step = _Step(batch, [item for item in batch if item.samples], logits, on_decode_buffers)
+        for item in batch:
             seq, group = item.seq, item.seq.group
             if seq.num_computed < group.prompt_len:
                 group.prompt_computed += item.num_tokens
                 self.kv.commit_prompt(group)
             else:
                 seq.response_computed += item.num_tokens
-        rows = {id(item.seq): i for i, item in enumerate(sampling)}
-        groups = list(dict.fromkeys(item.seq.group for item in sampling))
-        results: dict[SequenceGroup, list[Delta]] = {}
-        plain = [g for g in groups if not g.params.use_beam_search]
-        results.update(self._sample_groups(plain, logits, rows))
+        if self._presamplable(step):
+            step.presampled = sample_on_device(logits, [item.seq for item in step.sampling])
+            step.presampled.start_copy()
+        return step
+
+    def _presamplable(self, step: _Step) -> bool:
+        """A decode step on the fixed buffers whose rows need no host state to pick a token:
+        no beams, no penalties (they read the host's output ids), no fork pending."""
+        if not step.sampling or not step.on_decode_buffers:
+            return False
+        for item in step.sampling:
+            group = item.seq.group
+            p = group.params
+            if p.use_beam_search or p.repetition_penalty != 1.0 or p.presence_penalty \
+                    or p.frequency_penalty:
+                return False
+            if p.n > 1 and len(group.seqs) == 1 and not group.seqs[0].output_ids:
+                return False
+        return True
+
+    def _lookahead(self, prev: _Step) -> list[ScheduledSeq] | None:
+        """The decode step after ``prev``, before its tokens are known: every running sequence
+        continues by one token, except those ``prev`` surely ends (max_tokens, max length).
+        None when that is not the next step (requests waiting, a sequence not in ``prev``, no
+        free block: the scheduler decides then)."""
+        if self._inbox or self.scheduler.waiting:
+            return None
+        live = [item.seq for item in prev.sampling
+                if not item.seq.finished and item.seq.group.status is Status.RUNNING]
+        if len(live) != self.scheduler.num_running_seqs():
+            return None
+        batch = []
+        for seq in live:
+            if (len(seq.output_ids) + 1 >= seq.group.params.max_tokens
+                    or seq.num_computed + 1 >= self.max_model_len):
+                continue
+            try:
+                self.kv.ensure_response_capacity(seq, seq.num_computed + 1 - seq.prompt_len)
+            except NoFreeBlocks:
+                return None
+            batch.append(ScheduledSeq(seq, 1, lookahead=True))
+        if not batch or not self.runner.is_decode_step(batch):
+            return None
+        return batch
+
+    def _complete(self, step: _Step) -> list[Delta]:
+        """Sample (unless done on the device already), append the tokens, check stops."""
+        deltas = []
+        rows = {id(item.seq): i for i, item in enumerate(step.sampling)}
+        groups = list(dict.fromkeys(item.seq.group for item in step.sampling))
+        # A request may have ended since the launch (aborted, or finished by the step before).
+        groups = [g for g in groups if g.status is Status.RUNNING]
+        results: dict[SequenceGroup, list[Delta] | None] = {}
+        if step.presampled is not None:
+            results.update(self._apply_presampled(step, groups))
+        else:
+            plain = [g for g in groups if not g.params.use_beam_search]
+            results.update(self._sample_groups(plain, step.logits, rows))
         for group in groups:
             if group.params.use_beam_search:
                 try:
-                    results[group] = self._beam_update(group, logits, rows)
+                    results[group] = self._beam_update(group, step.logits, rows)
                 except Exception:  # one request's failure must not wedge the others
                     logger.exception("beam step failed for request %s", group.request_id)
                     results[group] = None
@@ -230,6 +327,28 @@ class EngineCore:
             self.scheduler.remove(group)
             self.groups.pop(group.request_id, None)
         return deltas
+
+    def _apply_presampled(
+        self, step: _Step, groups: list[SequenceGroup]
+    ) -> dict[SequenceGroup, list[Delta] | None]:
+        try:
+            chosen = step.presampled.to_host()
+        except Exception:
+            logger.exception("reading sampled tokens failed")
+            return dict.fromkeys(groups)
+        out: dict[SequenceGroup, list[Delta] | None] = {g: [] for g in groups}
+        for item, (tok, lp, entry) in zip(step.sampling, chosen, strict=True):
+            seq = item.seq
+            new = out.get(seq.group)
+            if new is None or seq.finished:  # ended since the launch: its extra token is void
+                continue
+            try:
+                new.append(self._append(seq, tok, lp, entry))
+            except Exception:  # e.g. detokenization: fails this request only
+                logger.exception("token bookkeeping failed for request %s",
+                                 seq.group.request_id)
+                out[seq.group] = None
+        return out
 
     def _end(self, group: SequenceGroup, reason: str) -> list[Delta]:
         """End a request early ("abort" or "error"): free its blocks, end its live sequences."""

@@ -26,11 +26,14 @@ logger = logging.getLogger(__name__)
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # new tokens computed this step, starting at seq.num_computed
+    # The engine's lookahead: this step's input is the token the previous step sampled, which
+    # is still on the device (not yet in seq.output_ids).
+    lookahead: bool = False
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the end of the sequence, so its logits are needed."""
-        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+        return self.lookahead or self.seq.num_computed + self.num_tokens == self.seq.num_tokens
 
 
 def _pad(rows: list[list[int]]) -> torch.Tensor:
@@ -210,17 +213,29 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         return ids, pos, meta, sample_idx
 
-    @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], copies: list[tuple[int, int]]) -> torch.Tensor:
-        """Run one step; returns logits ``[num_sampling_seqs, vocab]`` (float32, on the device:
-        the sampler runs there)."""
-        self.copy_blocks(copies)
-        if (
+    def is_decode_step(self, batch: list[ScheduledSeq]) -> bool:
+        """Whether ``batch`` runs on the fixed decode buffers (a graph replay on CUDA): every
+        sequence computes one token and samples."""
+        return (
             self.decode is not None
             and len(batch) <= self.decode.max_batch
             and all(item.num_tokens == 1 and item.samples for item in batch)
-        ):
-            return self.decode.run(batch)
+        )
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        batch: list[ScheduledSeq],
+        copies: list[tuple[int, int]],
+        token_source: tuple[torch.Tensor, list[int]] | None = None,
+    ) -> torch.Tensor:
+        """Run one step; returns logits ``[num_sampling_seqs, vocab]`` (float32, on the device:
+        the sampler runs there). ``token_source`` feeds a lookahead decode step its input ids
+        from the device (see DecodeInputs.fill)."""
+        self.copy_blocks(copies)
+        if self.is_decode_step(batch):
+            return self.decode.run(batch, token_source)
+        assert token_source is None, "lookahead steps run on the decode buffers"
         ids, pos, meta, sample_idx = self.prepare(batch)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         if not sample_idx:

@@ -137,12 +137,30 @@ class DeviceSample:
     top_vals: torch.Tensor | None
     top_n: list[int | None]  # per row: how many of them were asked for (None: no entry)
 
-    def to_host(self) -> list[tuple[int, float, TokenLogprob | None]]:
-        # One device->host copy (float64 holds every int32 token id exactly).
+    _host: torch.Tensor | None = None
+    _ready: torch.cuda.Event | None = None
+
+    def start_copy(self) -> None:
+        """Queue the one device->host copy (float64 holds every token id exactly) behind the
+        sampling kernels, so later work queued on the device does not delay reading it."""
         parts = [self.tokens.double()[:, None], self.logprobs.double()[:, None]]
         if self.top_ids is not None:
             parts += [self.top_ids.double(), self.top_vals.double()]
-        host = torch.cat(parts, dim=1).cpu().tolist()
+        packed = torch.cat(parts, dim=1)
+        if packed.device.type != "cuda":
+            self._host = packed.cpu()
+            return
+        self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        self._host.copy_(packed, non_blocking=True)
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+
+    def to_host(self) -> list[tuple[int, float, TokenLogprob | None]]:
+        if self._host is None:
+            self.start_copy()
+        if self._ready is not None:
+            self._ready.synchronize()
+        host = self._host.tolist()
         n_top = 0 if self.top_ids is None else self.top_ids.shape[1]
         out = []
         for row, n in zip(host, self.top_n, strict=True):

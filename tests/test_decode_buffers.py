@@ -35,14 +35,15 @@ class DeviceOnlyDecode(CPUBackend):
 @pytest.fixture
 def graphable(monkeypatch):
     """Engines built in the test use DeviceOnlyDecode; returns a counter of decode-path steps."""
-    calls = {"steps": 0, "rows": []}
+    calls = {"steps": 0, "rows": [], "lookahead": 0}
     monkeypatch.setattr(model_runner_module, "get_backend", lambda *a, **k: DeviceOnlyDecode())
     real_run = DecodeGraphs.run
 
-    def counting_run(self, batch):
+    def counting_run(self, batch, token_source=None):
         calls["steps"] += 1
         calls["rows"].append(len(batch))
-        return real_run(self, batch)
+        calls["lookahead"] += token_source is not None
+        return real_run(self, batch, token_source)
 
     monkeypatch.setattr(DecodeGraphs, "run", counting_run)
     return calls
@@ -85,6 +86,7 @@ def test_greedy_through_the_decode_buffers_matches_hf(family, tiny_models, graph
     for p, ours in zip(batch, got, strict=True):
         assert ours == hf_greedy(hf, p, 20)
     assert graphable["steps"] > 20 and len(set(graphable["rows"])) > 3  # the batch changed
+    assert graphable["lookahead"] > 10  # steps launched before the last one's tokens were read
 
 
 def test_cached_prompt_first_token_and_shared_prompt_groups(tiny_models, graphable):
@@ -108,16 +110,59 @@ def test_cached_prompt_first_token_and_shared_prompt_groups(tiny_models, graphab
     assert graphable["steps"] > steps and 3 in graphable["rows"]
 
 
-def test_seeded_samples_equal_the_per_step_path(tiny_models, monkeypatch):
+@pytest.mark.parametrize("params", [
+    # penalties read host state: sampled on the host after each step
+    SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, n=3, seed=11,
+                   repetition_penalty=1.2),
+    # plain sampling: chosen on the device, the next step launched before the host reads it
+    SamplingParams(max_tokens=12, temperature=0.9, top_k=20, min_p=0.05, n=2, seed=3,
+                   logprobs=2),
+    SamplingParams(max_tokens=16, temperature=0.0, stop=["a"], include_stop_str_in_output=True),
+], ids=["penalties", "plain", "stop-string"])
+def test_seeded_samples_equal_the_per_step_path(params, tiny_models, monkeypatch):
     path, _ = tiny_models["qwen2"]
-    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, n=3, seed=11,
-                            repetition_penalty=1.2)
     batch = prompts(3, seed=4)
-    plain = run(EngineCore(EngineConfig(model=path, block_size=4)), batch, params)
+
+    def outputs(core):
+        groups = [core.make_request(p, params) for p in batch]
+        for g in groups:
+            core.submit(g)
+        while core.has_work():
+            core.step()
+        return [core.build_output(g).outputs for g in groups]
+
+    plain = outputs(EngineCore(EngineConfig(model=path, block_size=4)))
     monkeypatch.setattr(model_runner_module, "get_backend", lambda *a, **k: DeviceOnlyDecode())
     core = EngineCore(EngineConfig(model=path, block_size=4))
     assert core.runner.decode is not None
-    assert run(core, batch, params) == plain
+    ours = outputs(core)
+    for got, want in zip(ours, plain, strict=True):
+        assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
+            (o.token_ids, o.text, o.finish_reason) for o in want]
+        for o, w in zip(got, want, strict=True):
+            if w.logprobs is not None:  # the same function, computed in another batch shape
+                assert [e.token_id for e in o.logprobs] == [e.token_id for e in w.logprobs]
+                assert [e.logprob for e in o.logprobs] == pytest.approx(
+                    [e.logprob for e in w.logprobs], abs=1e-5)
+    assert core.kv.metrics().blocks_used == 0
+
+
+def test_abort_while_a_step_is_in_flight_frees_everything(tiny_models, graphable):
+    path, _ = tiny_models["llama"]
+    core = EngineCore(EngineConfig(model=path, block_size=4))
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    ids = [core.add_request(p, params) for p in prompts(3, seed=6)]
+    for _ in range(6):
+        core.step()
+    assert core._inflight is not None
+    core.abort(ids[1])
+    reasons = {}
+    while core.has_work():
+        for d in core.step():
+            if d.finish_reason:
+                reasons[(d.request_id, d.index)] = d.finish_reason
+    assert reasons == {(ids[0], 0): "length", (ids[1], 0): "abort", (ids[2], 0): "length"}
+    assert core.kv.metrics().blocks_used == 0 and graphable["lookahead"] > 0
 
 
 def test_padding_rows_never_touch_the_pool(tiny_models, graphable):
@@ -143,8 +188,8 @@ def test_slot_of_last_token_matches_the_kv_manager(tiny_models, graphable):
     core.step()  # first decode step: position 6 = response slot 0
     inputs = core.runner.decode.inputs
     seq = next(iter(core.groups.values())).seqs[0]
-    assert int(inputs.h_long[1, 0]) == 6
-    assert int(inputs.h_long[2, 0]) == seq.response_blocks[0] * 4 + 0
-    assert int(inputs.h_int[0, 0]) == 6 and int(inputs.h_int[1, 0]) == 1
-    assert int(inputs.h_long[2, 1]) == -1  # bucket 2's padding row
-    assert torch.equal(inputs.d_long, inputs.h_long)
+    assert int(inputs.host.long[1, 0]) == 6
+    assert int(inputs.host.long[2, 0]) == seq.response_blocks[0] * 4 + 0
+    assert int(inputs.host.int[0, 0]) == 6 and int(inputs.host.int[1, 0]) == 1
+    assert int(inputs.host.long[2, 1]) == -1  # bucket 2's padding row
+    assert torch.equal(inputs.d_long, inputs.host.long)
