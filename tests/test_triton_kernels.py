@@ -219,6 +219,35 @@ def test_decode_attention(case: Case, grouping: str):
 
 
 @pytest.mark.parametrize(
+    "case", [pytest.param(SMALL[2], id="cpu")] + [pytest.param(c, marks=GPU) for c in FULL[::3]]
+)
+def test_decode_groups_read_the_prompt_once_through_the_first_row(case: Case):
+    """Rows after the first of a group get prompt tables into NaN blocks: a kernel that read the
+    prompt per row instead of once per group would return NaN. A group of 6 spans two tiles."""
+    rng = random.Random(5)
+    layout = make_layout(rng, case, [3, 1, 6, 4], lambda r: 1, max_prompt=100, max_response=30)
+    starts = prompt_group_starts(layout.keys)
+    meta = layout.meta
+    meta.prompt_group_start = torch.tensor(starts, dtype=torch.int32, device=DEV)
+    poisoned = meta.prompt_block_tables.clone()
+    nan_block = layout.k_cache.shape[0] - 1  # the pool's spare blocks are never filled
+    assert layout.k_cache[nan_block].isnan().all()
+    for row, first in enumerate(starts):
+        if row != first:
+            poisoned[row] = nan_block
+    expected_meta_tables = meta.prompt_block_tables
+    torch.manual_seed(5)
+    q = torch.randn(len(starts), 2 * case.ratio, case.dim).to(case.dtype).to(DEV)
+    expected = REF.attention(q, layout.k_cache, layout.v_cache, meta, 0.2, case.window)
+    meta.prompt_block_tables = poisoned
+    got = TritonBackend(decode_split_tokens=32).attention(
+        q, layout.k_cache, layout.v_cache, meta, 0.2, case.window
+    )
+    meta.prompt_block_tables = expected_meta_tables
+    torch.testing.assert_close(got, expected, **TOL[case.dtype])
+
+
+@pytest.mark.parametrize(
     "case", [pytest.param(SMALL[0], id="cpu")] + [pytest.param(c, marks=GPU) for c in FULL[::5]]
 )
 def test_decode_attention_long_context_default_splits(case: Case):

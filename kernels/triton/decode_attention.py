@@ -5,10 +5,11 @@ CUDA graph can capture them (per-row lengths, tables and groups are read on the 
 
 1. Prompt partials, grid ``(B, Hkv, prompt splits)``. Rows that share a prompt segment (beams,
    n samples: the same prompt table and length) are contiguous in the batch and marked by
-   ``prompt_group_start``. A group is cut into tiles of ``G_TILE`` rows; the program of a tile's
-   first row loads each prompt K/V chunk once for the ``G_TILE * QPK`` query heads of its tile
-   (all query heads of one KV head, for every row of the tile); programs of other rows exit. This
-   is the shared-prefix half of FlashInfer's cascade attention.
+   ``prompt_group_start``; every row of a group reads the prompt through the table of the group's
+   first row. A group is cut into tiles of ``G_TILE`` rows; the program of a tile's first row
+   loads each prompt K/V chunk once for the ``G_TILE * QPK`` query heads of its tile (all query
+   heads of one KV head, for every row of the tile); programs of other rows exit. This is the
+   shared-prefix half of FlashInfer's cascade attention.
 2. Response partials, grid ``(B, Hkv, response splits)``: each row's private blocks.
 3. Merge, grid ``(B, H)``: the partial results of all splits of both segments are combined by
    their log-sum-exp (``merge_state`` in FlashInfer's terms).
@@ -67,10 +68,12 @@ def _segment_partial_kernel(
         k_lo = ctx - window
     else:
         k_lo = tl.zeros_like(ctx)
-    if PROMPT:
-        seg_len = tl.load(prompt_lens + b)
+    if PROMPT:  # the group's prompt segment is its first row's
+        seg_row = first_row
+        seg_len = tl.load(prompt_lens + first_row)
         seg_offset = 0
     else:
+        seg_row = b
         seg_len = tl.load(response_lens + b)
         seg_offset = tl.load(prompt_lens + b)
     # Tokens before the earliest window start of the tile are skipped, not masked.
@@ -90,7 +93,7 @@ def _segment_partial_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = attend_segment(
         acc, m_i, l_i, q_tile,
-        k_cache, v_cache, tables + b.to(tl.int64) * stride_t,
+        k_cache, v_cache, tables + seg_row.to(tl.int64) * stride_t,
         stride_kb, stride_ks, stride_vb, stride_vs, kvh * stride_kh, kvh * stride_vh,
         seg_offset, start, end, q_pos, k_lo, qk_scale,
         offs_d, d_mask, BLOCK_SIZE, BLOCK_N, IEEE,
