@@ -111,36 +111,45 @@ def _segment_partial_kernel(
 def _merge_kernel(
     part_o, part_lse, out,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_b, stride_h,
-    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    lse_row = part_lse + b * stride_lb + h * stride_lh
     offs_s = tl.arange(0, S_PAD)
+    m = tl.max(tl.load(lse_row + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf")), 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (a padding row): output 0
+    offs_c = tl.arange(0, S_CHUNK)
     offs_d = tl.arange(0, D_PAD)
-    lse = tl.load(
-        part_lse + b * stride_lb + h * stride_lh + offs_s,
-        mask=offs_s < NUM_SPLITS,
-        other=float("-inf"),
-    )
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    # An empty split's output was never written: only its weight (0) is read.
-    o_mask = (lse > float("-inf"))[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o_ptrs = part_o + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os
-    o = tl.load(o_ptrs + offs_d[None, :], mask=o_mask, other=0.0)
-    den = tl.sum(w, 0)
-    res = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(out + b * stride_b + h * stride_h + offs_d, res, mask=offs_d < HEAD_DIM)
+    d_mask = offs_d < HEAD_DIM
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    den = tl.zeros([S_CHUNK], dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, S_CHUNK):
+        splits = s0 + offs_c
+        lse = tl.load(lse_row + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
+        w = tl.exp2(lse - m)
+        # An empty split's output was never written: only its weight (0) is read.
+        o_mask = (lse > float("-inf"))[:, None] & d_mask[None, :]
+        o_ptrs = part_o + b * stride_ob + h * stride_oh + splits[:, None] * stride_os
+        o = tl.load(o_ptrs + offs_d[None, :], mask=o_mask, other=0.0)
+        acc += tl.sum(w[:, None] * o, 0)
+        den += w
+    total = tl.sum(den, 0)
+    res = acc / tl.where(total > 0.0, total, 1.0)
+    tl.store(out + b * stride_b + h * stride_h + offs_d, res, mask=d_mask)
 
 
 _SM_COUNT: dict[torch.device, int] = {}
 
 
 def _target_programs(device: torch.device) -> int:
-    """Programs that keep the GPU busy: 4 per SM. Off CUDA (the interpreter), splits are limited
-    by length only."""
-    if device.type != "cuda":
+    """Programs that keep the GPU busy: 4 per SM (64 compute units assumed off CUDA). On CPU (the
+    interpreter) splits are limited by length only."""
+    if device.type == "cpu":
         return 1 << 30
+    if device.type != "cuda":
+        return 4 * 64
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
     return 4 * _SM_COUNT[device]
@@ -204,6 +213,7 @@ def decode_attention(
         D_PAD=d_pad,
         IEEE=q.dtype == torch.float32,
         num_warps=4,
+        num_stages=2,
     )
     for prompt, tab, splits, base in ((True, ptab, p_splits, 0), (False, rtab, r_splits, p_splits)):
         if not splits:
@@ -221,6 +231,7 @@ def decode_attention(
     _merge_kernel[(batch, num_heads)](
         part_o, part_lse, out,
         *part_o.stride()[:3], *part_lse.stride()[:2], out.stride(0), out.stride(1),
-        NUM_SPLITS=total, S_PAD=pow2(total), HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=2,
+        NUM_SPLITS=total, S_PAD=pow2(total), S_CHUNK=min(pow2(total), 16),
+        HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=4,
     )  # fmt: skip
     return out

@@ -106,6 +106,6 @@ def prefill_attention(
         scale * LOG2E, sliding_window or 0,
         QPK=num_heads // num_kv_heads, HAS_WINDOW=sliding_window is not None, BLOCK_M=BLOCK_M,
         BLOCK_N=kv_chunk(d_pad), BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
-        IEEE=q.dtype == torch.float32, num_warps=4 if d_pad <= 128 else 8,
+        IEEE=q.dtype == torch.float32, num_warps=4 if d_pad <= 128 else 8, num_stages=2,
     )  # fmt: skip
     return out
