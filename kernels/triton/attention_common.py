@@ -12,6 +12,7 @@ running sum. A row that has seen no visible key keeps ``m = -inf, l = 0``.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -59,6 +60,11 @@ def attend_segment(
     return acc, m_i, l_i
 
 
-def kv_chunk(head_dim_pad: int) -> int:
-    """Tokens per chunk: [64, 128] bf16 K and V tiles stay in registers; halve it for D = 256."""
-    return 64 if head_dim_pad <= 128 else 32
+def kv_chunk(head_dim_pad: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk: [64, 128] bf16 K and V tiles stay in registers; halve it for D = 256 and
+    for float32, whose exact (FMA) dot needs far more registers."""
+    return 64 if head_dim_pad <= 128 and dtype != torch.float32 else 32
+
+
+def num_warps(head_dim_pad: int, dtype: torch.dtype) -> int:
+    return 4 if head_dim_pad <= 128 and dtype != torch.float32 else 8

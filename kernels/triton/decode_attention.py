@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..interface import AttentionMetadata, prompt_group_start_from_tables
 from ._common import pow2
-from .attention_common import LOG2E, attend_segment, kv_chunk
+from .attention_common import LOG2E, attend_segment, kv_chunk, num_warps
 
 MAX_SPLITS = 64
 # Rows of one prompt group per program: at least 4 (beam-4 / n=4 loads its prompt once) and enough
@@ -202,7 +202,7 @@ def decode_attention(
             torch.empty((batch, num_heads, total), dtype=torch.float32, device=q.device),
         )
     part_o, part_lse = meta.scratch[key]
-    block_n = kv_chunk(d_pad)
+    block_n = kv_chunk(d_pad, q.dtype)
     common = dict(
         HAS_WINDOW=sliding_window is not None,
         QPK=qpk,
@@ -212,7 +212,7 @@ def decode_attention(
         HEAD_DIM=head_dim,
         D_PAD=d_pad,
         IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        num_warps=num_warps(d_pad, q.dtype),
         num_stages=2,
     )
     for prompt, tab, splits, base in ((True, ptab, p_splits, 0), (False, rtab, r_splits, p_splits)):

@@ -15,9 +15,12 @@ import triton.language as tl
 
 from ..interface import AttentionMetadata
 from ._common import pow2
-from .attention_common import LOG2E, attend_segment, kv_chunk
+from .attention_common import LOG2E, attend_segment, kv_chunk, num_warps
 
-BLOCK_M = 64
+
+def query_tile(dtype: torch.dtype) -> int:
+    """Queries per program; float32's exact FMA dot spills at 64."""
+    return 32 if dtype == torch.float32 else 64
 
 
 @triton.jit
@@ -97,15 +100,16 @@ def prefill_attention(
         return out
     d_pad = pow2(head_dim)
     ptab, rtab = meta.prompt_block_tables, meta.response_block_tables
-    grid = (triton.cdiv(meta.max_q_len, BLOCK_M), batch, num_heads)
+    block_m = query_tile(q.dtype)
+    grid = (triton.cdiv(meta.max_q_len, block_m), batch, num_heads)
     _prefill_kernel[grid](
         q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1),
         k_cache, v_cache, *k_cache.stride()[:3], *v_cache.stride()[:3],
         meta.cu_seqlens_q, ptab, ptab.stride(0), rtab, rtab.stride(0),
         meta.prompt_lens, meta.response_lens,
         scale * LOG2E, sliding_window or 0,
-        QPK=num_heads // num_kv_heads, HAS_WINDOW=sliding_window is not None, BLOCK_M=BLOCK_M,
-        BLOCK_N=kv_chunk(d_pad), BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
-        IEEE=q.dtype == torch.float32, num_warps=4 if d_pad <= 128 else 8, num_stages=2,
+        QPK=num_heads // num_kv_heads, HAS_WINDOW=sliding_window is not None, BLOCK_M=block_m,
+        BLOCK_N=kv_chunk(d_pad, q.dtype), BLOCK_SIZE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps(d_pad, q.dtype), num_stages=2,
     )  # fmt: skip
     return out
