@@ -456,3 +456,23 @@ def test_decode_attention_replays_in_a_cuda_graph_with_new_lengths():
         graph.replay()
         expected = REF.attention(q, lay.k_cache, lay.v_cache, lay.meta, 0.1)
         torch.testing.assert_close(out, expected, **TOL[case.dtype])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the engine on CUDA is tested with the GPU engine tests")
+def test_engine_on_triton_backend_matches_hf_greedy_and_beams(tmp_path):
+    """The model's real call pattern under the interpreter: fused QKV views into rope_write_kv,
+    chunked prefill, decode, and beam search (four rows sharing one prompt segment)."""
+    from conftest import hf_beams, hf_greedy, make_model
+    from segserve import LLM, SamplingParams
+
+    hf = make_model(tmp_path, "mistral")  # sliding window 24, head_dim 32
+    llm = LLM(str(tmp_path), block_size=4, max_num_batched_tokens=64, kernel_backend="triton")
+    rng = random.Random(3)
+    prompt = [0] + [rng.randrange(3, 256) for _ in range(70)]  # two prefill chunks
+    out = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0))[0]
+    assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 4)
+    beams = llm.generate([prompt], SamplingParams(max_tokens=3, beam_width=4))[0]
+    assert [c.token_ids for c in beams.outputs] == hf_beams(hf, prompt, 3, 4)
