@@ -36,16 +36,17 @@ MAX_SPLITS = 64
 MIN_GROUP_TILE = 4
 
 
-@triton.jit
+# Scalars that change from step to step are not specialized on, so they never trigger a compile.
+@triton.jit(do_not_specialize=["split_base", "num_splits", "window", "batch"])
 def _segment_partial_kernel(
     q, stride_qb, stride_qh,
     k_cache, v_cache, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     tables, stride_t, prompt_lens, response_lens, group_start,
     part_o, part_lse, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    split_base, qk_scale, window, batch,
+    split_base, num_splits, qk_scale, window, batch,
     PROMPT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, G_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
@@ -78,7 +79,7 @@ def _segment_partial_kernel(
         seg_offset = tl.load(prompt_lens + b)
     # Tokens before the earliest window start of the tile are skipped, not masked.
     first = tl.maximum(tl.min(tl.where(row_ok, k_lo, 2147483647), 0) - seg_offset, 0)
-    span = tl.cdiv(tl.cdiv(tl.maximum(seg_len - first, 0), NUM_SPLITS), BLOCK_N) * BLOCK_N
+    span = tl.cdiv(tl.cdiv(tl.maximum(seg_len - first, 0), num_splits), BLOCK_N) * BLOCK_N
     start = first + split * span
     end = tl.minimum(start + span, seg_len)
 
@@ -107,28 +108,30 @@ def _segment_partial_kernel(
     tl.store(part_lse + row64 * stride_lb + q_head * stride_lh + s, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
     part_o, part_lse, out,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_b, stride_h,
-    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_b, stride_h, num_splits,
+    S_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     lse_row = part_lse + b * stride_lb + h * stride_lh
-    offs_s = tl.arange(0, S_PAD)
-    m = tl.max(tl.load(lse_row + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf")), 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (a padding row): output 0
     offs_c = tl.arange(0, S_CHUNK)
+    m = tl.full([S_CHUNK], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, S_CHUNK):
+        splits = s0 + offs_c
+        m = tl.maximum(m, tl.load(lse_row + splits, mask=splits < num_splits, other=float("-inf")))
+    m_all = tl.max(m, 0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # all splits empty (padding): zeros
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
     acc = tl.zeros([D_PAD], dtype=tl.float32)
     den = tl.zeros([S_CHUNK], dtype=tl.float32)
-    for s0 in range(0, NUM_SPLITS, S_CHUNK):
+    for s0 in range(0, num_splits, S_CHUNK):
         splits = s0 + offs_c
-        lse = tl.load(lse_row + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
-        w = tl.exp2(lse - m)
+        lse = tl.load(lse_row + splits, mask=splits < num_splits, other=float("-inf"))
+        w = tl.exp2(lse - m_all)
         # An empty split's output was never written: only its weight (0) is read.
         o_mask = (lse > float("-inf"))[:, None] & d_mask[None, :]
         o_ptrs = part_o + b * stride_ob + h * stride_oh + splits[:, None] * stride_os
@@ -224,14 +227,13 @@ def decode_attention(
             k_cache, v_cache, *k_cache.stride()[:3], *v_cache.stride()[:3],
             tab, tab.stride(0), meta.prompt_lens, meta.response_lens, group_start,
             part_o, part_lse, *part_o.stride()[:3], *part_lse.stride()[:2],
-            base, scale * LOG2E, sliding_window or 0, batch,
-            PROMPT=prompt, G_TILE=g_tile, BLOCK_M=max(16, g_tile * qpk_pad), NUM_SPLITS=splits,
+            base, splits, scale * LOG2E, sliding_window or 0, batch,
+            PROMPT=prompt, G_TILE=g_tile, BLOCK_M=max(16, g_tile * qpk_pad),
             **common,
         )  # fmt: skip
     _merge_kernel[(batch, num_heads)](
         part_o, part_lse, out,
-        *part_o.stride()[:3], *part_lse.stride()[:2], out.stride(0), out.stride(1),
-        NUM_SPLITS=total, S_PAD=pow2(total), S_CHUNK=min(pow2(total), 16),
-        HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=4,
+        *part_o.stride()[:3], *part_lse.stride()[:2], out.stride(0), out.stride(1), total,
+        S_CHUNK=16, HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=4,
     )  # fmt: skip
     return out

@@ -23,7 +23,7 @@ def query_tile(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _prefill_kernel(
     q, stride_qt, stride_qh, out, stride_ot, stride_oh,
     k_cache, v_cache, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
