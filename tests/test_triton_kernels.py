@@ -43,18 +43,18 @@ TOL = {
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
 
-FULL = [
-    Case(*c)
-    for c in itertools.product(
-        (64, 128), (1, 4, 8), (16, 32), (torch.bfloat16, torch.float32), (None, 37)
-    )
+BF16, FP32 = torch.bfloat16, torch.float32
+# Every pair of values of (head dim, GQA ratio, block size, dtype, window) and every (head dim,
+# GQA ratio, dtype) triple, in 12 cases rather than the 48 of the full product: each new
+# combination of constants is a kernel compile, and GPU time is scarce.
+_PAIRWISE = [(64, 1, 16, BF16, None), (128, 1, 32, FP32, 37), (64, 4, 32, FP32, None),
+             (128, 4, 16, BF16, 37), (64, 8, 16, FP32, 37), (128, 8, 32, BF16, None)]  # fmt: skip
+FULL = [Case(*c) for c in _PAIRWISE] + [
+    Case(d, r, b, FP32 if t == BF16 else BF16, 37 if w is None else None)
+    for d, r, b, t, w in _PAIRWISE
 ]
-# What CPU CI runs under the interpreter: every dimension of FULL touched at least once.
-SMALL = [
-    Case(64, 4, 16, torch.bfloat16, None),
-    Case(128, 1, 32, torch.float32, 37),
-    Case(64, 8, 16, torch.float32, 37),
-]
+# What CPU CI runs under the interpreter: every value of FULL's dimensions at least once.
+SMALL = [Case(64, 4, 16, BF16, None), Case(128, 1, 32, FP32, 37), Case(64, 8, 16, FP32, 37)]
 
 
 def cases(small: list[Case] = SMALL) -> list:
@@ -111,7 +111,7 @@ def test_decode_attention(case: Case, grouping: str):
 
 
 @pytest.mark.parametrize(
-    "case", [pytest.param(SMALL[2], id="cpu")] + [pytest.param(c, marks=GPU) for c in FULL[::3]]
+    "case", [pytest.param(SMALL[2], id="cpu")] + [pytest.param(c, marks=GPU) for c in FULL]
 )
 def test_decode_groups_read_the_prompt_once_through_the_first_row(case: Case):
     """Rows after the first of a group get prompt tables into NaN blocks: a kernel that read the
@@ -122,8 +122,7 @@ def test_decode_groups_read_the_prompt_once_through_the_first_row(case: Case):
     meta = layout.meta
     meta.prompt_group_start = torch.tensor(starts, dtype=torch.int32, device=DEV)
     poisoned = meta.prompt_block_tables.clone()
-    nan_block = layout.k_cache.shape[0] - 1  # the pool's spare blocks are never filled
-    assert layout.k_cache[nan_block].isnan().all()
+    nan_block = int(layout.k_cache.isnan().flatten(1).all(1).nonzero()[0])  # a spare block
     for row, first in enumerate(starts):
         if row != first:
             poisoned[row] = nan_block
@@ -140,7 +139,7 @@ def test_decode_groups_read_the_prompt_once_through_the_first_row(case: Case):
 
 
 @pytest.mark.parametrize(
-    "case", [pytest.param(SMALL[0], id="cpu")] + [pytest.param(c, marks=GPU) for c in FULL[::5]]
+    "case", [pytest.param(SMALL[0], id="cpu")] + [pytest.param(c, marks=GPU) for c in FULL[::2]]
 )
 def test_decode_attention_long_context_default_splits(case: Case):
     rng = random.Random(7)
@@ -200,8 +199,8 @@ def test_norms_and_silu_mul(dtype, hidden):
     "dtype,dim,ratio,block_size",
     [(torch.bfloat16, 64, 4, 16), (torch.float32, 128, 1, 32)]
     + [
-        pytest.param(*c, marks=GPU)
-        for c in itertools.product(TOL, (64, 128), (1, 4, 8), (16, 32))
+        pytest.param(t, d, r, 32 if r == 4 else 16, marks=GPU)
+        for t, d, r in itertools.product(TOL, (64, 128), (1, 4, 8))
     ],
 )
 def test_rope_write_kv(dtype, dim, ratio, block_size):
