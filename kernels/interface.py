@@ -11,6 +11,7 @@ Token layout is "varlen": the new tokens of all sequences in a step are packed i
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,12 @@ class AttentionMetadata:
     ``prompt_block_tables[i]`` followed by ``response_lens[i]`` tokens read through
     ``response_block_tables[i]``; its ``q_len`` new queries are the *last* ``q_len`` positions of
     that context (their K/V were already written by ``write_kv``), attended causally.
+
+    ``prompt_group_start`` (optional, ``[B]`` int32 on the device) groups decode rows that share a
+    prompt segment (beams, n samples): row ``i``'s value is the index of the first row of its
+    group; the rows of a group are contiguous and have the same prompt table and length. The
+    engine fills it with ``prompt_group_starts``; None lets a backend derive it on the device
+    (``prompt_group_start_from_tables``). Backends that don't group ignore it.
     """
 
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
@@ -38,6 +45,7 @@ class AttentionMetadata:
     cu_seqlens_q_host: list[int]
     prompt_lens_host: list[int]
     response_lens_host: list[int]
+    prompt_group_start: torch.Tensor | None = None  # [B] int32, see above
     # Backends may keep per-step tensors derived from the above here (masks, indices), so every
     # layer of the step reuses them.
     scratch: dict = field(default_factory=dict)
@@ -49,6 +57,32 @@ class AttentionMetadata:
     @property
     def is_decode(self) -> bool:
         return self.max_q_len == 1
+
+
+def prompt_group_starts(keys: Sequence[Hashable]) -> list[int]:
+    """``prompt_group_start`` from one host key per batch row (e.g. the id of the row's request,
+    or its prompt block ids and length): a row whose key equals the previous row's joins that
+    row's group. Keep the rows of a request adjacent in the batch to share their prompt."""
+    starts: list[int] = []
+    for i, key in enumerate(keys):
+        starts.append(starts[i - 1] if i and key == keys[i - 1] else i)
+    return starts
+
+
+def prompt_group_start_from_tables(
+    prompt_block_tables: torch.Tensor, prompt_lens: torch.Tensor
+) -> torch.Tensor:
+    """``prompt_group_start`` derived on the device, without a host sync: a row joins the previous
+    row's group when its prompt length and its whole prompt table row are equal (equal tables
+    mean the same blocks, so grouping them is always correct)."""
+    num_rows = prompt_lens.shape[0]
+    rows = torch.arange(num_rows, device=prompt_lens.device)
+    same = torch.zeros(num_rows, dtype=torch.bool, device=prompt_lens.device)
+    if num_rows > 1:
+        same[1:] = (prompt_lens[1:] == prompt_lens[:-1]) & (
+            prompt_block_tables[1:] == prompt_block_tables[:-1]
+        ).all(dim=1)
+    return torch.where(same, 0, rows).cummax(dim=0).values.to(torch.int32)
 
 
 class KernelBackend:
@@ -93,6 +127,25 @@ class KernelBackend:
     ) -> None:
         """Store new K/V ``[T, Hkv, D]`` into caches ``[num_blocks, block_size, Hkv, D]``."""
         raise NotImplementedError
+
+    def rope_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """``rope`` then ``write_kv`` of the rotated k; returns the rotated q. Backends fuse it.
+
+        q/k/v may be strided views (splits of the fused QKV output). A slot < 0 marks a padding
+        row (CUDA-graph batches): backends that run padded batches store nothing for it."""
+        q, k = self.rope(q, k, cos, sin)
+        self.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q
 
     def attention(
         self,

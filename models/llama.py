@@ -91,9 +91,8 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.backend.rope(q, k, *cos_sin)
         k_cache, v_cache = kv_cache
-        self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = self.backend.rope_write_kv(q, k, v, *cos_sin, k_cache, v_cache, meta.slot_mapping)
         out = self.backend.attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return self.all_reduce(self.o_proj(out.flatten(1)))
 
