@@ -4,6 +4,8 @@ nothing else of segserve."""
 
 from __future__ import annotations
 
+import logging
+
 from .interface import (
     AttentionMetadata,
     KernelBackend,
@@ -24,9 +26,21 @@ BACKENDS = ("reference", "cpu", "triton")
 
 
 def get_backend(name: str | None = None, device: str = "cpu") -> KernelBackend:
-    """The backend called ``name``, or the default one for ``device`` when ``name`` is None."""
+    """The backend called ``name``, or the default one for ``device`` when ``name`` is None:
+    ``cpu`` on the CPU, ``triton`` on CUDA and XPU (``reference``, with a warning, where triton
+    does not import)."""
     if name is None:
-        name = "cpu" if device == "cpu" else "reference"
+        if device == "cpu":
+            name = "cpu"
+        else:
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                logging.getLogger(__name__).warning(
+                    "triton is not installed: %s runs the slow 'reference' kernels", device)
+                name = "reference"
+            else:
+                name = "triton"
     if name == "reference":
         from .reference import ReferenceBackend
 

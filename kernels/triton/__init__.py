@@ -19,6 +19,9 @@ DECODE_SPLIT_TOKENS = 256
 
 class TritonBackend(KernelBackend):
     name = "triton"
+    # Decode reads only device tensors, launch grids depend on shapes alone, slots < 0 are
+    # skipped: decode steps replay as CUDA graphs (actors/decode_graphs.py).
+    graphable = True
 
     def __init__(self, decode_split_tokens: int = DECODE_SPLIT_TOKENS) -> None:
         self.decode_split_tokens = decode_split_tokens
