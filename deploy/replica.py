@@ -34,6 +34,8 @@ KV_GAUGES = (
 )  # fmt: skip
 # Running totals in the engine, Prometheus counters here.
 KV_COUNTERS = ("prefix_cache_hit_tokens", "preemptions", "evictions")
+# segserve_{kind}_tokens_total: prompt tokens admitted, output tokens streamed.
+TOKEN_COUNTERS = ("prompt", "generation")
 _LATENCY_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 
@@ -64,6 +66,14 @@ class ReplicaMetrics:
             "segserve_requests_total", "Requests by final status",
             tag_keys=(*tags, "status"),
         )  # fmt: skip
+        # Token throughput. Counted per delta into plain ints and flushed with the KV stats
+        # once a second, so the stream's hot path pays no metrics call per token.
+        self.tokens = {
+            kind: metrics.Counter(f"segserve_{kind}_tokens_total", f"{kind.capitalize()} "
+                                  "tokens processed", tag_keys=tags)
+            for kind in TOKEN_COUNTERS
+        }  # fmt: skip
+        self._pending_tokens = dict.fromkeys(TOKEN_COUNTERS, 0)
 
     def export(self, stats: dict[str, float]) -> None:
         for k, g in self.gauges.items():
@@ -75,6 +85,14 @@ class ReplicaMetrics:
             if delta > 0:
                 c.inc(delta, tags=self.tags)
                 self._last_counts[k] += delta
+        for kind, n in self._pending_tokens.items():
+            if n:
+                self.tokens[kind].inc(n, tags=self.tags)
+                self._pending_tokens[kind] = 0
+
+    def count_tokens(self, kind: str, n: int) -> None:
+        """Add ``n`` tokens of ``kind`` (TOKEN_COUNTERS); ``export`` publishes them."""
+        self._pending_tokens[kind] += n
 
     def finished(self, status: str) -> None:
         self.requests.inc(1, tags={**self.tags, "status": status})
@@ -128,12 +146,17 @@ class LLMReplica:
         start = time.perf_counter()
         first = last = None
         later_tokens = 0  # tokens after the first delta's, for TPOT
+        admitted = False
         status = "error"
         try:
             stream = self.engine.generate(prompt_ids, SamplingParams(**sampling), request_id)
             async for d in stream:
                 now = time.perf_counter()
+                if not admitted:  # the first delta: the engine took the prompt
+                    admitted = True
+                    self.metrics.count_tokens("prompt", len(prompt_ids))
                 if d.token_ids:
+                    self.metrics.count_tokens("generation", len(d.token_ids))
                     if first is None:
                         first = now
                         self.metrics.ttft.observe(now - start, tags=self.metrics.tags)

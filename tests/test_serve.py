@@ -428,7 +428,8 @@ def test_prometheus_metrics_exported(svc):
     """The replica's ray.util.metrics reach Ray's Prometheus endpoint, tagged by model/pool."""
     svc.oai.completions.create(model="demo", prompt="metrics", max_tokens=2)
     wanted = ["ray_segserve_requests_total", "ray_segserve_kv_blocks_total",
-              "ray_segserve_kv_utilization", "ray_segserve_time_to_first_token_seconds_count"]
+              "ray_segserve_kv_utilization", "ray_segserve_time_to_first_token_seconds_count",
+              "ray_segserve_prompt_tokens_total", "ray_segserve_generation_tokens_total"]
 
     def scrape() -> str | None:
         conn = http.client.HTTPConnection("127.0.0.1", svc.metrics_port, timeout=10)
