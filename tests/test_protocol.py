@@ -8,13 +8,8 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from segserve.deploy.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    chat_logprobs,
-    completion_logprobs,
-)
+from segserve.deploy.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from segserve.deploy.responses import chat_logprobs, completion_logprobs
 
 
 def comp(**fields: Any) -> CompletionRequest:

@@ -1,0 +1,186 @@
+"""OpenAI response bodies: one choice whole (non-streamed) or as SSE deltas, usage, log-probs.
+
+A ``ChoiceRenderer`` per choice takes the replica's items one at a time; ``feed`` returns the
+choice entries of the stream chunks they become, and ``body`` the whole choice once the stream
+has ended. Streamed and non-streamed responses go through the same ``feed``, so they cannot
+disagree. Nothing here knows of Ray or the engine.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# The replica's log-prob wire format, (token id, logprob, [(id, logprob), ...]) per token,
+# made into entries {"token_id", "token", "logprob", "top": [...]} by the service (it has the
+# tokenizer).
+LogprobEntries = Callable[[list[tuple]], list[dict[str, Any]]]
+
+
+@dataclass
+class ChoiceState:
+    """What one choice has produced so far."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, item: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+        """Append one replica item (``entries``: its log-probs, already made entries)."""
+        self.text += item["text"]
+        self.token_ids += item["token_ids"]
+        self.logprobs += entries
+        self.finish_reason = item.get("finish_reason", self.finish_reason)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def completion_logprobs(entries: list[dict[str, Any]], start: int = 0) -> dict[str, Any] | None:
+    """Legacy completions format: parallel lists. ``start``: the text length before these
+    tokens (a stream's earlier chunks), so offsets index the whole completion."""
+    if not entries:
+        return None
+    offsets, pos = [], start
+    for e in entries:
+        offsets.append(pos)
+        pos += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not entries:
+        return None
+
+    def item(e: dict[str, Any]) -> dict[str, Any]:
+        return {"token": e["token"], "logprob": e["logprob"],
+                "bytes": list(e["token"].encode())}  # fmt: skip
+
+    return {
+        "content": [
+            {**item(e), "top_logprobs": [item(t) for t in e["top"]]} for e in entries
+        ]
+    }
+
+
+@dataclass
+class RenderContext:
+    """What every choice of one response shares."""
+
+    model: str
+    want_logprobs: bool
+    logprob_entries: LogprobEntries
+
+
+class ChoiceRenderer:
+    """One choice of a response; subclasses give the endpoint's shape."""
+
+    def __init__(self, index: int, ctx: RenderContext) -> None:
+        self.state = ChoiceState(index)
+        self.ctx = ctx
+
+    def _add(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        entries = []
+        if self.ctx.want_logprobs and item.get("logprobs"):
+            entries = self.ctx.logprob_entries(item["logprobs"])
+        self.state.add(item, entries)
+        return entries
+
+    def feed(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def body(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class CompletionChoice(ChoiceRenderer):
+    def feed(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        start = len(self.state.text)  # log-prob text offsets count the whole completion
+        entries = self._add(item)
+        lp = completion_logprobs(entries, start) if self.ctx.want_logprobs else None
+        return [{"index": self.state.index, "text": item["text"], "logprobs": lp,
+                 "finish_reason": item.get("finish_reason")}]  # fmt: skip
+
+    def body(self) -> dict[str, Any]:
+        c = self.state
+        return {
+            "index": c.index,
+            "text": c.text,
+            "logprobs": completion_logprobs(c.logprobs) if self.ctx.want_logprobs else None,
+            "finish_reason": c.finish_reason,
+        }
+
+
+class ChatChoice(ChoiceRenderer):
+    def __init__(self, index: int, ctx: RenderContext) -> None:
+        super().__init__(index, ctx)
+        self.started = False
+
+    def feed(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        i = self.state.index
+        if not self.started:  # OpenAI opens each choice with its role
+            self.started = True
+            out.append({"index": i, "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None, "finish_reason": None})  # fmt: skip
+        entries = self._add(item)
+        lp = chat_logprobs(entries) if self.ctx.want_logprobs else None
+        delta = {"content": item["text"]} if item["text"] else {}
+        out.append({"index": i, "delta": delta, "logprobs": lp,
+                    "finish_reason": item.get("finish_reason")})  # fmt: skip
+        return out
+
+    def body(self) -> dict[str, Any]:
+        c = self.state
+        return {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": chat_logprobs(c.logprobs) if self.ctx.want_logprobs else None,
+            "finish_reason": c.finish_reason,
+        }
+
+
+@dataclass(frozen=True)
+class ResponseShape:
+    """The envelope of an endpoint's responses."""
+
+    object: str  # non-streamed body
+    chunk_object: str  # streamed chunks
+    id_prefix: str
+    choice: type[ChoiceRenderer]
+
+    def body(self, rid: str, model: str, choices: list[dict], usage: dict) -> dict[str, Any]:
+        return {"id": rid, "object": self.object, "created": int(time.time()), "model": model,
+                "choices": choices, "usage": usage}  # fmt: skip
+
+    def chunk(self, rid: str, model: str, created: int, choices: list[dict],
+              usage: dict | None = None) -> dict[str, Any]:  # fmt: skip
+        out = {"id": rid, "object": self.chunk_object, "created": created, "model": model,
+               "choices": choices}  # fmt: skip
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+
+COMPLETION = ResponseShape("text_completion", "text_completion", "cmpl", CompletionChoice)
+CHAT = ResponseShape("chat.completion", "chat.completion.chunk", "chatcmpl", ChatChoice)

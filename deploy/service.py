@@ -1,0 +1,244 @@
+"""The service core: protocol-independent request handling for the HTTP routes and gRPC methods.
+
+Both protocols become the same ``Prepared`` request (validated sampling, token ids, the pool
+that serves it) and read the same replica stream; only the rendering differs. The first stream
+item is awaited before any response starts, so an error the replica finds (pool too small, its
+queue full) still becomes a proper status code rather than a broken stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from ..actors.sampling_params import SamplingParams
+from ..models.loader import load_spec, load_tokenizer, resolve_model_path
+from .config import ModelConfig, ServiceConfig
+from .protocol import APIError
+from .responses import ChoiceState
+from .router import PoolRouter, PoolState
+
+logger = logging.getLogger(__name__)
+
+
+def validation_error(e: ValidationError | RequestValidationError) -> APIError:
+    """The first problem, named by its JSON path (what OpenAI's `param` means)."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {err['msg']}")
+    if err["type"] == "missing":
+        return APIError(400, f"missing required field {loc!r}", loc)
+    if err["type"] == "extra_forbidden":
+        return APIError(400, f"unknown field {loc!r}", loc)
+    return APIError(400, f"invalid value for {loc!r}: {err['msg']}", loc or None)
+
+
+def replica_error(e: BaseException) -> APIError:
+    """A failed replica call as the status the client should see."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, BackPressureError):
+        return APIError(429, f"the service is overloaded, retry later ({e})")
+    if isinstance(e, DeploymentUnavailableError):
+        return APIError(503, f"no replica is available: {e}")
+    logger.exception("replica call failed", exc_info=e)
+    return APIError(500, f"internal error: {type(e).__name__}: {e}")
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for a replica."""
+
+    model: ModelConfig
+    prompt_ids: list[int]
+    sampling: dict[str, Any]
+    pool: PoolState
+    request_id: str
+    cached_tokens: int = 0  # prompt tokens the replica found in its prefix cache (at the end)
+
+
+@dataclass
+class ServedModel:
+    config: ModelConfig
+    tokenizer: Any
+    max_model_len: int
+    vocab_size: int
+
+
+class ServiceCore:
+    """Protocol-independent request handling shared by the HTTP routes and gRPC methods."""
+
+    def __init__(self, config: ServiceConfig, handles: dict[str, Any], app_name: str) -> None:
+        self.config = config
+        self.handles = handles
+        self.router = PoolRouter(config, app_name)
+        self.models: dict[str, ServedModel] = {}
+        for m in config.models:
+            path = resolve_model_path(m.path)
+            spec = load_spec(path)
+            self.models[m.name] = ServedModel(
+                m, load_tokenizer(path), m.max_model_len or spec.max_position_embeddings,
+                spec.vocab_size,
+            )  # fmt: skip
+        key = config.ingress.api_key
+        if config.ingress.api_key_env:
+            key = os.environ.get(config.ingress.api_key_env)
+            if not key:
+                raise ValueError(
+                    f"ingress.api_key_env names {config.ingress.api_key_env}, which is not set"
+                )
+        self.api_key = key
+
+    # ----- checks ---------------------------------------------------------------------------
+    def authorize(self, authorization: str | None) -> None:
+        if self.api_key is None:
+            return
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
+
+    def served_model(self, name: str) -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
+            raise APIError(404, f"model {name!r} does not exist; models: {sorted(self.models)}",
+                           "model")  # fmt: skip
+        return served
+
+    def prepare(
+        self,
+        model: str,
+        sampling: dict[str, Any],
+        *,
+        prompt: str | list[int] | None = None,
+        messages: list[dict[str, str]] | None = None,
+        device: str = "auto",
+    ) -> Prepared:
+        served = self.served_model(model)
+        tok = served.tokenizer
+        if messages is not None:
+            if not messages:
+                raise APIError(400, "messages must not be empty", "messages")
+            if tok is None or not getattr(tok, "chat_template", None):
+                raise APIError(400, f"model {model!r} has no chat template; use /v1/completions")
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as e:  # a template may raise on roles it does not know
+                raise APIError(400, f"the chat template rejected the messages: {e}",
+                               "messages") from e  # fmt: skip
+            # The template already holds the special tokens (BOS) it wants.
+            prompt_ids = list(tok(text, add_special_tokens=False).input_ids)
+            if "max_tokens" not in sampling:
+                # OpenAI's chat default: up to the context length
+                room = served.max_model_len - len(prompt_ids)
+                sampling = {**sampling, "max_tokens": max(1, room)}
+        elif isinstance(prompt, str):
+            if tok is None:
+                raise APIError(400, f"model {model!r} has no tokenizer; send token ids", "prompt")
+            prompt_ids = list(tok(prompt).input_ids)
+        else:
+            prompt_ids = list(prompt or [])
+            bad = [t for t in prompt_ids if not 0 <= t < served.vocab_size]
+            if bad:
+                raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary "
+                               f"[0, {served.vocab_size})", "prompt")  # fmt: skip
+        if not prompt_ids:
+            raise APIError(400, "prompt is empty", "prompt")
+        try:
+            params = SamplingParams(**sampling)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e)) from e
+        total = len(prompt_ids) + params.max_tokens
+        if total > served.max_model_len:
+            raise APIError(
+                400,
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the model's maximum context length {served.max_model_len}",
+                "max_tokens",
+            )
+        pool = self.router.choose(served.config, device)
+        return Prepared(served.config, prompt_ids, sampling, pool, uuid.uuid4().hex)
+
+    # ----- the replica stream ---------------------------------------------------------------
+    async def open_stream(self, prep: Prepared) -> AsyncIterator[dict[str, Any]]:
+        """Start the request and wait for its first item, so errors surface before a response
+        is committed. The returned iterator yields that item first; closing it early (client
+        gone) cancels the replica call, which aborts the request and frees its KV blocks."""
+        handle = self.handles[prep.pool.deployment].options(stream=True)
+        gen = None
+        prep.pool.in_flight += 1
+        try:
+            # Serve may refuse at .remote() already (its handle queue is full: backpressure).
+            gen = handle.generate.remote(prep.prompt_ids, prep.sampling, prep.request_id)
+            first = await gen.__anext__()
+        except asyncio.CancelledError:  # the client went away while we waited
+            prep.pool.in_flight -= 1
+            if gen is not None:
+                gen.cancel()
+            raise
+        except Exception as e:  # the call failed: nothing left to cancel
+            prep.pool.in_flight -= 1
+            raise replica_error(e) from e
+        if "error" in first:
+            prep.pool.in_flight -= 1
+            raise APIError.from_dict(first["error"])
+        return self._rest(gen, first, prep)
+
+    @staticmethod
+    async def _rest(gen: Any, first: dict[str, Any], prep: Prepared) -> AsyncIterator[dict]:
+        finished = False
+        try:
+            item = first
+            while True:
+                prep.cached_tokens = item.get("num_cached_tokens", prep.cached_tokens)
+                yield item
+                item = await gen.__anext__()
+                if "error" in item:
+                    raise APIError.from_dict(item["error"])
+        except StopAsyncIteration:
+            finished = True
+        except (APIError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            raise replica_error(e) from e
+        finally:
+            prep.pool.in_flight -= 1
+            if not finished:
+                gen.cancel()
+
+    def logprob_entries(self, model: str, wire: list[tuple]) -> list[dict[str, Any]]:
+        tok = self.models[model].tokenizer
+
+        def text(t: int) -> str:
+            return tok.decode([t]) if tok is not None else str(t)
+
+        return [
+            {"token_id": tid, "token": text(tid), "logprob": lp,
+             "top": [{"token_id": t, "token": text(t), "logprob": v} for t, v in top]}
+            for tid, lp, top in wire
+        ]  # fmt: skip
+
+    async def collect(self, prep: Prepared, stream: AsyncIterator[dict]) -> list[ChoiceState]:
+        """Every choice whole, once the stream has ended."""
+        choices: dict[int, ChoiceState] = {}
+        async for item in stream:
+            c = choices.setdefault(item["index"], ChoiceState(item["index"]))
+            c.add(item, self.logprob_entries(prep.model.name, item.get("logprobs") or []))
+        return [choices[i] for i in sorted(choices)]
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return [
+            {"id": name, "pools": [s.pool.name for s in self.router.pools[name]],
+             "max_model_len": m.max_model_len}
+            for name, m in self.models.items()
+        ]  # fmt: skip
