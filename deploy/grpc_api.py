@@ -11,7 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .protocol import APIError, ChatMessage
+from .errors import APIError
+from .protocol import ChatMessage
 from .responses import ChoiceState
 from .service import Prepared, ServiceCore, validation_error
 

@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import grpc_api
 from .config import ServiceConfig
+from .errors import APIError
 from .openai_api import CHAT_COMPLETIONS, COMPLETIONS, serve_openai
-from .protocol import APIError
 from .service import ServiceCore, validation_error
 
 api = FastAPI(title="segserve", description="OpenAI-compatible LLM serving on Ray Serve")

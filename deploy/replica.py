@@ -22,7 +22,7 @@ from ..actors.config import EngineConfig
 from ..actors.engine import QueueFull
 from ..actors.outputs import Delta
 from ..actors.sampling_params import SamplingParams
-from .protocol import APIError
+from .errors import APIError, engine_error_param
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class LLMReplica:
                 yield delta_to_wire(d)
         except (ValueError, TypeError) as e:
             status = "rejected"
-            yield {"error": APIError(400, str(e)).to_dict()}
+            yield {"error": APIError(400, str(e), engine_error_param(str(e))).to_dict()}
         except QueueFull as e:
             status = "rejected"
             yield {"error": APIError(429, str(e)).to_dict()}

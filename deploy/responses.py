@@ -95,16 +95,20 @@ class RenderContext:
 class ChoiceRenderer:
     """One choice of a response; subclasses give the endpoint's shape."""
 
-    def __init__(self, index: int, ctx: RenderContext) -> None:
+    def __init__(self, index: int, ctx: RenderContext, prefix: str = "") -> None:
         self.state = ChoiceState(index)
         self.ctx = ctx
+        self.prefix = prefix  # echo: text the choice starts with, sent with its first delta
 
-    def _add(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+    def _add(self, item: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+        """Accumulate an item; return its text (behind the echoed prefix, on the first
+        item) and its log-prob entries."""
         entries = []
         if self.ctx.want_logprobs and item.get("logprobs"):
             entries = self.ctx.logprob_entries(item["logprobs"])
-        self.state.add(item, entries)
-        return entries
+        text, self.prefix = self.prefix + item["text"], ""
+        self.state.add({**item, "text": text}, entries)
+        return text, entries
 
     def feed(self, item: dict[str, Any]) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -115,10 +119,11 @@ class ChoiceRenderer:
 
 class CompletionChoice(ChoiceRenderer):
     def feed(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        start = len(self.state.text)  # log-prob text offsets count the whole completion
-        entries = self._add(item)
+        # log-prob text offsets count the whole completion, echoed prompt included
+        start = len(self.state.text) + len(self.prefix)
+        text, entries = self._add(item)
         lp = completion_logprobs(entries, start) if self.ctx.want_logprobs else None
-        return [{"index": self.state.index, "text": item["text"], "logprobs": lp,
+        return [{"index": self.state.index, "text": text, "logprobs": lp,
                  "finish_reason": item.get("finish_reason")}]  # fmt: skip
 
     def body(self) -> dict[str, Any]:
@@ -132,8 +137,8 @@ class CompletionChoice(ChoiceRenderer):
 
 
 class ChatChoice(ChoiceRenderer):
-    def __init__(self, index: int, ctx: RenderContext) -> None:
-        super().__init__(index, ctx)
+    def __init__(self, index: int, ctx: RenderContext, prefix: str = "") -> None:
+        super().__init__(index, ctx, prefix)
         self.started = False
 
     def feed(self, item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -143,9 +148,9 @@ class ChatChoice(ChoiceRenderer):
             self.started = True
             out.append({"index": i, "delta": {"role": "assistant", "content": ""},
                         "logprobs": None, "finish_reason": None})  # fmt: skip
-        entries = self._add(item)
+        text, entries = self._add(item)
         lp = chat_logprobs(entries) if self.ctx.want_logprobs else None
-        delta = {"content": item["text"]} if item["text"] else {}
+        delta = {"content": text} if text else {}
         out.append({"index": i, "delta": delta, "logprobs": lp,
                     "finish_reason": item.get("finish_reason")})  # fmt: skip
         return out

@@ -15,7 +15,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 from . import routing_view
 from .config import ModelConfig, PoolConfig, ServiceConfig
-from .protocol import APIError
+from .errors import APIError
 
 ROUTING_STATS_PERIOD_S = 0.5
 

@@ -24,17 +24,33 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ..actors.sampling_params import SamplingParams
 from ..models.loader import load_spec, load_tokenizer, resolve_model_path
 from .config import ModelConfig, ServiceConfig
-from .protocol import APIError
+from .errors import APIError, engine_error_param
 from .responses import ChoiceState
 from .router import PoolRouter, PoolState
 
 logger = logging.getLogger(__name__)
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _json_path(loc: tuple) -> str:
+    """A pydantic error location as the request's JSON path: a union's branch tags
+    ("str", "list[str]", "TextPart") are pydantic's, not the client's."""
+    return ".".join(
+        str(p) for p in loc
+        if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS or p[:1].isupper()))
+    )  # fmt: skip
+
+
 def validation_error(e: ValidationError | RequestValidationError) -> APIError:
-    """The first problem, named by its JSON path (what OpenAI's `param` means)."""
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    """A problem named by its JSON path (what OpenAI's `param` means): of a value that fits
+    none of a union's types, the most specific branch's (``stop.0`` rather than ``stop``)."""
+    errors = e.errors()
+    err = max(errors, key=lambda x: len(_json_path(x["loc"]).split(".")))
+    if any(x["type"] == "json_invalid" for x in errors):
+        err = next(x for x in errors if x["type"] == "json_invalid")
+    loc = _json_path(err["loc"])
     if err["type"] == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {err['msg']}")
     if err["type"] == "missing":
@@ -66,6 +82,7 @@ class Prepared:
     pool: PoolState
     request_id: str
     cached_tokens: int = 0  # prompt tokens the replica found in its prefix cache (at the end)
+    prompt_text: str | None = None  # the text prompt as sent (not truncated), for echo
 
 
 @dataclass
@@ -121,53 +138,81 @@ class ServiceCore:
         sampling: dict[str, Any],
         *,
         prompt: str | list[int] | None = None,
-        messages: list[dict[str, str]] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+        add_special_tokens: bool | None = None,
+        truncate_prompt_tokens: int | None = None,
         device: str = "auto",
     ) -> Prepared:
+        """Validate and tokenize one prompt (text, token ids, or messages through the chat
+        template with ``template_kwargs``) and pick its pool."""
         served = self.served_model(model)
         tok = served.tokenizer
+        prompt_text = None
         if messages is not None:
-            if not messages:
-                raise APIError(400, "messages must not be empty", "messages")
-            if tok is None or not getattr(tok, "chat_template", None):
-                raise APIError(400, f"model {model!r} has no chat template; use /v1/completions")
-            try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception as e:  # a template may raise on roles it does not know
-                raise APIError(400, f"the chat template rejected the messages: {e}",
-                               "messages") from e  # fmt: skip
-            # The template already holds the special tokens (BOS) it wants.
-            prompt_ids = list(tok(text, add_special_tokens=False).input_ids)
-            if "max_tokens" not in sampling:
-                # OpenAI's chat default: up to the context length
-                room = served.max_model_len - len(prompt_ids)
-                sampling = {**sampling, "max_tokens": max(1, room)}
+            prompt_ids = self._render_chat(served, messages, template_kwargs or {},
+                                           bool(add_special_tokens))  # fmt: skip
+            input_param = "messages"
         elif isinstance(prompt, str):
             if tok is None:
                 raise APIError(400, f"model {model!r} has no tokenizer; send token ids", "prompt")
-            prompt_ids = list(tok(prompt).input_ids)
+            add = True if add_special_tokens is None else add_special_tokens
+            prompt_ids, prompt_text = list(tok(prompt, add_special_tokens=add).input_ids), prompt
+            input_param = "prompt"
         else:
-            prompt_ids = list(prompt or [])
+            prompt_ids, input_param = list(prompt or []), "prompt"
             bad = [t for t in prompt_ids if not 0 <= t < served.vocab_size]
             if bad:
                 raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary "
                                f"[0, {served.vocab_size})", "prompt")  # fmt: skip
+        if truncate_prompt_tokens is not None:
+            keep = served.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+            if keep == 0 or keep > served.max_model_len:
+                raise APIError(400, f"truncate_prompt_tokens must be -1 or in [1, "
+                               f"{served.max_model_len}]", "truncate_prompt_tokens")  # fmt: skip
+            if len(prompt_ids) > keep:  # vLLM keeps the end: the part nearest the reply
+                prompt_ids, prompt_text = prompt_ids[-keep:], None
         if not prompt_ids:
-            raise APIError(400, "prompt is empty", "prompt")
+            raise APIError(400, "prompt is empty", input_param)
+        if messages is not None and "max_tokens" not in sampling:
+            # OpenAI's chat default: up to the context length
+            room = served.max_model_len - len(prompt_ids)
+            sampling = {**sampling, "max_tokens": max(1, room)}
         try:
             params = SamplingParams(**sampling)
         except (ValueError, TypeError) as e:
-            raise APIError(400, str(e)) from e
+            raise APIError(400, str(e), engine_error_param(str(e))) from e
         total = len(prompt_ids) + params.max_tokens
         if total > served.max_model_len:
             raise APIError(
                 400,
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                 f"exceeds the model's maximum context length {served.max_model_len}",
-                "max_tokens",
+                input_param if len(prompt_ids) >= served.max_model_len else "max_tokens",
             )
         pool = self.router.choose(served.config, device)
-        return Prepared(served.config, prompt_ids, sampling, pool, uuid.uuid4().hex)
+        return Prepared(served.config, prompt_ids, sampling, pool, uuid.uuid4().hex,
+                        prompt_text=prompt_text)  # fmt: skip
+
+    @staticmethod
+    def _render_chat(
+        served: ServedModel, messages: list[dict[str, Any]], template_kwargs: dict[str, Any],
+        add_special_tokens: bool,
+    ) -> list[int]:  # fmt: skip
+        tok = served.tokenizer
+        if not messages:
+            raise APIError(400, "messages must not be empty", "messages")
+        if tok is None or not (getattr(tok, "chat_template", None)
+                               or template_kwargs.get("chat_template")):  # fmt: skip
+            raise APIError(400, f"model {served.config.name!r} has no chat template; use "
+                           "/v1/completions", "messages")  # fmt: skip
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, **template_kwargs)
+        except Exception as e:  # a template may raise on roles or fields it does not know
+            raise APIError(400, f"the chat template rejected the messages: {e}",
+                           "messages") from e  # fmt: skip
+        # The template already holds the special tokens (BOS) it wants.
+        return list(tok(text, add_special_tokens=add_special_tokens).input_ids)
 
     # ----- the replica stream ---------------------------------------------------------------
     async def open_stream(self, prep: Prepared) -> AsyncIterator[dict[str, Any]]:
@@ -216,10 +261,15 @@ class ServiceCore:
             if not finished:
                 gen.cancel()
 
-    def logprob_entries(self, model: str, wire: list[tuple]) -> list[dict[str, Any]]:
+    def logprob_entries(self, model: str, wire: list[tuple],
+                        as_token_ids: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+        """The replica's (id, logprob, top) tuples as entries naming each token; with
+        ``as_token_ids`` (vLLM's return_tokens_as_token_ids) a token is "token_id:<id>"."""
         tok = self.models[model].tokenizer
 
         def text(t: int) -> str:
+            if as_token_ids:
+                return f"token_id:{t}"
             return tok.decode([t]) if tok is not None else str(t)
 
         return [
@@ -227,6 +277,12 @@ class ServiceCore:
              "top": [{"token_id": t, "token": text(t), "logprob": v} for t, v in top]}
             for tid, lp, top in wire
         ]  # fmt: skip
+
+    def decode(self, model: str, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        tok = self.models[model].tokenizer
+        if tok is None:
+            return ""
+        return tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     async def collect(self, prep: Prepared, stream: AsyncIterator[dict]) -> list[ChoiceState]:
         """Every choice whole, once the stream has ended."""

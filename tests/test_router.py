@@ -14,7 +14,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Repl
 from segserve.deploy import routing_view
 from segserve.deploy.app import replica_options
 from segserve.deploy.config import parse_service_config
-from segserve.deploy.protocol import APIError
+from segserve.deploy.errors import APIError
 from segserve.deploy.router import (
     KVHeadroomRouter,
     PoolRouter,
