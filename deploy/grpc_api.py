@@ -127,7 +127,7 @@ async def generate(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
     pb = _pb()
     try:
         prep = prepare(core, request, grpc_context)
-        choices = await core.collect(prep, await core.open_stream(prep))
+        (choices,) = await core.collect([prep])
     except APIError as e:
         return fail(grpc_context, e, pb.GenerateResponse())
     tokens = sum(len(c.token_ids) for c in choices)
@@ -141,7 +141,7 @@ async def generate_stream(core: ServiceCore, request: Any, grpc_context: Any) ->
     pb = _pb()
     try:
         prep = prepare(core, request, grpc_context)
-        stream = await core.open_stream(prep)
+        stream = await core.open_streams([prep])
     except APIError as e:
         # A streaming method's status only reaches the client through an exception: Serve's
         # proxy turns it into the code set on the context.
@@ -149,7 +149,7 @@ async def generate_stream(core: ServiceCore, request: Any, grpc_context: Any) ->
         raise
     tokens = 0
     try:
-        async for item in stream:
+        async for _, item in stream:
             c = ChoiceState(item["index"])
             c.add(item, core.logprob_entries(prep.model.name, item.get("logprobs") or []))
             tokens += len(c.token_ids)
@@ -158,5 +158,7 @@ async def generate_stream(core: ServiceCore, request: Any, grpc_context: Any) ->
     except APIError as e:
         fail(grpc_context, e, None)
         raise
+    finally:
+        stream.close()
     yield pb.GenerateResponse(id=prep.request_id, model=prep.model.name,
                               pool=prep.pool.pool.name, usage=_usage(pb, prep, tokens))

@@ -29,25 +29,30 @@ from .responses import (
     usage_body,
 )
 from .service import Prepared, ServiceCore, validation_error
+from .streams import MergedStream
 
 
 @dataclass(frozen=True)
 class Endpoint:
     schema: type[_Request]
     shape: ResponseShape
-    # The request as the service core's prepare() arguments (prompt or messages).
-    prepare: Callable[[ServiceCore, Any], Prepared]
-    # The text every choice starts with (echo), given the prepared request.
+    # The request as prepared prompts (the service core's prepare(), once per prompt).
+    prepare: Callable[[ServiceCore, Any], list[Prepared]]
+    # The text every choice of a prompt starts with (echo), given that prompt prepared.
     echo: Callable[[ServiceCore, Any, Prepared], str]
     want_logprobs: Callable[[Any], bool]
 
 
-def _prepare_completion(core: ServiceCore, body: CompletionRequest) -> Prepared:
-    return core.prepare(
-        body.model, body.sampling(), prompt=body.single_prompt(), device=body.device,
-        add_special_tokens=body.add_special_tokens,
-        truncate_prompt_tokens=body.truncate_prompt_tokens,
-    )  # fmt: skip
+def _prepare_completion(core: ServiceCore, body: CompletionRequest) -> list[Prepared]:
+    sampling = body.sampling()
+    return [
+        core.prepare(
+            body.model, sampling, prompt=prompt, device=body.device,
+            add_special_tokens=body.add_special_tokens,
+            truncate_prompt_tokens=body.truncate_prompt_tokens,
+        )
+        for prompt in body.prompts()
+    ]  # fmt: skip
 
 
 def _echo_completion(core: ServiceCore, body: CompletionRequest, prep: Prepared) -> str:
@@ -59,12 +64,12 @@ def _echo_completion(core: ServiceCore, body: CompletionRequest, prep: Prepared)
     return core.decode(body.model, prep.prompt_ids, skip)
 
 
-def _prepare_chat(core: ServiceCore, body: ChatCompletionRequest) -> Prepared:
-    return core.prepare(
+def _prepare_chat(core: ServiceCore, body: ChatCompletionRequest) -> list[Prepared]:
+    return [core.prepare(
         body.model, body.sampling(), messages=body.template_messages(),
         template_kwargs=body.template_kwargs(), add_special_tokens=body.add_special_tokens,
         truncate_prompt_tokens=body.truncate_prompt_tokens, device=body.device,
-    )  # fmt: skip
+    )]  # fmt: skip
 
 
 COMPLETIONS = Endpoint(CompletionRequest, COMPLETION, _prepare_completion, _echo_completion,
@@ -83,53 +88,74 @@ async def parse(request: Request, schema: type[_Request]) -> Any:
 
 
 class _Response:
-    """One request's choices as the replica stream fills them in."""
+    """One request's choices as the replica streams fill them in. With a batch of prompts,
+    prompt i's choices are indexed i * choices_per_prompt + j, as OpenAI does."""
 
-    def __init__(self, core: ServiceCore, endpoint: Endpoint, body: Any, prep: Prepared) -> None:
+    def __init__(self, core: ServiceCore, endpoint: Endpoint, body: Any,
+                 preps: list[Prepared]) -> None:  # fmt: skip
         self.shape = endpoint.shape
         self.body = body
-        self.prep = prep
+        self.preps = preps
         self.rid = new_id(endpoint.shape.id_prefix)
         self.ctx = RenderContext(
             body.model, endpoint.want_logprobs(body),
             lambda wire: core.logprob_entries(body.model, wire, body.return_tokens_as_token_ids),
         )  # fmt: skip
-        self.prefix = endpoint.echo(core, body, prep)
-        self.keep = body.returned_choices  # beam search: the best n of the beams
-        self.choices: dict[int, ChoiceRenderer] = {}
-        self.completion_tokens = 0
+        self.prefixes = [endpoint.echo(core, body, p) for p in preps]
+        self.per_prompt = body.choices_per_prompt
+        self.choices: dict[tuple[int, int], ChoiceRenderer] = {}  # (prompt, engine index)
 
-    def feed(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        """The item's stream chunk entries ([] for a choice the response drops)."""
+    def feed(self, pos: int, item: dict[str, Any]) -> list[dict[str, Any]]:
+        """Prompt ``pos``'s item as stream chunk entries ([] for a choice the response drops:
+        beam search keeps the first n beams, the best)."""
         index = item["index"]
-        if self.keep is not None and index >= self.keep:
+        if not self.body.ranks_by_logprob and index >= self.per_prompt:
             return []
-        choice = self.choices.get(index)
+        choice = self.choices.get((pos, index))
         if choice is None:
-            choice = self.choices[index] = self.shape.choice(index, self.ctx, self.prefix)
-        self.completion_tokens += len(item["token_ids"])
+            choice = self.choices[pos, index] = self.shape.choice(
+                pos * self.per_prompt + index, self.ctx, self.prefixes[pos])
         return choice.feed(item)
 
-    def usage(self) -> dict[str, Any]:
-        p = self.prep
-        return usage_body(len(p.prompt_ids), self.completion_tokens, p.cached_tokens)
+    def _kept(self) -> list[ChoiceRenderer]:
+        if not self.body.ranks_by_logprob:
+            return [self.choices[k] for k in sorted(self.choices)]
+        kept = []
+        for pos in range(len(self.preps)):  # best_of: the n most likely samples of each prompt
+            mine = [c for (p, _), c in sorted(self.choices.items()) if p == pos]
+            mine.sort(key=lambda c: c.state.cumulative_logprob, reverse=True)
+            for rank, c in enumerate(mine[: self.per_prompt]):
+                c.state.index = pos * self.per_prompt + rank
+                kept.append(c)
+        return kept
+
+    def usage(self, choices: list[ChoiceRenderer] | None = None) -> dict[str, Any]:
+        choices = list(self.choices.values()) if choices is None else choices
+        return usage_body(
+            sum(len(p.prompt_ids) for p in self.preps),
+            sum(len(c.state.token_ids) for c in choices),
+            sum(p.cached_tokens for p in self.preps),
+        )
 
     def body_json(self) -> dict[str, Any]:
-        bodies = [self.choices[i].body() for i in sorted(self.choices)]
-        return self.shape.body(self.rid, self.body.model, bodies, self.usage())
+        kept = self._kept()
+        bodies = [c.body() for c in kept]
+        return self.shape.body(self.rid, self.body.model, bodies, self.usage(kept))
 
-    async def events(self, stream: AsyncIterator[dict]) -> AsyncIterator[str]:
+    async def events(self, stream: MergedStream) -> AsyncIterator[str]:
         created, model = int(time.time()), self.body.model
         continuous = self.body.continuous_usage
         try:
-            async for item in stream:
-                for entry in self.feed(item):
+            async for pos, item in stream:
+                for entry in self.feed(pos, item):
                     usage = self.usage() if continuous else None
                     yield _sse(self.shape.chunk(self.rid, model, created, [entry], usage))
             if self.body.include_usage:
                 yield _sse(self.shape.chunk(self.rid, model, created, [], self.usage()))
         except APIError as e:
             yield _sse(e.body())
+        finally:
+            stream.close()
         yield "data: [DONE]\n\n"
 
 
@@ -137,13 +163,16 @@ async def serve_openai(core: ServiceCore, endpoint: Endpoint, request: Request) 
     """One completions or chat request: a JSON body, or an SSE stream of chunks."""
     core.authorize(request.headers.get("authorization"))
     body = await parse(request, endpoint.schema)
-    prep = endpoint.prepare(core, body)
-    response = _Response(core, endpoint, body, prep)
-    stream = await core.open_stream(prep)
+    preps = endpoint.prepare(core, body)
+    response = _Response(core, endpoint, body, preps)
+    stream = await core.open_streams(preps)
     if body.stream:
         return StreamingResponse(response.events(stream), media_type="text/event-stream")
-    async for item in stream:
-        response.feed(item)
+    try:
+        async for pos, item in stream:
+            response.feed(pos, item)
+    finally:
+        stream.close()
     return response.body_json()
 
 

@@ -178,9 +178,21 @@ class _Request(_Schema):
         return self.n
 
     @property
+    def ranks_by_logprob(self) -> bool:
+        """best_of > n: the engine samples best_of, the response keeps the n most likely."""
+        return False
+
+    @property
     def returned_choices(self) -> int | None:
         """How many choices the response keeps, best first; None: every one the engine made."""
-        return self.n if self.use_beam_search else None
+        return self.n if self.use_beam_search or self.ranks_by_logprob else None
+
+    @property
+    def choices_per_prompt(self) -> int:
+        """Choices of each prompt in the response: prompt i's are i * this + 0, 1, ..."""
+        if self.returned_choices is not None:
+            return self.returned_choices
+        return self.beam_width if self.beam_width and self.beam_width > 1 else self.n
 
     @property
     def include_usage(self) -> bool:
@@ -198,32 +210,41 @@ class CompletionRequest(_Request):
     best_of: int | None = Field(None, ge=1, le=128)
     suffix: str | None = None
 
-    def single_prompt(self) -> str | list[int]:
-        p = self.prompt
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one, or a batch (a list of texts or of token-id lists)."""
         if self.echo and self.logprobs is not None:
             raise _not_supported_yet("echo", "echo with logprobs (prompt logprobs)")
         if self.suffix:
             raise APIError(400, "suffix is not supported", "suffix")
-        if self.best_of is not None and self.best_of != self.n and not self.use_beam_search:
-            raise APIError(400, "best_of must equal n (server-side best-of is not supported)",
+        if self.best_of is not None and self.best_of < self.n:
+            raise APIError(400, f"best_of ({self.best_of}) must be >= n ({self.n})", "best_of")
+        if self.ranks_by_logprob and self.stream:
+            raise APIError(400, "best_of > n cannot be streamed (the best are known at the end)",
                            "best_of")  # fmt: skip
-        if isinstance(p, list) and p and isinstance(p[0], str | list):
-            if len(p) != 1:
-                raise APIError(400, "send one prompt per request (batched prompts are not "
-                               "supported)", "prompt")  # fmt: skip
-            p = p[0]
-        if not p:
-            raise APIError(400, "prompt is empty", "prompt")
-        return p
+        p = self.prompt
+        batched = isinstance(p, list) and bool(p) and isinstance(p[0], str | list)
+        batch = p if batched else [p]
+        for i, one in enumerate(batch):
+            if not one:
+                raise APIError(400, "prompt is empty", f"prompt.{i}" if batched else "prompt")
+        return batch
 
     @property
     def beam_search_width(self) -> int:
         return max(self.n, self.best_of or 1)
 
+    @property
+    def ranks_by_logprob(self) -> bool:
+        return self.best_of is not None and self.best_of > self.n and not self.use_beam_search
+
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
+        if self.ranks_by_logprob:
+            out["n"] = self.best_of
+            # the ranking sums the chosen tokens' log-probs; they are not returned unless asked
+            out.setdefault("logprobs", 0)
         return out
 
 

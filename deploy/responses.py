@@ -29,12 +29,14 @@ class ChoiceState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
+    cumulative_logprob: float = 0.0  # of the tokens whose log-probs the replica sent
 
     def add(self, item: dict[str, Any], entries: list[dict[str, Any]]) -> None:
         """Append one replica item (``entries``: its log-probs, already made entries)."""
         self.text += item["text"]
         self.token_ids += item["token_ids"]
         self.logprobs += entries
+        self.cumulative_logprob += sum(lp for _, lp, _ in item.get("logprobs") or [])
         self.finish_reason = item.get("finish_reason", self.finish_reason)
 
 

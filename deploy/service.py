@@ -8,18 +8,15 @@ queue full) still becomes a proper status code rather than a broken stream.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from ..actors.sampling_params import SamplingParams
 from ..models.loader import load_spec, load_tokenizer, resolve_model_path
@@ -27,6 +24,7 @@ from .config import ModelConfig, ServiceConfig
 from .errors import APIError, engine_error_param
 from .responses import ChoiceState
 from .router import PoolRouter, PoolState
+from .streams import MergedStream, open_streams
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +56,6 @@ def validation_error(e: ValidationError | RequestValidationError) -> APIError:
     if err["type"] == "extra_forbidden":
         return APIError(400, f"unknown field {loc!r}", loc)
     return APIError(400, f"invalid value for {loc!r}: {err['msg']}", loc or None)
-
-
-def replica_error(e: BaseException) -> APIError:
-    """A failed replica call as the status the client should see."""
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, BackPressureError):
-        return APIError(429, f"the service is overloaded, retry later ({e})")
-    if isinstance(e, DeploymentUnavailableError):
-        return APIError(503, f"no replica is available: {e}")
-    logger.exception("replica call failed", exc_info=e)
-    return APIError(500, f"internal error: {type(e).__name__}: {e}")
 
 
 @dataclass
@@ -214,52 +200,11 @@ class ServiceCore:
         # The template already holds the special tokens (BOS) it wants.
         return list(tok(text, add_special_tokens=add_special_tokens).input_ids)
 
-    # ----- the replica stream ---------------------------------------------------------------
-    async def open_stream(self, prep: Prepared) -> AsyncIterator[dict[str, Any]]:
-        """Start the request and wait for its first item, so errors surface before a response
-        is committed. The returned iterator yields that item first; closing it early (client
-        gone) cancels the replica call, which aborts the request and frees its KV blocks."""
-        handle = self.handles[prep.pool.deployment].options(stream=True)
-        gen = None
-        prep.pool.in_flight += 1
-        try:
-            # Serve may refuse at .remote() already (its handle queue is full: backpressure).
-            gen = handle.generate.remote(prep.prompt_ids, prep.sampling, prep.request_id)
-            first = await gen.__anext__()
-        except asyncio.CancelledError:  # the client went away while we waited
-            prep.pool.in_flight -= 1
-            if gen is not None:
-                gen.cancel()
-            raise
-        except Exception as e:  # the call failed: nothing left to cancel
-            prep.pool.in_flight -= 1
-            raise replica_error(e) from e
-        if "error" in first:
-            prep.pool.in_flight -= 1
-            raise APIError.from_dict(first["error"])
-        return self._rest(gen, first, prep)
-
-    @staticmethod
-    async def _rest(gen: Any, first: dict[str, Any], prep: Prepared) -> AsyncIterator[dict]:
-        finished = False
-        try:
-            item = first
-            while True:
-                prep.cached_tokens = item.get("num_cached_tokens", prep.cached_tokens)
-                yield item
-                item = await gen.__anext__()
-                if "error" in item:
-                    raise APIError.from_dict(item["error"])
-        except StopAsyncIteration:
-            finished = True
-        except (APIError, asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as e:
-            raise replica_error(e) from e
-        finally:
-            prep.pool.in_flight -= 1
-            if not finished:
-                gen.cancel()
+    # ----- the replica streams --------------------------------------------------------------
+    async def open_streams(self, preps: list[Prepared]) -> MergedStream:
+        """Start every prompt's request and wait for each one's first item (see streams.py).
+        The caller must ``close()`` the result when done with it."""
+        return await open_streams(self.handles, preps)
 
     def logprob_entries(self, model: str, wire: list[tuple],
                         as_token_ids: bool = False) -> list[dict[str, Any]]:  # fmt: skip
@@ -284,13 +229,18 @@ class ServiceCore:
             return ""
         return tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    async def collect(self, prep: Prepared, stream: AsyncIterator[dict]) -> list[ChoiceState]:
-        """Every choice whole, once the stream has ended."""
-        choices: dict[int, ChoiceState] = {}
-        async for item in stream:
-            c = choices.setdefault(item["index"], ChoiceState(item["index"]))
-            c.add(item, self.logprob_entries(prep.model.name, item.get("logprobs") or []))
-        return [choices[i] for i in sorted(choices)]
+    async def collect(self, preps: list[Prepared]) -> list[list[ChoiceState]]:
+        """Every choice of every prompt, whole, once the streams have ended."""
+        choices: list[dict[int, ChoiceState]] = [{} for _ in preps]
+        stream = await self.open_streams(preps)
+        try:
+            async for pos, item in stream:
+                c = choices[pos].setdefault(item["index"], ChoiceState(item["index"]))
+                wire = item.get("logprobs") or []
+                c.add(item, self.logprob_entries(preps[pos].model.name, wire))
+        finally:
+            stream.close()
+        return [[cs[i] for i in sorted(cs)] for cs in choices]
 
     def list_models(self) -> list[dict[str, Any]]:
         return [

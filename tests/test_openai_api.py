@@ -194,6 +194,72 @@ async def test_continuous_usage_stats(svc, path, prompt):
     assert ["usage" in c for c in events[:-1]] == [False] * (len(events) - 2) + [True]
 
 
+# ----- batched prompts, best_of ----------------------------------------------------------------
+BATCH = ["Hello", "The quick brown fox", "segment KV cache"]
+
+
+async def test_batched_text_prompts_indexed_as_openai(svc, llm):
+    sampled = {"model": "demo", "prompt": BATCH, "n": 2, "seed": 7, "max_tokens": 6,
+               "temperature": 1.0}  # fmt: skip
+    _, body = await svc.post("/v1/completions", sampled)
+    want = llm.generate(BATCH, SamplingParams(n=2, seed=7, max_tokens=6, temperature=1.0))
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    assert [c["text"] for c in body["choices"]] == [o.text for r in want for o in r.outputs]
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == sum(len(r.prompt_token_ids) for r in want)
+    assert usage["completion_tokens"] == sum(len(o.token_ids) for r in want for o in r.outputs)
+
+    _, events = await svc.post("/v1/completions", {**sampled, "stream": True,
+                                                   "stream_options": {"include_usage": True}})
+    texts: dict[int, str] = {}
+    for e in events[:-2]:
+        (c,) = e["choices"]
+        texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert [texts[i] for i in range(6)] == [o.text for r in want for o in r.outputs]
+    last = events[-2]["usage"]  # cached_tokens differ: the first request filled the cache
+    assert (last["prompt_tokens"], last["completion_tokens"]) == (
+        usage["prompt_tokens"], usage["completion_tokens"])
+
+
+async def test_batched_token_prompts_and_echo(svc, llm):
+    prompts = [[0, 17, 42], [0, 99, 100, 101]]
+    _, body = await svc.post("/v1/completions", {"model": "demo", "prompt": prompts,
+                                                 "echo": True, **GREEDY})
+    tok = llm.tokenizer
+    assert [c["text"] for c in body["choices"]] == [
+        tok.decode(p, skip_special_tokens=True) + greedy(llm, p) for p in prompts]
+
+
+async def test_a_bad_prompt_in_a_batch_fails_the_request_and_leaves_nothing_running(svc):
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": [[5], [9] * 600],
+                                                      "max_tokens": 1})
+    assert (status, body["error"]["param"]) == (400, "prompt")
+    # the replica refuses one prompt of two (n over its max_num_seqs is checked there)
+    engine = svc.engine("demo")
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": ["a", "b"],
+                                                      "n": 9})
+    assert (status, body["error"]["param"]) == (400, "n")
+    assert engine.stats()["running_requests"] == 0 and engine.stats()["waiting_requests"] == 0
+
+
+async def test_best_of_keeps_the_most_likely(svc, llm):
+    req = {"model": "demo", "prompt": BATCH[:2], "n": 2, "best_of": 4, "seed": 3,
+           "max_tokens": 6, "temperature": 1.0}  # fmt: skip
+    _, body = await svc.post("/v1/completions", req)
+    want = llm.generate(BATCH[:2], SamplingParams(n=4, seed=3, max_tokens=6, temperature=1.0,
+                                                  logprobs=0))  # fmt: skip
+    best = [sorted(r.outputs, key=lambda o: o.cumulative_logprob, reverse=True)[:2]
+            for r in want]  # fmt: skip
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in body["choices"]] == [o.text for b in best for o in b]
+    assert all(c["logprobs"] is None for c in body["choices"])  # ranked on, not returned
+    assert body["usage"]["completion_tokens"] == sum(len(o.token_ids) for b in best for o in b)
+    _, body = await svc.post("/v1/completions", {**req, "logprobs": 1})
+    lps = [sum(c["logprobs"]["token_logprobs"]) for c in body["choices"]]
+    assert lps == pytest.approx([o.cumulative_logprob for b in best for o in b], abs=1e-4)
+    assert lps[0] >= lps[1] and lps[2] >= lps[3]
+
+
 # ----- null, unknown fields, errors ---------------------------------------------------------
 def _nullable(schema) -> list[str]:
     return [n for n, f in schema.model_fields.items() if not f.is_required()]

@@ -275,7 +275,7 @@ def test_use_beam_search():
     assert c.returned_choices == 3
     # segserve's own beam_width returns every beam
     assert comp(beam_width=3).returned_choices is None
-    assert comp(use_beam_search=True, n=2, best_of=4).single_prompt() == "hi"
+    assert comp(use_beam_search=True, n=2, best_of=4).prompts() == ["hi"]
 
 
 def test_engine_errors_name_their_field():
@@ -286,42 +286,58 @@ def test_engine_errors_name_their_field():
     assert engine_error_param("something else") is None
 
 
-# ----- single_prompt() -------------------------------------------------------------------------
+# ----- prompts(), best_of -----------------------------------------------------------------------
 @pytest.mark.parametrize(
     "prompt, expected",
     [
-        ("hello", "hello"),
-        ([1, 2, 3], [1, 2, 3]),
-        (["hello"], "hello"),
-        ([[4, 5]], [4, 5]),
+        ("hello", ["hello"]),
+        ([1, 2, 3], [[1, 2, 3]]),
+        (["hello"], ["hello"]),
+        ([[4, 5]], [[4, 5]]),
+        (["a", "b c"], ["a", "b c"]),
+        ([[1], [2, 3]], [[1], [2, 3]]),
     ],
 )
-def test_single_prompt(prompt, expected):
-    assert comp(prompt=prompt).single_prompt() == expected
+def test_prompts(prompt, expected):
+    assert comp(prompt=prompt).prompts() == expected
 
 
 @pytest.mark.parametrize(
     "fields, param",
     [
-        ({"prompt": ["a", "b"]}, "prompt"),
-        ({"prompt": [[1], [2]]}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
-        ({"prompt": [""]}, "prompt"),
+        ({"prompt": [""]}, "prompt.0"),
+        ({"prompt": ["a", ""]}, "prompt.1"),
+        ({"prompt": [[1], []]}, "prompt.1"),
         ({"echo": True, "logprobs": 1}, "echo"),  # needs prompt logprobs
         ({"suffix": "end"}, "suffix"),
-        ({"best_of": 2}, "best_of"),  # n = 1
         ({"best_of": 1, "n": 2}, "best_of"),
+        ({"best_of": 3, "stream": True}, "best_of"),
     ],
 )
-def test_single_prompt_refused(fields, param):
-    e = api_error(comp(**fields).single_prompt)
+def test_prompts_refused(fields, param):
+    e = api_error(comp(**fields).prompts)
     assert (e.status, e.param) == (400, param)
 
 
-def test_best_of_equal_to_n_is_fine():
-    assert comp(best_of=3, n=3).single_prompt() == "hi"
-    assert comp(suffix="").single_prompt() == "hi"
+def test_best_of():
+    assert comp(best_of=3, n=3).prompts() == ["hi"]
+    assert comp(suffix="").prompts() == ["hi"]
+    r = comp(best_of=4, n=2)
+    assert r.ranks_by_logprob and r.returned_choices == 2 and r.choices_per_prompt == 2
+    assert r.sampling() == {"n": 4, "logprobs": 0}  # log-probs for the ranking
+    assert comp(best_of=4, n=2, logprobs=3).sampling() == {"n": 4, "logprobs": 3}
+    assert comp(best_of=3, n=3).sampling() == {"n": 3}
+    # best_of = n streams; best_of with beam search is the beam width
+    assert comp(best_of=2, n=2, stream=True).prompts() == ["hi"]
+    assert not comp(best_of=4, n=2, use_beam_search=True).ranks_by_logprob
+
+
+def test_choices_per_prompt():
+    assert comp(n=3).choices_per_prompt == 3
+    assert comp(beam_width=4).choices_per_prompt == 4  # every beam
+    assert comp(use_beam_search=True, n=2, best_of=5).choices_per_prompt == 2
 
 
 def test_prompt_of_mixed_types_rejected():
@@ -329,6 +345,8 @@ def test_prompt_of_mixed_types_rejected():
         comp(prompt=[1, "a"])
     with pytest.raises(ValidationError):
         comp(prompt=7)
+    with pytest.raises(ValidationError):
+        comp(prompt=["a", [1]])
 
 
 # ----- template_messages() ---------------------------------------------------------------------
