@@ -68,7 +68,8 @@ def _prepare_chat(core: ServiceCore, body: ChatCompletionRequest) -> list[Prepar
     return [core.prepare(
         body.model, body.sampling(), messages=body.template_messages(),
         template_kwargs=body.template_kwargs(), add_special_tokens=body.add_special_tokens,
-        truncate_prompt_tokens=body.truncate_prompt_tokens, device=body.device,
+        truncate_prompt_tokens=body.truncate_prompt_tokens,
+        parse_tool_calls=body.parses_tool_calls, device=body.device,
     )]  # fmt: skip
 
 
@@ -100,6 +101,7 @@ class _Response:
         self.ctx = RenderContext(
             body.model, endpoint.want_logprobs(body),
             lambda wire: core.logprob_entries(body.model, wire, body.return_tokens_as_token_ids),
+            parallel_tool_calls=getattr(body, "parallel_tool_calls", True),
         )  # fmt: skip
         self.prefixes = [endpoint.echo(core, body, p) for p in preps]
         self.per_prompt = body.choices_per_prompt
@@ -114,7 +116,8 @@ class _Response:
         choice = self.choices.get((pos, index))
         if choice is None:
             choice = self.choices[pos, index] = self.shape.choice(
-                pos * self.per_prompt + index, self.ctx, self.prefixes[pos])
+                pos * self.per_prompt + index, self.ctx, self.prefixes[pos],
+                self.preps[pos].tool_parser)
         return choice.feed(item)
 
     def _kept(self) -> list[ChoiceRenderer]:

@@ -18,10 +18,11 @@ segserve's extensions are extra body fields, as the ``openai`` client's ``extra_
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from .errors import APIError
 
@@ -249,8 +250,34 @@ class CompletionRequest(_Request):
 
 
 class TextPart(_Schema):
+    _where = "messages[].content[]."
     type: Literal["text"]
     text: str
+
+
+class FunctionCall(_Schema):
+    _where = "tool_calls[].function."
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallIn(_Schema):
+    """An assistant message's earlier call, in the history."""
+
+    _where = "tool_calls[]."
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def as_template_input(self) -> dict[str, Any]:
+        # Templates write the arguments with `tojson`: they want the object, not its JSON text
+        # (as vLLM hands them over). Text that is not JSON goes as it is.
+        try:
+            args: Any = json.loads(self.function.arguments)
+        except ValueError:
+            args = self.function.arguments
+        return {"id": self.id, "type": self.type,
+                "function": {"name": self.function.name, "arguments": args}}  # fmt: skip
 
 
 class ChatMessage(_Schema):
@@ -261,6 +288,8 @@ class ChatMessage(_Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant
+    tool_call_id: str | None = None  # tool: the call this is the result of
 
     @property
     def text(self) -> str:
@@ -273,7 +302,37 @@ class ChatMessage(_Schema):
                                "content": self.text}  # fmt: skip
         if self.name is not None:
             out["name"] = self.name
+        # Only when present: templates test `'tool_calls' in message`.
+        if self.tool_calls:
+            out["tool_calls"] = [c.as_template_input() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return {**(self.model_extra or {}), **out}
+
+
+class FunctionDefinition(_Schema):
+    _where = "tools[].function."
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ToolDefinition(_Schema):
+    _where = "tools[]."
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Schema):
+    _where = "tool_choice.function."
+    name: str
+
+
+class NamedToolChoice(_Schema):
+    _where = "tool_choice."
+    type: Literal["function"]
+    function: NamedFunction
 
 
 # Keys of apply_chat_template that chat_template_kwargs may not set: they are the service's.
@@ -288,9 +347,13 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
+    # Tools go to the chat template as the client sent them (key order included); calls in the
+    # reply are parsed by the model's tool parser (tool_parsers.py) into message.tool_calls.
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # false: at most one call per reply
+    functions: list[Any] | None = None  # OpenAI's deprecated spelling: refused, names tools
+    function_call: Any = None
     # vLLM's chat extensions
     echo: bool = False  # start the reply with the last message's content when roles match
     add_generation_prompt: bool = True
@@ -299,20 +362,60 @@ class ChatCompletionRequest(_Request):
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
 
+    _raw_tools: list[dict[str, Any]] | None = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_raw_tools(cls, data: Any, handler: Any) -> ChatCompletionRequest:
+        request = handler(data)
+        if request.tools:
+            request._raw_tools = data["tools"] if isinstance(data, dict) else None
+        return request
+
     def template_messages(self) -> list[dict[str, Any]]:
         if not self.messages:
             raise APIError(400, "messages must not be empty", "messages")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise APIError(400, "tool calling is not supported", "tools")
         return [m.as_template_input() for m in self.messages]
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        """Whether calls in the reply become tool_calls (tool_choice "none": they stay text).
+        "required" and a named function are served like "auto" for now: the output is not
+        constrained to a call yet."""
+        return bool(self.tools) and self.effective_tool_choice != "none"
+
+    def _check_tools(self) -> None:
+        if self.functions is not None or self.function_call is not None:
+            raise APIError(400, "functions/function_call are deprecated and not supported; "
+                           "send tools and tool_choice", "functions")  # fmt: skip
+        choice = self.effective_tool_choice
+        if choice == "none":
+            return
+        if not self.tools:
+            raise APIError(400, f"tool_choice {choice!r} needs tools", "tool_choice")
+        if isinstance(choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools]
+            if choice.function.name not in names:
+                raise APIError(400, f"tool_choice names function {choice.function.name!r}, "
+                               f"which is not among the tools {names}",
+                               "tool_choice.function.name")  # fmt: skip
 
     def template_kwargs(self) -> dict[str, Any]:
         """apply_chat_template's keyword arguments besides the messages."""
         if self.add_generation_prompt and self.continue_final_message:
             raise APIError(400, "add_generation_prompt and continue_final_message cannot both "
                            "be true", "continue_final_message")  # fmt: skip
+        self._check_tools()
         out: dict[str, Any] = {"add_generation_prompt": self.add_generation_prompt,
                                "continue_final_message": self.continue_final_message}
+        if self.tools:
+            out["tools"] = self._raw_tools or [t.model_dump(exclude_none=True) for t in self.tools]
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template
         if self.documents is not None:

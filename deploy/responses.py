@@ -12,7 +12,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+from .tool_parsers import Event, ToolCall, ToolParser
 
 # The replica's log-prob wire format, (token id, logprob, [(id, logprob), ...]) per token,
 # made into entries {"token_id", "token", "logprob", "top": [...]} by the service (it has the
@@ -92,15 +94,26 @@ class RenderContext:
     model: str
     want_logprobs: bool
     logprob_entries: LogprobEntries
+    parallel_tool_calls: bool = True  # false: a reply keeps its first call only
+
+
+class ToolCalls(Protocol):
+    """How a choice reads tool calls from its reply (service.ToolParserFactory)."""
+
+    def __call__(self) -> ToolParser: ...
+
+    def clean(self, text: str) -> str: ...
 
 
 class ChoiceRenderer:
     """One choice of a response; subclasses give the endpoint's shape."""
 
-    def __init__(self, index: int, ctx: RenderContext, prefix: str = "") -> None:
+    def __init__(self, index: int, ctx: RenderContext, prefix: str = "",
+                 tools: ToolCalls | None = None) -> None:  # fmt: skip
         self.state = ChoiceState(index)
         self.ctx = ctx
         self.prefix = prefix  # echo: text the choice starts with, sent with its first delta
+        self.tools = tools
 
     def _add(self, item: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         """Accumulate an item; return its text (behind the echoed prefix, on the first
@@ -139,31 +152,74 @@ class CompletionChoice(ChoiceRenderer):
 
 
 class ChatChoice(ChoiceRenderer):
-    def __init__(self, index: int, ctx: RenderContext, prefix: str = "") -> None:
-        super().__init__(index, ctx, prefix)
+    """A chat choice; with ``tools``, calls in the reply become ``tool_calls`` (streamed as
+    OpenAI does: a delta with the call's id, type and name, then one with its arguments)."""
+
+    def __init__(self, index: int, ctx: RenderContext, prefix: str = "",
+                 tools: ToolCalls | None = None) -> None:  # fmt: skip
+        super().__init__(index, ctx, prefix, tools)
         self.started = False
+        self.parser = tools() if tools is not None else None
+        self.content = ""  # with a parser: the reply's text that is not calls
+        self.calls: list[ToolCall] = []
 
     def feed(self, item: dict[str, Any]) -> list[dict[str, Any]]:
         out = []
         i = self.state.index
         if not self.started:  # OpenAI opens each choice with its role
             self.started = True
-            out.append({"index": i, "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None, "finish_reason": None})  # fmt: skip
+            # A reply that may be only tool calls has no content until some arrives.
+            role = {"role": "assistant"} if self.parser else {"role": "assistant", "content": ""}
+            out.append({"index": i, "delta": role, "logprobs": None, "finish_reason": None})
         text, entries = self._add(item)
         lp = chat_logprobs(entries) if self.ctx.want_logprobs else None
-        delta = {"content": text} if text else {}
-        out.append({"index": i, "delta": delta, "logprobs": lp,
-                    "finish_reason": item.get("finish_reason")})  # fmt: skip
+        reason = item.get("finish_reason")
+        if self.parser is None:
+            deltas = [{"content": text}] if text else []
+        else:
+            assert self.tools is not None
+            events = self.parser.feed(self.tools.clean(text))
+            if reason is not None:
+                events += self.parser.finish()
+            deltas = self._deltas(events)
+        reason = self._finish_reason(reason)
+        deltas = deltas or [{}]
+        last = len(deltas) - 1
+        out += [{"index": i, "delta": d, "logprobs": lp if k == 0 else None,
+                 "finish_reason": reason if k == last else None}
+                for k, d in enumerate(deltas)]  # fmt: skip
         return out
+
+    def _deltas(self, events: list[Event]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for e in events:
+            if isinstance(e, str):
+                self.content += e
+                out.append({"content": e})
+            elif self.ctx.parallel_tool_calls or not self.calls:
+                k = len(self.calls)
+                self.calls.append(e)
+                out.append({"tool_calls": [{"index": k, "id": e.id, "type": "function",
+                                            "function": {"name": e.name, "arguments": ""}}]})
+                out.append({"tool_calls": [{"index": k,
+                                            "function": {"arguments": e.arguments}}]})
+        return out
+
+    def _finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" and self.calls else reason
 
     def body(self) -> dict[str, Any]:
         c = self.state
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        if self.parser is not None:
+            message["content"] = (self.content or None) if self.calls else self.content
+            if self.calls:
+                message["tool_calls"] = [call.as_openai() for call in self.calls]
         return {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": message,
             "logprobs": chat_logprobs(c.logprobs) if self.ctx.want_logprobs else None,
-            "finish_reason": c.finish_reason,
+            "finish_reason": self._finish_reason(c.finish_reason),
         }
 
 

@@ -25,6 +25,7 @@ from .errors import APIError, engine_error_param
 from .responses import ChoiceState
 from .router import PoolRouter, PoolState
 from .streams import MergedStream, open_streams
+from .tool_parsers import PARSERS, ToolParser, detect_tool_parser
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Prepared:
     request_id: str
     cached_tokens: int = 0  # prompt tokens the replica found in its prefix cache (at the end)
     prompt_text: str | None = None  # the text prompt as sent (not truncated), for echo
+    tool_parser: ToolParserFactory | None = None  # set when the reply's tool calls are parsed
 
 
 @dataclass
@@ -77,6 +79,42 @@ class ServedModel:
     tokenizer: Any
     max_model_len: int
     vocab_size: int
+    tool_parser: type[ToolParser] | None = None
+
+    @classmethod
+    def load(cls, config: ModelConfig) -> ServedModel:
+        path = resolve_model_path(config.path)
+        spec, tok = load_spec(path), load_tokenizer(path)
+        parser = config.tool_parser
+        if parser == "auto":
+            parser = detect_tool_parser(getattr(tok, "chat_template", None)) or "none"
+        return cls(config, tok, config.max_model_len or spec.max_position_embeddings,
+                   spec.vocab_size, PARSERS.get(parser))  # fmt: skip
+
+    def special_texts(self, keep: tuple[str, ...]) -> tuple[str, ...]:
+        """The text of every special token but ``keep``: what a reply decoded with special
+        tokens (for a parser's markers) must not show."""
+        tok = self.tokenizer
+        if tok is None:
+            return ()
+        texts = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+        return tuple(sorted(texts - set(keep), key=len, reverse=True))
+
+
+@dataclass(frozen=True)
+class ToolParserFactory:
+    """Makes one parser per choice, and cleans the text it is fed."""
+
+    parser: type[ToolParser]
+    strip: tuple[str, ...] = ()  # special tokens' texts to remove (see ServedModel)
+
+    def __call__(self) -> ToolParser:
+        return self.parser()
+
+    def clean(self, text: str) -> str:
+        for t in self.strip:
+            text = text.replace(t, "")
+        return text
 
 
 class ServiceCore:
@@ -88,12 +126,7 @@ class ServiceCore:
         self.router = PoolRouter(config, app_name)
         self.models: dict[str, ServedModel] = {}
         for m in config.models:
-            path = resolve_model_path(m.path)
-            spec = load_spec(path)
-            self.models[m.name] = ServedModel(
-                m, load_tokenizer(path), m.max_model_len or spec.max_position_embeddings,
-                spec.vocab_size,
-            )  # fmt: skip
+            self.models[m.name] = ServedModel.load(m)
         key = config.ingress.api_key
         if config.ingress.api_key_env:
             key = os.environ.get(config.ingress.api_key_env)
@@ -128,13 +161,26 @@ class ServiceCore:
         template_kwargs: dict[str, Any] | None = None,
         add_special_tokens: bool | None = None,
         truncate_prompt_tokens: int | None = None,
+        parse_tool_calls: bool = False,
         device: str = "auto",
     ) -> Prepared:
         """Validate and tokenize one prompt (text, token ids, or messages through the chat
-        template with ``template_kwargs``) and pick its pool."""
+        template with ``template_kwargs``) and pick its pool. ``parse_tool_calls``: the reply's
+        tool calls are read with the model's tool parser."""
         served = self.served_model(model)
         tok = served.tokenizer
         prompt_text = None
+        tool_parser = None
+        if parse_tool_calls:
+            if served.tool_parser is None:
+                raise APIError(400, f"model {model!r} has no tool-call parser: its chat template "
+                               "names no known tool-call format; set tool_parser in its "
+                               "config", "tools")  # fmt: skip
+            markers = served.tool_parser.markers
+            tool_parser = ToolParserFactory(served.tool_parser,
+                                            served.special_texts(markers) if markers else ())
+            if markers:  # the parser reads special tokens: decode them
+                sampling = {**sampling, "skip_special_tokens": False}
         if messages is not None:
             prompt_ids = self._render_chat(served, messages, template_kwargs or {},
                                            bool(add_special_tokens))  # fmt: skip
@@ -178,7 +224,7 @@ class ServiceCore:
             )
         pool = self.router.choose(served.config, device)
         return Prepared(served.config, prompt_ids, sampling, pool, uuid.uuid4().hex,
-                        prompt_text=prompt_text)  # fmt: skip
+                        prompt_text=prompt_text, tool_parser=tool_parser)  # fmt: skip
 
     @staticmethod
     def _render_chat(

@@ -368,10 +368,6 @@ def test_template_messages():
 def test_template_messages_refused():
     e = api_error(chat(messages=[]).template_messages)
     assert (e.status, e.param) == (400, "messages")
-    e = api_error(chat(tools=[{"type": "function"}]).template_messages)
-    assert (e.status, e.param) == (400, "tools")
-    e = api_error(chat(tool_choice="auto").template_messages)
-    assert (e.status, e.param) == (400, "tools")
 
 
 def test_template_messages_accepted_options():
