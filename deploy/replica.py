@@ -32,6 +32,8 @@ KV_GAUGES = (
     "tokens_logical", "tokens_stored", "tokens_saved_by_sharing", "waiting_seqs",
     "running_seqs", "waiting_requests", "running_requests",
 )  # fmt: skip
+# What the request router reads (router.replica_load) and the autoscaler needs.
+ROUTING_KEYS = ("utilization", "waiting_requests", "running_requests")
 # Running totals in the engine, Prometheus counters here.
 KV_COUNTERS = ("prefix_cache_hit_tokens", "preemptions", "evictions")
 _LATENCY_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -103,6 +105,7 @@ class LLMReplica:
         self.max_model_len = self.engine.core.max_model_len
         self.metrics = ReplicaMetrics(model, pool)
         self._metrics_task: asyncio.Task | None = None
+        self._last_stats = self.engine.core.stats()  # the engine is idle: safe to read
         logger.info("LLMReplica %s/%s ready: %s", model, pool, self.engine.core.stats())
 
     def _ensure_metrics_loop(self) -> None:
@@ -112,7 +115,7 @@ class LLMReplica:
     async def _export_loop(self) -> None:
         while True:
             try:
-                self.metrics.export(self.engine.stats())
+                self.metrics.export(self._stats())
             except Exception:  # metrics must never take the replica down
                 logger.exception("metrics export failed")
             await asyncio.sleep(self.METRICS_PERIOD_S)
@@ -156,20 +159,30 @@ class LLMReplica:
             if later_tokens:
                 self.metrics.tpot.observe((last - first) / later_tokens, tags=self.metrics.tags)
 
+    def _stats(self) -> dict[str, float]:
+        """The engine's stats, or the last complete ones. While the engine's first step runs
+        it has taken no snapshot yet and ``AsyncEngine.stats()`` is empty (reading live state
+        then would race the step): that used to raise KeyError 'utilization' in
+        record_routing_stats at startup."""
+        s = self.engine.stats()
+        if all(k in s for k in ROUTING_KEYS):
+            self._last_stats = s
+        return self._last_stats
+
     async def stats(self) -> dict[str, float]:
-        return self.engine.stats()
+        return self._stats()
 
     async def info(self) -> dict[str, Any]:
         return {"model": self.model, "pool": self.pool, "max_model_len": self.max_model_len}
 
     def record_routing_stats(self) -> dict[str, float]:
         """Read by the request router (router.KVHeadroomRouter) and the pool spill check."""
-        s = self.engine.stats()
-        return {k: float(s[k]) for k in ("utilization", "waiting_requests", "running_requests")}
+        s = self._stats()
+        return {k: float(s[k]) for k in ROUTING_KEYS}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom metrics for autoscaling.KVPressurePolicy."""
-        s = self.engine.stats()
+        s = self._stats()
         return {
             "kv_utilization": float(s["utilization"]),
             "waiting_requests": float(s["waiting_requests"]),

@@ -253,3 +253,23 @@ def test_router_as_serve_ships_it_registers_in_the_module(restore_router_class):
     r = cls(deployment_id=DEP, handle_source=DeploymentHandleSource.UNKNOWN)
     r.initialize_state()
     assert routing_view.ROUTERS.get((APP, "LLM:m:gpu")) is r
+
+
+def test_replica_stats_while_its_first_step_runs():
+    """AsyncEngine.stats() is empty while the engine's first step runs (no snapshot yet, and
+    live state may not be read then): the replica keeps reporting its last complete stats
+    instead of raising KeyError 'utilization' (what Serve logged at replica startup)."""
+    from segserve.deploy.replica import ROUTING_KEYS, LLMReplica
+
+    r = LLMReplica({"model": "demo", "device": "cpu", "dtype": "float32", "num_kv_blocks": 64},
+                   "demo", "cpu")
+    r.engine._stepping = True  # as while the worker thread steps, before any snapshot
+    assert r.engine.stats() == {}
+    idle = {"utilization": 0.0, "waiting_requests": 0.0, "running_requests": 0.0}
+    assert r.record_routing_stats() == idle
+    assert r.record_autoscaling_stats() == {"kv_utilization": 0.0, "waiting_requests": 0.0,
+                                            "running_requests": 0.0}
+    r.engine._stepping = False
+    r.engine.core.add_request([0, 5, 6], None)  # waiting: stats are live again
+    assert r.record_routing_stats()["waiting_requests"] == 1.0
+    assert set(ROUTING_KEYS) <= set(r.engine.core.stats())
