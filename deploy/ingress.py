@@ -7,17 +7,17 @@ HTTP endpoints share one path (openai_api.py), and the gRPC methods live in grpc
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations
 # at runtime, and Serve's class-based ingress rebinds the methods where string annotations
 # no longer resolve.
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import grpc_api
+from . import grpc_api, utility_api
 from .config import ServiceConfig
 from .errors import APIError
 from .openai_api import CHAT_COMPLETIONS, COMPLETIONS, serve_openai
@@ -61,15 +61,31 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self.core.authorize(request.headers.get("authorization"))
-        created = int(time.time())
-        return {
-            "object": "list",
-            "data": [
-                {"id": m["id"], "object": "model", "created": created, "owned_by": "segserve",
-                 "max_model_len": m["max_model_len"], "pools": m["pools"]}
-                for m in self.core.list_models()
-            ],
-        }  # fmt: skip
+        return utility_api.list_models(self.core)
+
+    @api.get("/v1/models/{model_id:path}")  # ids may hold slashes (org/name)
+    async def model(self, model_id: str, request: Request) -> dict[str, Any]:
+        self.core.authorize(request.headers.get("authorization"))
+        return utility_api.get_model(self.core, model_id)
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        self.core.authorize(request.headers.get("authorization"))
+        return utility_api.tokenize(self.core, await request.body())
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        self.core.authorize(request.headers.get("authorization"))
+        return utility_api.detokenize(self.core, await request.body())
+
+    @api.get("/version")
+    async def version(self) -> dict[str, str]:
+        return utility_api.version()
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        # Open like /health (as vLLM's): scrapers carry no API key.
+        return Response(utility_api.metrics(self.core), media_type=CONTENT_TYPE_LATEST)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:

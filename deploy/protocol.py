@@ -448,6 +448,27 @@ class ChatCompletionRequest(_Request):
         return out
 
 
+# ----- vLLM's tokenizer endpoints --------------------------------------------------------------
+class TokenizeRequest(_Schema):
+    """POST /tokenize with a prompt."""
+
+    model: str = Field(min_length=1)
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(ChatCompletionRequest):
+    """POST /tokenize with messages: the prompt a chat request with these fields would get."""
+
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Schema):
+    model: str = Field(min_length=1)
+    tokens: list[int]
+
+
 # Pydantic resolves the forward reference to StreamOptions once it is defined.
-for _cls in (_Request, CompletionRequest, ChatCompletionRequest):
+for _cls in (_Request, CompletionRequest, ChatCompletionRequest, TokenizeChatRequest):
     _cls.model_rebuild()

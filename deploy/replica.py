@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,20 +24,19 @@ from ..actors.engine import QueueFull
 from ..actors.outputs import Delta
 from ..actors.sampling_params import SamplingParams
 from .errors import APIError, engine_error_param
+from .metrics import (
+    HISTOGRAMS,
+    KV_COUNTERS,
+    KV_GAUGES,
+    LATENCY_BOUNDS,
+    LatencyHistogram,
+    metrics_snapshot,
+)
 
 logger = logging.getLogger(__name__)
 
-# KV manager metrics exported as gauges (the engine's stats() keys).
-KV_GAUGES = (
-    "blocks_total", "blocks_used", "blocks_free", "blocks_cached", "utilization",
-    "tokens_logical", "tokens_stored", "tokens_saved_by_sharing", "waiting_seqs",
-    "running_seqs", "waiting_requests", "running_requests",
-)  # fmt: skip
 # What the request router reads (router.replica_load) and the autoscaler needs.
 ROUTING_KEYS = ("utilization", "waiting_requests", "running_requests")
-# Running totals in the engine, Prometheus counters here.
-KV_COUNTERS = ("prefix_cache_hit_tokens", "preemptions", "evictions")
-_LATENCY_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 
 class ReplicaMetrics:
@@ -54,18 +54,32 @@ class ReplicaMetrics:
             for k in KV_COUNTERS
         }
         self._last_counts = dict.fromkeys(KV_COUNTERS, 0.0)
-        self.ttft = metrics.Histogram(
-            "segserve_time_to_first_token_seconds", "Time to first token (engine side)",
-            boundaries=_LATENCY_BOUNDS, tag_keys=tags,
+        self._ttft = metrics.Histogram(
+            HISTOGRAMS["ttft"][0], HISTOGRAMS["ttft"][1], boundaries=list(LATENCY_BOUNDS),
+            tag_keys=tags,
         )  # fmt: skip
-        self.tpot = metrics.Histogram(
-            "segserve_time_per_output_token_seconds", "Mean time per output token after the "
-            "first, per request", boundaries=_LATENCY_BOUNDS, tag_keys=tags,
+        self._tpot = metrics.Histogram(
+            HISTOGRAMS["tpot"][0], HISTOGRAMS["tpot"][1], boundaries=list(LATENCY_BOUNDS),
+            tag_keys=tags,
         )  # fmt: skip
         self.requests = metrics.Counter(
             "segserve_requests_total", "Requests by final status",
             tag_keys=(*tags, "status"),
         )  # fmt: skip
+        # The same, kept here too for the HTTP port's /metrics (see metrics.py).
+        self.local_ttft, self.local_tpot = LatencyHistogram("ttft"), LatencyHistogram("tpot")
+        self.request_counts: Counter[str] = Counter()
+
+    def observe_ttft(self, seconds: float) -> None:
+        self._ttft.observe(seconds, tags=self.tags)
+        self.local_ttft.observe(seconds)
+
+    def observe_tpot(self, seconds: float) -> None:
+        self._tpot.observe(seconds, tags=self.tags)
+        self.local_tpot.observe(seconds)
+
+    def snapshot(self, stats: dict[str, float]) -> dict[str, float]:
+        return metrics_snapshot(stats, (self.local_ttft, self.local_tpot), self.request_counts)
 
     def export(self, stats: dict[str, float]) -> None:
         for k, g in self.gauges.items():
@@ -80,6 +94,7 @@ class ReplicaMetrics:
 
     def finished(self, status: str) -> None:
         self.requests.inc(1, tags={**self.tags, "status": status})
+        self.request_counts[status] += 1
 
 
 def delta_to_wire(d: Delta) -> dict[str, Any]:
@@ -139,7 +154,7 @@ class LLMReplica:
                 if d.token_ids:
                     if first is None:
                         first = now
-                        self.metrics.ttft.observe(now - start, tags=self.metrics.tags)
+                        self.metrics.observe_ttft(now - start)
                     else:
                         later_tokens += len(d.token_ids)
                     last = now
@@ -157,7 +172,7 @@ class LLMReplica:
         finally:
             self.metrics.finished(status)
             if later_tokens:
-                self.metrics.tpot.observe((last - first) / later_tokens, tags=self.metrics.tags)
+                self.metrics.observe_tpot((last - first) / later_tokens)
 
     def _stats(self) -> dict[str, float]:
         """The engine's stats, or the last complete ones. While the engine's first step runs
@@ -176,9 +191,10 @@ class LLMReplica:
         return {"model": self.model, "pool": self.pool, "max_model_len": self.max_model_len}
 
     def record_routing_stats(self) -> dict[str, float]:
-        """Read by the request router (router.KVHeadroomRouter) and the pool spill check."""
+        """Read by the request router (router.KVHeadroomRouter), the pool spill check, and
+        the ingress's /metrics (this replica's metrics ride along: see metrics.py)."""
         s = self._stats()
-        return {k: float(s[k]) for k in ROUTING_KEYS}
+        return {**self.metrics.snapshot(s), **{k: float(s[k]) for k in ROUTING_KEYS}}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom metrics for autoscaling.KVPressurePolicy."""

@@ -122,7 +122,9 @@ class ServiceCore:
 
     def __init__(self, config: ServiceConfig, handles: dict[str, Any], app_name: str) -> None:
         self.config = config
-        self.handles = handles
+        # .options() initializes a handle: its request router then follows the replicas from
+        # the start, so /metrics and the pool spill check see them before the first request.
+        self.handles = {name: h.options(stream=True) for name, h in handles.items()}
         self.router = PoolRouter(config, app_name)
         self.models: dict[str, ServedModel] = {}
         for m in config.models:
@@ -168,8 +170,6 @@ class ServiceCore:
         template with ``template_kwargs``) and pick its pool. ``parse_tool_calls``: the reply's
         tool calls are read with the model's tool parser."""
         served = self.served_model(model)
-        tok = served.tokenizer
-        prompt_text = None
         tool_parser = None
         if parse_tool_calls:
             if served.tool_parser is None:
@@ -181,22 +181,9 @@ class ServiceCore:
                                             served.special_texts(markers) if markers else ())
             if markers:  # the parser reads special tokens: decode them
                 sampling = {**sampling, "skip_special_tokens": False}
-        if messages is not None:
-            prompt_ids = self._render_chat(served, messages, template_kwargs or {},
-                                           bool(add_special_tokens))  # fmt: skip
-            input_param = "messages"
-        elif isinstance(prompt, str):
-            if tok is None:
-                raise APIError(400, f"model {model!r} has no tokenizer; send token ids", "prompt")
-            add = True if add_special_tokens is None else add_special_tokens
-            prompt_ids, prompt_text = list(tok(prompt, add_special_tokens=add).input_ids), prompt
-            input_param = "prompt"
-        else:
-            prompt_ids, input_param = list(prompt or []), "prompt"
-            bad = [t for t in prompt_ids if not 0 <= t < served.vocab_size]
-            if bad:
-                raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary "
-                               f"[0, {served.vocab_size})", "prompt")  # fmt: skip
+        prompt_ids, prompt_text = self.tokenize(served, prompt, messages, template_kwargs,
+                                                add_special_tokens)  # fmt: skip
+        input_param = "messages" if messages is not None else "prompt"
         if truncate_prompt_tokens is not None:
             keep = served.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
             if keep == 0 or keep > served.max_model_len:
@@ -225,6 +212,35 @@ class ServiceCore:
         pool = self.router.choose(served.config, device)
         return Prepared(served.config, prompt_ids, sampling, pool, uuid.uuid4().hex,
                         prompt_text=prompt_text, tool_parser=tool_parser)  # fmt: skip
+
+    def tokenize(
+        self, served: ServedModel, prompt: str | list[int] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool | None = None,
+    ) -> tuple[list[int], str | None]:  # fmt: skip
+        """A prompt's token ids (and its text, when it is text). Special tokens: added to text
+        by default, not to chat (the template holds those it wants)."""
+        if messages is not None:
+            ids = self._render_chat(served, messages, template_kwargs or {},
+                                    bool(add_special_tokens))  # fmt: skip
+            return ids, None
+        tok = served.tokenizer
+        if isinstance(prompt, str):
+            if tok is None:
+                raise APIError(400, f"model {served.config.name!r} has no tokenizer; send token "
+                               "ids", "prompt")  # fmt: skip
+            add = True if add_special_tokens is None else add_special_tokens
+            return list(tok(prompt, add_special_tokens=add).input_ids), prompt
+        ids = list(prompt or [])
+        self.check_token_ids(served, ids, "prompt")
+        return ids, None
+
+    @staticmethod
+    def check_token_ids(served: ServedModel, ids: list[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < served.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary "
+                           f"[0, {served.vocab_size})", param)  # fmt: skip
 
     @staticmethod
     def _render_chat(

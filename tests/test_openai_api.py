@@ -313,3 +313,60 @@ async def test_every_400_names_its_param(svc, path, fields, param):
     status, body = await svc.post(path, {"model": "demo", **fields})
     assert status in (400, 404), body
     assert body["error"]["param"] == param, body
+
+
+# ----- models, tokenize, detokenize, version ----------------------------------------------------
+def _utility(fn, *args):
+    from segserve.deploy.errors import APIError
+
+    try:
+        return 200, fn(*args)
+    except APIError as e:
+        return e.status, e.body()
+
+
+def test_model_card_and_version(svc):
+    from segserve import __version__
+    from segserve.deploy import utility_api
+
+    status, card = _utility(utility_api.get_model, svc.core, "demo")
+    assert status == 200 and card["id"] == "demo" and card["max_model_len"] == 512
+    assert card == utility_api.list_models(svc.core)["data"][0] | {"created": card["created"]}
+    status, body = _utility(utility_api.get_model, svc.core, "org/nope")
+    assert (status, body["error"]["param"]) == (404, "model")
+    assert utility_api.version() == {"version": __version__}
+
+
+def test_tokenize_and_detokenize(svc, llm):
+    import json
+
+    from segserve.deploy import utility_api
+
+    tok = llm.tokenizer
+    raw = json.dumps({"model": "demo", "prompt": "Hello world", "return_token_strs": True})
+    _, out = _utility(utility_api.tokenize, svc.core, raw.encode())
+    ids = list(tok("Hello world").input_ids)
+    assert out == {"count": len(ids), "max_model_len": 512, "tokens": ids,
+                   "token_strs": tok.convert_ids_to_tokens(ids)}
+    raw = json.dumps({"model": "demo", "prompt": "Hello world", "add_special_tokens": False})
+    assert _utility(utility_api.tokenize, svc.core, raw.encode())[1]["tokens"] == ids[1:]
+    # messages: the prompt a chat request gets, as HF renders it
+    raw = json.dumps({"model": "demo", "messages": MESSAGES})
+    _, out = _utility(utility_api.tokenize, svc.core, raw.encode())
+    assert out["tokens"] == chat_ids(llm, MESSAGES) and out["token_strs"] is None
+    raw = json.dumps({"model": "demo", "messages": MESSAGES, "add_generation_prompt": False})
+    _, out = _utility(utility_api.tokenize, svc.core, raw.encode())
+    assert out["tokens"] == chat_ids(llm, MESSAGES, add_generation_prompt=False)
+
+    raw = json.dumps({"model": "demo", "tokens": ids})
+    assert _utility(utility_api.detokenize, svc.core, raw.encode()) == (
+        200, {"prompt": tok.decode(ids)})
+    for body, param in [({"model": "demo", "tokens": [10**6]}, "tokens"),
+                        ({"model": "demo", "tokens": ["a"]}, "tokens.0"),
+                        ({"model": "demo"}, "tokens")]:  # fmt: skip
+        status, err = _utility(utility_api.detokenize, svc.core, json.dumps(body).encode())
+        assert (status, err["error"]["param"]) == (400, param)
+    status, err = _utility(utility_api.tokenize, svc.core, b'{"model": "demo", "prompt": 5}')
+    assert (status, err["error"]["param"]) == (400, "prompt")
+    status, err = _utility(utility_api.tokenize, svc.core, b"{oops")
+    assert status == 400
