@@ -151,6 +151,38 @@ class CompletionChoice(ChoiceRenderer):
         }
 
 
+class ReplyReader:
+    """A choice's reply text as events: content, and each tool call once it is complete. With
+    no ``tools`` the text is all content; with ``parallel`` false, calls after the first are
+    dropped."""
+
+    def __init__(self, tools: ToolCalls | None, parallel: bool = True) -> None:
+        self.tools = tools
+        self.parser = tools() if tools is not None else None
+        self.parallel = parallel
+        self.calls: list[ToolCall] = []
+
+    def feed(self, text: str, final: bool) -> list[Event]:
+        if self.parser is None or self.tools is None:
+            return [text] if text else []
+        events = self.parser.feed(self.tools.clean(text))
+        if final:
+            events += self.parser.finish()
+        out: list[Event] = []
+        for e in events:
+            if isinstance(e, ToolCall):
+                if not self.parallel and self.calls:
+                    continue
+                self.calls.append(e)
+            out.append(e)
+        return out
+
+
+def finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
+    """OpenAI's: a reply that stopped after calling tools finished for "tool_calls"."""
+    return "tool_calls" if reason == "stop" and calls else reason
+
+
 class ChatChoice(ChoiceRenderer):
     """A chat choice; with ``tools``, calls in the reply become ``tool_calls`` (streamed as
     OpenAI does: a delta with the call's id, type and name, then one with its arguments)."""
@@ -159,9 +191,8 @@ class ChatChoice(ChoiceRenderer):
                  tools: ToolCalls | None = None) -> None:  # fmt: skip
         super().__init__(index, ctx, prefix, tools)
         self.started = False
-        self.parser = tools() if tools is not None else None
-        self.content = ""  # with a parser: the reply's text that is not calls
-        self.calls: list[ToolCall] = []
+        self.reader = ReplyReader(tools, ctx.parallel_tool_calls)
+        self.content = ""  # the reply's text that is not calls
 
     def feed(self, item: dict[str, Any]) -> list[dict[str, Any]]:
         out = []
@@ -169,19 +200,12 @@ class ChatChoice(ChoiceRenderer):
         if not self.started:  # OpenAI opens each choice with its role
             self.started = True
             # A reply that may be only tool calls has no content until some arrives.
-            role = {"role": "assistant"} if self.parser else {"role": "assistant", "content": ""}
+            role = {"role": "assistant"} if self.tools else {"role": "assistant", "content": ""}
             out.append({"index": i, "delta": role, "logprobs": None, "finish_reason": None})
         text, entries = self._add(item)
         lp = chat_logprobs(entries) if self.ctx.want_logprobs else None
         reason = item.get("finish_reason")
-        if self.parser is None:
-            deltas = [{"content": text}] if text else []
-        else:
-            assert self.tools is not None
-            events = self.parser.feed(self.tools.clean(text))
-            if reason is not None:
-                events += self.parser.finish()
-            deltas = self._deltas(events)
+        deltas = self._deltas(self.reader.feed(text, final=reason is not None))
         reason = self._finish_reason(reason)
         deltas = deltas or [{}]
         last = len(deltas) - 1
@@ -196,9 +220,8 @@ class ChatChoice(ChoiceRenderer):
             if isinstance(e, str):
                 self.content += e
                 out.append({"content": e})
-            elif self.ctx.parallel_tool_calls or not self.calls:
-                k = len(self.calls)
-                self.calls.append(e)
+            else:
+                k = self.reader.calls.index(e)
                 out.append({"tool_calls": [{"index": k, "id": e.id, "type": "function",
                                             "function": {"name": e.name, "arguments": ""}}]})
                 out.append({"tool_calls": [{"index": k,
@@ -206,15 +229,16 @@ class ChatChoice(ChoiceRenderer):
         return out
 
     def _finish_reason(self, reason: str | None) -> str | None:
-        return "tool_calls" if reason == "stop" and self.calls else reason
+        return finish_reason(reason, self.reader.calls)
 
     def body(self) -> dict[str, Any]:
         c = self.state
+        calls = self.reader.calls
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
-        if self.parser is not None:
-            message["content"] = (self.content or None) if self.calls else self.content
-            if self.calls:
-                message["tool_calls"] = [call.as_openai() for call in self.calls]
+        if self.tools is not None:
+            message["content"] = (self.content or None) if calls else self.content
+            if calls:
+                message["tool_calls"] = [call.as_openai() for call in calls]
         return {
             "index": c.index,
             "message": message,

@@ -221,9 +221,8 @@ class ServiceCore:
         """A prompt's token ids (and its text, when it is text). Special tokens: added to text
         by default, not to chat (the template holds those it wants)."""
         if messages is not None:
-            ids = self._render_chat(served, messages, template_kwargs or {},
-                                    bool(add_special_tokens))  # fmt: skip
-            return ids, None
+            kwargs = {"add_generation_prompt": True, **(template_kwargs or {})}
+            return self._render_chat(served, messages, kwargs, bool(add_special_tokens)), None
         tok = served.tokenizer
         if isinstance(prompt, str):
             if tok is None:

@@ -437,6 +437,55 @@ def test_grpc_greedy_equals_engine(svc, engine):
     assert len(msgs.choices[0].token_ids) <= 3
 
 
+def test_grpc_chat_batches_and_tools(svc, engine):
+    messages = [{"role": "user", "content": "Hi"}]
+    tok = engine.tokenizer
+    ids = list(tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False).input_ids)
+    want = engine.generate([ids], SamplingParams(max_tokens=6, temperature=0.0))[0].outputs[0]
+    got = svc.grpc.generate(messages=messages, model="demo", max_tokens=6, temperature=0.0)
+    assert got.choices[0].text == want.text and got.usage.prompt_tokens == len(ids)
+
+    prompts = ["Hello", "The quick brown fox"]
+    want = engine.generate(prompts, SamplingParams(n=2, seed=4, max_tokens=5, temperature=1.0))
+    got = svc.grpc.generate(prompts, model="demo", n=2, seed=4, max_tokens=5, temperature=1.0)
+    assert [(c.index, c.text) for c in got.choices] == [
+        (k, o.text) for k, o in enumerate(o for r in want for o in r.outputs)]
+    assert got.usage.prompt_tokens == sum(len(r.prompt_token_ids) for r in want)
+    token_lists = [[0, 17, 42], [0, 99]]
+    want = engine.generate(token_lists, SamplingParams(max_tokens=4, temperature=0.0))
+    texts = {0: "", 1: ""}
+    for part in svc.grpc.generate_stream(prompt_token_ids=token_lists, model="demo",
+                                         max_tokens=4, temperature=0.0):
+        for c in part.choices:
+            texts[c.index] += c.text
+    assert [texts[0], texts[1]] == [r.outputs[0].text for r in want]
+
+    fam = FAMILIES["hermes"]
+    want_calls = [(name, json.dumps(args)) for name, args in fam.calls]
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    got = svc.grpc.generate(messages=ask, model="tools", tools=[WEATHER_TOOL, TIME_TOOL])
+    (choice,) = got.choices
+    assert (choice.text, choice.finish_reason) == (fam.content, "tool_calls")
+    assert [(c.name, c.arguments) for c in choice.tool_calls] == want_calls
+    parts = list(svc.grpc.generate_stream(messages=ask, model="tools",
+                                          tools=[WEATHER_TOOL, TIME_TOOL]))
+    calls = [(c.name, c.arguments) for p in parts for ch in p.choices for c in ch.tool_calls]
+    assert calls == want_calls
+    assert "".join(ch.text for p in parts for ch in p.choices) == fam.content
+    assert [ch.finish_reason for p in parts for ch in p.choices][-1] == "tool_calls"
+    plain = svc.grpc.generate(messages=ask, model="tools", tools=[WEATHER_TOOL],
+                              tool_choice="none")
+    assert plain.choices[0].text == fam.plain_text and not plain.choices[0].tool_calls
+    for bad in (dict(messages=ask, model="demo", tools=[WEATHER_TOOL]),
+                dict(prompt="hi", model="tools", tools=[WEATHER_TOOL]),
+                dict(messages=ask, model="tools", tools=[WEATHER_TOOL],
+                     tool_choice={"type": "function", "function": {"name": "nope"}})):
+        with pytest.raises(grpc.RpcError) as info:
+            svc.grpc.generate(**bad)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+
+
 # ----- bad input -----------------------------------------------------------------------------
 BAD_HTTP = [
     ("/v1/completions", b"{not json", 400),
