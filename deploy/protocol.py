@@ -441,7 +441,7 @@ class ChatCompletionRequest(_Request):
             if self.max_completion_tokens == 0:
                 raise _not_supported_yet("max_completion_tokens", "max_completion_tokens 0")
             out["max_tokens"] = self.max_completion_tokens
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # 0 asks for nothing: harmless
             raise APIError(400, "top_logprobs requires logprobs: true", "top_logprobs")
         if self.logprobs:
             out["logprobs"] = self.top_logprobs or 0

@@ -52,6 +52,8 @@ def validation_error(e: ValidationError | RequestValidationError) -> APIError:
     loc = _json_path(err["loc"])
     if err["type"] == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {err['msg']}")
+    if not loc:
+        return APIError(400, f"the request body must be a JSON object: {err['msg']}")
     if err["type"] == "missing":
         return APIError(400, f"missing required field {loc!r}", loc)
     if err["type"] == "extra_forbidden":

@@ -147,6 +147,7 @@ def test_chat_logprobs():
     assert chat(logprobs=False).sampling() == {"n": 1}
     e = api_error(chat(top_logprobs=2).sampling)
     assert (e.status, e.param) == (400, "top_logprobs")
+    assert chat(top_logprobs=0).sampling() == {"n": 1}  # what some SDKs send by default
 
 
 def test_logit_bias():
