@@ -106,7 +106,7 @@ class _Request(_Schema):
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
-    # Honoured by slow (Python) tokenizers only: HF fast tokenizers have no such option.
+    # Accepted, no effect: the detokenizer runs HF fast tokenizers, which have no such option.
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the last k; -1: context len
     add_special_tokens: bool | None = None  # default: true for completions, false for chat
