@@ -40,9 +40,17 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentPa
     target.add_argument("--http", metavar="URL",
                         help="base URL of the OpenAI-compatible HTTP API, e.g. "
                              "http://localhost:8000")
-    p.add_argument("--prompt", required=True, metavar="TEXT")
+    p.add_argument("--prompt", required=True, action="append", metavar="TEXT",
+                   help="the prompt; several --prompt are one batched request (not with "
+                        "--chat): prompt i's choices are numbered i * n + j")
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as one user message through the chat template")
+    p.add_argument("--tools", metavar="JSON|@FILE", default=None,
+                   help="with --chat: OpenAI-format tools (a JSON list, or @FILE holding one); "
+                        "calls in the reply are printed as '[tool call] NAME ARGUMENTS'")
+    p.add_argument("--tool-choice", metavar="MODE|NAME", default=None,
+                   help="with --tools: none, auto, required, or the name of the function to "
+                        "call")
     p.add_argument("--model", default="demo", help="model id (default: demo)")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
@@ -63,10 +71,40 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentPa
     return p
 
 
+def _load_tools(spec: str | None) -> list[dict[str, Any]] | None:
+    if spec is None:
+        return None
+    try:
+        if spec.startswith("@"):
+            with open(spec[1:], encoding="utf-8") as f:
+                spec = f.read()
+        tools = json.loads(spec)
+    except (OSError, ValueError) as e:
+        raise ClientError(f"--tools: {e}") from None
+    if not isinstance(tools, list):
+        raise ClientError("--tools must be a JSON list of tools")
+    return tools
+
+
+def _tool_choice(choice: str | None) -> str | dict[str, Any] | None:
+    if choice is None or choice in ("none", "auto", "required"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
+
+
+def _call_text(name: str, arguments: str) -> str:
+    return f"\n[tool call] {name} {arguments}"
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     out = sys.stdout  # looked up per call: tests (and embedding code) swap sys.stdout
     try:
+        if args.chat and len(args.prompt) > 1:
+            raise ClientError("--chat takes one --prompt")
+        if (args.tools or args.tool_choice) and not args.chat:
+            raise ClientError("--tools and --tool-choice go with --chat")
+        args.tools = _load_tools(args.tools)
         if args.http is not None:
             _run_http(args, api_key, out)
         else:
@@ -86,6 +124,7 @@ class _ChoicePrinter:
         self.out = out
         self.later: dict[int, list[str]] = {}
         self.wrote = False
+        self.started = False  # choice 0 has printed some of its text
         if several:
             self._write("=== choice 0 ===\n")
 
@@ -97,7 +136,9 @@ class _ChoicePrinter:
     def add(self, index: int, text: str) -> None:
         if index == 0:
             if text:
-                self._write(text)
+                # a reply that opens with a tool call starts its line with it
+                self._write(text.removeprefix("\n") if not self.started else text)
+                self.started = True
         else:
             self.later.setdefault(index, []).append(text)
 
@@ -107,7 +148,8 @@ class _ChoicePrinter:
         if not failed or self.wrote:
             self._write("\n")
         for index in sorted(self.later):
-            self._write(f"=== choice {index} ===\n{''.join(self.later[index])}\n")
+            text = "".join(self.later[index]).removeprefix("\n")
+            self._write(f"=== choice {index} ===\n{text}\n")
 
 
 def _print_choices(out: IO[str], texts: list[tuple[int, str]]) -> None:
@@ -115,7 +157,7 @@ def _print_choices(out: IO[str], texts: list[tuple[int, str]]) -> None:
     for index, text in sorted(texts):
         if several:
             out.write(f"=== choice {index} ===\n")
-        out.write(text + "\n")
+        out.write(text.removeprefix("\n") + "\n")
     out.flush()
 
 
@@ -137,13 +179,15 @@ def _print_stream(out: IO[str], chunks: Iterator[list[tuple[int, str]]], n: int 
 def _http_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"model": args.model}
     if args.chat:
-        body["messages"] = [{"role": "user", "content": args.prompt}]
+        body["messages"] = [{"role": "user", "content": args.prompt[0]}]
     else:
-        body["prompt"] = args.prompt
-    for name in ("max_tokens", "temperature", "seed", "n", "device"):
+        body["prompt"] = args.prompt[0] if len(args.prompt) == 1 else args.prompt
+    for name in ("max_tokens", "temperature", "seed", "n", "device", "tools"):
         value = getattr(args, name)
         if value is not None:  # unset: the server's default, as with the gRPC client
             body[name] = value
+    if args.tool_choice is not None:
+        body["tool_choice"] = _tool_choice(args.tool_choice)
     if args.stream:
         body["stream"] = True
     return body
@@ -171,7 +215,13 @@ def _choice_text(choice: dict[str, Any], chat: bool, stream: bool) -> str:
     if not chat:
         return choice.get("text") or ""
     part = choice.get("delta" if stream else "message") or {}
-    return part.get("content") or ""  # the first chat delta carries only the role
+    text = part.get("content") or ""  # the first chat delta carries only the role
+    for call in part.get("tool_calls") or []:
+        f = call.get("function") or {}
+        if "id" in call:  # a whole call, or a streamed call's first delta: it names the call
+            text += _call_text(f.get("name", ""), "")
+        text += f.get("arguments") or ""  # streamed: the arguments follow in a later delta
+    return text
 
 
 def _sse_events(resp: Any) -> Iterator[dict[str, Any]]:
@@ -212,7 +262,7 @@ def _run_http(args: argparse.Namespace, api_key: str | None, out: IO[str]) -> No
                 else:
                     _print_stream(out, ([(c.get("index", 0), _choice_text(c, args.chat, True))
                                          for c in event.get("choices", [])]
-                                        for event in events), args.n)
+                                        for event in events), _num_choices(args))
             else:
                 reply = json.loads(resp.read())
                 if args.json:
@@ -251,9 +301,13 @@ def _run_grpc(args: argparse.Namespace, api_key: str | None, out: IO[str]) -> No
                               "max_tokens": args.max_tokens, "temperature": args.temperature,
                               "seed": args.seed, "n": args.n}
     if args.chat:
-        kwargs["messages"] = [{"role": "user", "content": args.prompt}]
+        kwargs["messages"] = [{"role": "user", "content": args.prompt[0]}]
+        kwargs.update(tools=args.tools, tool_choice=_tool_choice(args.tool_choice))
     else:
-        kwargs["prompt"] = args.prompt
+        kwargs["prompt"] = args.prompt[0] if len(args.prompt) == 1 else args.prompt
+
+    def text(c: Any) -> str:
+        return c.text + "".join(_call_text(t.name, t.arguments) for t in c.tool_calls)
 
     def as_json(message: Any) -> str:
         return json.dumps(json_format.MessageToDict(
@@ -267,14 +321,14 @@ def _run_grpc(args: argparse.Namespace, api_key: str | None, out: IO[str]) -> No
                     for reply in stream:
                         print(as_json(reply), file=out, flush=True)
                 else:
-                    _print_stream(out, ([(c.index, c.text) for c in reply.choices]
-                                        for reply in stream), args.n)
+                    _print_stream(out, ([(c.index, text(c)) for c in reply.choices]
+                                        for reply in stream), _num_choices(args))
             else:
                 reply = client.generate(**kwargs)
                 if args.json:
                     print(as_json(reply), file=out, flush=True)
                 else:
-                    _print_choices(out, [(c.index, c.text) for c in reply.choices])
+                    _print_choices(out, [(c.index, text(c)) for c in reply.choices])
     except grpc.RpcError as e:
         code = e.code()
         details = e.details() or ""
@@ -284,6 +338,10 @@ def _run_grpc(args: argparse.Namespace, api_key: str | None, out: IO[str]) -> No
             raise ClientError(f"no reply from {target} within {args.timeout} s") from None
         name = code.name if code is not None else "UNKNOWN"
         raise ClientError(f"gRPC {name}: {details}") from None
+
+
+def _num_choices(args: argparse.Namespace) -> int:
+    return (args.n or 1) * len(args.prompt)
 
 
 def _is_connect_failure(details: str) -> bool:

@@ -37,6 +37,9 @@ class ModelConfig(_Strict):
     pools: list[str] | None = Field(
         None, min_length=1, description="pools that serve it; default: all"
     )
+    tool_parser: Literal["auto", "hermes", "llama3_json", "mistral", "none"] = Field(
+        "auto", description="how tool calls are read from replies; auto: from the chat template"
+    )
 
 
 class AutoscalingConfig(_Strict):

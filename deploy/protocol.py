@@ -1,330 +1,474 @@
-"""The OpenAI-compatible wire format: request schemas, errors, and response bodies.
+"""The OpenAI-compatible request schema: the API's reference.
 
-Requests are validated strictly (no string-to-number coercion, unknown fields refused) so a
-client bug surfaces as a 400 naming the field instead of a silently different generation.
-segserve's extensions (top_k, beam search, device preference, ...) are extra body fields, as
-the `openai` client's ``extra_body`` sends them.
+Every field a request may carry is declared here, grouped by where it comes from (OpenAI, vLLM's
+extensions, segserve's own). The rules, for every object in a request:
+
+- Types are strict: "8" is not a number and 1 is not a boolean, so a client bug is a 400 naming
+  the field (its JSON path, OpenAI's ``param``) instead of a silently different generation.
+- An explicit ``null`` means the field's default, as the OpenAI spec and SDKs that send unset
+  fields as null expect.
+- Ranges follow OpenAI (temperature 0-2, penalties -2..2, ...).
+- Unknown fields are accepted and ignored, with one warning log line per field name (as vLLM
+  does), so a client built for a newer API still works. Known fields segserve cannot honour yet
+  are refused with a 400 naming them rather than silently ignored.
+
+``sampling()`` maps a request to ``SamplingParams`` keyword arguments (which range-check again).
+segserve's extensions are extra body fields, as the ``openai`` client's ``extra_body`` sends them.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import json
+import logging
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from .errors import APIError
+
+logger = logging.getLogger(__name__)
 
 DevicePreference = Literal["auto", "gpu", "cpu"]
 
-# OpenAI fields we accept and ignore: they never change what is generated.
-IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+_warned_fields: set[str] = set()
 
 
-class APIError(Exception):
-    """An error the client caused (or overload); rendered as an OpenAI error body."""
+def _warn_unknown(name: str) -> None:
+    if name not in _warned_fields:
+        _warned_fields.add(name)
+        logger.warning("ignoring unknown request field %r (logged once per field name)", name)
 
-    GRPC_CODES = {
-        400: "INVALID_ARGUMENT",
-        401: "UNAUTHENTICATED",
-        404: "NOT_FOUND",
-        429: "RESOURCE_EXHAUSTED",
-        500: "INTERNAL",
-        503: "UNAVAILABLE",
-    }
-    TYPES = {
-        400: "invalid_request_error",
-        401: "authentication_error",
-        404: "not_found_error",
-        429: "rate_limit_error",
-        500: "internal_error",
-        503: "service_unavailable",
-    }
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
+def _not_supported_yet(param: str, what: str | None = None) -> APIError:
+    return APIError(400, f"{what or param} is not supported yet", param)
 
-    def __reduce__(self) -> tuple:
-        # Ray pickles exceptions across processes; the default would call APIError(message).
-        return (type(self), (self.status, self.message, self.param))
 
-    @property
-    def grpc_code_name(self) -> str:
-        return self.GRPC_CODES.get(self.status, "UNKNOWN")
+class _Schema(BaseModel):
+    """Every object of a request: strict types, null = default, unknown fields ignored."""
 
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.TYPES.get(self.status, "invalid_request_error"),
-                "param": self.param,
-                "code": self.status,
-            }
-        }
+    model_config = ConfigDict(strict=True, extra="allow")
+    _where: ClassVar[str] = ""  # the object's JSON path prefix, for the unknown-field warning
+    _warn_extra: ClassVar[bool] = True
 
-    def to_dict(self) -> dict[str, Any]:
-        """Crosses the Ray boundary (replica -> ingress) as plain data."""
-        return {"status": self.status, "message": self.message, "param": self.param}
-
+    @model_validator(mode="before")
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> APIError:
-        return cls(d["status"], d["message"], d.get("param"))
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or k not in fields or fields[k].is_required()}  # fmt: skip
+
+    @model_validator(mode="after")
+    def _ignore_unknown(self) -> _Schema:
+        if self._warn_extra:
+            for name in self.model_extra or {}:
+                _warn_unknown(self._where + name)
+        return self
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+class StreamOptions(_Schema):
+    _where = "stream_options."
+    include_usage: bool = False  # a last chunk with the whole request's usage
+    continuous_usage_stats: bool = False  # vLLM: usage so far in every chunk
+
+
+class _Request(_Schema):
+    """The fields completions and chat share."""
 
     model: str = Field(min_length=1)
+
+    # ----- OpenAI -------------------------------------------------------------------------------
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    n: int = Field(1, ge=1, le=128)
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
     stop: str | list[str] | None = None
     logit_bias: dict[str, float] | None = None
-    # segserve extensions
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = None
-    include_stop_str_in_output: bool | None = None
-    skip_special_tokens: bool | None = None
-    beam_width: int | None = None
-    length_penalty: float | None = None
-    early_stopping: bool | Literal["never"] | None = None
-    device: DevicePreference = "auto"
-    # accepted, ignored
+    # accepted, no effect on the output
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
 
-    _SAMPLING = (
+    # ----- vLLM's extensions --------------------------------------------------------------------
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    length_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int = Field(0, ge=0)
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    # Accepted, no effect: the detokenizer runs HF fast tokenizers, which have no such option.
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the last k; -1: context len
+    add_special_tokens: bool | None = None  # default: true for completions, false for chat
+    prompt_logprobs: int | None = Field(None, ge=-1)
+    return_tokens_as_token_ids: bool = False  # log-prob tokens as "token_id:<id>"
+    use_beam_search: bool = False  # beam width: best_of (completions) or n
+    early_stopping: bool | Literal["never"] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # structured output (vLLM's names)
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    # ----- segserve's own -----------------------------------------------------------------------
+    beam_width: int | None = None  # > 1: beam search returning every beam, best first
+    device: DevicePreference = "auto"  # which pool may serve it
+
+    _SAMPLING: ClassVar[tuple[str, ...]] = (
         "n", "max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty",
         "seed", "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos",
         "include_stop_str_in_output", "skip_special_tokens", "beam_width", "length_penalty",
         "early_stopping",
     )  # fmt: skip
 
+    def _check_supported(self) -> None:
+        """Known fields whose meaning the engine cannot honour yet: refused, never ignored."""
+        if self.logit_bias:
+            for key, bias in self.logit_bias.items():
+                if not key.lstrip("-").isdigit():
+                    raise APIError(400, f"logit_bias keys are token ids, not {key!r}",
+                                   "logit_bias")  # fmt: skip
+                if not -100 <= bias <= 100:
+                    raise APIError(400, "logit_bias values must lie in [-100, 100]",
+                                   "logit_bias")  # fmt: skip
+            raise _not_supported_yet("logit_bias")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise APIError(400, f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
+                           f"({self.max_tokens})", "min_tokens")  # fmt: skip
+        if self.min_tokens:
+            raise _not_supported_yet("min_tokens")
+        if self.max_tokens == 0:
+            raise _not_supported_yet("max_tokens", "max_tokens 0 (prompt scoring)")
+        if self.prompt_logprobs is not None:
+            raise _not_supported_yet("prompt_logprobs")
+        for name in ("allowed_token_ids", "bad_words", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar", "structured_outputs"):  # fmt: skip
+            if getattr(self, name):
+                raise _not_supported_yet(name)
+        fmt = self.response_format
+        if fmt is not None and fmt.get("type", "text") != "text":
+            raise _not_supported_yet("response_format", f"response_format {fmt.get('type')!r}")
+
     def sampling(self) -> dict[str, Any]:
         """SamplingParams kwargs for the fields the client set (the rest keep the engine's
         defaults). SamplingParams itself range-checks them."""
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        self._check_supported()
         out = {k: getattr(self, k) for k in self._SAMPLING if getattr(self, k) is not None}
         if self.stop is not None:
             out["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        if self.use_beam_search:
+            out["beam_width"], out["n"] = self.beam_search_width, 1
         return out
+
+    @property
+    def beam_search_width(self) -> int:
+        return self.n
+
+    @property
+    def ranks_by_logprob(self) -> bool:
+        """best_of > n: the engine samples best_of, the response keeps the n most likely."""
+        return False
+
+    @property
+    def returned_choices(self) -> int | None:
+        """How many choices the response keeps, best first; None: every one the engine made."""
+        return self.n if self.use_beam_search or self.ranks_by_logprob else None
+
+    @property
+    def choices_per_prompt(self) -> int:
+        """Choices of each prompt in the response: prompt i's are i * this + 0, 1, ..."""
+        if self.returned_choices is not None:
+            return self.returned_choices
+        return self.beam_width if self.beam_width and self.beam_width > 1 else self.n
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    include_usage: bool = False
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=128)
     suffix: str | None = None
 
-    def single_prompt(self) -> str | list[int]:
-        p = self.prompt
-        if self.echo:
-            raise APIError(400, "echo is not supported", "echo")
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one, or a batch (a list of texts or of token-id lists)."""
+        if self.echo and self.logprobs is not None:
+            raise _not_supported_yet("echo", "echo with logprobs (prompt logprobs)")
         if self.suffix:
             raise APIError(400, "suffix is not supported", "suffix")
-        if self.best_of is not None and self.best_of != self.n:
-            raise APIError(400, "best_of must equal n (server-side best-of is not supported)",
+        if self.best_of is not None and self.best_of < self.n:
+            raise APIError(400, f"best_of ({self.best_of}) must be >= n ({self.n})", "best_of")
+        if self.ranks_by_logprob and self.stream:
+            raise APIError(400, "best_of > n cannot be streamed (the best are known at the end)",
                            "best_of")  # fmt: skip
-        if isinstance(p, list) and p and isinstance(p[0], str | list):
-            if len(p) != 1:
-                raise APIError(400, "send one prompt per request (batched prompts are not "
-                               "supported)", "prompt")  # fmt: skip
-            p = p[0]
-        if not p:
-            raise APIError(400, "prompt is empty", "prompt")
-        return p
+        p = self.prompt
+        batched = isinstance(p, list) and bool(p) and isinstance(p[0], str | list)
+        batch = p if batched else [p]
+        for i, one in enumerate(batch):
+            if not one:
+                raise APIError(400, "prompt is empty", f"prompt.{i}" if batched else "prompt")
+        return batch
+
+    @property
+    def beam_search_width(self) -> int:
+        return max(self.n, self.best_of or 1)
+
+    @property
+    def ranks_by_logprob(self) -> bool:
+        return self.best_of is not None and self.best_of > self.n and not self.use_beam_search
 
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
+        if self.ranks_by_logprob:
+            out["n"] = self.best_of
+            # the ranking sums the chosen tokens' log-probs; they are not returned unless asked
+            out.setdefault("logprobs", 0)
         return out
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+class TextPart(_Schema):
+    _where = "messages[].content[]."
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+class FunctionCall(_Schema):
+    _where = "tool_calls[].function."
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallIn(_Schema):
+    """An assistant message's earlier call, in the history."""
+
+    _where = "tool_calls[]."
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def as_template_input(self) -> dict[str, Any]:
+        # Templates write the arguments with `tojson`: they want the object, not its JSON text
+        # (as vLLM hands them over). Text that is not JSON goes as it is.
+        try:
+            args: Any = json.loads(self.function.arguments)
+        except ValueError:
+            args = self.function.arguments
+        return {"id": self.id, "type": self.type,
+                "function": {"name": self.function.name, "arguments": args}}  # fmt: skip
+
+
+class ChatMessage(_Schema):
+    """One message of the history. Fields beyond these are handed to the chat template as
+    they are (templates read e.g. ``reasoning_content``), as vLLM does."""
+
+    _warn_extra = False
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant
+    tool_call_id: str | None = None  # tool: the call this is the result of
 
-    def as_template_input(self) -> dict[str, str]:
+    @property
+    def text(self) -> str:
         c = self.content
-        text = "".join(p.text for p in c) if isinstance(c, list) else (c or "")
+        return "".join(p.text for p in c) if isinstance(c, list) else (c or "")
+
+    def as_template_input(self) -> dict[str, Any]:
         # Chat templates know "system"; "developer" is OpenAI's newer name for it.
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": self.text}  # fmt: skip
+        if self.name is not None:
+            out["name"] = self.name
+        # Only when present: templates test `'tool_calls' in message`.
+        if self.tool_calls:
+            out["tool_calls"] = [c.as_template_input() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return {**(self.model_extra or {}), **out}
+
+
+class FunctionDefinition(_Schema):
+    _where = "tools[].function."
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ToolDefinition(_Schema):
+    _where = "tools[]."
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Schema):
+    _where = "tool_choice.function."
+    name: str
+
+
+class NamedToolChoice(_Schema):
+    _where = "tool_choice."
+    type: Literal["function"]
+    function: NamedFunction
+
+
+# Keys of apply_chat_template that chat_template_kwargs may not set: they are the service's.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "tokenize", "return_dict", "return_tensors", "padding", "truncation",
+    "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask",
+})  # fmt: skip
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Tools go to the chat template as the client sent them (key order included); calls in the
+    # reply are parsed by the model's tool parser (tool_parsers.py) into message.tool_calls.
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # false: at most one call per reply
+    functions: list[Any] | None = None  # OpenAI's deprecated spelling: refused, names tools
+    function_call: Any = None
+    # vLLM's chat extensions
+    echo: bool = False  # start the reply with the last message's content when roles match
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
 
-    def template_messages(self) -> list[dict[str, str]]:
+    _raw_tools: list[dict[str, Any]] | None = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_raw_tools(cls, data: Any, handler: Any) -> ChatCompletionRequest:
+        request = handler(data)
+        if request.tools:
+            request._raw_tools = data["tools"] if isinstance(data, dict) else None
+        return request
+
+    def template_messages(self) -> list[dict[str, Any]]:
         if not self.messages:
             raise APIError(400, "messages must not be empty", "messages")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise APIError(400, "tool calling is not supported", "tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise APIError(400, "only response_format type 'text' is supported",
-                           "response_format")  # fmt: skip
         return [m.as_template_input() for m in self.messages]
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        """Whether calls in the reply become tool_calls (tool_choice "none": they stay text).
+        "required" and a named function are served like "auto" for now: the output is not
+        constrained to a call yet."""
+        return bool(self.tools) and self.effective_tool_choice != "none"
+
+    def _check_tools(self) -> None:
+        if self.functions is not None or self.function_call is not None:
+            raise APIError(400, "functions/function_call are deprecated and not supported; "
+                           "send tools and tool_choice", "functions")  # fmt: skip
+        choice = self.effective_tool_choice
+        if choice == "none":
+            return
+        if not self.tools:
+            raise APIError(400, f"tool_choice {choice!r} needs tools", "tool_choice")
+        if isinstance(choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools]
+            if choice.function.name not in names:
+                raise APIError(400, f"tool_choice names function {choice.function.name!r}, "
+                               f"which is not among the tools {names}",
+                               "tool_choice.function.name")  # fmt: skip
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """apply_chat_template's keyword arguments besides the messages."""
+        if self.add_generation_prompt and self.continue_final_message:
+            raise APIError(400, "add_generation_prompt and continue_final_message cannot both "
+                           "be true", "continue_final_message")  # fmt: skip
+        self._check_tools()
+        out: dict[str, Any] = {"add_generation_prompt": self.add_generation_prompt,
+                               "continue_final_message": self.continue_final_message}
+        if self.tools:
+            out["tools"] = self._raw_tools or [t.model_dump(exclude_none=True) for t in self.tools]
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
+        if self.documents is not None:
+            out["documents"] = self.documents
+        for key, value in (self.chat_template_kwargs or {}).items():
+            if key in _RESERVED_TEMPLATE_KWARGS:
+                raise APIError(400, f"chat_template_kwargs may not set {key!r}",
+                               f"chat_template_kwargs.{key}")  # fmt: skip
+            out[key] = value
+        return out
+
+    def echo_prefix(self) -> str:
+        """vLLM's chat echo: the last message's content, when the reply continues its role."""
+        if not self.echo:
+            return ""
+        last = self.messages[-1]
+        role = "assistant" if self.add_generation_prompt else last.role
+        return last.text if last.role == role else ""
 
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()
         if self.max_completion_tokens is not None:
+            if self.max_completion_tokens == 0:
+                raise _not_supported_yet("max_completion_tokens", "max_completion_tokens 0")
             out["max_tokens"] = self.max_completion_tokens
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # 0 asks for nothing: harmless
             raise APIError(400, "top_logprobs requires logprobs: true", "top_logprobs")
         if self.logprobs:
             out["logprobs"] = self.top_logprobs or 0
         return out
 
 
+# ----- vLLM's tokenizer endpoints --------------------------------------------------------------
+class TokenizeRequest(_Schema):
+    """POST /tokenize with a prompt."""
+
+    model: str = Field(min_length=1)
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(ChatCompletionRequest):
+    """POST /tokenize with messages: the prompt a chat request with these fields would get."""
+
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Schema):
+    model: str = Field(min_length=1)
+    tokens: list[int]
+
+
 # Pydantic resolves the forward reference to StreamOptions once it is defined.
-for _cls in (_Request, CompletionRequest, ChatCompletionRequest):
+for _cls in (_Request, CompletionRequest, ChatCompletionRequest, TokenizeChatRequest):
     _cls.model_rebuild()
-
-
-# ----- responses -----------------------------------------------------------------------------
-@dataclass
-class ChoiceState:
-    """What one choice has produced so far (accumulated by the ingress)."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def usage_body(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
-def completion_logprobs(entries: list[dict[str, Any]], start: int = 0) -> dict[str, Any] | None:
-    """Legacy completions format: parallel lists. ``start``: the text length before these
-    tokens (a stream's earlier chunks), so offsets index the whole completion."""
-    if not entries:
-        return None
-    offsets, pos = [], start
-    for e in entries:
-        offsets.append(pos)
-        pos += len(e["token"])
-    return {
-        "tokens": [e["token"] for e in entries],
-        "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries],
-        "text_offset": offsets,
-    }
-
-
-def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
-    if not entries:
-        return None
-
-    def item(e: dict[str, Any]) -> dict[str, Any]:
-        return {"token": e["token"], "logprob": e["logprob"],
-                "bytes": list(e["token"].encode())}  # fmt: skip
-
-    return {
-        "content": [
-            {**item(e), "top_logprobs": [item(t) for t in e["top"]]} for e in entries
-        ]
-    }
-
-
-def completion_body(
-    rid: str, model: str, choices: list[ChoiceState], usage: dict[str, Any], want_lp: bool
-) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "text": c.text,
-                "logprobs": completion_logprobs(c.logprobs) if want_lp else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        "usage": usage,
-    }
-
-
-def chat_body(
-    rid: str, model: str, choices: list[ChoiceState], usage: dict[str, Any], want_lp: bool
-) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c.logprobs) if want_lp else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        "usage": usage,
-    }
-
-
-def completion_chunk(rid: str, model: str, created: int, choice: dict[str, Any]) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [choice]}  # fmt: skip
-
-
-def chat_chunk(rid: str, model: str, created: int, choices: list[dict[str, Any]]) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": choices}  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,10 +23,19 @@ from ..actors.config import EngineConfig
 from ..actors.engine import QueueFull
 from ..actors.outputs import Delta
 from ..actors.sampling_params import SamplingParams
-from .protocol import APIError
+from .errors import APIError, engine_error_param
+from .metrics import (
+    HISTOGRAMS,
+    KV_COUNTERS,
+    KV_GAUGES,
+    LATENCY_BOUNDS,
+    LatencyHistogram,
+    metrics_snapshot,
+)
 
 logger = logging.getLogger(__name__)
 
+<<<<<<< HEAD
 # KV manager metrics exported as gauges (the engine's stats() keys).
 KV_GAUGES = (
     "blocks_total", "blocks_used", "blocks_free", "blocks_cached", "utilization",
@@ -37,6 +47,10 @@ KV_COUNTERS = ("prefix_cache_hit_tokens", "preemptions", "evictions")
 # segserve_{kind}_tokens_total: prompt tokens admitted, output tokens streamed.
 TOKEN_COUNTERS = ("prompt", "generation")
 _LATENCY_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+=======
+# What the request router reads (router.replica_load) and the autoscaler needs.
+ROUTING_KEYS = ("utilization", "waiting_requests", "running_requests")
+>>>>>>> issue-10
 
 
 class ReplicaMetrics:
@@ -54,18 +68,19 @@ class ReplicaMetrics:
             for k in KV_COUNTERS
         }
         self._last_counts = dict.fromkeys(KV_COUNTERS, 0.0)
-        self.ttft = metrics.Histogram(
-            "segserve_time_to_first_token_seconds", "Time to first token (engine side)",
-            boundaries=_LATENCY_BOUNDS, tag_keys=tags,
+        self._ttft = metrics.Histogram(
+            HISTOGRAMS["ttft"][0], HISTOGRAMS["ttft"][1], boundaries=list(LATENCY_BOUNDS),
+            tag_keys=tags,
         )  # fmt: skip
-        self.tpot = metrics.Histogram(
-            "segserve_time_per_output_token_seconds", "Mean time per output token after the "
-            "first, per request", boundaries=_LATENCY_BOUNDS, tag_keys=tags,
+        self._tpot = metrics.Histogram(
+            HISTOGRAMS["tpot"][0], HISTOGRAMS["tpot"][1], boundaries=list(LATENCY_BOUNDS),
+            tag_keys=tags,
         )  # fmt: skip
         self.requests = metrics.Counter(
             "segserve_requests_total", "Requests by final status",
             tag_keys=(*tags, "status"),
         )  # fmt: skip
+<<<<<<< HEAD
         # Token throughput. Counted per delta into plain ints and flushed with the KV stats
         # once a second, so the stream's hot path pays no metrics call per token.
         self.tokens = {
@@ -74,6 +89,22 @@ class ReplicaMetrics:
             for kind in TOKEN_COUNTERS
         }  # fmt: skip
         self._pending_tokens = dict.fromkeys(TOKEN_COUNTERS, 0)
+=======
+        # The same, kept here too for the HTTP port's /metrics (see metrics.py).
+        self.local_ttft, self.local_tpot = LatencyHistogram("ttft"), LatencyHistogram("tpot")
+        self.request_counts: Counter[str] = Counter()
+
+    def observe_ttft(self, seconds: float) -> None:
+        self._ttft.observe(seconds, tags=self.tags)
+        self.local_ttft.observe(seconds)
+
+    def observe_tpot(self, seconds: float) -> None:
+        self._tpot.observe(seconds, tags=self.tags)
+        self.local_tpot.observe(seconds)
+
+    def snapshot(self, stats: dict[str, float]) -> dict[str, float]:
+        return metrics_snapshot(stats, (self.local_ttft, self.local_tpot), self.request_counts)
+>>>>>>> issue-10
 
     def export(self, stats: dict[str, float]) -> None:
         for k, g in self.gauges.items():
@@ -96,6 +127,7 @@ class ReplicaMetrics:
 
     def finished(self, status: str) -> None:
         self.requests.inc(1, tags={**self.tags, "status": status})
+        self.request_counts[status] += 1
 
 
 def delta_to_wire(d: Delta) -> dict[str, Any]:
@@ -121,6 +153,7 @@ class LLMReplica:
         self.max_model_len = self.engine.core.max_model_len
         self.metrics = ReplicaMetrics(model, pool)
         self._metrics_task: asyncio.Task | None = None
+        self._last_stats = self.engine.core.stats()  # the engine is idle: safe to read
         logger.info("LLMReplica %s/%s ready: %s", model, pool, self.engine.core.stats())
 
     def _ensure_metrics_loop(self) -> None:
@@ -130,7 +163,7 @@ class LLMReplica:
     async def _export_loop(self) -> None:
         while True:
             try:
-                self.metrics.export(self.engine.stats())
+                self.metrics.export(self._stats())
             except Exception:  # metrics must never take the replica down
                 logger.exception("metrics export failed")
             await asyncio.sleep(self.METRICS_PERIOD_S)
@@ -159,7 +192,7 @@ class LLMReplica:
                     self.metrics.count_tokens("generation", len(d.token_ids))
                     if first is None:
                         first = now
-                        self.metrics.ttft.observe(now - start, tags=self.metrics.tags)
+                        self.metrics.observe_ttft(now - start)
                     else:
                         later_tokens += len(d.token_ids)
                     last = now
@@ -167,7 +200,7 @@ class LLMReplica:
                 yield delta_to_wire(d)
         except (ValueError, TypeError) as e:
             status = "rejected"
-            yield {"error": APIError(400, str(e)).to_dict()}
+            yield {"error": APIError(400, str(e), engine_error_param(str(e))).to_dict()}
         except QueueFull as e:
             status = "rejected"
             yield {"error": APIError(429, str(e)).to_dict()}
@@ -177,22 +210,33 @@ class LLMReplica:
         finally:
             self.metrics.finished(status)
             if later_tokens:
-                self.metrics.tpot.observe((last - first) / later_tokens, tags=self.metrics.tags)
+                self.metrics.observe_tpot((last - first) / later_tokens)
+
+    def _stats(self) -> dict[str, float]:
+        """The engine's stats, or the last complete ones. While the engine's first step runs
+        it has taken no snapshot yet and ``AsyncEngine.stats()`` is empty (reading live state
+        then would race the step): that used to raise KeyError 'utilization' in
+        record_routing_stats at startup."""
+        s = self.engine.stats()
+        if all(k in s for k in ROUTING_KEYS):
+            self._last_stats = s
+        return self._last_stats
 
     async def stats(self) -> dict[str, float]:
-        return self.engine.stats()
+        return self._stats()
 
     async def info(self) -> dict[str, Any]:
         return {"model": self.model, "pool": self.pool, "max_model_len": self.max_model_len}
 
     def record_routing_stats(self) -> dict[str, float]:
-        """Read by the request router (router.KVHeadroomRouter) and the pool spill check."""
-        s = self.engine.stats()
-        return {k: float(s[k]) for k in ("utilization", "waiting_requests", "running_requests")}
+        """Read by the request router (router.KVHeadroomRouter), the pool spill check, and
+        the ingress's /metrics (this replica's metrics ride along: see metrics.py)."""
+        s = self._stats()
+        return {**self.metrics.snapshot(s), **{k: float(s[k]) for k in ROUTING_KEYS}}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom metrics for autoscaling.KVPressurePolicy."""
-        s = self.engine.stats()
+        s = self._stats()
         return {
             "kv_utilization": float(s["utilization"]),
             "waiting_requests": float(s["waiting_requests"]),

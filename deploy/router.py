@@ -15,7 +15,8 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 from . import routing_view
 from .config import ModelConfig, PoolConfig, ServiceConfig
-from .protocol import APIError
+from .errors import APIError
+from .metrics import ReplicaView
 
 ROUTING_STATS_PERIOD_S = 0.5
 
@@ -57,6 +58,9 @@ class KVHeadroomRouter(FIFOMixin, RequestRouter):
 
     def replica_stats(self) -> list[dict[str, float]]:
         return [r.routing_stats or {} for r in self.curr_replicas.values()]
+
+    def replica_stats_by_id(self) -> dict[str, dict[str, float]]:
+        return {rid.unique_id: r.routing_stats or {} for rid, r in self.curr_replicas.items()}
 
 
 @dataclass
@@ -125,6 +129,17 @@ class PoolRouter:
         # Everything is busy: the least loaded pool queues it (and answers 429 when its
         # bounded queue is full).
         return min(states, key=lambda s: s.load(self.app_name))
+
+    def replica_views(self) -> list[ReplicaView]:
+        """Every known replica's last reported stats (for /metrics), by model and pool."""
+        views = []
+        for model, states in self.pools.items():
+            for s in states:
+                router = routing_view.ROUTERS.get((self.app_name, s.deployment))
+                stats = router.replica_stats_by_id() if router is not None else {}
+                views += [ReplicaView(model, s.pool.name, rid, st)
+                          for rid, st in sorted(stats.items())]  # fmt: skip
+        return views
 
     def all_states(self) -> Iterable[PoolState]:
         for states in self.pools.values():

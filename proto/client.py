@@ -13,6 +13,7 @@ Errors are the ``grpc.RpcError`` the server (or the channel) raised, unwrapped: 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -29,7 +30,8 @@ _SAMPLING_FIELDS: Mapping[str, FieldDescriptor] = (
 _EARLY_STOPPING = {True: "true", False: "false", "true": "true", "false": "false",
                    "never": "never"}
 
-ChatMessageLike = Mapping[str, str] | segserve_pb2.ChatMessage
+ChatMessageLike = Mapping[str, Any] | segserve_pb2.ChatMessage
+ToolLike = Mapping[str, Any] | segserve_pb2.Tool
 
 
 def sampling_options(**sampling: Any) -> segserve_pb2.SamplingOptions:
@@ -62,12 +64,46 @@ def sampling_options(**sampling: Any) -> segserve_pb2.SamplingOptions:
     return options
 
 
-def generate_request(prompt: str | None = None, *, model: str = "demo",
+def _message(m: ChatMessageLike) -> segserve_pb2.ChatMessage:
+    if isinstance(m, segserve_pb2.ChatMessage):
+        return m
+    calls = [segserve_pb2.ToolCall(id=c["id"], type=c.get("type", "function"),
+                                   name=c["function"]["name"],
+                                   arguments=c["function"]["arguments"])
+             for c in m.get("tool_calls") or []]
+    return segserve_pb2.ChatMessage(role=m["role"], content=m.get("content") or "",
+                                    name=m.get("name") or "", tool_calls=calls,
+                                    tool_call_id=m.get("tool_call_id") or "")
+
+
+def _tool(t: ToolLike) -> segserve_pb2.Tool:
+    """A tool in OpenAI's shape ({"type": "function", "function": {...}}) as a ``Tool``."""
+    if isinstance(t, segserve_pb2.Tool):
+        return t
+    f = t.get("function", t)
+    params = f.get("parameters")
+    return segserve_pb2.Tool(name=f["name"], description=f.get("description") or "",
+                             parameters=json.dumps(params) if params is not None else "")
+
+
+def _tool_choice(choice: Any) -> segserve_pb2.ToolChoice:
+    if isinstance(choice, segserve_pb2.ToolChoice):
+        return choice
+    if isinstance(choice, str):
+        return segserve_pb2.ToolChoice(mode=choice)
+    return segserve_pb2.ToolChoice(function=choice["function"]["name"])
+
+
+def generate_request(prompt: str | Sequence[str] | None = None, *, model: str = "demo",
                      messages: Iterable[ChatMessageLike] | None = None,
-                     prompt_token_ids: Sequence[int] | None = None, device: str = "auto",
+                     prompt_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+                     device: str = "auto", tools: Iterable[ToolLike] | None = None,
+                     tool_choice: str | Mapping[str, Any] | None = None,
+                     parallel_tool_calls: bool | None = None,
                      **sampling: Any) -> segserve_pb2.GenerateRequest:
     """The ``GenerateRequest`` that ``SegServeClient.generate`` sends (exposed for tests and for
-    callers that drive the stub themselves)."""
+    callers that drive the stub themselves). A list of prompts (texts, or token-id lists) is a
+    batch; ``tools`` and ``tool_choice`` take OpenAI's shapes and go with ``messages``."""
     given = [name for name, value in (("prompt", prompt), ("messages", messages),
                                       ("prompt_token_ids", prompt_token_ids))
              if value is not None]
@@ -78,17 +114,25 @@ def generate_request(prompt: str | None = None, *, model: str = "demo",
                          + (", ".join(given) or "none"))
     request = segserve_pb2.GenerateRequest(model=model, device=device,
                                            sampling=sampling_options(**sampling))
-    if prompt is not None:
+    if isinstance(prompt, str):
         request.prompt = prompt
+    elif prompt is not None:
+        request.prompts.extend(prompt)
     elif prompt_token_ids is not None:
-        request.prompt_token_ids.extend(prompt_token_ids)
+        if prompt_token_ids and not isinstance(prompt_token_ids[0], int):
+            request.prompt_token_id_lists.extend(
+                segserve_pb2.TokenIds(ids=ids) for ids in prompt_token_ids)
+        else:
+            request.prompt_token_ids.extend(prompt_token_ids)
     else:
         assert messages is not None
-        for m in messages:
-            if isinstance(m, segserve_pb2.ChatMessage):
-                request.messages.append(m)
-            else:
-                request.messages.add(role=m["role"], content=m["content"])
+        request.messages.extend(_message(m) for m in messages)
+    if tools is not None:
+        request.tools.extend(_tool(t) for t in tools)
+    if tool_choice is not None:
+        request.tool_choice.CopyFrom(_tool_choice(tool_choice))
+    if parallel_tool_calls is not None:
+        request.parallel_tool_calls = parallel_tool_calls
     return request
 
 
@@ -114,26 +158,22 @@ class SegServeClient:
         self._channel = grpc.insecure_channel(target)
         self._stub = segserve_pb2_grpc.SegServeStub(self._channel)
 
-    def generate(self, prompt: str | None = None, *, model: str = "demo",
-                 messages: Iterable[ChatMessageLike] | None = None,
-                 prompt_token_ids: Sequence[int] | None = None, device: str = "auto",
-                 **sampling: Any) -> segserve_pb2.GenerateResponse:
-        """One response with every choice, once the request has finished. ``sampling`` keywords
-        are ``SamplingOptions`` fields (see ``sampling_options``)."""
-        request = generate_request(prompt, model=model, messages=messages,
-                                   prompt_token_ids=prompt_token_ids, device=device, **sampling)
+    def generate(self, prompt: str | Sequence[str] | None = None,
+                 **kwargs: Any) -> segserve_pb2.GenerateResponse:
+        """One response with every choice, once the request has finished. Keywords are
+        ``generate_request``'s: model, messages, prompt_token_ids, device, tools, tool_choice,
+        parallel_tool_calls, and ``SamplingOptions`` fields (see ``sampling_options``)."""
+        request = generate_request(prompt, **kwargs)
         return self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
 
-    def generate_stream(self, prompt: str | None = None, *, model: str = "demo",
-                        messages: Iterable[ChatMessageLike] | None = None,
-                        prompt_token_ids: Sequence[int] | None = None, device: str = "auto",
-                        **sampling: Any) -> Iterator[segserve_pb2.GenerateResponse]:
-        """Responses carrying each choice's new text as it is generated; the last one carries
-        usage. Closing the iterator early (``break``, ``close()``) cancels the request."""
+    def generate_stream(self, prompt: str | Sequence[str] | None = None,
+                        **kwargs: Any) -> Iterator[segserve_pb2.GenerateResponse]:
+        """Responses carrying each choice's new text (and tool calls) as they are generated;
+        the last one carries usage. Closing the iterator early (``break``, ``close()``)
+        cancels the request."""
         # The request is built here, not inside the generator, so a bad argument raises at the
         # call rather than at the first next().
-        request = generate_request(prompt, model=model, messages=messages,
-                                   prompt_token_ids=prompt_token_ids, device=device, **sampling)
+        request = generate_request(prompt, **kwargs)
         call = self._stub.GenerateStream(request, timeout=self.timeout, metadata=self._metadata)
         return self._iterate(call)
 

@@ -28,6 +28,10 @@ from segserve.proto.client import SegServeClient  # noqa: E402
 from segserve.proto.generate import OUTPUTS, PROTO_DIR, generate  # noqa: E402
 
 API_KEY = "secret-key"
+TOOL_CALL = segserve_pb2.ToolCall(id="call_1", type="function", name="get_weather",
+                                  arguments='{"city": "Paris"}')
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                            "parameters": {"type": "object"}}}
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +90,12 @@ class EchoServicer(segserve_pb2_grpc.SegServeServicer):
             "sampling": json_format.MessageToDict(request.sampling,
                                                   preserving_proto_field_name=True),
             "metadata": metadata,
+            "request": json_format.MessageToDict(request, preserving_proto_field_name=True),
         }, sort_keys=True)
+
+    @staticmethod
+    def _calls_tools(request: segserve_pb2.GenerateRequest) -> bool:
+        return any(m.content == "call tools" for m in request.messages)
 
     @staticmethod
     def _n(request: segserve_pb2.GenerateRequest) -> int:
@@ -96,6 +105,9 @@ class EchoServicer(segserve_pb2_grpc.SegServeServicer):
         metadata = self._check(context)
         if request.prompt == "fail":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be >= 1")
+        if self._calls_tools(request):
+            return segserve_pb2.GenerateResponse(choices=[segserve_pb2.Choice(
+                index=0, text="Let me see.", finish_reason="tool_calls", tool_calls=[TOOL_CALL])])
         choices = [segserve_pb2.Choice(index=0, text=self._echo(request, metadata),
                                        finish_reason="stop")]
         choices += [segserve_pb2.Choice(index=i, text=f"choice {i}", finish_reason="stop")
@@ -107,7 +119,13 @@ class EchoServicer(segserve_pb2_grpc.SegServeServicer):
         self._check(context)
         if request.prompt == "fail":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be >= 1")
-        words = (request.prompt or "chat reply").split(" ")
+        if self._calls_tools(request):
+            yield segserve_pb2.GenerateResponse(choices=[segserve_pb2.Choice(index=0,
+                                                                             text="Let me see.")])
+            yield segserve_pb2.GenerateResponse(choices=[segserve_pb2.Choice(
+                index=0, finish_reason="tool_calls", tool_calls=[TOOL_CALL])])
+            return
+        words = (request.prompt or " ".join(request.prompts) or "chat reply").split(" ")
         for k, word in enumerate(words):
             text = word if k == 0 else " " + word
             yield segserve_pb2.GenerateResponse(
@@ -338,6 +356,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             error = {"error": {"message": "max_tokens must be >= 1",
                                "type": "invalid_request_error", "code": 400}}
             return self._send(400, json.dumps(error).encode(), "application/json")
+        if body.get("tools"):
+            return self._send_tool_call(body.get("stream"))
         pieces = ["Hel", "lo", " world"]
         if not body.get("stream"):
             choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}}
@@ -354,6 +374,22 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         events.insert(1, ": keep-alive\n\n")
         events.append("data: [DONE]\n\n")
         self._send(200, "".join(events).encode(), "text/event-stream")
+
+
+    def _send_tool_call(self, stream: bool) -> None:
+        call = {"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        if not stream:
+            message = {"role": "assistant", "content": "Let me see.", "tool_calls": [call]}
+            body = {"choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
+            return self._send(200, json.dumps(body).encode(), "application/json")
+        deltas = [{"role": "assistant"}, {"content": "Let me see."},
+                  {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": ""}}]},
+                  {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]}]
+        events = [f"data: {json.dumps({'choices': [{'index': 0, 'delta': d}]})}\n\n"
+                  for d in deltas]
+        self._send(200, ("".join(events) + "data: [DONE]\n\n").encode(), "text/event-stream")
 
 
 @pytest.fixture(scope="module")
@@ -412,3 +448,80 @@ def test_cli_help_lists_client(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "client" in capsys.readouterr().out
+
+
+# ----- batches and tools -----------------------------------------------------------------------
+def test_generate_request_batches_tools_and_history():
+    from segserve.proto.client import generate_request
+
+    r = generate_request(["a", "b c"], model="m")
+    assert list(r.prompts) == ["a", "b c"] and not r.prompt
+    r = generate_request(prompt_token_ids=[[1, 2], [3]])
+    assert [list(t.ids) for t in r.prompt_token_id_lists] == [[1, 2], [3]]
+    assert list(generate_request(prompt_token_ids=[4, 5]).prompt_token_ids) == [4, 5]
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{}"}}]},
+               {"role": "tool", "content": "18 C", "tool_call_id": "c1"}]
+    r = generate_request(messages=history, tools=[WEATHER], tool_choice="required",
+                         parallel_tool_calls=False)
+    assert [(m.role, m.content, m.tool_call_id) for m in r.messages] == [
+        ("user", "hi", ""), ("assistant", "", ""), ("tool", "18 C", "c1")]
+    (call,) = r.messages[1].tool_calls
+    assert (call.id, call.type, call.name, call.arguments) == ("c1", "function",
+                                                               "get_weather", "{}")
+    (tool,) = r.tools
+    assert (tool.name, tool.description, json.loads(tool.parameters)) == (
+        "get_weather", "Weather", {"type": "object"})
+    assert r.tool_choice.mode == "required" and r.parallel_tool_calls is False
+    named = generate_request(messages=history, tool_choice={"type": "function",
+                                                            "function": {"name": "f"}})
+    assert named.tool_choice.WhichOneof("choice") == "function"
+    assert named.tool_choice.function == "f" and not named.HasField("parallel_tool_calls")
+
+
+def test_cli_grpc_batch(capsys, grpc_target):
+    rc, out, err = run_cli(capsys, ["--grpc", grpc_target, "--prompt", "a", "--prompt", "b",
+                                    "--json"])
+    assert rc == 0, err
+    assert json.loads(json.loads(out)["choices"][0]["text"])["request"]["prompts"] == ["a", "b"]
+    rc, out, err = run_cli(capsys, ["--grpc", grpc_target, "--prompt", "a", "--prompt", "b",
+                                    "--stream"])
+    assert (rc, out) == (0, "=== choice 0 ===\na b\n"), err
+
+
+def test_cli_grpc_tools(capsys, grpc_target, tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    for extra in ([], ["--stream"]):
+        rc, out, err = run_cli(capsys, ["--grpc", grpc_target, "--chat", "--prompt",
+                                        "call tools", "--tools", f"@{tools}",
+                                        "--tool-choice", "get_weather", *extra])
+        assert (rc, out) == (0, 'Let me see.\n[tool call] get_weather {"city": "Paris"}\n'), err
+
+
+def test_cli_http_batch_and_tools(capsys, http_server):
+    http_server.requests.clear()
+    rc, out, err = run_cli(capsys, ["--http", http_url(http_server), "--prompt", "a",
+                                    "--prompt", "b"])
+    assert rc == 0, err
+    assert http_server.requests[-1]["body"]["prompt"] == ["a", "b"]
+    for extra in ([], ["--stream"]):
+        rc, out, err = run_cli(capsys, ["--http", http_url(http_server), "--chat", "--prompt",
+                                        "x", "--tools", json.dumps([WEATHER]),
+                                        "--tool-choice", "required", *extra])
+        assert (rc, out) == (0, 'Let me see.\n[tool call] get_weather {"city": "Paris"}\n'), err
+        body = http_server.requests[-1]["body"]
+        assert body["tools"] == [WEATHER] and body["tool_choice"] == "required"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--chat", "--prompt", "a", "--prompt", "b"], "--chat takes one --prompt"),
+    (["--prompt", "a", "--tools", "[]"], "--tools and --tool-choice go with --chat"),
+    (["--chat", "--prompt", "a", "--tools", "{not json"], "--tools: "),
+    (["--chat", "--prompt", "a", "--tools", "{}"], "--tools must be a JSON list"),
+])  # fmt: skip
+def test_cli_tool_and_batch_misuse(capsys, argv, message):
+    rc, out, err = run_cli(capsys, ["--http", "http://127.0.0.1:9", *argv])
+    assert rc == 1 and out == "" and err.startswith(f"error: {message}")

@@ -4,17 +4,15 @@ SamplingParams kwargs, errors, and the log-prob bodies."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from segserve.deploy.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    chat_logprobs,
-    completion_logprobs,
-)
+from segserve.deploy import protocol
+from segserve.deploy.errors import APIError, engine_error_param
+from segserve.deploy.protocol import ChatCompletionRequest, CompletionRequest
+from segserve.deploy.responses import chat_logprobs, completion_logprobs
 
 
 def comp(**fields: Any) -> CompletionRequest:
@@ -66,16 +64,24 @@ def test_int_accepted_for_float():
 
 
 @pytest.mark.parametrize("make", [comp, chat])
-def test_unknown_field_rejected(make):
-    with pytest.raises(ValidationError) as info:
-        make(max_token=8)
-    assert field_errors(info.value) == {(("max_token",), "extra_forbidden")}
+def test_unknown_fields_are_ignored_with_one_warning_per_name(make, caplog):
+    protocol._warned_fields.clear()
+    with caplog.at_level(logging.WARNING, logger="segserve.deploy.protocol"):
+        r = make(max_token=8, reasoning_effort="low", stream_options={"chunk_size": 2})
+        make(max_token=9)  # the same name again: no second line
+    assert r.sampling() == {"n": 1}  # nothing of them reaches the engine
+    warned = sorted(rec.getMessage() for rec in caplog.records)
+    assert warned == [
+        f"ignoring unknown request field {name!r} (logged once per field name)"
+        for name in sorted(["max_token", "reasoning_effort", "stream_options.chunk_size"])
+    ]
 
 
-def test_unknown_field_in_a_message_rejected():
-    with pytest.raises(ValidationError) as info:
-        chat(messages=[{"role": "user", "content": "hi", "tool_call_id": "x"}])
-    assert field_errors(info.value) == {(("messages", 0, "tool_call_id"), "extra_forbidden")}
+def test_unknown_message_fields_reach_the_template():
+    r = chat(messages=[{"role": "assistant", "content": "x", "reasoning_content": "hmm"}])
+    assert r.template_messages() == [
+        {"role": "assistant", "content": "x", "reasoning_content": "hmm"}
+    ]
 
 
 def test_ignored_fields_accepted():
@@ -141,6 +147,7 @@ def test_chat_logprobs():
     assert chat(logprobs=False).sampling() == {"n": 1}
     e = api_error(chat(top_logprobs=2).sampling)
     assert (e.status, e.param) == (400, "top_logprobs")
+    assert chat(top_logprobs=0).sampling() == {"n": 1}  # what some SDKs send by default
 
 
 def test_logit_bias():
@@ -159,42 +166,179 @@ def test_include_usage():
         comp(stream_options={"include_usage": "yes"})
 
 
-# ----- single_prompt() -------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "prompt, expected",
-    [
-        ("hello", "hello"),
-        ([1, 2, 3], [1, 2, 3]),
-        (["hello"], "hello"),
-        ([[4, 5]], [4, 5]),
-    ],
-)
-def test_single_prompt(prompt, expected):
-    assert comp(prompt=prompt).single_prompt() == expected
+def test_continuous_usage_stats():
+    r = comp(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert r.include_usage and r.continuous_usage
+    assert not comp(stream=True).continuous_usage
+
+
+# ----- null, ranges, what is not supported yet --------------------------------------------------
+def _nullable(schema) -> list[str]:
+    return [name for name, f in schema.model_fields.items() if not f.is_required()]
+
+
+@pytest.mark.parametrize("make, schema", [(comp, CompletionRequest), (chat, ChatCompletionRequest)])
+def test_null_means_default_for_every_nullable_field(make, schema):
+    names = _nullable(schema)
+    assert {"n", "stream", "echo", "logprobs", "temperature", "stream_options"} & set(names)
+    default = make()
+    for name in names:
+        assert make(**{name: None}) == default, name
+    # all at once, as an SDK that sends every unset field as null does
+    assert make(**dict.fromkeys(names)) == default
+    assert make(stream_options={"include_usage": None}).stream_options.include_usage is False
+
+
+def test_null_in_a_required_field_is_an_error():
+    with pytest.raises(ValidationError) as info:
+        comp(model=None)
+    assert field_errors(info.value) == {(("model",), "string_type")}
+    with pytest.raises(ValidationError):
+        comp(prompt=None)
 
 
 @pytest.mark.parametrize(
     "fields, param",
     [
-        ({"prompt": ["a", "b"]}, "prompt"),
-        ({"prompt": [[1], [2]]}, "prompt"),
-        ({"prompt": ""}, "prompt"),
-        ({"prompt": []}, "prompt"),
-        ({"prompt": [""]}, "prompt"),
-        ({"echo": True}, "echo"),
-        ({"suffix": "end"}, "suffix"),
-        ({"best_of": 2}, "best_of"),  # n = 1
-        ({"best_of": 1, "n": 2}, "best_of"),
+        ({"temperature": 2.01}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"presence_penalty": -2.5}, "presence_penalty"),
+        ({"frequency_penalty": 2.1}, "frequency_penalty"),
+        ({"n": 0}, "n"),
+        ({"n": 129}, "n"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"best_of": 0}, "best_of"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     ],
 )
-def test_single_prompt_refused(fields, param):
-    e = api_error(comp(**fields).single_prompt)
+def test_openai_ranges(fields, param):
+    with pytest.raises(ValidationError) as info:
+        comp(**fields)
+    assert [e["loc"] for e in info.value.errors()] == [(param,)]
+
+
+def test_range_edges_accepted():
+    r = comp(temperature=2, top_p=1, presence_penalty=-2, frequency_penalty=2, n=128, logprobs=20)
+    assert r.sampling()["temperature"] == 2.0
+    with pytest.raises(ValidationError):
+        chat(top_logprobs=21)
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"min_tokens": 2}, "min_tokens"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"prompt_logprobs": 0}, "prompt_logprobs"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logit_bias": {"7": 5.0}}, "logit_bias"),
+        ({"logit_bias": {"x": 5.0}}, "logit_bias"),
+        ({"logit_bias": {"7": 500.0}}, "logit_bias"),
+        ({"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
+        ({"bad_words": ["x"]}, "bad_words"),
+        ({"guided_json": {"type": "object"}}, "guided_json"),
+        ({"guided_regex": "a+"}, "guided_regex"),
+        ({"guided_choice": ["a", "b"]}, "guided_choice"),
+        ({"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
+        ({"structured_outputs": {"json": {}}}, "structured_outputs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ],
+)
+@pytest.mark.parametrize("make", [comp, chat])
+def test_known_but_not_yet_supported_fields_are_refused_by_name(make, fields, param):
+    e = api_error(make(**fields).sampling)
+    assert (e.status, e.param) == (400, param)
+    assert param in e.message
+
+
+def test_not_yet_supported_fields_at_their_defaults_are_fine():
+    r = comp(min_tokens=0, logit_bias={}, allowed_token_ids=[], bad_words=[],
+             response_format={"type": "text"}, spaces_between_special_tokens=False)  # fmt: skip
+    assert r.sampling() == {"n": 1}
+    e = api_error(chat(max_completion_tokens=0).sampling)
+    assert e.param == "max_completion_tokens"
+
+
+def test_use_beam_search():
+    r = comp(use_beam_search=True, n=2, best_of=4, length_penalty=0.5)
+    assert r.sampling() == {"n": 1, "beam_width": 4, "length_penalty": 0.5}
+    assert r.returned_choices == 2
+    assert comp(use_beam_search=True, n=3).sampling()["beam_width"] == 3
+    c = chat(use_beam_search=True, n=3, early_stopping=True)
+    assert c.sampling() == {"n": 1, "beam_width": 3, "early_stopping": True}
+    assert c.returned_choices == 3
+    # segserve's own beam_width returns every beam
+    assert comp(beam_width=3).returned_choices is None
+    assert comp(use_beam_search=True, n=2, best_of=4).prompts() == ["hi"]
+
+
+def test_engine_errors_name_their_field():
+    assert engine_error_param("invalid sampling parameter top_p=0.0: must be ...") == "top_p"
+    assert engine_error_param("prompt token id 9 is outside the model's vocabulary") == "prompt"
+    assert engine_error_param("the request needs up to 9 KV blocks but the pool") == "max_tokens"
+    assert engine_error_param("n/beam_width 9 exceeds max_num_seqs 8") == "n"
+    assert engine_error_param("something else") is None
+
+
+# ----- prompts(), best_of -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("hello", ["hello"]),
+        ([1, 2, 3], [[1, 2, 3]]),
+        (["hello"], ["hello"]),
+        ([[4, 5]], [[4, 5]]),
+        (["a", "b c"], ["a", "b c"]),
+        ([[1], [2, 3]], [[1], [2, 3]]),
+    ],
+)
+def test_prompts(prompt, expected):
+    assert comp(prompt=prompt).prompts() == expected
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [""]}, "prompt.0"),
+        ({"prompt": ["a", ""]}, "prompt.1"),
+        ({"prompt": [[1], []]}, "prompt.1"),
+        ({"echo": True, "logprobs": 1}, "echo"),  # needs prompt logprobs
+        ({"suffix": "end"}, "suffix"),
+        ({"best_of": 1, "n": 2}, "best_of"),
+        ({"best_of": 3, "stream": True}, "best_of"),
+    ],
+)
+def test_prompts_refused(fields, param):
+    e = api_error(comp(**fields).prompts)
     assert (e.status, e.param) == (400, param)
 
 
-def test_best_of_equal_to_n_is_fine():
-    assert comp(best_of=3, n=3).single_prompt() == "hi"
-    assert comp(suffix="").single_prompt() == "hi"
+def test_best_of():
+    assert comp(best_of=3, n=3).prompts() == ["hi"]
+    assert comp(suffix="").prompts() == ["hi"]
+    r = comp(best_of=4, n=2)
+    assert r.ranks_by_logprob and r.returned_choices == 2 and r.choices_per_prompt == 2
+    assert r.sampling() == {"n": 4, "logprobs": 0}  # log-probs for the ranking
+    assert comp(best_of=4, n=2, logprobs=3).sampling() == {"n": 4, "logprobs": 3}
+    assert comp(best_of=3, n=3).sampling() == {"n": 3}
+    # best_of = n streams; best_of with beam search is the beam width
+    assert comp(best_of=2, n=2, stream=True).prompts() == ["hi"]
+    assert not comp(best_of=4, n=2, use_beam_search=True).ranks_by_logprob
+
+
+def test_choices_per_prompt():
+    assert comp(n=3).choices_per_prompt == 3
+    assert comp(beam_width=4).choices_per_prompt == 4  # every beam
+    assert comp(use_beam_search=True, n=2, best_of=5).choices_per_prompt == 2
 
 
 def test_prompt_of_mixed_types_rejected():
@@ -202,6 +346,8 @@ def test_prompt_of_mixed_types_rejected():
         comp(prompt=[1, "a"])
     with pytest.raises(ValidationError):
         comp(prompt=7)
+    with pytest.raises(ValidationError):
+        comp(prompt=["a", [1]])
 
 
 # ----- template_messages() ---------------------------------------------------------------------
@@ -223,12 +369,6 @@ def test_template_messages():
 def test_template_messages_refused():
     e = api_error(chat(messages=[]).template_messages)
     assert (e.status, e.param) == (400, "messages")
-    e = api_error(chat(tools=[{"type": "function"}]).template_messages)
-    assert (e.status, e.param) == (400, "tools")
-    e = api_error(chat(tool_choice="auto").template_messages)
-    assert (e.status, e.param) == (400, "tools")
-    e = api_error(chat(response_format={"type": "json_object"}).template_messages)
-    assert (e.status, e.param) == (400, "response_format")
 
 
 def test_template_messages_accepted_options():
@@ -240,6 +380,35 @@ def test_template_messages_accepted_options():
 def test_image_part_rejected():
     with pytest.raises(ValidationError):
         chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+
+
+def test_template_kwargs():
+    assert chat().template_kwargs() == {"add_generation_prompt": True,
+                                        "continue_final_message": False}
+    r = chat(add_generation_prompt=False, continue_final_message=True, chat_template="{{ x }}",
+             documents=[{"title": "t", "text": "d"}],
+             chat_template_kwargs={"enable_thinking": False, "add_generation_prompt": False})
+    assert r.template_kwargs() == {
+        "add_generation_prompt": False, "continue_final_message": True,
+        "chat_template": "{{ x }}", "documents": [{"title": "t", "text": "d"}],
+        "enable_thinking": False,
+    }  # fmt: skip
+    e = api_error(chat(continue_final_message=True).template_kwargs)  # with the generation prompt
+    assert (e.status, e.param) == (400, "continue_final_message")
+    e = api_error(chat(chat_template_kwargs={"tokenize": True}).template_kwargs)
+    assert (e.status, e.param) == (400, "chat_template_kwargs.tokenize")
+
+
+@pytest.mark.parametrize(
+    "last_role, add_generation_prompt, echoed",
+    [("user", True, ""), ("assistant", True, "last"), ("user", False, "last"),
+     ("assistant", False, "last")],
+)  # fmt: skip
+def test_chat_echo_prefix(last_role, add_generation_prompt, echoed):
+    msgs = [{"role": "user", "content": "first"}, {"role": last_role, "content": "last"}]
+    r = chat(messages=msgs, echo=True, add_generation_prompt=add_generation_prompt)
+    assert r.echo_prefix() == echoed
+    assert chat(messages=msgs).echo_prefix() == ""
 
 
 # ----- APIError --------------------------------------------------------------------------------

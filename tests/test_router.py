@@ -14,7 +14,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Repl
 from segserve.deploy import routing_view
 from segserve.deploy.app import replica_options
 from segserve.deploy.config import parse_service_config
-from segserve.deploy.protocol import APIError
+from segserve.deploy.errors import APIError
 from segserve.deploy.router import (
     KVHeadroomRouter,
     PoolRouter,
@@ -253,3 +253,79 @@ def test_router_as_serve_ships_it_registers_in_the_module(restore_router_class):
     r = cls(deployment_id=DEP, handle_source=DeploymentHandleSource.UNKNOWN)
     r.initialize_state()
     assert routing_view.ROUTERS.get((APP, "LLM:m:gpu")) is r
+
+
+def test_replica_stats_while_its_first_step_runs():
+    """AsyncEngine.stats() is empty while the engine's first step runs (no snapshot yet, and
+    live state may not be read then): the replica keeps reporting its last complete stats
+    instead of raising KeyError 'utilization' (what Serve logged at replica startup)."""
+    from segserve.deploy.replica import ROUTING_KEYS, LLMReplica
+
+    r = LLMReplica({"model": "demo", "device": "cpu", "dtype": "float32", "num_kv_blocks": 64},
+                   "demo", "cpu")
+    r.engine._stepping = True  # as while the worker thread steps, before any snapshot
+    assert r.engine.stats() == {}
+    idle = {"utilization": 0.0, "waiting_requests": 0.0, "running_requests": 0.0}
+    assert {k: r.record_routing_stats()[k] for k in ROUTING_KEYS} == idle
+    assert r.record_autoscaling_stats() == {"kv_utilization": 0.0, "waiting_requests": 0.0,
+                                            "running_requests": 0.0}
+    r.engine._stepping = False
+    r.engine.core.add_request([0, 5, 6], None)  # waiting: stats are live again
+    assert r.record_routing_stats()["waiting_requests"] == 1.0
+    assert set(ROUTING_KEYS) <= set(r.engine.core.stats())
+
+
+def test_metrics_text_from_replica_snapshots():
+    """What /metrics renders from the replicas' routing stats, read back with Prometheus'
+    own text parser."""
+    from collections import Counter
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from segserve.deploy.metrics import LatencyHistogram, ReplicaView, metrics_snapshot, render
+
+    ttft, tpot = LatencyHistogram("ttft"), LatencyHistogram("tpot")
+    for v in (0.003, 0.02, 0.02, 7.0, 60.0):
+        ttft.observe(v)
+    tpot.observe(0.004)
+    kv = {"blocks_total": 256, "blocks_used": 10, "utilization": 10 / 256,
+          "waiting_requests": 2, "running_requests": 3, "preemptions": 4}
+    snap = metrics_snapshot(kv, (ttft, tpot), Counter({"stop": 5, "length": 1}))
+    views = [ReplicaView("demo", "cpu", "r1", snap), ReplicaView("demo", "cpu", "r2", {})]
+    samples = {}
+    for family in text_string_to_metric_families(render(views).decode()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    r1 = (("model", "demo"), ("pool", "cpu"), ("replica", "r1"))
+    assert samples[("segserve_kv_blocks_total", r1)] == 256
+    assert samples[("segserve_kv_utilization", r1)] == pytest.approx(10 / 256)
+    assert samples[("segserve_kv_preemptions_total", r1)] == 4
+    assert samples[("segserve_requests_total", (*r1[:2], ("replica", "r1"),
+                                                ("status", "stop")))] == 5
+    bucket = "segserve_time_to_first_token_seconds_bucket"
+    assert samples[(bucket, tuple(sorted((*r1, ("le", "0.005")))))] == 1
+    assert samples[(bucket, tuple(sorted((*r1, ("le", "0.025")))))] == 3
+    assert samples[(bucket, tuple(sorted((*r1, ("le", "10.0")))))] == 4
+    assert samples[(bucket, tuple(sorted((*r1, ("le", "+Inf")))))] == 5
+    assert samples[("segserve_time_to_first_token_seconds_sum", r1)] == pytest.approx(67.043)
+    assert samples[("segserve_time_per_output_token_seconds_count", r1)] == 1
+    vllm = (("model_name", "demo"), ("pool", "cpu"), ("replica", "r1"))
+    assert samples[("vllm:num_requests_waiting", vllm)] == 2
+    assert samples[("vllm:kv_cache_usage_perc", vllm)] == pytest.approx(10 / 256)
+    assert samples[("vllm:time_to_first_token_seconds_count", vllm)] == 5
+    # a replica that has reported nothing yet has no series
+    assert not any(dict(labels).get("replica") == "r2" for _, labels in samples)
+
+
+def test_pool_router_replica_views():
+    cfg = parse_service_config({"models": [{"name": "m"}],
+                                "pools": [{"name": "cpu", "device": "cpu"}]})
+    pr = PoolRouter(cfg, APP)
+    assert pr.replica_views() == []
+    r = KVHeadroomRouter(deployment_id=DeploymentID("LLM:m:cpu", APP),
+                         handle_source=DeploymentHandleSource.UNKNOWN)
+    r.initialize_state()
+    rid = ReplicaID("x", DeploymentID("LLM:m:cpu", APP))
+    r._replicas = {rid: replica("x", stats(util=0.5))}
+    (view,) = pr.replica_views()
+    assert (view.model, view.pool, view.replica, view.stats) == ("m", "cpu", "x",
+                                                                 stats(util=0.5))

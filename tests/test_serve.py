@@ -31,6 +31,7 @@ from segserve.deploy.launch import GRPC_SERVICER  # noqa: E402
 from segserve.deploy.replica import KV_COUNTERS, KV_GAUGES  # noqa: E402
 from segserve.deploy.router import deployment_name  # noqa: E402
 from segserve.proto.client import SegServeClient  # noqa: E402
+from tool_models import FAMILIES, PARIS, TIME_TOOL, WEATHER_TOOL, make_tool_model  # noqa: E402
 
 API_KEY = "test-key-123"
 MAX_NUM_SEQS, MAX_QUEUE_LEN = 4, 2
@@ -52,7 +53,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def svc():
+def tools_model(tmp_path_factory):
+    """A tiny Hermes/Qwen-template model whose reply is a scripted tool call (tool_models.py)."""
+    return make_tool_model(tmp_path_factory.mktemp("tools"), "hermes")
+
+
+@pytest.fixture(scope="module")
+def svc(tools_model):
+    # The tool model joins the main app (one more small replica, not another Serve instance).
+    tools = {"name": "tools", "path": str(tools_model), "dtype": "float32",
+             "max_model_len": 2048}  # fmt: skip
+    main = {**MAIN, "models": [*MAIN["models"], tools]}
     metrics_port = _free_port()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=metrics_port)  # fmt: skip
@@ -61,7 +72,7 @@ def svc():
         http_options=HTTPOptions(host="127.0.0.1", port=http_port),
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
     )
-    serve.run(build_app(MAIN), name="segserve", route_prefix="/")
+    serve.run(build_app(main), name="segserve", route_prefix="/")
     serve.run(build_app(SECURE), name="secure", route_prefix="/secure")
     replica = serve.get_deployment_handle(deployment_name("demo", "cpu"), app_name="segserve")
     grpc_client = SegServeClient(f"127.0.0.1:{grpc_port}", application="segserve", timeout=60)
@@ -213,16 +224,198 @@ def test_beam_search_extension(svc, engine):
     assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == [o.text for o in want]
 
 
+# ----- what OpenAI and vLLM clients send --------------------------------------------------------
+def _get(svc, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", svc.http_port, timeout=60)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    out = resp.status, resp.read().decode()
+    conn.close()
+    return out
+
+
+def test_vllm_extensions_through_the_openai_client(svc, engine):
+    ids = list(range(3, 30))
+    got = svc.oai.completions.create(
+        model="demo", prompt=ids, max_tokens=6, temperature=0, logprobs=1,
+        extra_body={"truncate_prompt_tokens": 8, "return_tokens_as_token_ids": True,
+                    "ignore_eos": True, "min_tokens": 0, "skip_special_tokens": True,
+                    "spaces_between_special_tokens": True, "include_stop_str_in_output": False,
+                    "some_future_field": [1, 2]})  # fmt: skip
+    want = engine.generate([ids[-8:]], SamplingParams(max_tokens=6, temperature=0.0,
+                                                      ignore_eos=True))[0].outputs[0]
+    assert got.usage.prompt_tokens == 8 and got.choices[0].text == want.text
+    assert got.choices[0].logprobs.tokens == [f"token_id:{t}" for t in want.token_ids]
+
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well"}]
+    chat = svc.oai.chat.completions.create(
+        model="demo", messages=history, max_tokens=5, temperature=0,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True,
+                    "chat_template_kwargs": {"unused": 1}, "echo": True})  # fmt: skip
+    tok = engine.tokenizer
+    text = tok.apply_chat_template(history, tokenize=False, continue_final_message=True)
+    cont = engine.generate([list(tok(text, add_special_tokens=False).input_ids)],
+                           SamplingParams(max_tokens=5, temperature=0.0))[0].outputs[0]
+    assert chat.choices[0].message.content == "Well" + cont.text
+
+    beams = svc.oai.completions.create(model="demo", prompt="Hello", max_tokens=5, n=2,
+                                       best_of=3, extra_body={"use_beam_search": True})
+    want = engine.generate(["Hello"], SamplingParams(max_tokens=5, beam_width=3))[0].outputs
+    assert [c.text for c in beams.choices] == [o.text for o in want[:2]]
+
+
+@pytest.mark.parametrize("path, prompt", [
+    ("/v1/completions", {"prompt": "Hello"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi",
+                                            "name": None}]}),
+])  # fmt: skip
+def test_null_for_every_nullable_field(svc, path, prompt):
+    from segserve.deploy.protocol import ChatCompletionRequest, CompletionRequest
+
+    schema = CompletionRequest if path == "/v1/completions" else ChatCompletionRequest
+    base = {"model": "demo", **prompt, "max_tokens": 4, "temperature": 0}
+    nulls = {n: None for n, f in schema.model_fields.items()
+             if not f.is_required() and n not in base}  # fmt: skip
+    status, text = _post(svc, path, {**base, **nulls})
+    assert status == 200, text
+    assert json.loads(text)["choices"][0] == json.loads(_post(svc, path, base)[1])["choices"][0]
+
+
+def test_streaming_with_usage_in_every_chunk(svc):
+    """What guidellm sends on every request."""
+    chunks = list(svc.oai.completions.create(
+        model="demo", prompt="Hello", max_tokens=6, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True}))  # fmt: skip
+    assert all(c.usage is not None for c in chunks)
+    assert [c.usage.completion_tokens for c in chunks[:-1]] == list(range(1, 7))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_batched_prompts_and_best_of(svc, engine):
+    prompts = ["Hello", "The quick brown fox"]
+    got = svc.oai.completions.create(model="demo", prompt=prompts, n=2, seed=5,
+                                     max_tokens=5, temperature=1.0)  # fmt: skip
+    want = engine.generate(prompts, SamplingParams(n=2, seed=5, max_tokens=5, temperature=1.0))
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]
+    assert [c.text for c in got.choices] == [o.text for r in want for o in r.outputs]
+    ids = [[0, 17, 42], [0, 99, 100]]
+    got = svc.oai.completions.create(model="demo", prompt=ids, max_tokens=4, temperature=0)
+    want = engine.generate(ids, SamplingParams(max_tokens=4, temperature=0.0))
+    assert [c.text for c in got.choices] == [r.outputs[0].text for r in want]
+
+    best = svc.oai.completions.create(model="demo", prompt="Hello", n=1, best_of=3, seed=9,
+                                      max_tokens=5, temperature=1.0)  # fmt: skip
+    samples = engine.generate(["Hello"], SamplingParams(n=3, seed=9, max_tokens=5,
+                                                        temperature=1.0, logprobs=0))
+    top = max(samples[0].outputs, key=lambda o: o.cumulative_logprob)
+    assert [c.text for c in best.choices] == [top.text]
+
+
+def _hf_tool_prompt(tools_model, messages, tools) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tools_model))
+    text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                   tokenize=False)  # fmt: skip
+    return list(tok(text, add_special_tokens=False).input_ids)
+
+
+def test_tool_calls_through_the_openai_client(svc, tools_model):
+    fam = FAMILIES["hermes"]
+    want_calls = [(name, json.dumps(args)) for name, args in fam.calls]
+    messages = [{"role": "user", "content": "Weather in Paris, and the time?"}]
+    got = svc.oai.chat.completions.create(model="tools", messages=messages,
+                                          tools=[WEATHER_TOOL, TIME_TOOL])  # fmt: skip
+    choice = got.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == fam.content
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == \
+        want_calls
+    assert got.usage.prompt_tokens == len(_hf_tool_prompt(tools_model, messages,
+                                                          [WEATHER_TOOL, TIME_TOOL]))
+
+    with svc.oai.chat.completions.stream(model="tools", messages=messages,
+                                         tools=[WEATHER_TOOL, TIME_TOOL]) as stream:
+        final = stream.get_final_completion()
+    streamed = final.choices[0].message
+    assert [(c.function.name, c.function.arguments) for c in streamed.tool_calls] == want_calls
+
+    # the history goes back with the calls and their results
+    first = choice.message.tool_calls[0]
+    history = [*messages, {"role": "assistant", "content": choice.message.content,
+                           "tool_calls": [first.model_dump()]},
+               {"role": "tool", "tool_call_id": first.id, "content": "18 C"}]  # fmt: skip
+    again = svc.oai.chat.completions.create(model="tools", messages=history,
+                                            tools=[WEATHER_TOOL], tool_choice="none")
+    assert again.choices[0].message.content == fam.plain_text
+    status, text = _post(svc, "/tokenize", {"model": "tools", "messages": history,
+                                            "tools": [WEATHER_TOOL]})
+    template_history = [*messages, {"role": "assistant", "content": fam.content, "tool_calls": [
+        {"id": first.id, "type": "function",
+         "function": {"name": "get_weather", "arguments": PARIS}}]},
+        {"role": "tool", "tool_call_id": first.id, "content": "18 C"}]  # fmt: skip
+    assert status == 200
+    assert json.loads(text)["tokens"] == _hf_tool_prompt(tools_model, template_history,
+                                                         [WEATHER_TOOL])
+    with pytest.raises(openai.BadRequestError, match="tool"):
+        svc.oai.chat.completions.create(model="demo", messages=messages, tools=[WEATHER_TOOL])
+
+
+def test_model_tokenizer_version_and_metrics_endpoints(svc, engine):
+    card = svc.oai.models.retrieve("demo")
+    assert card.id == "demo" and card.model_extra["max_model_len"] == 512
+    with pytest.raises(openai.NotFoundError):
+        svc.oai.models.retrieve("org/no-such-model")
+    status, text = _post(svc, "/tokenize", {"model": "demo", "prompt": "Hello"})
+    ids = list(engine.tokenizer("Hello").input_ids)
+    assert status == 200 and json.loads(text)["tokens"] == ids
+    status, text = _post(svc, "/detokenize", {"model": "demo", "tokens": ids})
+    assert json.loads(text) == {"prompt": engine.tokenizer.decode(ids)}
+    import segserve
+
+    assert json.loads(_get(svc, "/version")[1]) == {"version": segserve.__version__}
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    svc.oai.completions.create(model="demo", prompt="metrics", max_tokens=2)
+
+    def scrape() -> dict | None:
+        status, text = _get(svc, "/metrics")
+        assert status == 200
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.labels.get("model", sample.labels.get("model_name")) == "demo":
+                    values[sample.name] = values.get(sample.name, 0) + sample.value
+        done = values.get("segserve_time_to_first_token_seconds_count", 0) >= 1
+        return values if done else None
+
+    values = _wait_for(scrape, timeout=30)
+    assert values, "replica metrics never reached the ingress's /metrics"
+    assert values["segserve_kv_blocks_total"] == 256
+    assert values["segserve_requests_total"] >= 1
+    assert "vllm:num_requests_running" in values and "vllm:kv_cache_usage_perc" in values
+    # the other app's ingress knows its replica before it has sent it anything
+    status, text = _get(svc, "/secure/metrics")
+    assert status == 200
+
+    def secure_blocks() -> bool:
+        return 'segserve_kv_blocks_total{model="demo"' in _get(svc, "/secure/metrics")[1]
+
+    assert _wait_for(secure_blocks, timeout=30)
+
+
 def test_models_and_health(svc):
     models = svc.oai.models.list()
-    assert [m.id for m in models.data] == ["demo"]
+    assert [m.id for m in models.data] == ["demo", "tools"]
     conn = http.client.HTTPConnection("127.0.0.1", svc.http_port, timeout=10)
     conn.request("GET", "/health")
     assert conn.getresponse().status == 200
     conn.close()
     assert svc.grpc.health().status == "ok"
     listed = svc.grpc.list_models().models
-    assert [(m.id, list(m.pools), m.max_model_len) for m in listed] == [("demo", ["cpu"], 512)]
+    assert [(m.id, list(m.pools), m.max_model_len) for m in listed] == [
+        ("demo", ["cpu"], 512), ("tools", ["cpu"], 2048)]
 
 
 # ----- gRPC ----------------------------------------------------------------------------------
@@ -244,6 +437,55 @@ def test_grpc_greedy_equals_engine(svc, engine):
     assert len(msgs.choices[0].token_ids) <= 3
 
 
+def test_grpc_chat_batches_and_tools(svc, engine):
+    messages = [{"role": "user", "content": "Hi"}]
+    tok = engine.tokenizer
+    ids = list(tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False).input_ids)
+    want = engine.generate([ids], SamplingParams(max_tokens=6, temperature=0.0))[0].outputs[0]
+    got = svc.grpc.generate(messages=messages, model="demo", max_tokens=6, temperature=0.0)
+    assert got.choices[0].text == want.text and got.usage.prompt_tokens == len(ids)
+
+    prompts = ["Hello", "The quick brown fox"]
+    want = engine.generate(prompts, SamplingParams(n=2, seed=4, max_tokens=5, temperature=1.0))
+    got = svc.grpc.generate(prompts, model="demo", n=2, seed=4, max_tokens=5, temperature=1.0)
+    assert [(c.index, c.text) for c in got.choices] == [
+        (k, o.text) for k, o in enumerate(o for r in want for o in r.outputs)]
+    assert got.usage.prompt_tokens == sum(len(r.prompt_token_ids) for r in want)
+    token_lists = [[0, 17, 42], [0, 99]]
+    want = engine.generate(token_lists, SamplingParams(max_tokens=4, temperature=0.0))
+    texts = {0: "", 1: ""}
+    for part in svc.grpc.generate_stream(prompt_token_ids=token_lists, model="demo",
+                                         max_tokens=4, temperature=0.0):
+        for c in part.choices:
+            texts[c.index] += c.text
+    assert [texts[0], texts[1]] == [r.outputs[0].text for r in want]
+
+    fam = FAMILIES["hermes"]
+    want_calls = [(name, json.dumps(args)) for name, args in fam.calls]
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    got = svc.grpc.generate(messages=ask, model="tools", tools=[WEATHER_TOOL, TIME_TOOL])
+    (choice,) = got.choices
+    assert (choice.text, choice.finish_reason) == (fam.content, "tool_calls")
+    assert [(c.name, c.arguments) for c in choice.tool_calls] == want_calls
+    parts = list(svc.grpc.generate_stream(messages=ask, model="tools",
+                                          tools=[WEATHER_TOOL, TIME_TOOL]))
+    calls = [(c.name, c.arguments) for p in parts for ch in p.choices for c in ch.tool_calls]
+    assert calls == want_calls
+    assert "".join(ch.text for p in parts for ch in p.choices) == fam.content
+    assert [ch.finish_reason for p in parts for ch in p.choices][-1] == "tool_calls"
+    plain = svc.grpc.generate(messages=ask, model="tools", tools=[WEATHER_TOOL],
+                              tool_choice="none")
+    assert plain.choices[0].text == fam.plain_text and not plain.choices[0].tool_calls
+    for bad in (dict(messages=ask, model="demo", tools=[WEATHER_TOOL]),
+                dict(prompt="hi", model="tools", tools=[WEATHER_TOOL]),
+                dict(messages=ask, model="tools", tools=[WEATHER_TOOL],
+                     tool_choice={"type": "function", "function": {"name": "nope"}})):
+        with pytest.raises(grpc.RpcError) as info:
+            svc.grpc.generate(**bad)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+
+
 # ----- bad input -----------------------------------------------------------------------------
 BAD_HTTP = [
     ("/v1/completions", b"{not json", 400),
@@ -259,7 +501,6 @@ BAD_HTTP = [
     ("/v1/completions", {"model": "demo", "prompt": "hi", "n": 0}, 400),
     ("/v1/completions", {"model": "demo", "prompt": "hi", "logprobs": 50}, 400),
     ("/v1/completions", {"model": "demo", "prompt": "hi", "stop": [1]}, 400),
-    ("/v1/completions", {"model": "demo", "prompt": "hi", "bogus_field": 1}, 400),
     ("/v1/completions", {"model": "demo", "prompt": ""}, 400),
     ("/v1/completions", {"model": "demo", "prompt": [999999]}, 400),
     ("/v1/completions", {"model": "demo", "prompt": "hi", "max_tokens": 10_000}, 400),

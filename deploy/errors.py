@@ -1,0 +1,78 @@
+"""Errors the client sees: an OpenAI error body over HTTP, a status code over gRPC."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+
+class APIError(Exception):
+    """An error the client caused (or overload); rendered as an OpenAI error body."""
+
+    GRPC_CODES = {
+        400: "INVALID_ARGUMENT",
+        401: "UNAUTHENTICATED",
+        404: "NOT_FOUND",
+        429: "RESOURCE_EXHAUSTED",
+        500: "INTERNAL",
+        503: "UNAVAILABLE",
+    }
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+        500: "internal_error",
+        503: "service_unavailable",
+    }
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def __reduce__(self) -> tuple:
+        # Ray pickles exceptions across processes; the default would call APIError(message).
+        return (type(self), (self.status, self.message, self.param))
+
+    @property
+    def grpc_code_name(self) -> str:
+        return self.GRPC_CODES.get(self.status, "UNKNOWN")
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.status,
+            }
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Crosses the Ray boundary (replica -> ingress) as plain data."""
+        return {"status": self.status, "message": self.message, "param": self.param}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> APIError:
+        return cls(d["status"], d["message"], d.get("param"))
+
+
+# The engine's ValueErrors (actors/engine.py make_request, SamplingParams) name the problem in
+# words; these patterns name the request field, OpenAI's `param`, for the replica's 400s.
+_ENGINE_PARAMS = [
+    (re.compile(r"invalid sampling parameter (\w+)"), None),  # the field is the match
+    (re.compile(r"prompt is empty|prompt token id|vocabulary|prompt token ids"), "prompt"),
+    (re.compile(r"max length|KV blocks"), "max_tokens"),
+    (re.compile(r"max_num_seqs"), "n"),
+]
+
+
+def engine_error_param(message: str) -> str | None:
+    """The request field an engine ValueError is about, when its message says."""
+    for pattern, param in _ENGINE_PARAMS:
+        m = pattern.search(message)
+        if m:
+            return param or m.group(1)
+    return None

@@ -1,0 +1,264 @@
+"""The gRPC methods of ``segserve.v1.SegServe`` (proto/segserve.proto) on the service core.
+
+Ray Serve's gRPC proxy calls the ingress's methods by name; they delegate here. Messages map to
+the same ``prepare`` arguments as the HTTP API (chat messages and tools through the HTTP API's
+own schema, so both accept and refuse the same things), and errors to the matching status codes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import APIError
+from .protocol import ChatCompletionRequest
+from .responses import ChoiceState, ReplyReader, finish_reason
+from .service import Prepared, ServiceCore, validation_error
+from .tool_parsers import ToolCall
+
+_SCALARS = (
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "seed", "n", "logprobs", "beam_width",
+    "length_penalty", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+)  # fmt: skip
+_INPUTS = ("prompt", "prompt_token_ids", "prompts", "prompt_token_id_lists", "messages")
+
+
+def _pb() -> Any:
+    # Imported on first use: the stubs need grpcio, which the HTTP-only paths never touch.
+    from ..proto import segserve_pb2
+
+    return segserve_pb2
+
+
+def sampling_kwargs(opts: Any) -> dict[str, Any]:
+    """``SamplingOptions`` as SamplingParams kwargs: only the fields that are present."""
+    out = {k: getattr(opts, k) for k in _SCALARS if opts.HasField(k)}
+    if opts.stop:
+        out["stop"] = list(opts.stop)
+    if opts.stop_token_ids:
+        out["stop_token_ids"] = list(opts.stop_token_ids)
+    if opts.HasField("early_stopping"):
+        value = {"true": True, "false": False, "never": "never"}.get(opts.early_stopping)
+        if value is None:
+            raise APIError(400, "early_stopping must be 'true', 'false' or 'never'",
+                           "early_stopping")  # fmt: skip
+        out["early_stopping"] = value
+    return out
+
+
+def authorization(grpc_context: Any) -> str | None:
+    if grpc_context is None:
+        return None
+    for key, value in grpc_context.invocation_metadata():
+        if key.lower() == "authorization":
+            return value
+    return None
+
+
+def fail(grpc_context: Any, e: APIError, response: Any) -> Any:
+    """Set the status the client sees; return ``response`` (a unary method's reply)."""
+    import grpc
+
+    if grpc_context is not None:
+        grpc_context.set_code(getattr(grpc.StatusCode, e.grpc_code_name))
+        grpc_context.set_details(e.message)
+    return response
+
+
+# ----- requests ------------------------------------------------------------------------------
+def _message(m: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": c.type or "function",
+                              "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]  # fmt: skip
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _tool(i: int, t: Any) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": t.name}
+    if t.description:
+        function["description"] = t.description
+    if t.parameters:
+        try:
+            function["parameters"] = json.loads(t.parameters)
+        except ValueError as e:
+            raise APIError(400, f"tool parameters are not JSON: {e}",
+                           f"tools.{i}.parameters") from e  # fmt: skip
+    return {"type": "function", "function": function}
+
+
+def _chat(request: Any) -> ChatCompletionRequest:
+    """The request's chat part, validated by the HTTP API's schema."""
+    body: dict[str, Any] = {"model": request.model,
+                            "messages": [_message(m) for m in request.messages]}  # fmt: skip
+    if request.tools:
+        body["tools"] = [_tool(i, t) for i, t in enumerate(request.tools)]
+    if request.HasField("tool_choice"):
+        which = request.tool_choice.WhichOneof("choice")
+        function = request.tool_choice.function
+        body["tool_choice"] = ({"type": "function", "function": {"name": function}}
+                               if which == "function" else request.tool_choice.mode)  # fmt: skip
+    if request.HasField("parallel_tool_calls"):
+        body["parallel_tool_calls"] = request.parallel_tool_calls
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from e
+
+
+def prepare(core: ServiceCore, request: Any, grpc_context: Any) -> list[Prepared]:
+    """The request as prepared prompts: one, or a batch."""
+    core.authorize(authorization(grpc_context))
+    given = [name for name in _INPUTS if len(getattr(request, name))]
+    if len(given) != 1:
+        raise APIError(400, f"set exactly one of {', '.join(_INPUTS)}", "prompt")
+    if not request.model:
+        raise APIError(400, "model is required", "model")
+    if (request.tools or request.HasField("tool_choice")) and not request.messages:
+        raise APIError(400, "tools go with messages", "tools")
+    device = request.device or "auto"
+    if device not in ("auto", "gpu", "cpu"):
+        raise APIError(400, f"device must be auto, gpu or cpu, not {device!r}", "device")
+    sampling = sampling_kwargs(request.sampling)
+    if request.messages:
+        chat = _chat(request)
+        return [core.prepare(
+            request.model, sampling, messages=chat.template_messages(),
+            template_kwargs=chat.template_kwargs(), parse_tool_calls=chat.parses_tool_calls,
+            device=device,
+        )]  # fmt: skip
+    prompts: list[str | list[int]] = (
+        [request.prompt] if request.prompt
+        else [list(request.prompt_token_ids)] if request.prompt_token_ids
+        else list(request.prompts) if request.prompts
+        else [list(p.ids) for p in request.prompt_token_id_lists]
+    )  # fmt: skip
+    for i, p in enumerate(prompts):
+        if not p:
+            raise APIError(400, "prompt is empty", f"{given[0]}.{i}")
+    return [core.prepare(request.model, sampling, prompt=p, device=device) for p in prompts]
+
+
+def _per_prompt(prep: Prepared) -> int:
+    """Choices of each prompt: prompt i's are indexed i * this + j."""
+    beams = prep.sampling.get("beam_width", 1)
+    return beams if beams > 1 else prep.sampling.get("n", 1)
+
+
+def _parallel(request: Any) -> bool:
+    return request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+
+
+def _tool_calls(pb: Any, calls: list[ToolCall]) -> list[Any]:
+    return [pb.ToolCall(id=c.id, type="function", name=c.name, arguments=c.arguments)
+            for c in calls]  # fmt: skip
+
+
+def _choice(pb: Any, c: ChoiceState, text: str, calls: list[ToolCall]) -> Any:
+    """``text`` and ``calls``: the reply read by a ReplyReader (all text without tools)."""
+    return pb.Choice(
+        index=c.index, text=text, token_ids=c.token_ids, finish_reason=c.finish_reason or "",
+        logprobs=[
+            pb.TokenLogprob(token_id=e["token_id"], token=e["token"], logprob=e["logprob"],
+                            top=[pb.TopLogprob(**t) for t in e["top"]])
+            for e in c.logprobs
+        ],
+        tool_calls=_tool_calls(pb, calls),
+    )  # fmt: skip
+
+
+def _usage(pb: Any, preps: list[Prepared], completion_tokens: int) -> Any:
+    n = sum(len(p.prompt_ids) for p in preps)
+    return pb.Usage(prompt_tokens=n, completion_tokens=completion_tokens,
+                    total_tokens=n + completion_tokens,
+                    cached_prompt_tokens=sum(p.cached_tokens for p in preps))  # fmt: skip
+
+
+def _read(reader: ReplyReader, text: str, final: bool) -> tuple[str, list[ToolCall]]:
+    events = reader.feed(text, final)
+    return ("".join(e for e in events if isinstance(e, str)),
+            [e for e in events if isinstance(e, ToolCall)])  # fmt: skip
+
+
+# ----- methods -------------------------------------------------------------------------------
+async def health(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
+    return _pb().HealthResponse(status="ok")
+
+
+async def list_models(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
+    pb = _pb()
+    try:
+        core.authorize(authorization(grpc_context))
+    except APIError as e:
+        return fail(grpc_context, e, pb.ListModelsResponse())
+    return pb.ListModelsResponse(
+        models=[pb.ModelInfo(id=m["id"], pools=m["pools"], max_model_len=m["max_model_len"])
+                for m in core.list_models()]  # fmt: skip
+    )
+
+
+async def generate(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
+    pb = _pb()
+    try:
+        preps = prepare(core, request, grpc_context)
+        per_prompt = await core.collect(preps)
+    except APIError as e:
+        return fail(grpc_context, e, pb.GenerateResponse())
+    choices = []
+    for pos, (prep, states) in enumerate(zip(preps, per_prompt, strict=True)):
+        for c in states:
+            reader = ReplyReader(prep.tool_parser, _parallel(request))
+            text, calls = _read(reader, c.text, final=True)
+            c.index += pos * _per_prompt(prep)
+            c.finish_reason = finish_reason(c.finish_reason, calls)
+            choices.append(_choice(pb, c, text, calls))
+    tokens = sum(len(c.token_ids) for states in per_prompt for c in states)
+    return pb.GenerateResponse(
+        id=preps[0].request_id, model=preps[0].model.name, pool=preps[0].pool.pool.name,
+        choices=choices, usage=_usage(pb, preps, tokens),
+    )  # fmt: skip
+
+
+async def generate_stream(core: ServiceCore, request: Any, grpc_context: Any) -> AsyncIterator:
+    pb = _pb()
+    try:
+        preps = prepare(core, request, grpc_context)
+        stream = await core.open_streams(preps)
+    except APIError as e:
+        # A streaming method's status only reaches the client through an exception: Serve's
+        # proxy turns it into the code set on the context.
+        fail(grpc_context, e, None)
+        raise
+    first = preps[0]
+    readers: dict[tuple[int, int], ReplyReader] = {}
+    tokens = 0
+    try:
+        async for pos, item in stream:
+            prep = preps[pos]
+            c = ChoiceState(pos * _per_prompt(prep) + item["index"])
+            c.add(item, core.logprob_entries(prep.model.name, item.get("logprobs") or []))
+            key = (pos, item["index"])
+            reader = readers.get(key) or readers.setdefault(
+                key, ReplyReader(prep.tool_parser, _parallel(request)))
+            text, calls = _read(reader, c.text, final=c.finish_reason is not None)
+            c.finish_reason = finish_reason(c.finish_reason, reader.calls)
+            tokens += len(c.token_ids)
+            yield pb.GenerateResponse(id=first.request_id, model=first.model.name,
+                                      pool=prep.pool.pool.name,
+                                      choices=[_choice(pb, c, text, calls)])  # fmt: skip
+    except APIError as e:
+        fail(grpc_context, e, None)
+        raise
+    finally:
+        stream.close()
+    yield pb.GenerateResponse(id=first.request_id, model=first.model.name,
+                              pool=first.pool.pool.name, usage=_usage(pb, preps, tokens))

@@ -1,0 +1,183 @@
+"""The OpenAI-compatible endpoints' one shared path: parse, prepare, stream or collect, render.
+
+``/v1/completions`` and ``/v1/chat/completions`` differ only in their request schema, how the
+request becomes a ``Prepared`` one (and what it echoes), and their ``ResponseShape``; everything
+else is here once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from .errors import APIError
+from .protocol import ChatCompletionRequest, CompletionRequest, _Request
+from .responses import (
+    CHAT,
+    COMPLETION,
+    ChoiceRenderer,
+    RenderContext,
+    ResponseShape,
+    new_id,
+    usage_body,
+)
+from .service import Prepared, ServiceCore, validation_error
+from .streams import MergedStream
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    schema: type[_Request]
+    shape: ResponseShape
+    # The request as prepared prompts (the service core's prepare(), once per prompt).
+    prepare: Callable[[ServiceCore, Any], list[Prepared]]
+    # The text every choice of a prompt starts with (echo), given that prompt prepared.
+    echo: Callable[[ServiceCore, Any, Prepared], str]
+    want_logprobs: Callable[[Any], bool]
+
+
+def _prepare_completion(core: ServiceCore, body: CompletionRequest) -> list[Prepared]:
+    sampling = body.sampling()
+    return [
+        core.prepare(
+            body.model, sampling, prompt=prompt, device=body.device,
+            add_special_tokens=body.add_special_tokens,
+            truncate_prompt_tokens=body.truncate_prompt_tokens,
+        )
+        for prompt in body.prompts()
+    ]  # fmt: skip
+
+
+def _echo_completion(core: ServiceCore, body: CompletionRequest, prep: Prepared) -> str:
+    if not body.echo:
+        return ""
+    if prep.prompt_text is not None:
+        return prep.prompt_text
+    skip = True if body.skip_special_tokens is None else body.skip_special_tokens
+    return core.decode(body.model, prep.prompt_ids, skip)
+
+
+def _prepare_chat(core: ServiceCore, body: ChatCompletionRequest) -> list[Prepared]:
+    return [core.prepare(
+        body.model, body.sampling(), messages=body.template_messages(),
+        template_kwargs=body.template_kwargs(), add_special_tokens=body.add_special_tokens,
+        truncate_prompt_tokens=body.truncate_prompt_tokens,
+        parse_tool_calls=body.parses_tool_calls, device=body.device,
+    )]  # fmt: skip
+
+
+COMPLETIONS = Endpoint(CompletionRequest, COMPLETION, _prepare_completion, _echo_completion,
+                       lambda body: body.logprobs is not None)  # fmt: skip
+CHAT_COMPLETIONS = Endpoint(ChatCompletionRequest, CHAT, _prepare_chat,
+                            lambda core, body, prep: body.echo_prefix(),
+                            lambda body: bool(body.logprobs))  # fmt: skip
+
+
+async def parse(request: Request, schema: type[_Request]) -> Any:
+    raw = await request.body()
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as e:
+        raise validation_error(e) from e
+
+
+class _Response:
+    """One request's choices as the replica streams fill them in. With a batch of prompts,
+    prompt i's choices are indexed i * choices_per_prompt + j, as OpenAI does."""
+
+    def __init__(self, core: ServiceCore, endpoint: Endpoint, body: Any,
+                 preps: list[Prepared]) -> None:  # fmt: skip
+        self.shape = endpoint.shape
+        self.body = body
+        self.preps = preps
+        self.rid = new_id(endpoint.shape.id_prefix)
+        self.ctx = RenderContext(
+            body.model, endpoint.want_logprobs(body),
+            lambda wire: core.logprob_entries(body.model, wire, body.return_tokens_as_token_ids),
+            parallel_tool_calls=getattr(body, "parallel_tool_calls", True),
+        )  # fmt: skip
+        self.prefixes = [endpoint.echo(core, body, p) for p in preps]
+        self.per_prompt = body.choices_per_prompt
+        self.choices: dict[tuple[int, int], ChoiceRenderer] = {}  # (prompt, engine index)
+
+    def feed(self, pos: int, item: dict[str, Any]) -> list[dict[str, Any]]:
+        """Prompt ``pos``'s item as stream chunk entries ([] for a choice the response drops:
+        beam search keeps the first n beams, the best)."""
+        index = item["index"]
+        if not self.body.ranks_by_logprob and index >= self.per_prompt:
+            return []
+        choice = self.choices.get((pos, index))
+        if choice is None:
+            choice = self.choices[pos, index] = self.shape.choice(
+                pos * self.per_prompt + index, self.ctx, self.prefixes[pos],
+                self.preps[pos].tool_parser)
+        return choice.feed(item)
+
+    def _kept(self) -> list[ChoiceRenderer]:
+        if not self.body.ranks_by_logprob:
+            return [self.choices[k] for k in sorted(self.choices)]
+        kept = []
+        for pos in range(len(self.preps)):  # best_of: the n most likely samples of each prompt
+            mine = [c for (p, _), c in sorted(self.choices.items()) if p == pos]
+            mine.sort(key=lambda c: c.state.cumulative_logprob, reverse=True)
+            for rank, c in enumerate(mine[: self.per_prompt]):
+                c.state.index = pos * self.per_prompt + rank
+                kept.append(c)
+        return kept
+
+    def usage(self, choices: list[ChoiceRenderer] | None = None) -> dict[str, Any]:
+        choices = list(self.choices.values()) if choices is None else choices
+        return usage_body(
+            sum(len(p.prompt_ids) for p in self.preps),
+            sum(len(c.state.token_ids) for c in choices),
+            sum(p.cached_tokens for p in self.preps),
+        )
+
+    def body_json(self) -> dict[str, Any]:
+        kept = self._kept()
+        bodies = [c.body() for c in kept]
+        return self.shape.body(self.rid, self.body.model, bodies, self.usage(kept))
+
+    async def events(self, stream: MergedStream) -> AsyncIterator[str]:
+        created, model = int(time.time()), self.body.model
+        continuous = self.body.continuous_usage
+        try:
+            async for pos, item in stream:
+                for entry in self.feed(pos, item):
+                    usage = self.usage() if continuous else None
+                    yield _sse(self.shape.chunk(self.rid, model, created, [entry], usage))
+            if self.body.include_usage:
+                yield _sse(self.shape.chunk(self.rid, model, created, [], self.usage()))
+        except APIError as e:
+            yield _sse(e.body())
+        finally:
+            stream.close()
+        yield "data: [DONE]\n\n"
+
+
+async def serve_openai(core: ServiceCore, endpoint: Endpoint, request: Request) -> Any:
+    """One completions or chat request: a JSON body, or an SSE stream of chunks."""
+    core.authorize(request.headers.get("authorization"))
+    body = await parse(request, endpoint.schema)
+    preps = endpoint.prepare(core, body)
+    response = _Response(core, endpoint, body, preps)
+    stream = await core.open_streams(preps)
+    if body.stream:
+        return StreamingResponse(response.events(stream), media_type="text/event-stream")
+    try:
+        async for pos, item in stream:
+            response.feed(pos, item)
+    finally:
+        stream.close()
+    return response.body_json()
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"

@@ -1,0 +1,313 @@
+"""The service core: protocol-independent request handling for the HTTP routes and gRPC methods.
+
+Both protocols become the same ``Prepared`` request (validated sampling, token ids, the pool
+that serves it) and read the same replica stream; only the rendering differs. The first stream
+item is awaited before any response starts, so an error the replica finds (pool too small, its
+queue full) still becomes a proper status code rather than a broken stream.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from ..actors.sampling_params import SamplingParams
+from ..models.loader import load_spec, load_tokenizer, resolve_model_path
+from .config import ModelConfig, ServiceConfig
+from .errors import APIError, engine_error_param
+from .responses import ChoiceState
+from .router import PoolRouter, PoolState
+from .streams import MergedStream, open_streams
+from .tool_parsers import PARSERS, ToolParser, detect_tool_parser
+
+logger = logging.getLogger(__name__)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _json_path(loc: tuple) -> str:
+    """A pydantic error location as the request's JSON path: a union's branch tags
+    ("str", "list[str]", "TextPart") are pydantic's, not the client's."""
+    return ".".join(
+        str(p) for p in loc
+        if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS or p[:1].isupper()))
+    )  # fmt: skip
+
+
+def validation_error(e: ValidationError | RequestValidationError) -> APIError:
+    """A problem named by its JSON path (what OpenAI's `param` means): of a value that fits
+    none of a union's types, the most specific branch's (``stop.0`` rather than ``stop``)."""
+    errors = e.errors()
+    err = max(errors, key=lambda x: len(_json_path(x["loc"]).split(".")))
+    if any(x["type"] == "json_invalid" for x in errors):
+        err = next(x for x in errors if x["type"] == "json_invalid")
+    loc = _json_path(err["loc"])
+    if err["type"] == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {err['msg']}")
+    if not loc:
+        return APIError(400, f"the request body must be a JSON object: {err['msg']}")
+    if err["type"] == "missing":
+        return APIError(400, f"missing required field {loc!r}", loc)
+    if err["type"] == "extra_forbidden":
+        return APIError(400, f"unknown field {loc!r}", loc)
+    return APIError(400, f"invalid value for {loc!r}: {err['msg']}", loc or None)
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for a replica."""
+
+    model: ModelConfig
+    prompt_ids: list[int]
+    sampling: dict[str, Any]
+    pool: PoolState
+    request_id: str
+    cached_tokens: int = 0  # prompt tokens the replica found in its prefix cache (at the end)
+    prompt_text: str | None = None  # the text prompt as sent (not truncated), for echo
+    tool_parser: ToolParserFactory | None = None  # set when the reply's tool calls are parsed
+
+
+@dataclass
+class ServedModel:
+    config: ModelConfig
+    tokenizer: Any
+    max_model_len: int
+    vocab_size: int
+    tool_parser: type[ToolParser] | None = None
+
+    @classmethod
+    def load(cls, config: ModelConfig) -> ServedModel:
+        path = resolve_model_path(config.path)
+        spec, tok = load_spec(path), load_tokenizer(path)
+        parser = config.tool_parser
+        if parser == "auto":
+            parser = detect_tool_parser(getattr(tok, "chat_template", None)) or "none"
+        return cls(config, tok, config.max_model_len or spec.max_position_embeddings,
+                   spec.vocab_size, PARSERS.get(parser))  # fmt: skip
+
+    def special_texts(self, keep: tuple[str, ...]) -> tuple[str, ...]:
+        """The text of every special token but ``keep``: what a reply decoded with special
+        tokens (for a parser's markers) must not show."""
+        tok = self.tokenizer
+        if tok is None:
+            return ()
+        texts = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+        return tuple(sorted(texts - set(keep), key=len, reverse=True))
+
+
+@dataclass(frozen=True)
+class ToolParserFactory:
+    """Makes one parser per choice, and cleans the text it is fed."""
+
+    parser: type[ToolParser]
+    strip: tuple[str, ...] = ()  # special tokens' texts to remove (see ServedModel)
+
+    def __call__(self) -> ToolParser:
+        return self.parser()
+
+    def clean(self, text: str) -> str:
+        for t in self.strip:
+            text = text.replace(t, "")
+        return text
+
+
+class ServiceCore:
+    """Protocol-independent request handling shared by the HTTP routes and gRPC methods."""
+
+    def __init__(self, config: ServiceConfig, handles: dict[str, Any], app_name: str) -> None:
+        self.config = config
+        # .options() initializes a handle: its request router then follows the replicas from
+        # the start, so /metrics and the pool spill check see them before the first request.
+        self.handles = {name: h.options(stream=True) for name, h in handles.items()}
+        self.router = PoolRouter(config, app_name)
+        self.models: dict[str, ServedModel] = {}
+        for m in config.models:
+            self.models[m.name] = ServedModel.load(m)
+        key = config.ingress.api_key
+        if config.ingress.api_key_env:
+            key = os.environ.get(config.ingress.api_key_env)
+            if not key:
+                raise ValueError(
+                    f"ingress.api_key_env names {config.ingress.api_key_env}, which is not set"
+                )
+        self.api_key = key
+
+    # ----- checks ---------------------------------------------------------------------------
+    def authorize(self, authorization: str | None) -> None:
+        if self.api_key is None:
+            return
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
+
+    def served_model(self, name: str) -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
+            raise APIError(404, f"model {name!r} does not exist; models: {sorted(self.models)}",
+                           "model")  # fmt: skip
+        return served
+
+    def prepare(
+        self,
+        model: str,
+        sampling: dict[str, Any],
+        *,
+        prompt: str | list[int] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+        add_special_tokens: bool | None = None,
+        truncate_prompt_tokens: int | None = None,
+        parse_tool_calls: bool = False,
+        device: str = "auto",
+    ) -> Prepared:
+        """Validate and tokenize one prompt (text, token ids, or messages through the chat
+        template with ``template_kwargs``) and pick its pool. ``parse_tool_calls``: the reply's
+        tool calls are read with the model's tool parser."""
+        served = self.served_model(model)
+        tool_parser = None
+        if parse_tool_calls:
+            if served.tool_parser is None:
+                raise APIError(400, f"model {model!r} has no tool-call parser: its chat template "
+                               "names no known tool-call format; set tool_parser in its "
+                               "config", "tools")  # fmt: skip
+            markers = served.tool_parser.markers
+            tool_parser = ToolParserFactory(served.tool_parser,
+                                            served.special_texts(markers) if markers else ())
+            if markers:  # the parser reads special tokens: decode them
+                sampling = {**sampling, "skip_special_tokens": False}
+        prompt_ids, prompt_text = self.tokenize(served, prompt, messages, template_kwargs,
+                                                add_special_tokens)  # fmt: skip
+        input_param = "messages" if messages is not None else "prompt"
+        if truncate_prompt_tokens is not None:
+            keep = served.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+            if keep == 0 or keep > served.max_model_len:
+                raise APIError(400, f"truncate_prompt_tokens must be -1 or in [1, "
+                               f"{served.max_model_len}]", "truncate_prompt_tokens")  # fmt: skip
+            if len(prompt_ids) > keep:  # vLLM keeps the end: the part nearest the reply
+                prompt_ids, prompt_text = prompt_ids[-keep:], None
+        if not prompt_ids:
+            raise APIError(400, "prompt is empty", input_param)
+        if messages is not None and "max_tokens" not in sampling:
+            # OpenAI's chat default: up to the context length
+            room = served.max_model_len - len(prompt_ids)
+            sampling = {**sampling, "max_tokens": max(1, room)}
+        try:
+            params = SamplingParams(**sampling)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e), engine_error_param(str(e))) from e
+        total = len(prompt_ids) + params.max_tokens
+        if total > served.max_model_len:
+            raise APIError(
+                400,
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the model's maximum context length {served.max_model_len}",
+                input_param if len(prompt_ids) >= served.max_model_len else "max_tokens",
+            )
+        pool = self.router.choose(served.config, device)
+        return Prepared(served.config, prompt_ids, sampling, pool, uuid.uuid4().hex,
+                        prompt_text=prompt_text, tool_parser=tool_parser)  # fmt: skip
+
+    def tokenize(
+        self, served: ServedModel, prompt: str | list[int] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool | None = None,
+    ) -> tuple[list[int], str | None]:  # fmt: skip
+        """A prompt's token ids (and its text, when it is text). Special tokens: added to text
+        by default, not to chat (the template holds those it wants)."""
+        if messages is not None:
+            kwargs = {"add_generation_prompt": True, **(template_kwargs or {})}
+            return self._render_chat(served, messages, kwargs, bool(add_special_tokens)), None
+        tok = served.tokenizer
+        if isinstance(prompt, str):
+            if tok is None:
+                raise APIError(400, f"model {served.config.name!r} has no tokenizer; send token "
+                               "ids", "prompt")  # fmt: skip
+            add = True if add_special_tokens is None else add_special_tokens
+            return list(tok(prompt, add_special_tokens=add).input_ids), prompt
+        ids = list(prompt or [])
+        self.check_token_ids(served, ids, "prompt")
+        return ids, None
+
+    @staticmethod
+    def check_token_ids(served: ServedModel, ids: list[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < served.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary "
+                           f"[0, {served.vocab_size})", param)  # fmt: skip
+
+    @staticmethod
+    def _render_chat(
+        served: ServedModel, messages: list[dict[str, Any]], template_kwargs: dict[str, Any],
+        add_special_tokens: bool,
+    ) -> list[int]:  # fmt: skip
+        tok = served.tokenizer
+        if not messages:
+            raise APIError(400, "messages must not be empty", "messages")
+        if tok is None or not (getattr(tok, "chat_template", None)
+                               or template_kwargs.get("chat_template")):  # fmt: skip
+            raise APIError(400, f"model {served.config.name!r} has no chat template; use "
+                           "/v1/completions", "messages")  # fmt: skip
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, **template_kwargs)
+        except Exception as e:  # a template may raise on roles or fields it does not know
+            raise APIError(400, f"the chat template rejected the messages: {e}",
+                           "messages") from e  # fmt: skip
+        # The template already holds the special tokens (BOS) it wants.
+        return list(tok(text, add_special_tokens=add_special_tokens).input_ids)
+
+    # ----- the replica streams --------------------------------------------------------------
+    async def open_streams(self, preps: list[Prepared]) -> MergedStream:
+        """Start every prompt's request and wait for each one's first item (see streams.py).
+        The caller must ``close()`` the result when done with it."""
+        return await open_streams(self.handles, preps)
+
+    def logprob_entries(self, model: str, wire: list[tuple],
+                        as_token_ids: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+        """The replica's (id, logprob, top) tuples as entries naming each token; with
+        ``as_token_ids`` (vLLM's return_tokens_as_token_ids) a token is "token_id:<id>"."""
+        tok = self.models[model].tokenizer
+
+        def text(t: int) -> str:
+            if as_token_ids:
+                return f"token_id:{t}"
+            return tok.decode([t]) if tok is not None else str(t)
+
+        return [
+            {"token_id": tid, "token": text(tid), "logprob": lp,
+             "top": [{"token_id": t, "token": text(t), "logprob": v} for t, v in top]}
+            for tid, lp, top in wire
+        ]  # fmt: skip
+
+    def decode(self, model: str, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        tok = self.models[model].tokenizer
+        if tok is None:
+            return ""
+        return tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    async def collect(self, preps: list[Prepared]) -> list[list[ChoiceState]]:
+        """Every choice of every prompt, whole, once the streams have ended."""
+        choices: list[dict[int, ChoiceState]] = [{} for _ in preps]
+        stream = await self.open_streams(preps)
+        try:
+            async for pos, item in stream:
+                c = choices[pos].setdefault(item["index"], ChoiceState(item["index"]))
+                wire = item.get("logprobs") or []
+                c.add(item, self.logprob_entries(preps[pos].model.name, wire))
+        finally:
+            stream.close()
+        return [[cs[i] for i in sorted(cs)] for cs in choices]
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return [
+            {"id": name, "pools": [s.pool.name for s in self.router.pools[name]],
+             "max_model_len": m.max_model_len}
+            for name, m in self.models.items()
+        ]  # fmt: skip

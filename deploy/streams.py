@@ -1,0 +1,174 @@
+"""Replica streams as the ingress reads them: one per prompt, merged for a batch of prompts.
+
+A stream is opened by awaiting its first item, so an error the replica finds (pool too small,
+its queue full) surfaces before a response is committed. Closing a stream early (the client
+went away, or a sibling prompt of its batch failed) cancels the replica call, which aborts the
+request and frees its KV blocks; every stream is closed exactly once, started or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from .errors import APIError
+
+logger = logging.getLogger(__name__)
+
+
+def replica_error(e: BaseException) -> APIError:
+    """A failed replica call as the status the client should see."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, BackPressureError):
+        return APIError(429, f"the service is overloaded, retry later ({e})")
+    if isinstance(e, DeploymentUnavailableError):
+        return APIError(503, f"no replica is available: {e}")
+    logger.exception("replica call failed", exc_info=e)
+    return APIError(500, f"internal error: {type(e).__name__}: {e}")
+
+
+class _Prepared(Protocol):  # service.Prepared, without the import cycle
+    prompt_ids: list[int]
+    sampling: dict[str, Any]
+    request_id: str
+    pool: Any
+    cached_tokens: int
+
+
+class ReplicaStream:
+    """The items of one replica call; ``close()`` (idempotent) releases it."""
+
+    def __init__(self, gen: Any, first: dict[str, Any], prep: _Prepared) -> None:
+        self._gen = gen
+        self._first: dict[str, Any] | None = first
+        self.prep = prep
+        self._closed = False
+
+    def __aiter__(self) -> ReplicaStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._first is not None:
+            item, self._first = self._first, None
+        else:
+            try:
+                item = await self._gen.__anext__()
+            except StopAsyncIteration:
+                self._release(cancel=False)
+                raise
+            except BaseException as e:
+                self.close()
+                if isinstance(e, Exception):
+                    raise replica_error(e) from e
+                raise
+            if "error" in item:
+                self.close()
+                raise APIError.from_dict(item["error"])
+        self.prep.cached_tokens = item.get("num_cached_tokens", self.prep.cached_tokens)
+        return item
+
+    def _release(self, cancel: bool) -> None:
+        if not self._closed:
+            self._closed = True
+            self.prep.pool.in_flight -= 1
+            if cancel:
+                self._gen.cancel()
+
+    def close(self) -> None:
+        self._release(cancel=True)
+
+
+async def open_stream(handle: Any, prep: _Prepared) -> ReplicaStream:
+    """Start one request on ``handle`` (its deployment) and wait for its first item."""
+    gen = None
+    prep.pool.in_flight += 1
+    try:
+        # Serve may refuse at .remote() already (its handle queue is full: backpressure).
+        gen = handle.options(stream=True).generate.remote(
+            prep.prompt_ids, prep.sampling, prep.request_id)
+        first = await gen.__anext__()
+    except asyncio.CancelledError:  # the client went away while we waited
+        prep.pool.in_flight -= 1
+        if gen is not None:
+            gen.cancel()
+        raise
+    except Exception as e:  # the call failed: nothing left to cancel
+        prep.pool.in_flight -= 1
+        raise replica_error(e) from e
+    if "error" in first:
+        prep.pool.in_flight -= 1
+        raise APIError.from_dict(first["error"])
+    return ReplicaStream(gen, first, prep)
+
+
+class MergedStream:
+    """``(position in the batch, item)`` from several streams as the items arrive."""
+
+    def __init__(self, streams: list[ReplicaStream]) -> None:
+        self.streams = streams
+        self._iter = self._merge() if len(streams) > 1 else self._one()
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        return self._iter
+
+    async def _one(self) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        try:
+            async for item in self.streams[0]:
+                yield 0, item
+        finally:
+            self.close()
+
+    async def _merge(self) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def pump(pos: int, stream: ReplicaStream) -> None:
+            try:
+                async for item in stream:
+                    queue.put_nowait((pos, item))
+                queue.put_nowait((pos, end))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # handed to the reader, who fails the whole batch
+                queue.put_nowait((pos, e))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                pos, item = await queue.get()
+                if item is end:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield pos, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.close()
+
+    def close(self) -> None:
+        for s in self.streams:
+            s.close()
+
+
+async def open_streams(handles: dict[str, Any], preps: list[_Prepared]) -> MergedStream:
+    """Open every prompt's stream; if any fails, close the others and raise its error."""
+    opened = await asyncio.gather(
+        *(open_stream(handles[p.pool.deployment], p) for p in preps), return_exceptions=True)
+    failed = [r for r in opened if isinstance(r, BaseException)]
+    if failed:
+        for r in opened:
+            if isinstance(r, ReplicaStream):
+                r.close()
+        raise failed[0]
+    return MergedStream(opened)

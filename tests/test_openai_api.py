@@ -1,0 +1,372 @@
+"""The OpenAI endpoints' shared path (deploy/openai_api.py) in one process, without Ray: every
+request field through parse -> prepare -> engine -> render, against the engine itself
+(segserve.LLM, same demo model) and HF's apply_chat_template as oracles."""
+
+from __future__ import annotations
+
+import pytest
+from segserve import LLM, SamplingParams
+from segserve.deploy.protocol import ChatCompletionRequest, CompletionRequest
+from service_harness import InProcessService
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+CONFIG = {
+    "models": [{"name": "demo", "path": "demo", "dtype": "float32", "max_model_len": 512}],
+    "pools": [{"name": "cpu", "device": "cpu", "num_replicas": 1, "num_kv_blocks": 256,
+               "max_num_seqs": 8, "max_num_batched_tokens": 256}],
+}  # fmt: skip
+GREEDY = {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def svc():
+    return InProcessService(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(model="demo", device="cpu", dtype="float32", num_kv_blocks=256, max_model_len=512)
+
+
+def greedy(llm, prompt, **kw) -> str:
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, **kw)
+    return llm.generate([prompt], params)[0].outputs[0].text
+
+
+def chat_ids(llm, messages, **template_kwargs) -> list[int]:
+    tok = llm.tokenizer
+    kw = {"add_generation_prompt": True, **template_kwargs}
+    text = tok.apply_chat_template(messages, tokenize=False, **kw)
+    return list(tok(text, add_special_tokens=False).input_ids)
+
+
+async def test_completion_equals_engine(svc, llm):
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": "Hello",
+                                                      **GREEDY})  # fmt: skip
+    assert status == 200
+    assert body["choices"][0]["text"] == greedy(llm, "Hello")
+
+
+# ----- prompt handling -------------------------------------------------------------------------
+async def test_truncate_prompt_tokens_keeps_the_end(svc, llm):
+    ids = list(range(3, 23))
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": ids,
+                                                      "truncate_prompt_tokens": 5, **GREEDY})
+    assert status == 200 and body["usage"]["prompt_tokens"] == 5
+    assert body["choices"][0]["text"] == greedy(llm, ids[-5:])
+    # shorter than the limit: untouched; -1: the context length
+    for k in (50, -1):
+        _, body = await svc.post("/v1/completions", {"model": "demo", "prompt": ids,
+                                                     "truncate_prompt_tokens": k, **GREEDY})
+        assert body["usage"]["prompt_tokens"] == 20
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": ids,
+                                                      "truncate_prompt_tokens": 0})
+    assert (status, body["error"]["param"]) == (400, "truncate_prompt_tokens")
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": ids,
+                                                      "truncate_prompt_tokens": 513})
+    assert (status, body["error"]["param"]) == (400, "truncate_prompt_tokens")
+
+
+async def test_add_special_tokens(svc, llm):
+    tok = llm.tokenizer
+    _, body = await svc.post("/v1/completions", {"model": "demo", "prompt": "Hello",
+                                                 "add_special_tokens": False, **GREEDY})
+    ids = list(tok("Hello", add_special_tokens=False).input_ids)
+    assert ids[0] != tok.bos_token_id
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    assert body["choices"][0]["text"] == greedy(llm, ids)
+    # chat: the template holds the BOS it wants; asking for special tokens adds another
+    _, plain = await svc.post("/v1/chat/completions", {"model": "demo", "messages": MESSAGES,
+                                                       **GREEDY})  # fmt: skip
+    _, more = await svc.post("/v1/chat/completions", {"model": "demo", "messages": MESSAGES,
+                                                      "add_special_tokens": True, **GREEDY})
+    assert more["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] + 1
+
+
+async def test_chat_template_options_render_as_hf_does(svc, llm):
+    history = [*MESSAGES, {"role": "assistant", "content": "Sure, the"}]
+    _, body = await svc.post("/v1/chat/completions", {
+        "model": "demo", "messages": history, "add_generation_prompt": False,
+        "continue_final_message": True, **GREEDY})  # fmt: skip
+    ids = chat_ids(llm, history, add_generation_prompt=False, continue_final_message=True)
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    assert body["choices"][0]["message"]["content"] == greedy(llm, ids)
+
+    # a template of the request's own, with a variable from chat_template_kwargs
+    template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}{{ greeting }}"
+    _, body = await svc.post("/v1/chat/completions", {
+        "model": "demo", "messages": MESSAGES, "chat_template": template,
+        "chat_template_kwargs": {"greeting": "Hey there"}, **GREEDY})  # fmt: skip
+    want = list(llm.tokenizer("Be brief.|Hi|Hey there", add_special_tokens=False).input_ids)
+    assert body["usage"]["prompt_tokens"] == len(want)
+    assert body["choices"][0]["message"]["content"] == greedy(llm, want)
+
+    status, body = await svc.post("/v1/chat/completions", {
+        "model": "demo", "messages": MESSAGES, "chat_template": "{{ raise_exception('no') }}"})
+    assert (status, body["error"]["param"]) == (400, "messages")
+
+
+# ----- echo, beams, log-prob tokens, usage --------------------------------------------------
+async def test_completion_echo(svc, llm):
+    want = greedy(llm, "Hello")
+    _, body = await svc.post("/v1/completions", {"model": "demo", "prompt": "Hello",
+                                                 "echo": True, **GREEDY})
+    assert body["choices"][0]["text"] == "Hello" + want
+    _, events = await svc.post("/v1/completions", {"model": "demo", "prompt": "Hello",
+                                                   "echo": True, "stream": True, **GREEDY})
+    texts = [e["choices"][0]["text"] for e in events[:-1]]
+    assert texts[0].startswith("Hello") and "".join(texts) == "Hello" + want
+    ids = list(llm.tokenizer("Hello").input_ids)  # token ids echo as their text
+    _, body = await svc.post("/v1/completions", {"model": "demo", "prompt": ids,
+                                                 "echo": True, **GREEDY})
+    assert body["choices"][0]["text"] == "Hello" + want
+
+
+async def test_chat_echo(svc, llm):
+    history = [*MESSAGES, {"role": "assistant", "content": "Well,"}]
+    _, body = await svc.post("/v1/chat/completions", {
+        "model": "demo", "messages": history, "echo": True, "add_generation_prompt": False,
+        "continue_final_message": True, **GREEDY})  # fmt: skip
+    ids = chat_ids(llm, history, add_generation_prompt=False, continue_final_message=True)
+    assert body["choices"][0]["message"]["content"] == "Well," + greedy(llm, ids)
+
+
+async def test_use_beam_search_returns_the_best_n(svc, llm):
+    beams = llm.generate(["Hello"], SamplingParams(max_tokens=6, beam_width=3))[0].outputs
+    for stream in (False, True):
+        _, out = await svc.post("/v1/completions", {
+            "model": "demo", "prompt": "Hello", "max_tokens": 6, "use_beam_search": True,
+            "n": 2, "best_of": 3, "stream": stream})  # fmt: skip
+        if stream:
+            texts = {0: "", 1: ""}
+            for e in out[:-1]:
+                texts[e["choices"][0]["index"]] += e["choices"][0]["text"]
+            got = [texts[0], texts[1]]
+        else:
+            got = [c["text"] for c in out["choices"]]
+            assert out["usage"]["completion_tokens"] == sum(len(b.token_ids) for b in beams[:2])
+        assert got == [b.text for b in beams[:2]]
+    _, out = await svc.post("/v1/chat/completions", {
+        "model": "demo", "messages": MESSAGES, "max_tokens": 6, "use_beam_search": True,
+        "n": 2})  # fmt: skip
+    want = llm.generate([chat_ids(llm, MESSAGES)], SamplingParams(max_tokens=6, beam_width=2))
+    assert [c["message"]["content"] for c in out["choices"]] == [
+        o.text for o in want[0].outputs]
+
+
+async def test_return_tokens_as_token_ids(svc, llm):
+    ref = llm.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0.0, logprobs=2,
+                                                 ignore_eos=True))[0].outputs[0]  # fmt: skip
+    _, body = await svc.post("/v1/completions", {"model": "demo", "prompt": "Hello",
+                                                 "max_tokens": 4, "temperature": 0,
+                                                 "ignore_eos": True, "logprobs": 2,
+                                                 "return_tokens_as_token_ids": True})
+    lp = body["choices"][0]["logprobs"]
+    assert lp["tokens"] == [f"token_id:{t}" for t in ref.token_ids]
+    assert [sorted(d) for d in lp["top_logprobs"]] == [
+        sorted(f"token_id:{t}" for t, _ in e.top) for e in ref.logprobs]
+    _, body = await svc.post("/v1/chat/completions", {
+        "model": "demo", "messages": MESSAGES, "max_tokens": 2, "logprobs": True,
+        "return_tokens_as_token_ids": True})  # fmt: skip
+    content = body["choices"][0]["logprobs"]["content"]
+    assert all(c["token"].startswith("token_id:") for c in content)
+
+
+@pytest.mark.parametrize("path, prompt", [("/v1/completions", {"prompt": "Hello"}),
+                                          ("/v1/chat/completions", {"messages": MESSAGES})])
+async def test_continuous_usage_stats(svc, path, prompt):
+    _, events = await svc.post(path, {
+        "model": "demo", **prompt, **GREEDY, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    chunks, done = events[:-1], events[-1]
+    assert done == "[DONE]"
+    assert all("usage" in c for c in chunks)
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 8
+    assert chunks[-1]["choices"] == []  # the include_usage chunk still ends the stream
+    prompt_tokens = {c["usage"]["prompt_tokens"] for c in chunks}
+    assert len(prompt_tokens) == 1
+    # without the option, only the last chunk has usage
+    _, events = await svc.post(path, {"model": "demo", **prompt, **GREEDY, "stream": True,
+                                      "stream_options": {"include_usage": True}})
+    assert ["usage" in c for c in events[:-1]] == [False] * (len(events) - 2) + [True]
+
+
+# ----- batched prompts, best_of ----------------------------------------------------------------
+BATCH = ["Hello", "The quick brown fox", "segment KV cache"]
+
+
+async def test_batched_text_prompts_indexed_as_openai(svc, llm):
+    sampled = {"model": "demo", "prompt": BATCH, "n": 2, "seed": 7, "max_tokens": 6,
+               "temperature": 1.0}  # fmt: skip
+    _, body = await svc.post("/v1/completions", sampled)
+    want = llm.generate(BATCH, SamplingParams(n=2, seed=7, max_tokens=6, temperature=1.0))
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    assert [c["text"] for c in body["choices"]] == [o.text for r in want for o in r.outputs]
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == sum(len(r.prompt_token_ids) for r in want)
+    assert usage["completion_tokens"] == sum(len(o.token_ids) for r in want for o in r.outputs)
+
+    _, events = await svc.post("/v1/completions", {**sampled, "stream": True,
+                                                   "stream_options": {"include_usage": True}})
+    texts: dict[int, str] = {}
+    for e in events[:-2]:
+        (c,) = e["choices"]
+        texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert [texts[i] for i in range(6)] == [o.text for r in want for o in r.outputs]
+    last = events[-2]["usage"]  # cached_tokens differ: the first request filled the cache
+    assert (last["prompt_tokens"], last["completion_tokens"]) == (
+        usage["prompt_tokens"], usage["completion_tokens"])
+
+
+async def test_batched_token_prompts_and_echo(svc, llm):
+    prompts = [[0, 17, 42], [0, 99, 100, 101]]
+    _, body = await svc.post("/v1/completions", {"model": "demo", "prompt": prompts,
+                                                 "echo": True, **GREEDY})
+    tok = llm.tokenizer
+    assert [c["text"] for c in body["choices"]] == [
+        tok.decode(p, skip_special_tokens=True) + greedy(llm, p) for p in prompts]
+
+
+async def test_a_bad_prompt_in_a_batch_fails_the_request_and_leaves_nothing_running(svc):
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": [[5], [9] * 600],
+                                                      "max_tokens": 1})
+    assert (status, body["error"]["param"]) == (400, "prompt")
+    # the replica refuses one prompt of two (n over its max_num_seqs is checked there)
+    engine = svc.engine("demo")
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": ["a", "b"],
+                                                      "n": 9})
+    assert (status, body["error"]["param"]) == (400, "n")
+    assert engine.stats()["running_requests"] == 0 and engine.stats()["waiting_requests"] == 0
+
+
+async def test_best_of_keeps_the_most_likely(svc, llm):
+    req = {"model": "demo", "prompt": BATCH[:2], "n": 2, "best_of": 4, "seed": 3,
+           "max_tokens": 6, "temperature": 1.0}  # fmt: skip
+    _, body = await svc.post("/v1/completions", req)
+    want = llm.generate(BATCH[:2], SamplingParams(n=4, seed=3, max_tokens=6, temperature=1.0,
+                                                  logprobs=0))  # fmt: skip
+    best = [sorted(r.outputs, key=lambda o: o.cumulative_logprob, reverse=True)[:2]
+            for r in want]  # fmt: skip
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in body["choices"]] == [o.text for b in best for o in b]
+    assert all(c["logprobs"] is None for c in body["choices"])  # ranked on, not returned
+    assert body["usage"]["completion_tokens"] == sum(len(o.token_ids) for b in best for o in b)
+    _, body = await svc.post("/v1/completions", {**req, "logprobs": 1})
+    lps = [sum(c["logprobs"]["token_logprobs"]) for c in body["choices"]]
+    assert lps == pytest.approx([o.cumulative_logprob for b in best for o in b], abs=1e-4)
+    assert lps[0] >= lps[1] and lps[2] >= lps[3]
+
+
+# ----- null, unknown fields, errors ---------------------------------------------------------
+def _nullable(schema) -> list[str]:
+    return [n for n, f in schema.model_fields.items() if not f.is_required()]
+
+
+@pytest.mark.parametrize("path, schema, prompt", [
+    ("/v1/completions", CompletionRequest, {"prompt": "Hello"}),
+    ("/v1/chat/completions", ChatCompletionRequest, {"messages": MESSAGES}),
+])  # fmt: skip
+async def test_every_nullable_field_null(svc, path, schema, prompt):
+    base = {"model": "demo", **prompt, "max_tokens": 4, "temperature": 0, "seed": 1}
+    _, want = await svc.post(path, base)
+    nulls = {n: None for n in _nullable(schema) if n not in base}
+    status, got = await svc.post(path, {**base, **nulls})
+    assert status == 200, got
+    key = "text" if path == "/v1/completions" else "message"
+    assert [c[key] for c in got["choices"]] == [c[key] for c in want["choices"]]
+
+
+async def test_unknown_fields_are_ignored(svc, llm):
+    status, body = await svc.post("/v1/completions", {
+        "model": "demo", "prompt": "Hello", **GREEDY, "some_future_field": {"x": 1},
+        "stream_options": None, "priority": 3})  # fmt: skip
+    assert status == 200 and body["choices"][0]["text"] == greedy(llm, "Hello")
+
+
+BAD = [
+    ("/v1/completions", {"prompt": "hi", "temperature": 3}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_k": 2.5}, "top_k"),
+    ("/v1/completions", {"prompt": "hi", "stop": [1]}, "stop.0"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10_000}, "max_tokens"),
+    ("/v1/completions", {"prompt": [7] * 600, "max_tokens": 1}, "prompt"),
+    ("/v1/completions", {"prompt": [999_999]}, "prompt"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "n": 9}, "n"),  # over max_num_seqs (the engine's)
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "beam_width": 2, "stop": ["x"]}, "stop"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 3}, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "device": "gpu"}, "device"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 10_000},
+     "max_tokens"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path, fields, param", BAD)
+async def test_every_400_names_its_param(svc, path, fields, param):
+    status, body = await svc.post(path, {"model": "demo", **fields})
+    assert status in (400, 404), body
+    assert body["error"]["param"] == param, body
+
+
+# ----- models, tokenize, detokenize, version ----------------------------------------------------
+def _utility(fn, *args):
+    from segserve.deploy.errors import APIError
+
+    try:
+        return 200, fn(*args)
+    except APIError as e:
+        return e.status, e.body()
+
+
+def test_model_card_and_version(svc):
+    from segserve import __version__
+    from segserve.deploy import utility_api
+
+    status, card = _utility(utility_api.get_model, svc.core, "demo")
+    assert status == 200 and card["id"] == "demo" and card["max_model_len"] == 512
+    assert card == utility_api.list_models(svc.core)["data"][0] | {"created": card["created"]}
+    status, body = _utility(utility_api.get_model, svc.core, "org/nope")
+    assert (status, body["error"]["param"]) == (404, "model")
+    assert utility_api.version() == {"version": __version__}
+
+
+def test_tokenize_and_detokenize(svc, llm):
+    import json
+
+    from segserve.deploy import utility_api
+
+    tok = llm.tokenizer
+    raw = json.dumps({"model": "demo", "prompt": "Hello world", "return_token_strs": True})
+    _, out = _utility(utility_api.tokenize, svc.core, raw.encode())
+    ids = list(tok("Hello world").input_ids)
+    assert out == {"count": len(ids), "max_model_len": 512, "tokens": ids,
+                   "token_strs": tok.convert_ids_to_tokens(ids)}
+    raw = json.dumps({"model": "demo", "prompt": "Hello world", "add_special_tokens": False})
+    assert _utility(utility_api.tokenize, svc.core, raw.encode())[1]["tokens"] == ids[1:]
+    # messages: the prompt a chat request gets, as HF renders it
+    raw = json.dumps({"model": "demo", "messages": MESSAGES})
+    _, out = _utility(utility_api.tokenize, svc.core, raw.encode())
+    assert out["tokens"] == chat_ids(llm, MESSAGES) and out["token_strs"] is None
+    raw = json.dumps({"model": "demo", "messages": MESSAGES, "add_generation_prompt": False})
+    _, out = _utility(utility_api.tokenize, svc.core, raw.encode())
+    assert out["tokens"] == chat_ids(llm, MESSAGES, add_generation_prompt=False)
+
+    raw = json.dumps({"model": "demo", "tokens": ids})
+    assert _utility(utility_api.detokenize, svc.core, raw.encode()) == (
+        200, {"prompt": tok.decode(ids)})
+    for body, param in [({"model": "demo", "tokens": [10**6]}, "tokens"),
+                        ({"model": "demo", "tokens": ["a"]}, "tokens.0"),
+                        ({"model": "demo"}, "tokens")]:  # fmt: skip
+        status, err = _utility(utility_api.detokenize, svc.core, json.dumps(body).encode())
+        assert (status, err["error"]["param"]) == (400, param)
+    status, err = _utility(utility_api.tokenize, svc.core, b'{"model": "demo", "prompt": 5}')
+    assert (status, err["error"]["param"]) == (400, "prompt")
+    status, err = _utility(utility_api.tokenize, svc.core, b"{oops")
+    assert status == 400
