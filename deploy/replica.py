@@ -35,22 +35,10 @@ from .metrics import (
 
 logger = logging.getLogger(__name__)
 
-<<<<<<< HEAD
-# KV manager metrics exported as gauges (the engine's stats() keys).
-KV_GAUGES = (
-    "blocks_total", "blocks_used", "blocks_free", "blocks_cached", "utilization",
-    "tokens_logical", "tokens_stored", "tokens_saved_by_sharing", "waiting_seqs",
-    "running_seqs", "waiting_requests", "running_requests",
-)  # fmt: skip
-# Running totals in the engine, Prometheus counters here.
-KV_COUNTERS = ("prefix_cache_hit_tokens", "preemptions", "evictions")
-# segserve_{kind}_tokens_total: prompt tokens admitted, output tokens streamed.
-TOKEN_COUNTERS = ("prompt", "generation")
-_LATENCY_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
-=======
 # What the request router reads (router.replica_load) and the autoscaler needs.
 ROUTING_KEYS = ("utilization", "waiting_requests", "running_requests")
->>>>>>> issue-10
+# segserve_{kind}_tokens_total: prompt tokens admitted, output tokens streamed.
+TOKEN_COUNTERS = ("prompt", "generation")
 
 
 class ReplicaMetrics:
@@ -80,7 +68,6 @@ class ReplicaMetrics:
             "segserve_requests_total", "Requests by final status",
             tag_keys=(*tags, "status"),
         )  # fmt: skip
-<<<<<<< HEAD
         # Token throughput. Counted per delta into plain ints and flushed with the KV stats
         # once a second, so the stream's hot path pays no metrics call per token.
         self.tokens = {
@@ -89,7 +76,6 @@ class ReplicaMetrics:
             for kind in TOKEN_COUNTERS
         }  # fmt: skip
         self._pending_tokens = dict.fromkeys(TOKEN_COUNTERS, 0)
-=======
         # The same, kept here too for the HTTP port's /metrics (see metrics.py).
         self.local_ttft, self.local_tpot = LatencyHistogram("ttft"), LatencyHistogram("tpot")
         self.request_counts: Counter[str] = Counter()
@@ -104,7 +90,6 @@ class ReplicaMetrics:
 
     def snapshot(self, stats: dict[str, float]) -> dict[str, float]:
         return metrics_snapshot(stats, (self.local_ttft, self.local_tpot), self.request_counts)
->>>>>>> issue-10
 
     def export(self, stats: dict[str, float]) -> None:
         for k, g in self.gauges.items():
