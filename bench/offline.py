@@ -244,32 +244,36 @@ def run_beam(core: EngineCore, prompt: list[int], width: int, output_len: int,
 
 
 def profile_step(core: EngineCore, batch: list[list[int]]) -> str:
-    """A torch.profiler table of one decode step at this batch size, with kernel count, GPU busy
-    time and the step's wall time."""
+    """A torch.profiler table of decode steps at this batch size (steady state: the lookahead
+    keeps one step in flight), with kernels per step, GPU busy time and wall time per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    for ids in batch:
-        core.add_request(ids, params)
-    for _ in range(3):  # prefill, then two decode steps to warm up
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    ids = {core.add_request(p, params) for p in batch}
+    started: set[str] = set()
+    while started != ids:  # prefill until every request has its first token
+        started |= {d.request_id for d in core.step() if d.token_ids}
+    for _ in range(2):  # two decode steps to reach the steady state (one step in flight)
         core.step()
     device = torch.device(core.config.device)
     sync = synchronizer(device)
-    sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
+    steps = 3
     with profile(activities=activities) as prof:
         t = time.perf_counter()
-        core.step()
-        sync()
-        wall = time.perf_counter() - t
+        for _ in range(steps):
+            core.step()
+        wall = (time.perf_counter() - t) / steps
     while core.has_work():
         core.step()
+    sync()
     events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    busy_us = sum(e.device_time for e in events) if events else 0.0
+    busy_us = sum(e.device_time for e in events) / steps if events else 0.0
     table = prof.key_averages().table(
         sort_by="cuda_time_total" if events else "cpu_time_total", row_limit=15)
-    return (f"{table}\nbatch {len(batch)}: {len(events)} GPU kernels/copies, GPU busy "
+    return (f"{table}\nbatch {len(batch)}, per decode step (mean of {steps}): "
+            f"{len(events) / steps:.0f} GPU kernels/copies, GPU busy "
             f"{busy_us / 1e3:.3f} ms, step wall {wall * 1e3:.3f} ms, GPU idle "
             f"{max(wall * 1e3 - busy_us / 1e3, 0):.3f} ms")
 

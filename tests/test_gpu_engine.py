@@ -29,8 +29,9 @@ def gpu_models(tiny_models):
 
 def llm(path: str, **kw) -> LLM:
     kw.setdefault("kernel_backend", "triton")
+    # A fixed pool: engines of earlier tests may still hold GPU memory.
     return LLM(path, device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=256,
-               **kw)
+               num_kv_blocks=512, **kw)
 
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
