@@ -243,17 +243,18 @@ def run_beam(core: EngineCore, prompt: list[int], width: int, output_len: int,
     return statistics.median(steps[2:]), stored, logical
 
 
-def profile_step(core: EngineCore, batch: list[list[int]]) -> str:
+def profile_step(core: EngineCore, batch: list[list[int]], beam_width: int = 0) -> str:
     """A torch.profiler table of decode steps at this batch size (steady state: the lookahead
     keeps one step in flight), with kernels per step, GPU busy time and wall time per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
+                            beam_width=max(beam_width, 1))
     ids = {core.add_request(p, params) for p in batch}
     started: set[str] = set()
-    while started != ids:  # prefill until every request has its first token
+    while started != ids and not beam_width:  # prefill until every request has its first token
         started |= {d.request_id for d in core.step() if d.token_ids}
-    for _ in range(2):  # two decode steps to reach the steady state (one step in flight)
+    for _ in range(4 if beam_width else 2):  # the steady state (a greedy step in flight)
         core.step()
     device = torch.device(core.config.device)
     sync = synchronizer(device)
@@ -272,7 +273,8 @@ def profile_step(core: EngineCore, batch: list[list[int]]) -> str:
     busy_us = sum(e.device_time for e in events) / steps if events else 0.0
     table = prof.key_averages().table(
         sort_by="cuda_time_total" if events else "cpu_time_total", row_limit=15)
-    return (f"{table}\nbatch {len(batch)}, per decode step (mean of {steps}): "
+    what = f"beam {beam_width}" if beam_width else f"batch {len(batch)}"
+    return (f"{table}\n{what}, per decode step (mean of {steps}): "
             f"{len(events) / steps:.0f} GPU kernels/copies, GPU busy "
             f"{busy_us / 1e3:.3f} ms, step wall {wall * 1e3:.3f} ms, GPU idle "
             f"{max(wall * 1e3 - busy_us / 1e3, 0):.3f} ms")
@@ -289,8 +291,9 @@ def run_hf(path: Path, device: torch.device, dtype: torch.dtype, prompts: dict[i
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
     if compiled:
+        # generate() compiles the decode forward itself for a static cache (its CompileConfig:
+        # inductor, fullgraph, CUDA graphs), marking each step for the graph trees.
         model.generation_config.cache_implementation = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     sync = synchronizer(device)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else 0
@@ -417,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         for b in sorted({1, max(sizes)}):
             profiles.append(profile_step(core, random_prompts(rng, vocab, b, args.input_len)))
+        if args.beam_width > 1:
+            profiles.append(profile_step(core, random_prompts(rng, vocab, 1, args.input_len),
+                                         args.beam_width))
     model_dir = core.model_path
     # Free our engine before HF loads: on a GPU both 7B copies plus HF's cache may not fit.
     del core

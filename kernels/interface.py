@@ -94,6 +94,12 @@ class KernelBackend:
     # fixed buffers and, on CUDA, replays them as graphs (actors/decode_graphs.py).
     graphable = False
 
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x @ weight.T + bias`` (weights ``[out, in]``, as nn.Linear)."""
+        return torch.nn.functional.linear(x, weight, bias)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise NotImplementedError
 

@@ -367,3 +367,22 @@ def test_engine_on_triton_backend_matches_hf_greedy_and_beams(tmp_path):
     assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 4)
     beams = llm.generate([prompt], SamplingParams(max_tokens=3, beam_width=4))[0]
     assert [c.token_ids for c in beams.outputs] == hf_beams(hf, prompt, 3, 4)
+
+
+# ----- single-row linear (the batch-1 decode GEMMs) ---------------------------------------------
+@pytest.mark.parametrize("n,k,bias", [(48, 64, False), (40, 1000, True)])
+def test_gemv_matches_linear(n, k, bias):
+    from segserve.kernels.triton.gemv import gemv
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(n + k)
+    x = torch.randn(1, k, device=dev)
+    w = torch.randn(n, k, device=dev)
+    b = torch.randn(n, device=dev) if bias else None
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    got = gemv(x, w, b)
+    assert got.shape == (1, n)
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-4)
+    if dev == "cuda":  # bf16: tolerance of bf16 rounding of the output
+        got16 = gemv(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16())
+        assert ((got16.double() - ref).norm() / ref.norm()) < 1e-2

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..interface import AttentionMetadata, KernelBackend
-from . import activation, cache, decode_attention, norm, prefill_attention, rope
+from . import activation, cache, decode_attention, gemv, norm, prefill_attention, rope
 from ._common import SUPPORTED_DTYPES
 
 # Shortest split of a decode segment: below this, the merge costs more than the split saves.
@@ -51,6 +51,17 @@ class TritonBackend(KernelBackend):
             )
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"triton attention: block_size must be a power of 2 ({shape})")
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One row in 16/bf16 (the batch-1 decode step): the bandwidth-bound GEMV kernel;
+        otherwise cuBLAS, which wins from two rows on. float32 stays on cuBLAS, whose sums HF's
+        float32 greedy outputs are compared against."""
+        if x.numel() == x.shape[-1] and x.dtype in (torch.float16, torch.bfloat16) \
+                and x.device.type != "cpu":
+            return gemv.gemv(x, weight, bias)
+        return torch.nn.functional.linear(x, weight, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return norm.rms_norm(x, weight, eps)
