@@ -19,6 +19,8 @@ import urllib.request
 from collections.abc import Iterator
 from typing import IO, Any
 
+from .cli import DEFAULT_MODEL  # stdlib-only at import, like this module
+
 DEFAULT_GRPC_TARGET = "localhost:9000"
 API_KEY_ENV = "SEGSERVE_API_KEY"
 
@@ -43,7 +45,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--prompt", required=True, metavar="TEXT")
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as one user message through the chat template")
-    p.add_argument("--model", default="demo", help="model id (default: demo)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model id (default: {DEFAULT_MODEL}, what `segserve serve` serves)")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
