@@ -31,9 +31,10 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
 }
-# llama.cpp's converter permutes the Q/K rows of these for its interleaved ("NORM") RoPE;
-# Qwen2 uses the NEOX rotation, which is HF's, and is stored as is.
-_PERMUTED_QK = {"llama", "mistral"}
+# llama.cpp's converter permutes the Q/K rows of "llama" files for its interleaved ("NORM")
+# RoPE; Qwen2 uses the NEOX rotation, which is HF's, and is stored as is. "mistral" files are
+# read unpermuted, as HF's GGUF loader reads them (llama.cpp itself writes Mistral as "llama").
+_PERMUTED_QK = {"llama"}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
 _GLOBAL_NAMES = {
