@@ -136,3 +136,15 @@ def hf_greedy_no_eos(model, prompt_ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(prompt_ids) :]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF (fetched into the segserve cache; .ci/run fetches it
+    first). Tests that need it skip, saying why, where it cannot be had."""
+    from segserve.models.fetch import FetchError, fetch_model
+
+    try:
+        return fetch_model("smollm2")
+    except FetchError as e:
+        pytest.skip(f"SmolLM2-135M-Instruct is not available: {e}")
