@@ -3,6 +3,7 @@
 side by side, in one run, on one device.
 
     python bench/offline.py --model demo --device cpu
+    python bench/offline.py --model smollm2 --device cpu        # a GGUF: HF loads the same file
     python bench/offline.py --random-shape tinyllama-1.1b --dtype bfloat16 --device cpu
     python bench/offline.py --random-shape llama2-7b --dtype bfloat16 --device cuda
 
@@ -73,7 +74,8 @@ def _int_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo", help="HF checkpoint directory, or 'demo'")
+    p.add_argument("--model", default="demo",
+                   help="HF checkpoint directory, .gguf file, 'smollm2' or 'demo'")
     p.add_argument("--random-shape", choices=sorted(SHAPES), default=None,
                    help="benchmark a random-weight Llama of this shape instead of --model "
                         "(built once into $SEGSERVE_CACHE_DIR)")
@@ -180,9 +182,13 @@ def run_hf(path: Path, device: torch.device, dtype: torch.dtype,
            prompts: dict[int, list[list[int]]], output_len: int,
            repeats: int) -> tuple[float, dict[int, float], str]:
     """(per-token decode seconds at batch 1, {batch: tok/s}, attention implementation)."""
+    from segserve.models.gguf import is_gguf
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    # A GGUF: HF dequantizes the same file (to dtype), so both run the same weights.
+    where, extra = (path.parent, {"gguf_file": path.name}) if is_gguf(path) else (path, {})
+    model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, **extra)
+    model = model.to(device).eval()
     sync = synchronizer(device)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,7 +97,10 @@ def _checked_reader_class() -> type:
 
             size = len(self.data)
             for field in fields:
-                _, name, _, dims, raw_type, offset = field.parts
+                try:
+                    _, name, _, dims, raw_type, offset = field.parts
+                except (ValueError, TypeError):  # another gguf release's layout: no check
+                    break
                 try:
                     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
                 except (ValueError, KeyError):
@@ -241,17 +245,67 @@ def load_gguf_spec_config(path: Path) -> Any:
 
 def load_gguf_tokenizer(path: Path) -> Any | None:
     """transformers' own conversion of the file's tokenizer (vocab, merges, special tokens,
-    chat template), or None when the file carries none (token-id prompts only)."""
+    chat template), or None when the file carries none (token-id prompts only).
+
+    The conversion takes seconds (SmolLM2: ~8 s on 2 cores) and every process that serves the
+    model needs it, so its result is saved under ``<segserve cache>/gguf-tokenizers/`` and
+    later loads read that (~0.3 s): the same tokenizer.json, config and chat template."""
     if "tokenizer.ggml.model" not in open_gguf(path).fields:
         logger.warning("%s has no tokenizer metadata: only token-id prompts will work", path)
         return None
     from transformers import AutoTokenizer
 
+    saved = _tokenizer_cache(path)
+    if (saved / _DONE).is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(saved), local_files_only=True)
+        except Exception:  # a damaged cache entry: convert again, below
+            logger.warning("cannot load the cached tokenizer %s; converting again", saved,
+                           exc_info=True)
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                             local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                  local_files_only=True)
     except Exception as e:  # the converter raises many types; name the file either way
         raise ModelLoadError(f"cannot convert the tokenizer in {path}: {e}") from e
+    _save_tokenizer(tokenizer, saved)
+    return tokenizer
+
+
+_DONE = ".complete"
+
+
+def _tokenizer_cache(path: Path) -> Path:
+    import hashlib
+
+    import transformers
+
+    from .fetch import default_cache_dir
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|1"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return default_cache_dir() / "gguf-tokenizers" / f"{path.stem}-{digest}"
+
+
+def _save_tokenizer(tokenizer: Any, saved: Path) -> None:
+    """Written to a private directory, then renamed into place: racing processes each write
+    their own copy and the first rename wins. A cache that cannot be written is no error."""
+    import shutil
+    import tempfile
+
+    tmp = None
+    try:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{saved.name}.tmp-", dir=saved.parent))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _DONE).write_text("converted from GGUF\n")
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, saved)
+    except OSError as e:
+        logger.debug("tokenizer cache %s not written: %s", saved, e)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def gguf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, int]]:

@@ -19,7 +19,7 @@ from conftest import hf_greedy, make_model
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from segserve import LLM, SamplingParams  # noqa: E402
-from segserve.models import ModelLoadError, load_spec  # noqa: E402
+from segserve.models import ModelLoadError, load_spec, load_tokenizer  # noqa: E402
 from segserve.models.gguf import is_gguf  # noqa: E402
 
 PROMPTS = [[0, 5, 17, 42, 99, 3], [0, 200, 7], [0, 64, 65, 66, 67, 68, 69, 70, 71, 150]]
@@ -173,6 +173,14 @@ def check_greedy(llm: LLM, hf) -> None:
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12), prompt
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_cache(tmp_path_factory):
+    """Converted tokenizers are cached in the segserve cache: keep this module's out of yours."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SEGSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("segserve-cache")))
+        yield
+
+
 # ----- round trips -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
@@ -253,12 +261,14 @@ def test_spec_and_tokenizer_from_metadata(tmp_path, tiny_llama):
         theirs.num_key_value_heads, theirs.head_dim, theirs.vocab_size)
     assert spec.rms_norm_eps == pytest.approx(theirs.rms_norm_eps)
     assert spec.tie_word_embeddings is False and spec.eos_token_ids == [1]
-    llm = load_ours(file)
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=file.name)
     text = "The weather today: 18 degrees, light rain!"
-    assert llm.tokenizer.encode(text) == hf_tok.encode(text)
     chat = [{"role": "user", "content": "Hello"}]
-    assert llm.tokenizer.apply_chat_template(chat, tokenize=False) == "<|user|>\nHello</s>"
+    # Converted on first use, then read back from the segserve cache: the same either way.
+    for tok in (load_tokenizer(file), load_tokenizer(file)):
+        assert tok.encode(text) == hf_tok.encode(text)
+        assert tok.apply_chat_template(chat, tokenize=False) == "<|user|>\nHello</s>"
+        assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
 
 
 def test_model_argument_forms(tmp_path, tiny_llama):

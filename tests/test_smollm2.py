@@ -56,19 +56,24 @@ def chat_ids(tokenizer, question: str) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def test_spec_and_tokenizer_match_hf(llm, hf, hf_tok):
+def test_spec_and_tokenizer_match_hf(llm, hf, hf_tok, smollm2_gguf):
+    from segserve.models import load_tokenizer
+
     spec, cfg = llm.engine.spec, hf.config
     assert (spec.family, spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads,
             spec.vocab_size, spec.tie_word_embeddings) == (
         "llama", cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
         cfg.num_key_value_heads, cfg.vocab_size, True)
     assert llm.engine.eos_token_ids == {cfg.eos_token_id}
-    tok = llm.tokenizer
-    for text in PROMPTS + ["<|im_start|>user\nhi<|im_end|>", "  spaces\tand\nnewlines  "]:
-        assert tok.encode(text) == hf_tok.encode(text), text
-    for q in QUESTIONS:
-        assert chat_ids(tok, q) == chat_ids(hf_tok, q)
-    assert tok.decode(chat_ids(tok, QUESTIONS[0])).startswith("<|im_start|>system\n")
+    # The engine's tokenizer, and one read back from the segserve cache's converted copy.
+    for tok in (llm.tokenizer, load_tokenizer(smollm2_gguf)):
+        for text in PROMPTS + ["<|im_start|>user\nhi<|im_end|>", "  spaces\tand\nnewlines  "]:
+            assert tok.encode(text) == hf_tok.encode(text), text
+        for q in QUESTIONS:
+            assert chat_ids(tok, q) == chat_ids(hf_tok, q)
+        assert tok.decode(chat_ids(tok, QUESTIONS[0])).startswith("<|im_start|>system\n")
+        assert (tok.bos_token, tok.eos_token, tok.pad_token) == (
+            hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token)
 
 
 def test_greedy_equals_hf(llm, hf, hf_tok):
