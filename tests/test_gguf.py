@@ -75,7 +75,8 @@ def tokenizer_metadata(writer, path: Path) -> None:
 
 
 def write_gguf(out: Path, hf_model, src: Path, qtype: Q, arch: str = "llama",
-               random_blocks: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+               random_blocks: np.random.Generator | None = None,
+               sliding_window: int | None = None) -> dict[str, np.ndarray]:
     """Write ``hf_model`` as a GGUF file of ``arch`` with its matrices in ``qtype``; 1-D tensors
     stay F32, as llama.cpp keeps them. With ``random_blocks`` the matrices are random bytes
     instead (K-quants). Returns the raw matrix bytes written, by GGUF name."""
@@ -90,8 +91,13 @@ def write_gguf(out: Path, hf_model, src: Path, qtype: Q, arch: str = "llama",
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    if sliding_window is not None:
+        w.add_sliding_window(sliding_window)
     tokenizer_metadata(w, src)
     written = {}
     for name, t in hf_model.state_dict().items():
@@ -244,6 +250,18 @@ def test_qwen2_round_trip(tmp_path_factory, tmp_path):
     for name, t in ours.items():
         torch.testing.assert_close(t, orig[name], rtol=0, atol=0, msg=name)
     check_greedy(llm, hf)
+
+
+def test_mistral_sliding_window_from_metadata(tmp_path_factory, tmp_path):
+    src = tmp_path_factory.mktemp("tiny-mistral")
+    hf_orig = make_model(src, "mistral")  # head dim 32 != hidden / heads: key_length says so
+    file = tmp_path / "mistral.gguf"
+    write_gguf(file, hf_orig, src, Q.F32, arch="mistral", sliding_window=24)
+    spec = load_spec(file)
+    assert (spec.family, spec.sliding_windows, spec.head_dim) == ("mistral", [24, 24], 32)
+    ours, orig = our_weights(load_ours(file)), hf_orig.state_dict()
+    for name, t in ours.items():  # "mistral" files are read unpermuted, as HF reads them
+        torch.testing.assert_close(t, orig[name], rtol=0, atol=0, msg=name)
 
 
 def test_spec_and_tokenizer_from_metadata(tmp_path, tiny_llama):
