@@ -25,6 +25,7 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import ray  # noqa: E402
+from conftest import smollm2_or_reason  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.config import HTTPOptions, gRPCOptions  # noqa: E402
 from segserve import LLM, SamplingParams  # noqa: E402
@@ -70,7 +71,7 @@ def svc():
     )
     serve.run(build_app(MAIN), name="segserve", route_prefix="/")
     serve.run(build_app(SECURE), name="secure", route_prefix="/secure")
-    real_missing = _fetch_real_model()
+    _, real_missing = smollm2_or_reason()
     if real_missing is None:
         serve.run(build_app(REAL), name="real", route_prefix="/real")
     replica = serve.get_deployment_handle(deployment_name("demo", "cpu"), app_name="segserve")
@@ -94,17 +95,6 @@ def svc():
     grpc_client.close()
     serve.shutdown()
     ray.shutdown()
-
-
-def _fetch_real_model() -> str | None:
-    """None when SmolLM2 is in the cache (fetched if need be), else why not."""
-    from segserve.models.fetch import FetchError, fetch_model
-
-    try:
-        fetch_model("smollm2")
-    except FetchError as e:
-        return str(e)
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +244,7 @@ def test_models_and_health(svc):
 
 def test_real_model_answers_the_capital_question(svc):
     if svc.real_missing is not None:
-        pytest.skip(f"SmolLM2-135M-Instruct is not available: {svc.real_missing}")
+        pytest.skip(svc.real_missing)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     got = svc.real_oai.chat.completions.create(model="smollm2", messages=messages,
                                                max_tokens=32, temperature=0)  # fmt: skip
