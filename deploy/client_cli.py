@@ -19,6 +19,8 @@ import urllib.request
 from collections.abc import Iterator
 from typing import IO, Any
 
+from .cli import DEFAULT_MODEL  # stdlib-only at import, like this module
+
 DEFAULT_GRPC_TARGET = "localhost:9000"
 API_KEY_ENV = "SEGSERVE_API_KEY"
 
@@ -51,7 +53,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--tool-choice", metavar="MODE|NAME", default=None,
                    help="with --tools: none, auto, required, or the name of the function to "
                         "call")
-    p.add_argument("--model", default="demo", help="model id (default: demo)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model id (default: {DEFAULT_MODEL}, what `segserve serve` serves)")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)

@@ -28,7 +28,9 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     # '#' delimits Serve replica ids, so it cannot appear in a deployment name.
     name: str = Field(pattern=r"^[^#\s]+$", description="the id clients send as `model`")
-    path: str = Field("demo", description="a local HF checkpoint directory, or 'demo'")
+    path: str = Field(
+        "demo", description="a local HF checkpoint directory or .gguf file, a named model "
+        "('smollm2', fetched on first use), or 'demo'")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     kv_dtype: Literal["auto"] = Field(
         "auto", description="KV cache dtype; 'auto' = the model dtype (int8 KV is not built yet)"

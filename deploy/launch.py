@@ -18,17 +18,25 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 GRPC_SERVICER = "segserve.proto.segserve_pb2_grpc.add_SegServeServicer_to_server"
 
 
-def start(config_path: str | Path, address: str | None = None, blocking: bool = True) -> Any:
-    """Deploy every application in the file; returns Serve's status once all are running."""
+def start(config_path: str | Path, address: str | None = None, blocking: bool = True,
+          demo_fallback: bool = False) -> Any:
+    """Deploy every application in the file; returns Serve's status once all are running.
+
+    Named models (``path: smollm2``) are fetched here first, where the user sees the progress
+    and any error. With ``demo_fallback`` (the default config, no file named by the user) a
+    model that cannot be fetched is replaced by the demo model, loudly."""
     # Ray 2.60 turns on token auth for new local clusters by default and keeps the token in
     # ~/.ray/auth_token (made on first start). We keep that default, but say so explicitly;
     # RAY_AUTH_MODE=disabled turns it off (the tests do, on loopback). It must be set before
     # Ray is first imported: Ray reads it once, and a stale "disabled" would skip making the
     # token that the GCS then demands.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from .config import load_serve_file
+    from .config import load_serve_file, parse_service_config
 
     raw, services = load_serve_file(config_path)
+    if _fetch_named_models(raw, services, demo_fallback):
+        services = [parse_service_config(app["args"], f"applications.{i}.args")
+                    for i, app in enumerate(raw["applications"])]
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -57,28 +65,72 @@ def start(config_path: str | Path, address: str | None = None, blocking: bool = 
     return serve.status()
 
 
+def _fetch_named_models(raw: dict[str, Any], services: list, demo_fallback: bool) -> bool:
+    """Fetch every named model the file serves; returns whether ``raw`` was changed to serve
+    the demo model instead of one that could not be fetched (only with ``demo_fallback``)."""
+    import sys
+
+    from segserve.models.demo import DEMO_MODEL_NAME
+    from segserve.models.fetch import NAMED_MODELS, FetchError, fetch_model
+
+    changed = False
+    for app, service in zip(raw["applications"], services, strict=True):
+        for i, model in enumerate(service.models):
+            if model.path not in NAMED_MODELS:
+                continue
+            try:
+                fetch_model(model.path)
+            except FetchError as e:
+                if not demo_fallback:
+                    raise
+                print(_FALLBACK_WARNING.format(name=model.path, error=e), file=sys.stderr,
+                      flush=True)  # fmt: skip
+                app["args"]["models"][i].update(name=DEMO_MODEL_NAME, path=DEMO_MODEL_NAME)
+                changed = True
+    return changed
+
+
+_FALLBACK_WARNING = """
+{bar}
+WARNING: could not fetch the default model {{name}}:
+  {{error}}
+Serving the built-in DEMO model instead. Its weights are RANDOM: its answers are gibberish.
+Fix the fetch (`segserve fetch {{name}}`), or serve your own checkpoint (a config file whose
+model `path` is an HF directory or a .gguf file).
+{bar}
+""".format(bar="!" * 100)
+
+
 def _worker_env() -> dict[str, str]:
     keep = ("PYTHONPATH", "SEGSERVE_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+QUESTION = "What is the capital of France?"
 
 
 def _banner(host: str, http_port: int, grpc_port: int, services: list) -> str:
     model = services[0].models[0].name
     key = " --api-key $SEGSERVE_API_KEY" if services[0].ingress.api_key else ""
     hdr = ' -H "Authorization: Bearer $SEGSERVE_API_KEY"' if key else ""
+    oai_key = "os.environ['SEGSERVE_API_KEY']" if key else "'none'"
     shown = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::") else host
+    ask = f'--chat --prompt "{QUESTION}" --temperature 0 --stream{key}'
+    body = (f'{{"model": "{model}", "temperature": 0, '
+            f'"messages": [{{"role": "user", "content": "{QUESTION}"}}]}}')
     return f"""
 segserve is serving {", ".join(m.name for s in services for m in s.models)}
   HTTP (OpenAI API): http://{shown}:{http_port}/v1
   gRPC:              {shown}:{grpc_port}
 
-Try:
-  segserve client --grpc {shown}:{grpc_port} --model {model} --prompt "Hello" --stream{key}
-  segserve client --http http://{shown}:{http_port} --model {model} --prompt "Hello" --stream{key}
-  curl http://{shown}:{http_port}/v1/completions{hdr} -H 'Content-Type: application/json' \\
-       -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
-  python -c "import openai; c = openai.OpenAI(base_url='http://{shown}:{http_port}/v1', \\
-api_key='none'); print(c.completions.create(model='{model}', prompt='Hello').choices[0].text)"
+Try (a chat request, through the model's chat template):
+  segserve client --http http://{shown}:{http_port} --model {model} {ask}
+  segserve client --grpc {shown}:{grpc_port} --model {model} {ask}
+  curl http://{shown}:{http_port}/v1/chat/completions{hdr} -H 'Content-Type: application/json' -d \\
+    '{body}'
+  python -c "import os, openai; c = openai.OpenAI(base_url='http://{shown}:{http_port}/v1', \\
+api_key={oai_key}); print(c.chat.completions.create(model='{model}', temperature=0, \\
+messages=[{{'role': 'user', 'content': '{QUESTION}'}}]).choices[0].message.content)"
 
 Ctrl-C stops it.""".strip("\n")
 
@@ -101,9 +153,10 @@ def add_parser(sub: Any, common: Any) -> Any:
     p = sub.add_parser("serve", parents=[common], help="run the service (Ray Serve)",
                        description="Start Ray (embedded, or join --address), deploy the Serve "
                                    "config file and serve HTTP and gRPC until Ctrl-C.")  # fmt: skip
-    p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
-                   help="a Serve config file (default: deploy/configs/local.yaml, the demo "
-                        "model on CPU)")  # fmt: skip
+    p.add_argument("config", nargs="?", default=None,
+                   help="a Serve config file (default: deploy/configs/local.yaml: "
+                        "SmolLM2-135M-Instruct on CPU, fetched on first use; the demo model, "
+                        "with a warning, if that fetch fails)")  # fmt: skip
     p.add_argument("--address", default=None, help="join this Ray cluster (default: local)")
     p.set_defaults(func=cmd_serve)
     return p
@@ -112,11 +165,14 @@ def add_parser(sub: Any, common: Any) -> Any:
 def cmd_serve(args: Any) -> int:
     import sys
 
+    from segserve.models import ModelLoadError
+
     from .config import ConfigError
 
     try:
-        start(args.config, address=args.address)
-    except ConfigError as e:
+        start(args.config or DEFAULT_CONFIG, address=args.address,
+              demo_fallback=args.config is None)  # fmt: skip
+    except (ConfigError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

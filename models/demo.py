@@ -110,11 +110,6 @@ def demo_config(vocab_size: int) -> LlamaConfig:
     )
 
 
-def _default_cache_dir() -> Path:
-    env = os.environ.get("SEGSERVE_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "segserve"
-
-
 def _is_complete(path: Path) -> bool:
     return (path / _MARKER).is_file()
 
@@ -151,7 +146,9 @@ def ensure_demo_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     `cache_dir` defaults to `$SEGSERVE_CACHE_DIR`, else `~/.cache/segserve`. Safe to call from
     several processes at once: each builds privately and the first atomic rename wins.
     """
-    parent = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    from .fetch import default_cache_dir
+
+    parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = parent / _DIR_NAME
     if _is_complete(target):
         return target

@@ -1,8 +1,10 @@
-"""Load a local HF checkpoint directory: config, (sharded) safetensors, tokenizer.
+"""Load a checkpoint: a local HF directory (config, (sharded) safetensors, tokenizer) or a GGUF
+file (models/gguf.py turns it into HF-named tensors and an HF config, and this file does the rest).
 
 Weights are fused while loading (q/k/v -> qkv_proj, gate/up -> gate_up_proj) and sliced for the
-tensor-parallel rank, so a rank never materialises more than its shard. Nothing is downloaded:
-``model`` must be a directory, or ``"demo"`` for the built-in demo model.
+tensor-parallel rank, so a rank never materialises more than its shard. ``model`` is a
+directory, a ``.gguf`` file, ``"demo"`` (the built-in demo model) or a named model of
+models/fetch.py (``"smollm2"``), fetched into the segserve cache on first use.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +34,31 @@ class ModelLoadError(ValueError):
 
 
 def resolve_model_path(model: str) -> Path:
+    """The checkpoint a model argument names: an HF directory or a ``.gguf`` file. Named models
+    are fetched (or built, for the demo) into the segserve cache first."""
     from .demo import DEMO_MODEL_NAME, ensure_demo_model
+    from .fetch import NAMED_MODELS, fetch_model
+    from .gguf import GGUF_SUFFIX, is_gguf
 
     if model == DEMO_MODEL_NAME:
         return ensure_demo_model()
+    if model in NAMED_MODELS:
+        return fetch_model(model)
     path = Path(model).expanduser()
+    if is_gguf(path):
+        return path
     if not path.is_dir():
         raise ModelLoadError(
-            f"model directory {str(path)!r} does not exist (segserve loads local checkpoints "
-            f"only; pass a directory with config.json and *.safetensors, or 'demo')"
+            f"model {str(path)!r} does not exist (segserve loads local checkpoints: a directory "
+            f"with config.json and *.safetensors, a {GGUF_SUFFIX} file, 'demo', or a named "
+            f"model: {', '.join(NAMED_MODELS)})"
         )
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"model directory {str(path)!r} has no config.json")
+        ggufs = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        raise ModelLoadError(f"model directory {str(path)!r} has no config.json"
+                             + (f" (and {len(ggufs)} GGUF files: name one)" if ggufs else ""))
     return path
 
 
@@ -57,12 +73,17 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_spec(path: Path) -> ModelSpec:
-    from transformers import AutoConfig
+    from .gguf import is_gguf, load_gguf_spec_config
 
-    try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ValueError, OSError, json.JSONDecodeError, KeyError) as e:
-        raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from e
+    if is_gguf(path):
+        config = load_gguf_spec_config(path)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except (ValueError, OSError, json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from e
     try:
         return ModelSpec.from_hf_config(config)
     except ValueError as e:
@@ -71,6 +92,10 @@ def load_spec(path: Path) -> ModelSpec:
 
 def load_tokenizer(path: Path) -> Any | None:
     """The HF fast tokenizer, or None when the checkpoint ships none (token-id prompts only)."""
+    from .gguf import is_gguf, load_gguf_tokenizer
+
+    if is_gguf(path):
+        return load_gguf_tokenizer(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         logger.warning("%s has no tokenizer files: only token-id prompts will work", path)
         return None
@@ -200,6 +225,20 @@ class _Placer:
                                  + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
 
 
+def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """(HF name, tensor, bytes read) for every tensor of the (sharded) checkpoint."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    tensor = f.get_tensor(name)
+                    yield name, tensor, tensor.numel() * tensor.element_size()
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ModelLoadError(f"corrupt or unreadable safetensors file {file}: {e}") from e
+
+
 def load_model(
     path: Path,
     spec: ModelSpec,
@@ -211,29 +250,26 @@ def load_model(
     all_reduce: AllReduce | None = None,
     max_positions: int = 0,
 ) -> LlamaForCausalLM:
-    from safetensors import SafetensorError, safe_open
+    from .gguf import gguf_tensors, is_gguf
 
-    files = safetensors_files(path)
+    if is_gguf(path):
+        total, tensors = path.stat().st_size, gguf_tensors(path)
+    else:
+        files = safetensors_files(path)
+        total, tensors = sum(f.stat().st_size for f in files), _safetensors_tensors(files)
     with torch.device("meta"):
         model = LlamaForCausalLM(spec, backend, tp_rank, tp_size, all_reduce)
     model = model.to_empty(device=device).to(dtype)
     placer = _Placer(model)
-    total = sum(f.stat().st_size for f in files)
     progress = None
     if total >= PROGRESS_MIN_BYTES:
         from tqdm import tqdm
 
         progress = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}")
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    tensor = f.get_tensor(name)
-                    placer.place(name, tensor.to(dtype))
-                    if progress is not None:
-                        progress.update(tensor.numel() * tensor.element_size())
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ModelLoadError(f"corrupt or unreadable safetensors file {file}: {e}") from e
+    for name, tensor, nbytes in tensors:
+        placer.place(name, tensor.to(dtype))
+        if progress is not None:
+            progress.update(nbytes)
     if progress is not None:
         progress.close()
     placer.finish()

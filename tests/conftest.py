@@ -6,6 +6,7 @@ loader reads exactly what a user's checkpoint looks like, and HF's ``generate`` 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -136,3 +137,24 @@ def hf_greedy_no_eos(model, prompt_ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(prompt_ids) :]
+
+
+@functools.cache
+def smollm2_or_reason():
+    """(the real SmolLM2-135M-Instruct GGUF, None), fetched into the segserve cache if need be
+    (.ci/run fetches it first), or (None, why it cannot be had). Tried once per session."""
+    from segserve.models.fetch import FetchError, fetch_model
+
+    try:
+        return fetch_model("smollm2"), None
+    except FetchError as e:
+        return None, f"SmolLM2-135M-Instruct is not available: {e}"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2 GGUF; tests that need it skip, saying why, where it cannot be had."""
+    path, reason = smollm2_or_reason()
+    if path is None:
+        pytest.skip(reason)
+    return path

@@ -51,7 +51,7 @@ def test_local_yaml():
     assert raw["http_options"]["port"] == 8000
     assert raw["grpc_options"]["port"] == 9000
     assert raw["applications"][0]["import_path"] == "segserve.deploy.app:build_app"
-    assert [(m.name, m.path, m.dtype) for m in cfg.models] == [("demo", "demo", "float32")]
+    assert [(m.name, m.path, m.dtype) for m in cfg.models] == [("smollm2", "smollm2", "float32")]
     [pool] = cfg.pools
     assert (pool.name, pool.device, pool.num_replicas, pool.autoscaling) == ("cpu", "cpu", 1, None)
     assert (pool.kv_cache_memory_gb, pool.max_num_seqs, pool.max_queue_len) == (0.5, 64, 256)
@@ -62,7 +62,7 @@ def test_gpu_yaml():
     _, cfg = load("gpu")
     [model] = cfg.models
     assert (model.name, model.path, model.dtype, model.max_model_len) == (
-        "llama", "/models/Llama-2-7b-hf", "bfloat16", 4096
+        "smollm2", "smollm2", "bfloat16", 4096
     )  # fmt: skip
     [pool] = cfg.pools
     assert (pool.name, pool.device, pool.tensor_parallel_size) == ("gpu", "cuda", 1)
@@ -77,7 +77,7 @@ def test_gpu_yaml():
 def test_hetero_yaml():
     _, cfg = load("hetero")
     [model] = cfg.models
-    assert (model.name, model.dtype, model.pools) == ("llama", "auto", None)
+    assert (model.name, model.dtype, model.pools) == ("smollm2", "auto", None)
     assert [(p.name, p.device) for p in cfg.pools] == [("gpu", "cuda"), ("cpu", "cpu")]
     assert [p.name for p in cfg.pools_for(model)] == ["gpu", "cpu"]
     gpu, cpu = cfg.pools
@@ -98,17 +98,17 @@ def test_build_local():
     assert ingress.num_replicas == 1
     assert ingress.max_ongoing_requests == 1024
     assert ingress.init_args[0] == cfg.model_dump()
-    assert list(deps) == ["LLM:demo:cpu"]
-    d = deps["LLM:demo:cpu"]
-    assert d.name == "LLM:demo:cpu"
+    assert list(deps) == ["LLM:smollm2:cpu"]
+    d = deps["LLM:smollm2:cpu"]
+    assert d.name == "LLM:smollm2:cpu"
     assert d.ray_actor_options == {"num_cpus": 1.0}  # no num_gpus on a cpu pool
     assert d.max_ongoing_requests == 64 + 256
     assert d.max_queued_requests == 256
     assert d.num_replicas == 1
     assert d._deployment_config.autoscaling_config is None
     engine, model, pool = d.init_args
-    assert (model, pool) == ("demo", "cpu")
-    assert (engine["model"], engine["device"], engine["dtype"]) == ("demo", "cpu", "float32")
+    assert (model, pool) == ("smollm2", "cpu")
+    assert (engine["model"], engine["device"], engine["dtype"]) == ("smollm2", "cpu", "float32")
     assert (engine["kv_cache_memory_gb"], engine["max_num_seqs"]) == (0.5, 64)
     assert engine["max_queue_len"] == 256
 
@@ -116,8 +116,8 @@ def test_build_local():
 def test_build_gpu():
     _, cfg = load("gpu")
     _, deps = deployments(build_app(cfg))
-    assert list(deps) == ["LLM:llama:gpu"]
-    d = deps["LLM:llama:gpu"]
+    assert list(deps) == ["LLM:smollm2:gpu"]
+    d = deps["LLM:smollm2:gpu"]
     assert d.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 1}
     assert d.max_ongoing_requests == 128 + 512
     assert d.max_queued_requests == 512
@@ -143,8 +143,8 @@ def test_build_gpu():
 def test_build_hetero():
     _, cfg = load("hetero")
     ingress, deps = deployments(build_app(cfg))
-    assert list(deps) == ["LLM:llama:gpu", "LLM:llama:cpu"]
-    gpu, cpu = deps["LLM:llama:gpu"], deps["LLM:llama:cpu"]
+    assert list(deps) == ["LLM:smollm2:gpu", "LLM:smollm2:cpu"]
+    gpu, cpu = deps["LLM:smollm2:gpu"], deps["LLM:smollm2:cpu"]
     assert gpu.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 1}
     assert cpu.ray_actor_options == {"num_cpus": 8.0}
     assert (gpu.max_ongoing_requests, gpu.max_queued_requests) == (128 + 256, 256)
@@ -159,7 +159,7 @@ def test_build_hetero():
     assert (gpu.init_args[0]["device"], cpu.init_args[0]["device"]) == ("cuda", "cpu")
     assert cpu.init_args[0]["kv_cache_memory_gb"] == 4.0
     # the ingress holds a handle per (model, pool)
-    assert set(ingress.init_args[1]) == {"LLM:llama:gpu", "LLM:llama:cpu"}
+    assert set(ingress.init_args[1]) == {"LLM:smollm2:gpu", "LLM:smollm2:cpu"}
 
 
 def _two_models() -> dict[str, Any]:

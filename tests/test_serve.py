@@ -2,7 +2,9 @@
 gRPC. One Ray/Serve instance for the whole module (it takes ~15 s to start on 2 cores).
 
 The oracle for generated text is the engine itself (segserve.LLM in this process, same demo
-model), which tests/test_engine_vs_hf.py holds to HF transformers.
+model), which tests/test_engine_vs_hf.py holds to HF transformers. A second application in the
+same Serve instance serves the real SmolLM2-135M-Instruct when it can be fetched, whose chat
+answer must make sense (tests/test_smollm2.py holds it to HF).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import ray  # noqa: E402
+from conftest import smollm2_or_reason  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.config import HTTPOptions, gRPCOptions  # noqa: E402
 from segserve import LLM, SamplingParams  # noqa: E402
@@ -44,6 +47,11 @@ MAIN = {
     }],
 }  # fmt: skip
 SECURE = {**MAIN, "ingress": {"api_key": API_KEY}}
+REAL = {
+    "models": [{"name": "smollm2", "path": "smollm2", "dtype": "float32", "max_model_len": 512}],
+    "pools": [{"name": "cpu", "device": "cpu", "num_replicas": 1, "num_kv_blocks": 64,
+               "max_num_seqs": 4, "cpus_per_replica": 1}],
+}  # fmt: skip
 
 
 def _free_port() -> int:
@@ -74,8 +82,12 @@ def svc(tools_model):
     )
     serve.run(build_app(main), name="segserve", route_prefix="/")
     serve.run(build_app(SECURE), name="secure", route_prefix="/secure")
+    _, real_missing = smollm2_or_reason()
+    if real_missing is None:
+        serve.run(build_app(REAL), name="real", route_prefix="/real")
     replica = serve.get_deployment_handle(deployment_name("demo", "cpu"), app_name="segserve")
     grpc_client = SegServeClient(f"127.0.0.1:{grpc_port}", application="segserve", timeout=60)
+    real_grpc = SegServeClient(f"127.0.0.1:{grpc_port}", application="real", timeout=60)
     yield SimpleNamespace(
         http_port=http_port,
         metrics_port=metrics_port,
@@ -85,7 +97,12 @@ def svc(tools_model):
                           max_retries=0, timeout=60),  # fmt: skip
         grpc=grpc_client,
         stats=lambda: replica.stats.remote().result(),
+        real_missing=real_missing,
+        real_oai=openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/real/v1",
+                               api_key="unused", max_retries=0, timeout=60),
+        real_grpc=real_grpc,
     )
+    real_grpc.close()
     grpc_client.close()
     serve.shutdown()
     ray.shutdown()
@@ -416,6 +433,20 @@ def test_models_and_health(svc):
     listed = svc.grpc.list_models().models
     assert [(m.id, list(m.pools), m.max_model_len) for m in listed] == [
         ("demo", ["cpu"], 512), ("tools", ["cpu"], 2048)]
+
+
+def test_real_model_answers_the_capital_question(svc):
+    if svc.real_missing is not None:
+        pytest.skip(svc.real_missing)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    got = svc.real_oai.chat.completions.create(model="smollm2", messages=messages,
+                                               max_tokens=32, temperature=0)  # fmt: skip
+    assert "Paris" in got.choices[0].message.content
+    assert got.choices[0].finish_reason == "stop"
+    reply = svc.real_grpc.generate(model="smollm2", messages=messages, max_tokens=32,
+                                   temperature=0)  # fmt: skip
+    assert "Paris" in reply.choices[0].text
+    assert reply.choices[0].text == got.choices[0].message.content
 
 
 # ----- gRPC ----------------------------------------------------------------------------------
