@@ -265,7 +265,7 @@ def load(path, **kwargs):
 
 
 def test_missing_model_dir(tmp_path):
-    with pytest.raises(ModelLoadError, match=r"model directory '.*nope' does not exist"):
+    with pytest.raises(ModelLoadError, match=r"model '.*nope' does not exist"):
         load(tmp_path / "nope")
     assert issubclass(ModelLoadError, ValueError)
 

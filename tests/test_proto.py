@@ -415,7 +415,8 @@ def test_cli_http_stream(capsys, http_server):
     assert (rc, out) == (0, "Hello world\n"), err
     (req,) = http_server.requests
     assert req["path"] == "/v1/completions" and req["auth"] == "Bearer k"
-    assert req["body"] == {"model": "demo", "prompt": "hi", "max_tokens": 3, "device": "cpu",
+    # No --model: the client names what `segserve serve` serves by default.
+    assert req["body"] == {"model": "smollm2", "prompt": "hi", "max_tokens": 3, "device": "cpu",
                            "stream": True}
 
     rc, out, err = run_cli(capsys, ["--http", http_url(http_server), "--prompt", "hi",
