@@ -59,6 +59,24 @@ def _check_json_schema(schema: Any) -> None:
                          f"{e.message}") from None
 
 
+def _control_free_strings(schema: Any) -> Any:
+    """The schema with every length-bounded string as a pattern. xgrammar (0.2.8) compiles
+    ``minLength``/``maxLength`` to a class that admits raw control characters, which no JSON
+    parser accepts inside a string; its ``pattern`` strings exclude them."""
+    if isinstance(schema, list):
+        return [_control_free_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _control_free_strings(v) if k not in ("enum", "const", "default", "examples")
+           else v for k, v in schema.items()}  # fmt: skip
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and not ({"pattern", "format", "enum", "const"}
+                                                       & out.keys()):  # fmt: skip
+        lo, hi = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^[^\\x00-\\x1f]{{{lo},{hi}}}$"
+    return out
+
+
 def _choice_grammar(choices: list[str]) -> str:
     # JSON string literals are EBNF string literals (same escapes)
     return "root ::= " + " | ".join(json.dumps(c) for c in choices)
@@ -116,7 +134,8 @@ class Grammars:
                     except ValueError as e:
                         raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
                 _check_json_schema(schema)
-                return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+                return compiler.compile_json_schema(json.dumps(_control_free_strings(schema)),
+                                                    any_whitespace=False)
             if kind == "json_object":
                 return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if kind == "regex":

@@ -495,7 +495,7 @@ BAD_HTTP = [
     ("/v1/completions", {"model": "demo", "prompt": "hi", "max_tokens": "8"}, 400),
     ("/v1/completions", {"model": "demo", "prompt": "hi", "temperature": "hot"}, 400),
     ("/v1/completions", {"model": "demo", "prompt": 12}, 400),
-    ("/v1/completions", {"model": "demo", "prompt": "hi", "max_tokens": 0}, 400),
+    ("/v1/completions", {"model": "demo", "prompt": "hi", "max_tokens": -1}, 400),
     ("/v1/completions", {"model": "demo", "prompt": "hi", "temperature": -1}, 400),
     ("/v1/completions", {"model": "demo", "prompt": "hi", "top_p": 1.5}, 400),
     ("/v1/completions", {"model": "demo", "prompt": "hi", "n": 0}, 400),
