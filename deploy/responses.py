@@ -32,6 +32,7 @@ class ChoiceState:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     cumulative_logprob: float = 0.0  # of the tokens whose log-probs the replica sent
+    prompt_logprobs: list[dict[str, Any]] | None = None  # entries, from the prompt's 2nd token
 
     def add(self, item: dict[str, Any], entries: list[dict[str, Any]]) -> None:
         """Append one replica item (``entries``: its log-probs, already made entries)."""

@@ -307,6 +307,9 @@ class ServiceCore:
                 c = choices[pos].setdefault(item["index"], ChoiceState(item["index"]))
                 wire = item.get("logprobs") or []
                 c.add(item, self.logprob_entries(preps[pos].model.name, wire))
+                if "prompt_logprobs" in item and c.prompt_logprobs is None:
+                    c.prompt_logprobs = self.logprob_entries(preps[pos].model.name,
+                                                             item["prompt_logprobs"])
         finally:
             stream.close()
         return [[cs[i] for i in sorted(cs)] for cs in choices]
