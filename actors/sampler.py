@@ -130,7 +130,9 @@ def apply_constraints(
             allow_idx.append(i)
         banned = _banned_by_bad_words(seq) if seq.group.bad_words_ids else []
         generated = len(seq.output_ids) + (pending[i] if pending else 0)
-        if generated < p.min_tokens:
+        # a grammar that has reached its end leaves only EOS: it decides, not min_tokens
+        ended = seq.matcher is not None and seq.matcher.is_completed()
+        if generated < p.min_tokens and not ended:
             banned += p.stop_token_ids
             if not p.ignore_eos:
                 banned += seq.group.eos_token_ids

@@ -169,9 +169,14 @@ def accept(seq: Sequence, token: int) -> None:
             raise RuntimeError(f"token {token} violates the request's grammar")
 
 
+_batch_filler: Any = None  # xgrammar's BatchGrammarMatcher: one call fills every row
+
+
 def apply_grammar_bitmask(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     """Mask, in place on the device, every token the grammar of each constrained row forbids
-    next; other rows are untouched (the kernel takes the rows by index)."""
+    next; other rows are untouched (the kernel takes the rows by index). The rows' bitmasks
+    are filled on the host in one batched call (xgrammar's threads, without the GIL)."""
+    global _batch_filler
     xgr = _xgr()
     rows = [i for i, s in enumerate(seqs)
             if s.matcher is not None and not s.finished and not s.matcher.is_terminated()]
@@ -179,8 +184,9 @@ def apply_grammar_bitmask(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         return
     vocab = logits.shape[1]
     bitmask = xgr.allocate_token_bitmask(len(seqs), vocab)
-    for i in rows:
-        seqs[i].matcher.fill_next_token_bitmask(bitmask, i)
+    if _batch_filler is None:
+        _batch_filler = xgr.BatchGrammarMatcher()
+    _batch_filler.batch_fill_next_token_bitmask([seqs[i].matcher for i in rows], bitmask, rows)
     if logits.device.type == "cuda":
         bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
     else:

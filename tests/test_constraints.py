@@ -153,6 +153,13 @@ def test_grammars_constrain_every_sample_and_leave_other_rows_alone(llm):
             assert ok(c.text), (spec, c.text)
 
 
+def test_a_finished_grammar_ends_the_reply_before_min_tokens(llm):
+    params = SamplingParams(max_tokens=20, min_tokens=15, temperature=0.0,
+                            structured={"choice": ["yes", "no"]})
+    out = llm.generate([PROMPT[:6]], params)[0].outputs[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
+
+
 def test_a_grammar_is_compiled_once_and_bad_ones_are_named(llm):
     grammars = llm.engine.grammars
     spec = {"regex": "x{1,3}"}
