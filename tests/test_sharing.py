@@ -105,9 +105,9 @@ def test_prefill_skips_cached_tokens(llama, monkeypatch):
     seen = []
     real = core.runner.execute
 
-    def spy(batch, copies):
+    def spy(batch, *args):
         seen.append(sum(item.num_tokens for item in batch))
-        return real(batch, copies)
+        return real(batch, *args)
 
     monkeypatch.setattr(core.runner, "execute", spy)
     core.add_request(p + [11, 12, 13], greedy)
