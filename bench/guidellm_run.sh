@@ -2,8 +2,8 @@
 # A short streaming guidellm run against segserve (not part of the test suite).
 #
 #   pip install guidellm          # not a segserve dependency: it pins click/multidict versions
-#   bench/guidellm_run.sh         # starts `segserve serve deploy/configs/local.yaml` (the demo
-#                                 # model on the CPU), runs guidellm, stops the service
+#   bench/guidellm_run.sh         # starts `segserve serve` on the demo model (CPU, ports 8000
+#                                 # and 9000), runs guidellm, stops the service
 #   TARGET=http://host:8000 MODEL=llama TOKENIZER=/models/llama bench/guidellm_run.sh
 #                                 # against a service that is already running
 #
@@ -18,16 +18,31 @@ PROMPT_TOKENS=${PROMPT_TOKENS:-64}
 OUTPUT_TOKENS=${OUTPUT_TOKENS:-32}
 REQUESTS=${REQUESTS:-16}
 OUT=${OUT:-guidellm-results.json}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
 
 started=""
 if [[ -z "${TARGET:-}" ]]; then
     TARGET=http://127.0.0.1:8000
     export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+    config=$(mktemp --suffix=.yaml)
+    cat > "$config" <<EOF
+proxy_location: HeadOnly
+http_options: {host: 127.0.0.1, port: 8000}
+grpc_options:
+  port: 9000
+  grpc_servicer_functions: [segserve.proto.segserve_pb2_grpc.add_SegServeServicer_to_server]
+applications:
+  - name: segserve
+    route_prefix: /
+    import_path: segserve.deploy.app:build_app
+    args:
+      models: [{name: demo, path: demo, dtype: float32}]
+      pools: [{name: cpu, device: cpu, num_replicas: 1, kv_cache_memory_gb: 0.5,
+               max_num_batched_tokens: 2048, max_num_seqs: 64, max_queue_len: 256}]
+EOF
     # SEGSERVE: how to start segserve's CLI (e.g. "python -m segserve.deploy.cli" for a checkout)
-    ${SEGSERVE:-segserve} serve "$HERE/deploy/configs/local.yaml" > guidellm-serve.log 2>&1 &
+    ${SEGSERVE:-segserve} serve "$config" > guidellm-serve.log 2>&1 &
     started=$!
-    trap 'kill "$started" 2>/dev/null || true; wait "$started" 2>/dev/null || true' EXIT
+    trap 'kill "$started" 2>/dev/null || true; wait "$started" 2>/dev/null || true; rm -f "$config"' EXIT
     for _ in $(seq 1 180); do
         curl -sf "$TARGET/health" > /dev/null 2>&1 && break
         sleep 1
