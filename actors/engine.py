@@ -21,12 +21,13 @@ from segserve.models import load_tokenizer, resolve_model_path
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_manager import NoFreeBlocks, SegmentKVManager
-from .model_runner import ModelRunner, ScheduledSeq
-from .outputs import CompletionOutput, Delta, RequestOutput
+from .model_runner import ModelRunner, PromptScores, ScheduledSeq
+from .outputs import CompletionOutput, Delta, RequestOutput, TokenLogprob
 from .sampler import DeviceSample, beam_step, sample, sample_on_device
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceGroup, Status
+from .structured import Grammars, accept
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config, self.kv)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids) | self._generation_eos(path)
+        self.grammars = Grammars(self.tokenizer, self.spec.vocab_size, list(self.eos_token_ids))
         self.groups: dict[str, SequenceGroup] = {}
         self._inbox: deque[tuple[str, Any]] = deque()  # ("add", group) | ("abort", id)
         self._rng = random.Random(config.seed)
@@ -145,11 +147,44 @@ class EngineCore:
             prompt_text=text,
             eos_token_ids=self.eos_token_ids,
         )
+        self._check_constraints(group)
         group.seqs.append(self._new_seq(group, 0))
         return group
 
+    def _check_constraints(self, group: SequenceGroup) -> None:
+        """Token ids in range, bad words tokenized, the grammar compiled (ValueError naming
+        the problem, e.g. an invalid JSON schema)."""
+        p, vocab = group.params, self.spec.vocab_size
+        for name, ids in (("logit_bias", list(p.logit_bias or ())),
+                          ("allowed_token_ids", p.allowed_token_ids or [])):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"invalid sampling parameter {name}: token id {bad[0]} is "
+                                 f"outside the model's vocabulary [0, {vocab})")
+        if p.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("invalid sampling parameter bad_words: this model has no "
+                                 "tokenizer")
+            group.bad_words_ids = self._bad_words_ids(p.bad_words)
+        if p.structured:
+            try:
+                group.grammar = self.grammars.compile(p.structured)
+            except ValueError as e:
+                raise ValueError(f"invalid sampling parameter structured: {e}") from None
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word's token ids as it would start the text and after a space (vLLM's rule)."""
+        out: list[list[int]] = []
+        for word in words:
+            plain = list(self.tokenizer(word.lstrip(), add_special_tokens=False).input_ids)
+            spaced = list(self.tokenizer(" " + word.lstrip(), add_special_tokens=False).input_ids)
+            out += [ids for ids in (plain, spaced) if ids and ids not in out]
+        return out
+
     def _new_seq(self, group: SequenceGroup, index: int) -> Sequence:
         seq = Sequence(group, index=index)
+        if group.grammar is not None:
+            seq.matcher = self.grammars.matcher(group.grammar)
         p = group.params
         if not p.greedy and not p.use_beam_search:
             seed = p.seed if p.seed is not None else self._rng.getrandbits(63)
@@ -233,8 +268,11 @@ class EngineCore:
             rows = {id(item.seq): i for i, item in enumerate(prev.sampling)}
             source = (prev.presampled.tokens, [rows[id(item.seq)] for item in batch])
         on_decode_buffers = self.runner.is_decode_step(batch)
+        scores: list[PromptScores] = []
         try:
-            logits = self.runner.execute(batch, self.kv.take_pending_copies(), source)
+            logits = self.runner.execute(batch, self.kv.take_pending_copies(), source, scores)
+            for sc in scores:
+                self._add_prompt_logprobs(sc)
         except Exception:  # a kernel failure must not take the whole engine down
             logger.exception("step failed; failing its requests")
             groups = dict.fromkeys(item.seq.group for item in batch)
@@ -249,13 +287,26 @@ class EngineCore:
             else:
                 seq.response_computed += item.num_tokens
         if self._presamplable(step):
-            step.presampled = sample_on_device(logits, [item.seq for item in step.sampling])
+            # a lookahead row's previous token is sampled but not yet in its output_ids
+            pending = [int(item.lookahead) for item in step.sampling]
+            step.presampled = sample_on_device(logits, [item.seq for item in step.sampling],
+                                               pending)
             step.presampled.start_copy()
         return step
 
+    @staticmethod
+    def _add_prompt_logprobs(sc: PromptScores) -> None:
+        group = sc.group
+        assert sc.first == len(group.prompt_logprobs), "prompt log-probs out of order"
+        for j, (lp, top) in enumerate(zip(sc.logprobs, sc.top, strict=True)):
+            token = group.prompt_ids[sc.first + j + 1]
+            group.prompt_logprobs.append(TokenLogprob(token, lp, top))
+
     def _presamplable(self, step: _Step) -> bool:
         """A decode step on the fixed buffers whose rows need no host state to pick a token:
-        no beams, no penalties (they read the host's output ids), no fork pending."""
+        no beams, no penalties (they read the host's output ids), no grammar or multi-token
+        bad word (their state moves with every token), no fork pending. (min_tokens counts
+        the pending token: see sample_on_device.)"""
         if not step.sampling or not step.on_decode_buffers:
             return False
         for item in step.sampling:
@@ -265,6 +316,8 @@ class EngineCore:
                     or p.frequency_penalty:
                 return False
             if p.n > 1 and len(group.seqs) == 1 and not group.seqs[0].output_ids:
+                return False
+            if group.grammar is not None or any(len(w) > 1 for w in group.bad_words_ids):
                 return False
         return True
 
@@ -301,10 +354,13 @@ class EngineCore:
         # A request may have ended since the launch (aborted, or finished by the step before).
         groups = [g for g in groups if g.status is Status.RUNNING]
         results: dict[SequenceGroup, list[Delta] | None] = {}
+        for group in [g for g in groups if g.params.max_tokens == 0]:
+            results[group] = self._end_prefill_only(group)
+        groups_to_sample = [g for g in groups if g.params.max_tokens > 0]
         if step.presampled is not None:
-            results.update(self._apply_presampled(step, groups))
+            results.update(self._apply_presampled(step, groups_to_sample))
         else:
-            plain = [g for g in groups if not g.params.use_beam_search]
+            plain = [g for g in groups_to_sample if not g.params.use_beam_search]
             results.update(self._sample_groups(plain, step.logits, rows))
         for group in groups:
             if group.params.use_beam_search:
@@ -319,6 +375,10 @@ class EngineCore:
             if new is None:
                 deltas += self._end(group, "error")
                 continue
+            if group.params.prompt_logprobs is not None and not group.prompt_logprobs_sent:
+                group.prompt_logprobs_sent = True  # with the request's first deltas
+                for d in new:
+                    d.prompt_logprobs = group.prompt_logprobs
             if group.is_finished:
                 done_groups.add(group)
                 _mark_done(new, group)
@@ -349,6 +409,18 @@ class EngineCore:
                                  seq.group.request_id)
                 out[seq.group] = None
         return out
+
+    def _end_prefill_only(self, group: SequenceGroup) -> list[Delta]:
+        """max_tokens 0: the prompt is computed (for its log-probs) and nothing is generated;
+        each of the n choices ends at once."""
+        for j in range(len(group.seqs), group.params.n):
+            group.seqs.append(self._new_seq(group, j))
+        deltas = []
+        for seq in group.seqs:
+            seq.finish_reason = "length"
+            self.kv.free_seq(seq)
+            deltas.append(Delta(group.request_id, seq.index, [], "", "length"))
+        return deltas
 
     def _end(self, group: SequenceGroup, reason: str) -> list[Delta]:
         """End a request early ("abort" or "error"): free its blocks, end its live sequences."""
@@ -418,6 +490,7 @@ class EngineCore:
 
     def _append(self, seq: Sequence, token: int, logprob: float, entry) -> Delta:
         group, p = seq.group, seq.group.params
+        accept(seq, token)
         seq.output_ids.append(token)
         seq.cumulative_logprob += logprob
         if entry is not None:
@@ -559,6 +632,8 @@ class EngineCore:
             finished=group.is_finished,
             prompt=group.prompt_text,
             num_cached_tokens=group.cached_prompt_tokens,
+            prompt_logprobs=(list(group.prompt_logprobs)
+                             if group.params.prompt_logprobs is not None else None),
         )
 
     def stats(self) -> dict[str, float]:

@@ -113,6 +113,9 @@ class SegmentKVManager:
     def _prefix_hits(self, group: SequenceGroup) -> list[int]:
         if not self.enable_prefix_caching:
             return []
+        if (group.params.prompt_logprobs is not None
+                and len(group.prompt_logprobs) < group.prompt_len - 1):
+            return []  # cached tokens have no hidden states to score: compute the whole prompt
         hits = []
         for h in self._block_hashes(group):
             block = self.hash_to_block.get(h)

@@ -17,7 +17,7 @@ from segserve.models.spec import ModelSpec
 
 from .config import EngineConfig
 from .decode_graphs import DecodeGraphs
-from .sequence import Sequence
+from .sequence import Sequence, SequenceGroup
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,22 @@ class ScheduledSeq:
     def samples(self) -> bool:
         """Whether this step reaches the end of the sequence, so its logits are needed."""
         return self.lookahead or self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class PromptScores:
+    """Prompt log-probs computed in one prefill chunk: for the prompt positions
+    ``first .. first + len(logprobs) - 1``, the log-prob of the prompt token that follows
+    each, and the ``params.prompt_logprobs`` best ``(id, logprob)`` there."""
+
+    group: SequenceGroup
+    first: int
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+# Prompt log-probs: rows of full-vocab logits computed at once (bounds the memory they take).
+PROMPT_LOGPROB_ROWS = 256
 
 
 def _pad(rows: list[list[int]]) -> torch.Tensor:
@@ -228,16 +244,56 @@ class ModelRunner:
         batch: list[ScheduledSeq],
         copies: list[tuple[int, int]],
         token_source: tuple[torch.Tensor, list[int]] | None = None,
+        prompt_scores: list[PromptScores] | None = None,
     ) -> torch.Tensor:
         """Run one step; returns logits ``[num_sampling_seqs, vocab]`` (float32, on the device:
         the sampler runs there). ``token_source`` feeds a lookahead decode step its input ids
-        from the device (see DecodeInputs.fill)."""
+        from the device (see DecodeInputs.fill). Prompt log-probs the batch's requests ask for
+        are appended to ``prompt_scores``."""
         self.copy_blocks(copies)
         if self.is_decode_step(batch):
             return self.decode.run(batch, token_source)
         assert token_source is None, "lookahead steps run on the decode buffers"
         ids, pos, meta, sample_idx = self.prepare(batch)
         hidden = self.model(ids, pos, self.kv_caches, meta)
+        if prompt_scores is not None:
+            prompt_scores += self._prompt_scores(batch, hidden, meta.cu_seqlens_q_host)
         if not sample_idx:
             return torch.empty(0, self.spec.vocab_size, device=self.device)
         return self.model.compute_logits(hidden[torch.tensor(sample_idx, device=self.device)])
+
+    def _prompt_scores(
+        self, batch: list[ScheduledSeq], hidden: torch.Tensor, cu: list[int]
+    ) -> list[PromptScores]:
+        """Prompt log-probs of this step's prompt chunks that ask for them. Logits are made
+        only for those rows, ``PROMPT_LOGPROB_ROWS`` at a time, and reduced on the device to
+        the next prompt token's log-prob and the top N; one host copy per chunk."""
+        out = []
+        for item, row0 in zip(batch, cu, strict=False):
+            group = item.seq.group
+            k = group.params.prompt_logprobs
+            start = item.seq.num_computed
+            # position p predicts prompt token p + 1; skip positions scored before a preemption
+            first = max(start, len(group.prompt_logprobs))
+            end = min(start + item.num_tokens, group.prompt_len - 1)
+            if k is None or first >= end:
+                continue
+            targets = torch.tensor(group.prompt_ids[first + 1 : end + 1], device=self.device)
+            parts = []
+            for lo in range(0, end - first, PROMPT_LOGPROB_ROWS):
+                hi = min(lo + PROMPT_LOGPROB_ROWS, end - first)
+                rows = hidden[row0 + first - start + lo : row0 + first - start + hi]
+                logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
+                chosen = logprobs.gather(1, targets[lo:hi, None])
+                part = [chosen.double()]
+                if k:
+                    vals, idx = torch.topk(logprobs, k, dim=-1)
+                    part += [idx.double(), vals.double()]
+                parts.append(torch.cat(part, dim=1))
+            host = torch.cat(parts).cpu().tolist()
+            out.append(PromptScores(
+                group, first, [r[0] for r in host],
+                [[(int(i), v) for i, v in zip(r[1 : 1 + k], r[1 + k :], strict=True)]
+                 for r in host],
+            ))  # fmt: skip
+        return out

@@ -31,6 +31,9 @@ class RequestOutput:
     finished: bool
     prompt: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # params.prompt_logprobs: an entry per prompt token from the second on (the first has no
+    # context to be predicted from)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -45,3 +48,5 @@ class Delta:
     logprobs: list[TokenLogprob] | None = None
     request_done: bool = False  # set on a request's last delta: the stream ends after it
     num_cached_tokens: int = 0  # on the last delta: prompt tokens served from the prefix cache
+    # on the request's first deltas, when asked for: as RequestOutput.prompt_logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None

@@ -98,6 +98,71 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+def _banned_by_bad_words(seq: Sequence) -> list[int]:
+    """Tokens the request's bad words forbid next: a one-token word always, the last token of a
+    longer one when the output ends with the rest of it (vLLM's rule)."""
+    out = []
+    ids = seq.output_ids
+    for word in seq.group.bad_words_ids:
+        prefix = word[:-1]
+        if not prefix or (len(ids) >= len(prefix) and ids[len(ids) - len(prefix):] == prefix):
+            out.append(word[-1])
+    return out
+
+
+def apply_constraints(
+    logits: torch.Tensor, seqs: list[Sequence], pending: list[int] | None = None
+) -> torch.Tensor:
+    """allowed_token_ids, bad words, min_tokens (EOS and stop ids masked while the output is
+    shorter) and logit_bias, for all rows in a few batched ops; returns ``logits`` itself when
+    no row asks for any, else a modified copy. ``pending[i]``: tokens row i has sampled that
+    are not in its ``output_ids`` yet (the engine's lookahead), so min_tokens counts them."""
+    bias_rows, bias_toks, bias_vals = [], [], []
+    ban_rows, ban_toks = [], []
+    allow_rows, allow_toks, allow_idx = [], [], []
+    for i, seq in enumerate(seqs):
+        p = seq.group.params
+        if not p.constrained:
+            continue
+        if p.allowed_token_ids:
+            allow_toks += p.allowed_token_ids
+            allow_rows += [len(allow_idx)] * len(p.allowed_token_ids)
+            allow_idx.append(i)
+        banned = _banned_by_bad_words(seq) if seq.group.bad_words_ids else []
+        generated = len(seq.output_ids) + (pending[i] if pending else 0)
+        # a grammar that has reached its end leaves only EOS: it decides, not min_tokens
+        ended = seq.matcher is not None and seq.matcher.is_completed()
+        if generated < p.min_tokens and not ended:
+            banned += p.stop_token_ids
+            if not p.ignore_eos:
+                banned += seq.group.eos_token_ids
+        ban_toks += banned
+        ban_rows += [i] * len(banned)
+        if p.logit_bias:
+            bias_toks += p.logit_bias.keys()
+            bias_vals += p.logit_bias.values()
+            bias_rows += [i] * len(p.logit_bias)
+    if not (allow_idx or ban_toks or bias_toks):
+        return logits
+    dev = logits.device
+    logits = logits.clone()
+    if allow_idx:
+        rows = torch.tensor(allow_idx, device=dev)
+        local = torch.tensor(allow_rows, device=dev)
+        toks = torch.tensor(allow_toks, device=dev)
+        keep = torch.full((len(allow_idx), logits.shape[1]), float("-inf"), device=dev)
+        keep[local, toks] = 0.0
+        logits[rows] += keep
+    if bias_toks:
+        logits.index_put_(
+            (torch.tensor(bias_rows, device=dev), torch.tensor(bias_toks, device=dev)),
+            torch.tensor(bias_vals, dtype=logits.dtype, device=dev), accumulate=True)
+    if ban_toks:
+        logits[torch.tensor(ban_rows, device=dev), torch.tensor(ban_toks, device=dev)] = \
+            float("-inf")
+    return logits
+
+
 def filter_rows(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
 ) -> torch.Tensor:
@@ -174,17 +239,31 @@ class DeviceSample:
         return out
 
 
-def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
-    """One token per row, chosen on the logits' device with no host sync.
+def sample_on_device(
+    logits: torch.Tensor, seqs: list[Sequence], pending: list[int] | None = None
+) -> DeviceSample:
+    """One token per row, chosen on the logits' device with no host sync (but for rows under
+    a grammar, whose token bitmask is filled on the host: see actors/structured.py).
 
     Reported log-probs are the model's own distribution (log-softmax of the raw logits), so they
     do not depend on the decoding knobs. Greedy (temperature 0, or top_k 1) takes the argmax
     after penalties; sampling draws ``argmax(p / E)`` with ``E ~ Exp(1)`` per token, which picks
-    token j with probability ``p_j`` (the exponential race).
+    token j with probability ``p_j`` (the exponential race). Constraints (logit_bias,
+    allowed_token_ids, bad words, min_tokens, the grammar's bitmask) apply first; ``pending``
+    as in :func:`apply_constraints`.
     """
     dev = logits.device
     params = [s.group.params for s in seqs]
     raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if any(p.constrained for p in params):
+        constrained = apply_constraints(logits, seqs, pending)
+        if any(s.matcher is not None for s in seqs):
+            from .structured import apply_grammar_bitmask
+
+            if constrained is logits:  # the bitmask works in place: never on the caller's
+                constrained = logits.clone()
+            apply_grammar_bitmask(constrained, seqs)
+        logits = constrained
     if any(_penalized(p) for p in params):
         logits = apply_penalties(logits.clone(), seqs)
     tokens = torch.argmax(logits, dim=-1)

@@ -25,7 +25,9 @@ def _in(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], bool]:
 # typed value is reported as a bad value of its field, never as a TypeError.
 _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("n", lambda v: _int(v) and v >= 1, "must be an integer >= 1"),
-    ("max_tokens", lambda v: _int(v) and v >= 1, "must be an integer >= 1"),
+    # 0: prefill only (prompt scoring with prompt_logprobs): no token is generated
+    ("max_tokens", lambda v: _int(v) and v >= 0, "must be an integer >= 0"),
+    ("min_tokens", lambda v: _int(v) and v >= 0, "must be an integer >= 0"),
     ("temperature", _in(0.0, 100.0), "must be a number in [0, 100]"),
     ("top_k", lambda v: _int(v) and v >= 0, "must be -1, 0 or an integer >= 1"),
     ("top_p", _in(0.0, 1.0, lo_open=True), "must be a number in (0, 1]"),
@@ -49,6 +51,30 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
         lambda v: v is None or (_int(v) and 0 <= v <= 20),
         "must be an integer in [0, 20]",
     ),
+    (
+        "prompt_logprobs",
+        lambda v: v is None or (_int(v) and 0 <= v <= 20),
+        "must be an integer in [0, 20]",
+    ),
+    (
+        "logit_bias",
+        lambda v: v is None or (isinstance(v, dict) and all(
+            _int(k) and k >= 0 and _num(b) and -100 <= b <= 100 for k, b in v.items())),
+        "must map token ids to numbers in [-100, 100]",
+    ),
+    (
+        "allowed_token_ids",
+        lambda v: v is None or (isinstance(v, list | tuple) and len(v) > 0
+                                and all(_int(t) and t >= 0 for t in v)),
+        "must be a non-empty list of non-negative integers",
+    ),
+    (
+        "bad_words",
+        lambda v: isinstance(v, list | tuple) and all(isinstance(w, str) and w for w in v),
+        "must be a list of non-empty strings",
+    ),
+    ("structured", lambda v: v is None or _structured_ok(v), "must be one of {json: schema "
+     "(dict or JSON text), json_object: true, regex: str, choice: [str, ...], grammar: str}"),
     ("beam_width", lambda v: _int(v) and 1 <= v <= 64, "must be an integer in [1, 64]"),
     ("length_penalty", _in(-10.0, 10.0), "must be a number in [-10, 10]"),
     (
@@ -60,6 +86,24 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("include_stop_str_in_output", lambda v: isinstance(v, bool), "must be a boolean"),
     ("skip_special_tokens", lambda v: isinstance(v, bool), "must be a boolean"),
 ]
+
+
+# The kinds of structured-output constraint (actors/structured.py compiles them).
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def _structured_ok(v: Any) -> bool:
+    if not isinstance(v, dict) or len(v) != 1:
+        return False
+    (kind, spec), = v.items()
+    if kind == "json":
+        return isinstance(spec, dict | str)
+    if kind == "json_object":
+        return spec is True
+    if kind == "choice":
+        return isinstance(spec, list | tuple) and bool(spec) and all(
+            isinstance(c, str) and c for c in spec)
+    return kind in STRUCTURED_KINDS and isinstance(spec, str) and bool(spec)
 
 
 @dataclass
@@ -84,6 +128,15 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True, False or "never", as in HF
     skip_special_tokens: bool = True
+    # vLLM's extensions, applied to the logits on the device (sampler.apply_constraints)
+    min_tokens: int = 0  # EOS and stop_token_ids are masked while the output is shorter
+    logit_bias: dict[int, float] | None = None  # added to the token's logit (OpenAI)
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] = field(default_factory=list)  # never generated (as vLLM matches them)
+    # Structured output: exactly one {kind: spec} of STRUCTURED_KINDS (see actors/structured.py)
+    structured: dict[str, Any] | None = None
+    # Log-probs of the prompt's tokens (None: none; N: plus the top N), computed in the prefill
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -92,6 +145,12 @@ class SamplingParams:
             self.stop = []
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        if self.bad_words is None:
+            self.bad_words = []
+        if isinstance(self.logit_bias, dict):
+            # JSON object keys are strings ("50256"); token ids are ints
+            self.logit_bias = {int(k) if isinstance(k, str) and k.isdigit() else k: v
+                               for k, v in self.logit_bias.items()}
         if self.top_k == -1:
             self.top_k = 0
         for name, valid, why in _CHECKS:
@@ -104,6 +163,12 @@ class SamplingParams:
                 raise ValueError(f"invalid sampling parameter {name}={value!r}: {why}")
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        self.bad_words = list(self.bad_words)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"invalid sampling parameter min_tokens={self.min_tokens}: must not "
+                             f"exceed max_tokens={self.max_tokens}")
         if self.use_beam_search and self.n not in (1, self.beam_width):
             raise ValueError(
                 f"invalid sampling parameter n={self.n}: beam search returns all "
@@ -116,10 +181,27 @@ class SamplingParams:
             raise ValueError(
                 f"invalid sampling parameter {field_name}: not supported with beam search"
             )
+        if self.use_beam_search:
+            # Beam scores are the model's own log-probs; constraints would change the search.
+            for name in ("min_tokens", "logit_bias", "allowed_token_ids", "bad_words",
+                         "structured"):
+                if getattr(self, name):
+                    raise ValueError(f"invalid sampling parameter {name}: not supported with "
+                                     "beam search")
+            if self.max_tokens == 0:
+                raise ValueError("invalid sampling parameter max_tokens=0: not supported with "
+                                 "beam search")
 
     @property
     def use_beam_search(self) -> bool:
         return self.beam_width > 1
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the sampler changes this request's logits before choosing (besides
+        penalties and the temperature/top-k/top-p/min-p filters)."""
+        return bool(self.min_tokens or self.logit_bias or self.allowed_token_ids
+                    or self.bad_words or self.structured)
 
     @property
     def greedy(self) -> bool:

@@ -39,6 +39,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     index: int = 0  # position in the request's outputs (sample j); beams are re-sorted at the end
     detok: Any = None
+    matcher: Any = None  # structured output: this sequence's grammar state (xgrammar)
 
     @property
     def prompt_len(self) -> int:
@@ -85,6 +86,12 @@ class SequenceGroup:
     cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at the last admission
     prompt_block_hashes: list[int] | None = None  # set by the KV manager, which owns hashing
     eos_token_ids: frozenset[int] = frozenset()
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized
+    grammar: Any = None  # params.structured, compiled (actors/structured.py)
+    # Prompt log-probs (params.prompt_logprobs): one entry per prompt token from the second on,
+    # filled chunk by chunk in the prefill; sent with the request's first delta.
+    prompt_logprobs: list[Any] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
     # Beam search: hypotheses that ended (EOS), best kept by score.
     finished_beams: list[BeamHypothesis] = field(default_factory=list)
     beam_done: bool = False

@@ -7,6 +7,11 @@ SSE) and gRPC, driven by one request schedule, side by side, in one run.
 
 The design target it checks: Serve adds <= 5 ms to TTFT and <= 3% to TPOT over the engine alone.
 
+Before Serve starts, the engine alone also measures the **grammar bitmask's step cost**
+(``--grammar-batch``, default 16): the decode step time with every request unconstrained, then
+with half of them under a JSON schema (xgrammar: the matchers fill a token bitmask on the host,
+applied to those rows on the device). Target: <= 5% over unconstrained.
+
 The three paths:
 
 * **engine alone**: ``AsyncEngine`` in this process, built by ``deploy.config.engine_config``
@@ -108,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the engine-alone rerun after Serve (the noise floor)")
     p.add_argument("--ray-logs", action="store_true",
                    help="forward the Serve processes' logs to this terminal")
+    p.add_argument("--grammar-batch", type=int, default=16,
+                   help="batch of the grammar bitmask measurement (0: skip it)")
+    p.add_argument("--grammar-steps", type=int, default=64,
+                   help="decode steps measured per run of the grammar measurement")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="write every number (summaries and per-request samples) here")
     args = p.parse_args(argv)
@@ -362,6 +371,89 @@ def bench_engine(args: argparse.Namespace, core: Any, warm: list[list[int]],
     return asyncio.run(main())
 
 
+# An array of objects that cannot end within the run (minItems), so a constrained row stays
+# under its grammar for every measured step.
+GRAMMAR_SCHEMA = {"type": "array", "minItems": 64, "items": {"type": "object", "properties": {
+    "name": {"type": "string"}, "size": {"enum": ["S", "M", "L"]}, "n": {"type": "integer"},
+    "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["name", "size", "n"]}}
+
+
+def bench_grammar(args: argparse.Namespace, core: Any, vocab: int) -> dict[str, float]:
+    """Median decode step time at ``--grammar-batch`` rows, unconstrained vs half the rows
+    under GRAMMAR_SCHEMA (compiled before the clock starts), all greedy with ignore_eos, runs
+    interleaved so the machine's drift hits both alike. A row whose JSON ends (EOS ignored)
+    runs on unconstrained: ``still_constrained`` counts the rows under their grammar at the end
+    of the measured window. ``grammar_ms_per_step``: the time spent in the grammar's own code
+    (bitmask fill and apply, matchers accepting tokens), per step: the cost without the noise."""
+    from segserve import SamplingParams
+    from segserve.actors import engine as engine_module
+    from segserve.actors import structured
+
+    batch, steps = args.grammar_batch, args.grammar_steps
+    rng = random.Random(args.seed + 99)
+    prompts = [[rng.randrange(3, vocab) for _ in range(args.input_len)] for _ in range(batch)]
+    n = steps + 8
+    plain = SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0)
+    schema = SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0,
+                            structured={"json": GRAMMAR_SCHEMA})
+    core.grammars.compile(schema.structured)
+    still, in_grammar = [], [0.0]
+
+    def timed(fn: Callable) -> Callable:
+        def wrapper(*a: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                in_grammar[0] += time.perf_counter() - t
+        return wrapper
+
+    real_apply, real_accept = structured.apply_grammar_bitmask, engine_module.accept
+    structured.apply_grammar_bitmask = timed(real_apply)
+    engine_module.accept = timed(real_accept)
+
+    def step_times(constrained: int) -> list[float]:
+        for i, p in enumerate(prompts):
+            core.add_request(p, schema if i < constrained else plain)
+        times = []
+        while core.has_work():
+            t = time.perf_counter()
+            core.step()
+            times.append(time.perf_counter() - t)
+            if len(times) == 4 + steps and constrained:
+                still.append(sum(1 for g in core.groups.values() for s in g.seqs
+                                 if s.matcher is not None and not s.matcher.is_terminated()))
+        # decode steps only: past the prefill, before the batch starts to drain
+        return times[4 : 4 + steps]
+
+    try:
+        step_times(batch // 2)  # warm-up (and the decode buffers' first use)
+        in_grammar[0] = 0.0
+        base, half = [], []
+        for _ in range(5):
+            base += step_times(0)
+            half += step_times(batch // 2)
+    finally:
+        structured.apply_grammar_bitmask, engine_module.accept = real_apply, real_accept
+    b, h = statistics.median(base), statistics.median(half)
+    # in_grammar covers every step of the constrained runs (prefill and drain too)
+    per_step = in_grammar[0] / (5 * (n + 1))
+    return {"batch": batch, "constrained": batch // 2, "still_constrained": min(still),
+            "unconstrained_step_ms": 1e3 * b, "half_constrained_step_ms": 1e3 * h,
+            "overhead_pct": 100 * (h / b - 1), "grammar_ms_per_step": 1e3 * per_step,
+            "grammar_pct": 100 * per_step / b}
+
+
+def format_grammar(g: dict[str, float]) -> str:
+    verdict = "ok" if g["overhead_pct"] <= 5.0 else "OVER"
+    return (f"grammar bitmask, batch {g['batch']} ({g['constrained']} under a JSON schema, "
+            f"{g['still_constrained']} still at the end): "
+            f"step {g['half_constrained_step_ms']:.2f} ms vs {g['unconstrained_step_ms']:.2f} ms "
+            f"unconstrained, {g['overhead_pct']:+.1f}% (target <= 5%: {verdict}); of which "
+            f"the grammar's own code {g['grammar_ms_per_step']:.2f} ms/step "
+            f"({g['grammar_pct']:.1f}%)")
+
+
 def _check_port_free(port: int) -> None:
     with socket.socket() as s:
         try:
@@ -533,6 +625,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.output_len} tokens, greedy, ignore_eos; warm-up {2 * args.warmup} requests "
           f"per path", flush=True)  # fmt: skip
 
+    grammar = None
+    if args.grammar_batch:
+        print("grammar bitmask cost (engine alone) ...", flush=True)
+        grammar = bench_grammar(args, core, vocab)
+        print(format_grammar(grammar), flush=True)
     print("engine alone ...", flush=True)
     results = {"engine": bench_engine(args, core, warm, phases, vocab)}
     del core  # its KV pool and weights are not needed while Serve runs
@@ -556,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
     rows = verdicts(phases, summaries)
     print(format_verdicts(rows))
+    if grammar is not None:
+        print(format_grammar(grammar))
     wall = time.perf_counter() - wall
     print(f"\nwall time {wall:.1f} s{_load()}", flush=True)
 
@@ -570,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
             "raw": {path: {name: r.raw() for name, r in res.items()}
                     for path, res in results.items()},
             "verdicts": rows,
+            "grammar": grammar,
             "wall_s": wall,
         }  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)

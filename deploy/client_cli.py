@@ -53,6 +53,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--tool-choice", metavar="MODE|NAME", default=None,
                    help="with --tools: none, auto, required, or the name of the function to "
                         "call")
+    p.add_argument("--json-schema", metavar="JSON|@FILE", default=None,
+                   help="constrain the reply to JSON following this schema")
+    p.add_argument("--regex", default=None, help="constrain the reply to this regular expression")
+    p.add_argument("--choice", action="append", default=None, metavar="TEXT",
+                   help="the reply is exactly one of the --choice texts (repeat it)")
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="generate at least this many tokens before EOS may end the reply")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model id (default: {DEFAULT_MODEL}, what `segserve serve` serves)")
     p.add_argument("--max-tokens", type=int, default=None)
@@ -89,6 +96,24 @@ def _load_tools(spec: str | None) -> list[dict[str, Any]] | None:
     return tools
 
 
+def _structured(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--json-schema / --regex / --choice as one {kind: value} (SamplingParams.structured)."""
+    given = {k: v for k, v in (("json", args.json_schema), ("regex", args.regex),
+                               ("choice", args.choice)) if v is not None}  # fmt: skip
+    if len(given) > 1:
+        raise ClientError("give one of --json-schema, --regex and --choice")
+    if "json" in given:
+        spec = given["json"]
+        try:
+            if spec.startswith("@"):
+                with open(spec[1:], encoding="utf-8") as f:
+                    spec = f.read()
+            given["json"] = json.loads(spec)
+        except (OSError, ValueError) as e:
+            raise ClientError(f"--json-schema: {e}") from None
+    return given or None
+
+
 def _tool_choice(choice: str | None) -> str | dict[str, Any] | None:
     if choice is None or choice in ("none", "auto", "required"):
         return choice
@@ -108,6 +133,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         if (args.tools or args.tool_choice) and not args.chat:
             raise ClientError("--tools and --tool-choice go with --chat")
         args.tools = _load_tools(args.tools)
+        args.structured = _structured(args)
         if args.http is not None:
             _run_http(args, api_key, out)
         else:
@@ -185,10 +211,12 @@ def _http_body(args: argparse.Namespace) -> dict[str, Any]:
         body["messages"] = [{"role": "user", "content": args.prompt[0]}]
     else:
         body["prompt"] = args.prompt[0] if len(args.prompt) == 1 else args.prompt
-    for name in ("max_tokens", "temperature", "seed", "n", "device", "tools"):
+    for name in ("max_tokens", "temperature", "seed", "n", "device", "tools", "min_tokens"):
         value = getattr(args, name)
         if value is not None:  # unset: the server's default, as with the gRPC client
             body[name] = value
+    if args.structured is not None:
+        body["structured_outputs"] = args.structured
     if args.tool_choice is not None:
         body["tool_choice"] = _tool_choice(args.tool_choice)
     if args.stream:
@@ -302,7 +330,8 @@ def _run_grpc(args: argparse.Namespace, api_key: str | None, out: IO[str]) -> No
     target = args.grpc or DEFAULT_GRPC_TARGET
     kwargs: dict[str, Any] = {"model": args.model, "device": args.device or "auto",
                               "max_tokens": args.max_tokens, "temperature": args.temperature,
-                              "seed": args.seed, "n": args.n}
+                              "seed": args.seed, "n": args.n, "min_tokens": args.min_tokens,
+                              "structured": args.structured}
     if args.chat:
         kwargs["messages"] = [{"role": "user", "content": args.prompt[0]}]
         kwargs.update(tools=args.tools, tool_choice=_tool_choice(args.tool_choice))

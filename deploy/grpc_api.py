@@ -23,6 +23,7 @@ _SCALARS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "n", "logprobs", "beam_width",
     "length_penalty", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+    "min_tokens", "prompt_logprobs",
 )  # fmt: skip
 _INPUTS = ("prompt", "prompt_token_ids", "prompts", "prompt_token_id_lists", "messages")
 
@@ -41,6 +42,14 @@ def sampling_kwargs(opts: Any) -> dict[str, Any]:
         out["stop"] = list(opts.stop)
     if opts.stop_token_ids:
         out["stop_token_ids"] = list(opts.stop_token_ids)
+    if opts.logit_bias:
+        out["logit_bias"] = dict(opts.logit_bias)
+    if opts.allowed_token_ids:
+        out["allowed_token_ids"] = list(opts.allowed_token_ids)
+    if opts.bad_words:
+        out["bad_words"] = list(opts.bad_words)
+    if opts.HasField("structured"):
+        out["structured"] = _structured(opts.structured)
     if opts.HasField("early_stopping"):
         value = {"true": True, "false": False, "never": "never"}.get(opts.early_stopping)
         if value is None:
@@ -48,6 +57,17 @@ def sampling_kwargs(opts: Any) -> dict[str, Any]:
                            "early_stopping")  # fmt: skip
         out["early_stopping"] = value
     return out
+
+
+def _structured(s: Any) -> dict[str, Any]:
+    kind = s.WhichOneof("kind")
+    if kind is None:
+        raise APIError(400, "structured sets none of its kinds", "structured")
+    if kind == "json_schema":
+        return {"json": s.json_schema}  # JSON text: the engine parses it and names errors
+    if kind == "choice":
+        return {"choice": list(s.choice.values)}
+    return {kind: getattr(s, kind)}
 
 
 def authorization(grpc_context: Any) -> str | None:
@@ -131,10 +151,16 @@ def prepare(core: ServiceCore, request: Any, grpc_context: Any) -> list[Prepared
     sampling = sampling_kwargs(request.sampling)
     if request.messages:
         chat = _chat(request)
+        forced = chat.tool_constraint()  # tool_choice required / named: calls only
+        if forced is not None:
+            if "structured" in sampling:
+                raise APIError(400, "a required or named tool_choice constrains the reply to "
+                               "tool calls; drop sampling.structured", "tool_choice")
+            sampling["structured"] = forced
         return [core.prepare(
             request.model, sampling, messages=chat.template_messages(),
             template_kwargs=chat.template_kwargs(), parse_tool_calls=chat.parses_tool_calls,
-            device=device,
+            forced_tool=chat.forced_tool, device=device,
         )]  # fmt: skip
     prompts: list[str | list[int]] = (
         [request.prompt] if request.prompt
@@ -163,16 +189,18 @@ def _tool_calls(pb: Any, calls: list[ToolCall]) -> list[Any]:
             for c in calls]  # fmt: skip
 
 
+def _token_logprob(pb: Any, e: dict[str, Any]) -> Any:
+    return pb.TokenLogprob(token_id=e["token_id"], token=e["token"], logprob=e["logprob"],
+                           top=[pb.TopLogprob(**t) for t in e["top"]])
+
+
 def _choice(pb: Any, c: ChoiceState, text: str, calls: list[ToolCall]) -> Any:
     """``text`` and ``calls``: the reply read by a ReplyReader (all text without tools)."""
     return pb.Choice(
         index=c.index, text=text, token_ids=c.token_ids, finish_reason=c.finish_reason or "",
-        logprobs=[
-            pb.TokenLogprob(token_id=e["token_id"], token=e["token"], logprob=e["logprob"],
-                            top=[pb.TopLogprob(**t) for t in e["top"]])
-            for e in c.logprobs
-        ],
+        logprobs=[_token_logprob(pb, e) for e in c.logprobs],
         tool_calls=_tool_calls(pb, calls),
+        prompt_logprobs=[_token_logprob(pb, e) for e in c.prompt_logprobs or []],
     )  # fmt: skip
 
 
@@ -246,6 +274,9 @@ async def generate_stream(core: ServiceCore, request: Any, grpc_context: Any) ->
             prep = preps[pos]
             c = ChoiceState(pos * _per_prompt(prep) + item["index"])
             c.add(item, core.logprob_entries(prep.model.name, item.get("logprobs") or []))
+            if "prompt_logprobs" in item:
+                c.prompt_logprobs = core.logprob_entries(prep.model.name,
+                                                         item["prompt_logprobs"])
             key = (pos, item["index"])
             reader = readers.get(key) or readers.setdefault(
                 key, ReplyReader(prep.tool_parser, _parallel(request)))

@@ -26,6 +26,7 @@ from .responses import (
     RenderContext,
     ResponseShape,
     new_id,
+    prompt_logprobs_body,
     usage_body,
 )
 from .service import Prepared, ServiceCore, validation_error
@@ -69,7 +70,8 @@ def _prepare_chat(core: ServiceCore, body: ChatCompletionRequest) -> list[Prepar
         body.model, body.sampling(), messages=body.template_messages(),
         template_kwargs=body.template_kwargs(), add_special_tokens=body.add_special_tokens,
         truncate_prompt_tokens=body.truncate_prompt_tokens,
-        parse_tool_calls=body.parses_tool_calls, device=body.device,
+        parse_tool_calls=body.parses_tool_calls, forced_tool=body.forced_tool,
+        device=body.device,
     )]  # fmt: skip
 
 
@@ -106,6 +108,29 @@ class _Response:
         self.prefixes = [endpoint.echo(core, body, p) for p in preps]
         self.per_prompt = body.choices_per_prompt
         self.choices: dict[tuple[int, int], ChoiceRenderer] = {}  # (prompt, engine index)
+        self.core = core
+        # echo with logprobs (completions): the prompt's tokens lead each choice's log-probs
+        self.echo_logprobs = bool(getattr(body, "echo", False)) and endpoint.want_logprobs(body)
+        self.prompt_logprobs: dict[int, list[dict[str, Any]]] = {}  # prompt -> its entries
+
+    def _prompt_entries(self, pos: int, item: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """Prompt ``pos``'s log-prob entries from the first item that carries them."""
+        if pos not in self.prompt_logprobs and "prompt_logprobs" in item:
+            self.prompt_logprobs[pos] = self.ctx.logprob_entries(item["prompt_logprobs"])
+        return self.prompt_logprobs.get(pos)
+
+    def _new_choice(self, pos: int, index: int, item: dict[str, Any]) -> ChoiceRenderer:
+        choice = self.shape.choice(pos * self.per_prompt + index, self.ctx, self.prefixes[pos],
+                                   self.preps[pos].tool_parser)  # fmt: skip
+        entries = self._prompt_entries(pos, item)
+        if entries is None:
+            return choice
+        if self.body.prompt_logprobs is not None:
+            choice.prompt_logprobs = prompt_logprobs_body(entries)
+        if self.echo_logprobs:
+            first = self.ctx.logprob_entries([(self.preps[pos].prompt_ids[0], None, [])])[0]
+            choice.echo_entries = [{**first, "top": None}] + entries
+        return choice
 
     def feed(self, pos: int, item: dict[str, Any]) -> list[dict[str, Any]]:
         """Prompt ``pos``'s item as stream chunk entries ([] for a choice the response drops:
@@ -115,9 +140,7 @@ class _Response:
             return []
         choice = self.choices.get((pos, index))
         if choice is None:
-            choice = self.choices[pos, index] = self.shape.choice(
-                pos * self.per_prompt + index, self.ctx, self.prefixes[pos],
-                self.preps[pos].tool_parser)
+            choice = self.choices[pos, index] = self._new_choice(pos, index, item)
         return choice.feed(item)
 
     def _kept(self) -> list[ChoiceRenderer]:
@@ -143,7 +166,10 @@ class _Response:
     def body_json(self) -> dict[str, Any]:
         kept = self._kept()
         bodies = [c.body() for c in kept]
-        return self.shape.body(self.rid, self.body.model, bodies, self.usage(kept))
+        out = self.shape.body(self.rid, self.body.model, bodies, self.usage(kept))
+        if self.shape is CHAT and self.body.prompt_logprobs is not None and self.prompt_logprobs:
+            out["prompt_logprobs"] = prompt_logprobs_body(self.prompt_logprobs[0])  # vLLM's place
+        return out
 
     async def events(self, stream: MergedStream) -> AsyncIterator[str]:
         created, model = int(time.time()), self.body.model
@@ -168,7 +194,12 @@ async def serve_openai(core: ServiceCore, endpoint: Endpoint, request: Request) 
     body = await parse(request, endpoint.schema)
     preps = endpoint.prepare(core, body)
     response = _Response(core, endpoint, body, preps)
-    stream = await core.open_streams(preps)
+    try:
+        stream = await core.open_streams(preps)
+    except APIError as e:
+        if e.param == "structured":  # the engine's name: say which field the client sent
+            e.param = body.structured_param
+        raise
     if body.stream:
         return StreamingResponse(response.events(stream), media_type="text/event-stream")
     try:

@@ -9,7 +9,7 @@ extensions, segserve's own). The rules, for every object in a request:
   fields as null expect.
 - Ranges follow OpenAI (temperature 0-2, penalties -2..2, ...).
 - Unknown fields are accepted and ignored, with one warning log line per field name (as vLLM
-  does), so a client built for a newer API still works. Known fields segserve cannot honour yet
+  does), so a client built for a newer API still works. Known fields segserve cannot honour
   are refused with a 400 naming them rather than silently ignored.
 
 ``sampling()`` maps a request to ``SamplingParams`` keyword arguments (which range-check again).
@@ -39,8 +39,48 @@ def _warn_unknown(name: str) -> None:
         logger.warning("ignoring unknown request field %r (logged once per field name)", name)
 
 
-def _not_supported_yet(param: str, what: str | None = None) -> APIError:
-    return APIError(400, f"{what or param} is not supported yet", param)
+def _not_supported(param: str, what: str | None = None) -> APIError:
+    return APIError(400, f"{what or param} is not supported", param)
+
+
+def _response_format(fmt: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's response_format as a structured-output constraint (None: plain text)."""
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise APIError(400, "response_format json_schema needs a json_schema object",
+                           "response_format.json_schema")  # fmt: skip
+        schema = spec.get("schema", {"type": "object"})  # vLLM: no schema = any object
+        if not isinstance(schema, dict):
+            raise APIError(400, "json_schema.schema must be an object",
+                           "response_format.json_schema.schema")  # fmt: skip
+        # strict or not, the reply is constrained to the schema (vLLM does the same)
+        return {"json": schema}
+    raise _not_supported("response_format.type", f"response_format type {kind!r}")
+
+
+# vLLM's structured_outputs object: the constraint keys, and options with no effect here
+_STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+_STRUCTURED_OPTIONS = frozenset({"disable_fallback", "disable_any_whitespace",
+                                 "disable_additional_properties", "whitespace_pattern",
+                                 "backend"})  # fmt: skip
+
+
+def _structured_outputs(obj: dict[str, Any]) -> dict[str, Any]:
+    given = {k: v for k, v in obj.items() if k in _STRUCTURED_KEYS and v not in (None, False)}
+    unknown = set(obj) - set(_STRUCTURED_KEYS) - _STRUCTURED_OPTIONS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise _not_supported(f"structured_outputs.{key}", f"structured_outputs.{key}")
+    if len(given) != 1:
+        raise APIError(400, f"structured_outputs must set exactly one of "
+                       f"{', '.join(_STRUCTURED_KEYS)}", "structured_outputs")  # fmt: skip
+    return given
 
 
 class _Schema(BaseModel):
@@ -110,7 +150,7 @@ class _Request(_Schema):
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the last k; -1: context len
     add_special_tokens: bool | None = None  # default: true for completions, false for chat
-    prompt_logprobs: int | None = Field(None, ge=-1)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # the prompt's tokens, N best each
     return_tokens_as_token_ids: bool = False  # log-prob tokens as "token_id:<id>"
     use_beam_search: bool = False  # beam width: best_of (completions) or n
     early_stopping: bool | Literal["never"] | None = None
@@ -135,44 +175,73 @@ class _Request(_Schema):
         "early_stopping",
     )  # fmt: skip
 
-    def _check_supported(self) -> None:
-        """Known fields whose meaning the engine cannot honour yet: refused, never ignored."""
-        if self.logit_bias:
-            for key, bias in self.logit_bias.items():
-                if not key.lstrip("-").isdigit():
-                    raise APIError(400, f"logit_bias keys are token ids, not {key!r}",
-                                   "logit_bias")  # fmt: skip
-                if not -100 <= bias <= 100:
-                    raise APIError(400, "logit_bias values must lie in [-100, 100]",
-                                   "logit_bias")  # fmt: skip
-            raise _not_supported_yet("logit_bias")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise APIError(400, f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
-                           f"({self.max_tokens})", "min_tokens")  # fmt: skip
-        if self.min_tokens:
-            raise _not_supported_yet("min_tokens")
-        if self.max_tokens == 0:
-            raise _not_supported_yet("max_tokens", "max_tokens 0 (prompt scoring)")
-        if self.prompt_logprobs is not None:
-            raise _not_supported_yet("prompt_logprobs")
-        for name in ("allowed_token_ids", "bad_words", "guided_json", "guided_regex",
-                     "guided_choice", "guided_grammar", "structured_outputs"):  # fmt: skip
-            if getattr(self, name):
-                raise _not_supported_yet(name)
-        fmt = self.response_format
-        if fmt is not None and fmt.get("type", "text") != "text":
-            raise _not_supported_yet("response_format", f"response_format {fmt.get('type')!r}")
+    def _logit_bias(self) -> dict[int, float]:
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise APIError(400, f"logit_bias keys are token ids, not {key!r}",
+                               f"logit_bias.{key}")  # fmt: skip
+            if not -100 <= bias <= 100:
+                raise APIError(400, "logit_bias values must lie in [-100, 100]",
+                               f"logit_bias.{key}")  # fmt: skip
+            out[int(key)] = bias
+        return out
+
+    def structured(self) -> tuple[dict[str, Any], str] | None:
+        """The structured-output constraint (SamplingParams.structured) and the field that
+        set it (errors name it), or None. One constraint per request."""
+        given = []
+        if self.response_format is not None:
+            spec = _response_format(self.response_format)
+            if spec is not None:
+                given.append((spec, "response_format"))
+        if self.guided_json is not None:
+            given.append(({"json": self.guided_json}, "guided_json"))
+        if self.guided_regex is not None:
+            given.append(({"regex": self.guided_regex}, "guided_regex"))
+        if self.guided_choice is not None:
+            given.append(({"choice": self.guided_choice}, "guided_choice"))
+        if self.guided_grammar is not None:
+            given.append(({"grammar": self.guided_grammar}, "guided_grammar"))
+        if self.structured_outputs is not None:
+            given.append((_structured_outputs(self.structured_outputs), "structured_outputs"))
+        if len(given) > 1:
+            raise APIError(400, f"{given[0][1]} and {given[1][1]} both constrain the output; "
+                           "send one", given[1][1])  # fmt: skip
+        return given[0] if given else None
 
     def sampling(self) -> dict[str, Any]:
         """SamplingParams kwargs for the fields the client set (the rest keep the engine's
         defaults). SamplingParams itself range-checks them."""
-        self._check_supported()
         out = {k: getattr(self, k) for k in self._SAMPLING if getattr(self, k) is not None}
         if self.stop is not None:
             out["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
         if self.use_beam_search:
             out["beam_width"], out["n"] = self.beam_search_width, 1
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise APIError(400, f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
+                           f"({self.max_tokens})", "min_tokens")  # fmt: skip
+        if self.min_tokens:
+            out["min_tokens"] = self.min_tokens
+        if self.logit_bias:
+            out["logit_bias"] = self._logit_bias()
+        if self.allowed_token_ids is not None:
+            out["allowed_token_ids"] = self.allowed_token_ids
+        if self.bad_words:
+            out["bad_words"] = self.bad_words
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs
+        structured = self.structured()
+        if structured is not None:
+            out["structured"] = structured[0]
         return out
+
+    @property
+    def structured_param(self) -> str:
+        """The request field behind SamplingParams.structured (the engine's errors say
+        "structured"; the client sent this)."""
+        found = self.structured()
+        return found[1] if found else "structured"
 
     @property
     def beam_search_width(self) -> int:
@@ -213,8 +282,6 @@ class CompletionRequest(_Request):
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts: one, or a batch (a list of texts or of token-id lists)."""
-        if self.echo and self.logprobs is not None:
-            raise _not_supported_yet("echo", "echo with logprobs (prompt logprobs)")
         if self.suffix:
             raise APIError(400, "suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of < self.n:
@@ -242,6 +309,8 @@ class CompletionRequest(_Request):
         out = super().sampling()
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
+            if self.echo:  # the echoed prompt's tokens come with their log-probs too
+                out["prompt_logprobs"] = max(self.logprobs, out.get("prompt_logprobs", 0))
         if self.ranks_by_logprob:
             out["n"] = self.best_of
             # the ranking sums the chosen tokens' log-probs; they are not returned unless asked
@@ -335,6 +404,25 @@ class NamedToolChoice(_Schema):
     function: NamedFunction
 
 
+def tool_call_schema(functions: list[FunctionDefinition], name: str | None,
+                     parallel: bool) -> dict[str, Any]:  # fmt: skip
+    """The JSON schema a forced reply follows: the named function's arguments, or (tool_choice
+    "required") a list of ``{"name", "parameters"}`` calls of the tools, as vLLM does."""
+    def params(f: FunctionDefinition) -> dict[str, Any]:
+        return f.parameters or {"type": "object"}
+
+    if name is not None:
+        return params(next(f for f in functions if f.name == name))
+    calls = [{"type": "object", "properties": {"name": {"enum": [f.name]},
+                                               "parameters": params(f)},
+              "required": ["name", "parameters"], "additionalProperties": False}
+             for f in functions]  # fmt: skip
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
 # Keys of apply_chat_template that chat_template_kwargs may not set: they are the service's.
 _RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "tokenize", "return_dict", "return_tensors", "padding", "truncation",
@@ -385,10 +473,26 @@ class ChatCompletionRequest(_Request):
 
     @property
     def parses_tool_calls(self) -> bool:
-        """Whether calls in the reply become tool_calls (tool_choice "none": they stay text).
-        "required" and a named function are served like "auto" for now: the output is not
-        constrained to a call yet."""
+        """Whether calls in the reply become tool_calls (tool_choice "none": they stay text)."""
         return bool(self.tools) and self.effective_tool_choice != "none"
+
+    @property
+    def forced_tool(self) -> str | None:
+        """tool_choice "required" ("*") or the named function: the reply is constrained to
+        calls (tool_call_schema) and read as JSON, whatever the model's own call format."""
+        choice = self.effective_tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return choice.function.name
+        return "*" if choice == "required" and self.tools else None
+
+    def tool_constraint(self) -> dict[str, Any] | None:
+        forced = self.forced_tool
+        if forced is None:
+            return None
+        self._check_tools()  # the named function is among the tools
+        functions = [t.function for t in self.tools or []]
+        return {"json": tool_call_schema(functions, None if forced == "*" else forced,
+                                         self.parallel_tool_calls)}  # fmt: skip
 
     def _check_tools(self) -> None:
         if self.functions is not None or self.function_call is not None:
@@ -437,9 +541,14 @@ class ChatCompletionRequest(_Request):
 
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()
+        tools = self.tool_constraint()
+        if tools is not None:
+            if "structured" in out:
+                raise APIError(400, "a required or named tool_choice constrains the reply "
+                               f"to tool calls; drop {self.structured_param}",
+                               "tool_choice")  # fmt: skip
+            out["structured"] = tools
         if self.max_completion_tokens is not None:
-            if self.max_completion_tokens == 0:
-                raise _not_supported_yet("max_completion_tokens", "max_completion_tokens 0")
             out["max_tokens"] = self.max_completion_tokens
         if self.top_logprobs and not self.logprobs:  # 0 asks for nothing: harmless
             raise APIError(400, "top_logprobs requires logprobs: true", "top_logprobs")

@@ -123,6 +123,8 @@ def delta_to_wire(d: Delta) -> dict[str, Any]:
         out["logprobs"] = [(lp.token_id, lp.logprob, lp.top) for lp in d.logprobs]
     if d.request_done:
         out["num_cached_tokens"] = d.num_cached_tokens
+    if d.prompt_logprobs is not None:
+        out["prompt_logprobs"] = [(lp.token_id, lp.logprob, lp.top) for lp in d.prompt_logprobs]
     return out
 
 

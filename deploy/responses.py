@@ -32,6 +32,7 @@ class ChoiceState:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     cumulative_logprob: float = 0.0  # of the tokens whose log-probs the replica sent
+    prompt_logprobs: list[dict[str, Any]] | None = None  # entries, from the prompt's 2nd token
 
     def add(self, item: dict[str, Any], entries: list[dict[str, Any]]) -> None:
         """Append one replica item (``entries``: its log-probs, already made entries)."""
@@ -67,9 +68,25 @@ def completion_logprobs(entries: list[dict[str, Any]], start: int = 0) -> dict[s
     return {
         "tokens": [e["token"] for e in entries],
         "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in entries],
+        "top_logprobs": [None if e["top"] is None else {t["token"]: t["logprob"] for t in e["top"]}
+                         for e in entries],
         "text_offset": offsets,
     }
+
+
+def prompt_logprobs_body(entries: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs``: None for the first prompt token, then per token a dict of
+    token id -> {logprob, rank, decoded_token} holding the token and the N best (rank: place
+    among the best, None for a token outside them)."""
+    out: list[dict[str, Any] | None] = [None]
+    for e in entries:
+        d = {str(t["token_id"]): {"logprob": t["logprob"], "rank": r + 1,
+                                  "decoded_token": t["token"]}
+             for r, t in enumerate(e["top"])}  # fmt: skip
+        d.setdefault(str(e["token_id"]), {"logprob": e["logprob"], "rank": None,
+                                          "decoded_token": e["token"]})  # fmt: skip
+        out.append(d)
+    return out
 
 
 def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -114,6 +131,11 @@ class ChoiceRenderer:
         self.ctx = ctx
         self.prefix = prefix  # echo: text the choice starts with, sent with its first delta
         self.tools = tools
+        # echo with logprobs: the prompt's entries (the first with logprob None), sent first
+        self.echo_entries: list[dict[str, Any]] | None = None
+        # prompt_logprobs (vLLM's format), on the choice's first chunk and its body
+        self.prompt_logprobs: list[dict[str, Any] | None] | None = None
+        self._prompt_logprobs_sent = False
 
     def _add(self, item: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         """Accumulate an item; return its text (behind the echoed prefix, on the first
@@ -136,19 +158,30 @@ class CompletionChoice(ChoiceRenderer):
     def feed(self, item: dict[str, Any]) -> list[dict[str, Any]]:
         # log-prob text offsets count the whole completion, echoed prompt included
         start = len(self.state.text) + len(self.prefix)
+        echo, self.echo_entries = self.echo_entries or [], None
+        if echo:
+            self.state.logprobs += echo
+            start = 0
         text, entries = self._add(item)
-        lp = completion_logprobs(entries, start) if self.ctx.want_logprobs else None
-        return [{"index": self.state.index, "text": text, "logprobs": lp,
-                 "finish_reason": item.get("finish_reason")}]  # fmt: skip
+        lp = completion_logprobs(echo + entries, start) if self.ctx.want_logprobs else None
+        out = {"index": self.state.index, "text": text, "logprobs": lp,
+               "finish_reason": item.get("finish_reason")}  # fmt: skip
+        if self.prompt_logprobs is not None and not self._prompt_logprobs_sent:
+            self._prompt_logprobs_sent = True
+            out["prompt_logprobs"] = self.prompt_logprobs
+        return [out]
 
     def body(self) -> dict[str, Any]:
         c = self.state
-        return {
+        out = {
             "index": c.index,
             "text": c.text,
             "logprobs": completion_logprobs(c.logprobs) if self.ctx.want_logprobs else None,
             "finish_reason": c.finish_reason,
         }
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs
+        return out
 
 
 class ReplyReader:

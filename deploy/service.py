@@ -12,6 +12,7 @@ import hmac
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from .errors import APIError, engine_error_param
 from .responses import ChoiceState
 from .router import PoolRouter, PoolState
 from .streams import MergedStream, open_streams
-from .tool_parsers import PARSERS, ToolParser, detect_tool_parser
+from .tool_parsers import PARSERS, ForcedCallParser, ToolParser, detect_tool_parser
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class ServedModel:
 class ToolParserFactory:
     """Makes one parser per choice, and cleans the text it is fed."""
 
-    parser: type[ToolParser]
+    parser: Callable[[], ToolParser]
     strip: tuple[str, ...] = ()  # special tokens' texts to remove (see ServedModel)
 
     def __call__(self) -> ToolParser:
@@ -166,14 +167,19 @@ class ServiceCore:
         add_special_tokens: bool | None = None,
         truncate_prompt_tokens: int | None = None,
         parse_tool_calls: bool = False,
+        forced_tool: str | None = None,
         device: str = "auto",
     ) -> Prepared:
         """Validate and tokenize one prompt (text, token ids, or messages through the chat
         template with ``template_kwargs``) and pick its pool. ``parse_tool_calls``: the reply's
-        tool calls are read with the model's tool parser."""
+        tool calls are read with the model's tool parser; ``forced_tool`` ("*" or a function
+        name: the reply is constrained to calls) with a JSON reader instead."""
         served = self.served_model(model)
         tool_parser = None
-        if parse_tool_calls:
+        if forced_tool is not None:
+            tool_parser = ToolParserFactory(
+                ForcedCallParser.factory(None if forced_tool == "*" else forced_tool))
+        elif parse_tool_calls:
             if served.tool_parser is None:
                 raise APIError(400, f"model {model!r} has no tool-call parser: its chat template "
                                "names no known tool-call format; set tool_parser in its "
@@ -301,6 +307,9 @@ class ServiceCore:
                 c = choices[pos].setdefault(item["index"], ChoiceState(item["index"]))
                 wire = item.get("logprobs") or []
                 c.add(item, self.logprob_entries(preps[pos].model.name, wire))
+                if "prompt_logprobs" in item and c.prompt_logprobs is None:
+                    c.prompt_logprobs = self.logprob_entries(preps[pos].model.name,
+                                                             item["prompt_logprobs"])
         finally:
             stream.close()
         return [[cs[i] for i in sorted(cs)] for cs in choices]

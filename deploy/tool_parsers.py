@@ -23,6 +23,7 @@ import json
 import secrets
 import string
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -268,6 +269,41 @@ class Llama3JsonToolParser(ToolParser):
             self.buf = ""
             return out
         return self._drain(final=True)
+
+
+class ForcedCallParser(ToolParser):
+    """A reply constrained to calls (tool_choice "required" or a named function, see
+    protocol.tool_call_schema): JSON, the named function's arguments or a list of
+    ``{"name", "parameters"}``, read whole at the end. A reply cut short (max_tokens) does not
+    parse and stays content."""
+
+    name = "forced"
+
+    def __init__(self, function: str | None = None) -> None:
+        super().__init__()
+        self.function = function
+        self._text = ""
+
+    @classmethod
+    def factory(cls, function: str | None) -> Callable[[], ForcedCallParser]:
+        return lambda: cls(function)
+
+    def _feed(self, text: str) -> list[Event]:
+        self._text += text
+        return []
+
+    def _finish(self) -> list[Event]:
+        try:
+            value = json.loads(self._text)
+        except ValueError:
+            return [self._text] if self._text else []
+        if self.function is not None:
+            return [self.new_call(self.function, value)]
+        calls = [self.call_from(c, ("parameters", "arguments"))
+                 for c in (value if isinstance(value, list) else [value])]  # fmt: skip
+        if not calls or None in calls:
+            return [self._text]
+        return calls
 
 
 PARSERS: dict[str, type[ToolParser]] = {

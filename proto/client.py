@@ -57,11 +57,37 @@ def sampling_options(**sampling: Any) -> segserve_pb2.SamplingOptions:
                                  f"got {value!r}") from None
         elif name == "stop" and isinstance(value, str):
             value = [value]
-        if _SAMPLING_FIELDS[name].is_repeated:
+        elif name == "structured":
+            value = structured_output(value)
+        field = _SAMPLING_FIELDS[name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            getattr(options, name).update(value)  # logit_bias: {token id: bias}
+        elif field.is_repeated:
             getattr(options, name).extend(value)
+        elif name == "structured":
+            options.structured.CopyFrom(value)
         else:
             setattr(options, name, value)
     return options
+
+
+def structured_output(spec: Any) -> segserve_pb2.StructuredOutput:
+    """A ``StructuredOutput`` from one ``{kind: value}`` as SamplingParams.structured takes it:
+    ``{"json": schema dict or JSON text}``, ``{"json_object": True}``, ``{"regex": ...}``,
+    ``{"choice": [...]}`` or ``{"grammar": ...}``."""
+    if isinstance(spec, segserve_pb2.StructuredOutput):
+        return spec
+    if not isinstance(spec, Mapping) or len(spec) != 1:
+        raise ValueError(f"structured takes one {{kind: value}}, got {spec!r}")
+    (kind, value), = spec.items()
+    if kind == "json":
+        return segserve_pb2.StructuredOutput(
+            json_schema=value if isinstance(value, str) else json.dumps(value))
+    if kind == "choice":
+        return segserve_pb2.StructuredOutput(choice=segserve_pb2.Choices(values=list(value)))
+    if kind not in ("json_object", "regex", "grammar"):
+        raise ValueError(f"unknown structured output kind {kind!r}")
+    return segserve_pb2.StructuredOutput(**{kind: value})
 
 
 def _message(m: ChatMessageLike) -> segserve_pb2.ChatMessage:

@@ -118,7 +118,12 @@ def test_cached_prompt_first_token_and_shared_prompt_groups(tiny_models, graphab
     SamplingParams(max_tokens=12, temperature=0.9, top_k=20, min_p=0.05, n=2, seed=3,
                    logprobs=2),
     SamplingParams(max_tokens=16, temperature=0.0, stop=["a"], include_stop_str_in_output=True),
-], ids=["penalties", "plain", "stop-string"])
+    # static constraints stay on the device; min_tokens counts the token still in flight
+    SamplingParams(max_tokens=12, temperature=0.9, seed=5, min_tokens=7, logit_bias={1: 6.0},
+                   allowed_token_ids=list(range(120)), bad_words=["a"]),
+    # a grammar's state moves with every token: sampled after the host has it
+    SamplingParams(max_tokens=12, temperature=0.9, seed=2, n=2, structured={"regex": "[a-f]+"}),
+], ids=["penalties", "plain", "stop-string", "constraints", "grammar"])
 def test_seeded_samples_equal_the_per_step_path(params, tiny_models, monkeypatch):
     path, _ = tiny_models["qwen2"]
     batch = prompts(3, seed=4)

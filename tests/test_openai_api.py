@@ -297,7 +297,14 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "n": 9}, "n"),  # over max_num_seqs (the engine's)
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/completions", {"prompt": "hi", "beam_width": 2, "stop": ["x"]}, "stop"),
-    ("/v1/completions", {"prompt": "hi", "min_tokens": 3}, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 30}, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"100000": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "allowed_token_ids": [100000]}, "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "guided_regex": "[a-"}, "guided_regex"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "integr"}}}}, "response_format"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"grammar": "root ::= x"}},
+     "structured_outputs"),
     ("/v1/completions", {"prompt": "hi", "device": "gpu"}, "device"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]},

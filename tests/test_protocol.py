@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from segserve import SamplingParams
 from segserve.deploy import protocol
 from segserve.deploy.errors import APIError, engine_error_param
 from segserve.deploy.protocol import ChatCompletionRequest, CompletionRequest
@@ -152,10 +153,8 @@ def test_chat_logprobs():
 
 def test_logit_bias():
     assert comp(logit_bias={}).sampling() == {"n": 1}
-    e = api_error(comp(logit_bias={"50256": -100}).sampling)
-    assert (e.status, e.param) == (400, "logit_bias")
-    e = api_error(chat(logit_bias={"1": 1}).sampling)
-    assert (e.status, e.param) == (400, "logit_bias")
+    assert comp(logit_bias={"50256": -100}).sampling() == {"n": 1, "logit_bias": {50256: -100}}
+    assert chat(logit_bias={"1": 1}).sampling()["logit_bias"] == {1: 1}
 
 
 def test_include_usage():
@@ -172,7 +171,7 @@ def test_continuous_usage_stats():
     assert not comp(stream=True).continuous_usage
 
 
-# ----- null, ranges, what is not supported yet --------------------------------------------------
+# ----- null, ranges, constraints ----------------------------------------------------------------
 def _nullable(schema) -> list[str]:
     return [name for name, f in schema.model_fields.items() if not f.is_required()]
 
@@ -215,6 +214,7 @@ def test_null_in_a_required_field_is_an_error():
         ({"top_k": -2}, "top_k"),
         ({"min_p": 1.5}, "min_p"),
         ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ],
 )
 def test_openai_ranges(fields, param):
@@ -230,40 +230,70 @@ def test_range_edges_accepted():
         chat(top_logprobs=21)
 
 
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize(
+    "fields, sampling",
+    [
+        ({"min_tokens": 2}, {"min_tokens": 2}),
+        ({"prompt_logprobs": 0}, {"prompt_logprobs": 0}),
+        ({"max_tokens": 0}, {"max_tokens": 0}),
+        ({"logit_bias": {"7": 5.0}}, {"logit_bias": {7: 5.0}}),
+        ({"allowed_token_ids": [1, 2]}, {"allowed_token_ids": [1, 2]}),
+        ({"bad_words": ["x"]}, {"bad_words": ["x"]}),
+        ({"guided_json": SCHEMA}, {"structured": {"json": SCHEMA}}),
+        ({"guided_json": '{"type": "string"}'}, {"structured": {"json": '{"type": "string"}'}}),
+        ({"guided_regex": "a+"}, {"structured": {"regex": "a+"}}),
+        ({"guided_choice": ["a", "b"]}, {"structured": {"choice": ["a", "b"]}}),
+        ({"guided_grammar": "root ::= 'a'"}, {"structured": {"grammar": "root ::= 'a'"}}),
+        ({"structured_outputs": {"regex": "b", "disable_any_whitespace": True}},
+         {"structured": {"regex": "b"}}),
+        ({"response_format": {"type": "json_object"}}, {"structured": {"json_object": True}}),
+        ({"response_format": {"type": "json_schema",
+                              "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}}},
+         {"structured": {"json": SCHEMA}}),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("make", [comp, chat])
+def test_vllm_constraints_become_sampling_params(make, fields, sampling):
+    assert make(**fields).sampling() == {"n": 1, **sampling}
+    SamplingParams(**make(**fields).sampling())  # and the engine takes them
+
+
 @pytest.mark.parametrize(
     "fields, param",
     [
-        ({"min_tokens": 2}, "min_tokens"),
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
-        ({"prompt_logprobs": 0}, "prompt_logprobs"),
-        ({"max_tokens": 0}, "max_tokens"),
-        ({"logit_bias": {"7": 5.0}}, "logit_bias"),
-        ({"logit_bias": {"x": 5.0}}, "logit_bias"),
-        ({"logit_bias": {"7": 500.0}}, "logit_bias"),
-        ({"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
-        ({"bad_words": ["x"]}, "bad_words"),
-        ({"guided_json": {"type": "object"}}, "guided_json"),
-        ({"guided_regex": "a+"}, "guided_regex"),
-        ({"guided_choice": ["a", "b"]}, "guided_choice"),
-        ({"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
-        ({"structured_outputs": {"json": {}}}, "structured_outputs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"logit_bias": {"x": 5.0}}, "logit_bias.x"),
+        ({"logit_bias": {"-7": 5.0}}, "logit_bias.-7"),
+        ({"logit_bias": {"7": 500.0}}, "logit_bias.7"),
+        ({"structured_outputs": {"json": {}, "regex": "a"}}, "structured_outputs"),
+        ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
+         "response_format.json_schema.schema"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
     ],
 )
 @pytest.mark.parametrize("make", [comp, chat])
-def test_known_but_not_yet_supported_fields_are_refused_by_name(make, fields, param):
+def test_bad_constraints_are_refused_by_name(make, fields, param):
     e = api_error(make(**fields).sampling)
     assert (e.status, e.param) == (400, param)
-    assert param in e.message
 
 
-def test_not_yet_supported_fields_at_their_defaults_are_fine():
-    r = comp(min_tokens=0, logit_bias={}, allowed_token_ids=[], bad_words=[],
+def test_constraint_fields_at_their_defaults_are_fine():
+    r = comp(min_tokens=0, logit_bias={}, bad_words=[],
              response_format={"type": "text"}, spaces_between_special_tokens=False)  # fmt: skip
     assert r.sampling() == {"n": 1}
-    e = api_error(chat(max_completion_tokens=0).sampling)
-    assert e.param == "max_completion_tokens"
+    assert chat(max_completion_tokens=0).sampling()["max_tokens"] == 0
+
+
+def test_echo_with_logprobs_asks_for_prompt_logprobs():
+    assert comp(echo=True, logprobs=2).sampling() == {"n": 1, "logprobs": 2, "prompt_logprobs": 2}
+    assert comp(echo=True, logprobs=1, prompt_logprobs=4).sampling()["prompt_logprobs"] == 4
+    assert "prompt_logprobs" not in comp(echo=True).sampling()
 
 
 def test_use_beam_search():
@@ -311,7 +341,6 @@ def test_prompts(prompt, expected):
         ({"prompt": [""]}, "prompt.0"),
         ({"prompt": ["a", ""]}, "prompt.1"),
         ({"prompt": [[1], []]}, "prompt.1"),
-        ({"echo": True, "logprobs": 1}, "echo"),  # needs prompt logprobs
         ({"suffix": "end"}, "suffix"),
         ({"best_of": 1, "n": 2}, "best_of"),
         ({"best_of": 3, "stream": True}, "best_of"),

@@ -12,7 +12,7 @@ import torch
 from conftest import hf_greedy_no_eos, make_model
 from segserve import LLM, SamplingParams
 from segserve.actors.outputs import TokenLogprob
-from segserve.actors.sampler import apply_penalties, filter_logits, sample
+from segserve.actors.sampler import apply_constraints, apply_penalties, filter_logits, sample
 from segserve.actors.sequence import Sequence, SequenceGroup
 
 NEG_INF = float("-inf")
@@ -234,6 +234,67 @@ def test_logprob_entries_are_the_raw_log_softmax_with_top_n_best_first():
 
     tok, lp, entry = results[2]
     assert tok == 2 and entry is None and lp == pytest.approx(ref[2], abs=1e-5)
+
+
+# ----- constraints: logit_bias, allowed_token_ids, bad words, min_tokens --------------------------
+
+
+def constrained(params: SamplingParams, output=(), bad_words_ids=(), pending=None) -> list[float]:
+    seq = make_seq(params, output=output)
+    seq.group.eos_token_ids = frozenset({1})
+    seq.group.bad_words_ids = [list(w) for w in bad_words_ids]
+    row = torch.tensor([BASE])
+    out = apply_constraints(row, [seq], pending)
+    assert row.tolist() == [BASE]  # the caller's logits are never modified
+    return out[0].tolist()
+
+
+def test_logit_bias_adds_to_the_named_tokens():
+    out = constrained(SamplingParams(logit_bias={"4": -100, 3: 2.5, 0: 0.25}))
+    assert out == [2.25, -1.0, 0.5, -0.5, -96.0, 0.0, 1.0, -0.5]
+
+
+def test_allowed_token_ids_mask_every_other_token():
+    out = constrained(SamplingParams(allowed_token_ids=[6, 2, 3]))
+    assert out == [NEG_INF, NEG_INF, 0.5, -3.0, NEG_INF, NEG_INF, 1.0, NEG_INF]
+    # with a bias on an allowed and a forbidden token
+    out = constrained(SamplingParams(allowed_token_ids=[2, 3], logit_bias={3: 1.0, 4: 5.0}))
+    assert out == [NEG_INF, NEG_INF, 0.5, -2.0, NEG_INF, NEG_INF, NEG_INF, NEG_INF]
+
+
+def test_bad_words_ban_single_tokens_always_and_a_longer_words_end_after_its_start():
+    words = [[5], [7, 4], [3, 6, 2]]
+    params = SamplingParams(bad_words=["x"])  # the ids are the engine's work (tokenizer)
+    banned = {i for i, v in enumerate(constrained(params, (), words)) if v == NEG_INF}
+    assert banned == {5}
+    assert {i for i, v in enumerate(constrained(params, (0, 7), words)) if v == NEG_INF} == {5, 4}
+    assert {i for i, v in enumerate(constrained(params, (3, 6), words)) if v == NEG_INF} == {5, 2}
+    assert {i for i, v in enumerate(constrained(params, (6, 3), words)) if v == NEG_INF} == {5}
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_the_output_is_long_enough():
+    params = SamplingParams(min_tokens=3, stop_token_ids=[6], max_tokens=8)
+    masked = [2.0, NEG_INF, 0.5, -3.0, 4.0, 0.0, NEG_INF, -0.5]
+    assert constrained(params, (4, 4)) == masked
+    assert constrained(params, (4, 4, 4)) == BASE
+    # a token sampled on the device but not yet appended counts (the engine's lookahead)
+    assert constrained(params, (4, 4), pending=[1]) == BASE
+    ignore = SamplingParams(min_tokens=3, stop_token_ids=[6], max_tokens=8, ignore_eos=True)
+    assert constrained(ignore, (4,))[1] == -1.0  # EOS is no stop then: it stays
+
+
+def test_sampling_respects_constraints_row_by_row():
+    logits = torch.tensor([BASE, BASE, BASE, BASE])
+    seqs = [
+        make_seq(SamplingParams(temperature=0.0, logit_bias={3: 10.0})),
+        make_seq(SamplingParams(temperature=0.0, allowed_token_ids=[0, 5])),
+        make_seq(SamplingParams(temperature=1.0, allowed_token_ids=[2, 3]), seed=4),
+        make_seq(SamplingParams(temperature=0.0)),
+    ]
+    picked = [tok for tok, _, _ in sample(logits, seqs)]
+    assert picked[0] == 3 and picked[1] == 0 and picked[2] in (2, 3) and picked[3] == 4
+    seq = make_seq(SamplingParams(temperature=3.0, allowed_token_ids=[2, 3]), seed=9)
+    assert {sample(torch.tensor([BASE]), [seq])[0][0] for _ in range(200)} == {2, 3}
 
 
 # ----- through the engine ---------------------------------------------------------------------

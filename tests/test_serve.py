@@ -52,6 +52,10 @@ REAL = {
     "pools": [{"name": "cpu", "device": "cpu", "num_replicas": 1, "num_kv_blocks": 64,
                "max_num_seqs": 4, "cpus_per_replica": 1}],
 }  # fmt: skip
+# lm-eval sends batches of 4 prompts at once: four replica calls that Serve's handle may hold
+# queued for a moment, more than the main pool's tiny queue (kept tiny for the overload tests).
+EVAL_POOL = {**MAIN["pools"][0], "name": "eval", "max_queue_len": 16}
+EVAL_MODEL = {**MAIN["models"][0], "name": "eval", "pools": ["eval"]}
 
 
 def _free_port() -> int:
@@ -70,8 +74,9 @@ def tools_model(tmp_path_factory):
 def svc(tools_model):
     # The tool model joins the main app (one more small replica, not another Serve instance).
     tools = {"name": "tools", "path": str(tools_model), "dtype": "float32",
-             "max_model_len": 2048}  # fmt: skip
-    main = {**MAIN, "models": [*MAIN["models"], tools]}
+             "max_model_len": 2048, "pools": ["cpu"]}  # fmt: skip
+    main = {**MAIN, "models": [{**MAIN["models"][0], "pools": ["cpu"]}, tools, EVAL_MODEL],
+            "pools": [*MAIN["pools"], EVAL_POOL]}  # fmt: skip
     metrics_port = _free_port()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=metrics_port)  # fmt: skip
@@ -281,6 +286,54 @@ def test_vllm_extensions_through_the_openai_client(svc, engine):
     assert [c.text for c in beams.choices] == [o.text for o in want[:2]]
 
 
+ORDER_SCHEMA = {"type": "object", "properties": {
+    "size": {"enum": ["S", "M", "L"]}, "qty": {"type": "integer", "minimum": 1, "maximum": 9},
+    "tags": {"type": "array", "maxItems": 2, "items": {"type": "string", "maxLength": 5}}},
+    "required": ["size", "qty", "tags"], "additionalProperties": False}  # fmt: skip
+
+
+def test_constraints_and_prompt_scoring_through_the_openai_client(svc, engine):
+    import jsonschema
+
+    # structured output: the SDK's response_format, vLLM's names through extra_body
+    chat = svc.oai.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=100, n=2,
+        temperature=1.0, seed=3, response_format={"type": "json_schema", "json_schema": {
+            "name": "order", "schema": ORDER_SCHEMA, "strict": True}})  # fmt: skip
+    for c in chat.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), ORDER_SCHEMA)
+    got = svc.oai.completions.create(model="demo", prompt="Pick:", max_tokens=10,
+                                     extra_body={"guided_choice": ["alpha", "beta"]})
+    assert got.choices[0].text in ("alpha", "beta")
+    with pytest.raises(openai.BadRequestError) as info:
+        svc.oai.completions.create(model="demo", prompt="x", extra_body={
+            "guided_json": {"type": "object", "properties": {"a": {"type": "nope"}}}})
+    assert info.value.body["param"] == "guided_json" and "properties/a/type" in \
+        info.value.body["message"]
+
+    # logits constraints, as the engine applies them
+    fields = {"min_tokens": 3, "logit_bias": {"1": 100}, "bad_words": ["the"]}
+    got = svc.oai.completions.create(model="demo", prompt="Hello", max_tokens=8, temperature=0,
+                                     logit_bias={"1": 100}, extra_body={
+                                         k: v for k, v in fields.items() if k != "logit_bias"})
+    want = engine.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0.0,
+                                                     **{**fields, "logit_bias": {1: 100}}))
+    assert got.choices[0].text == want[0].outputs[0].text
+    assert got.usage.completion_tokens == 4  # 3 tokens, then EOS (biased to the top)
+
+    # echo with logprobs and max_tokens 0: the prompt scored (what lm-eval sends, batched)
+    ids = [list(range(5, 17)), list(range(40, 50))]
+    got = svc.oai.completions.create(model="demo", prompt=ids, max_tokens=0, echo=True,
+                                     logprobs=1)  # fmt: skip
+    want = engine.generate(ids, SamplingParams(max_tokens=0, prompt_logprobs=1))
+    for c, w in zip(got.choices, want, strict=True):
+        assert c.logprobs.token_logprobs[0] is None
+        assert c.logprobs.token_logprobs[1:] == pytest.approx(
+            [e.logprob for e in w.prompt_logprobs], abs=1e-5)
+    assert got.usage.completion_tokens == 0
+
+
 @pytest.mark.parametrize("path, prompt", [
     ("/v1/completions", {"prompt": "Hello"}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi",
@@ -424,7 +477,7 @@ def test_model_tokenizer_version_and_metrics_endpoints(svc, engine):
 
 def test_models_and_health(svc):
     models = svc.oai.models.list()
-    assert [m.id for m in models.data] == ["demo", "tools"]
+    assert [m.id for m in models.data] == ["demo", "tools", "eval"]
     conn = http.client.HTTPConnection("127.0.0.1", svc.http_port, timeout=10)
     conn.request("GET", "/health")
     assert conn.getresponse().status == 200
@@ -432,7 +485,7 @@ def test_models_and_health(svc):
     assert svc.grpc.health().status == "ok"
     listed = svc.grpc.list_models().models
     assert [(m.id, list(m.pools), m.max_model_len) for m in listed] == [
-        ("demo", ["cpu"], 512), ("tools", ["cpu"], 2048)]
+        ("demo", ["cpu"], 512), ("tools", ["cpu"], 2048), ("eval", ["eval"], 512)]
 
 
 def test_real_model_answers_the_capital_question(svc):
@@ -466,6 +519,126 @@ def test_grpc_greedy_equals_engine(svc, engine):
     msgs = svc.grpc.generate(messages=[{"role": "user", "content": "Hi"}], model="demo",
                              max_tokens=3, temperature=0.0)  # fmt: skip
     assert len(msgs.choices[0].token_ids) <= 3
+
+
+def test_grpc_constraints_and_prompt_logprobs(svc, engine):
+    import jsonschema
+
+    got = svc.grpc.generate("Hi", model="demo", max_tokens=100, temperature=1.0, seed=2, n=2,
+                            structured={"json": ORDER_SCHEMA})  # fmt: skip
+    for c in got.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.text), ORDER_SCHEMA)
+    got = svc.grpc.generate("Pick:", model="demo", max_tokens=10,
+                            structured={"choice": ["alpha", "beta"]})
+    assert got.choices[0].text in ("alpha", "beta")
+    with pytest.raises(grpc.RpcError) as info:
+        svc.grpc.generate("x", model="demo", structured={"regex": "[a-"})
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "regex" in info.value.details()
+
+    kw = {"max_tokens": 8, "temperature": 0.0, "min_tokens": 3, "logit_bias": {1: 100.0},
+          "allowed_token_ids": list(range(1, 200)), "bad_words": ["the"]}
+    got = svc.grpc.generate("Hello", model="demo", **kw)
+    want = engine.generate(["Hello"], SamplingParams(**kw))[0].outputs[0]
+    assert list(got.choices[0].token_ids) == want.token_ids and len(want.token_ids) == 4
+
+    ids = list(range(5, 25))
+    want = engine.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=2))[0]
+    for reply in (svc.grpc.generate(prompt_token_ids=ids, model="demo", max_tokens=0,
+                                    prompt_logprobs=2),
+                  next(iter(svc.grpc.generate_stream(prompt_token_ids=ids, model="demo",
+                                                     max_tokens=1, prompt_logprobs=2)))):
+        c = reply.choices[0]
+        assert [e.token_id for e in c.prompt_logprobs] == ids[1:]
+        assert [e.logprob for e in c.prompt_logprobs] == pytest.approx(
+            [e.logprob for e in want.prompt_logprobs], abs=1e-5)
+        assert [[t.token_id for t in e.top] for e in c.prompt_logprobs] == [
+            [t for t, _ in e.top] for e in want.prompt_logprobs]
+
+    # tool_choice required: the reply is calls, whatever the model's template says
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"size": {"enum": ["S", "M"]}},
+        "required": ["size"]}}}]  # fmt: skip
+    got = svc.grpc.generate(messages=[{"role": "user", "content": "Hi"}], model="demo",
+                            tools=tools, tool_choice="required", parallel_tool_calls=False,
+                            max_tokens=60)  # fmt: skip
+    (call,) = got.choices[0].tool_calls
+    assert call.name == "pick" and json.loads(call.arguments)["size"] in ("S", "M")
+    assert got.choices[0].finish_reason == "tool_calls"
+
+
+def test_lm_eval_against_the_live_service(svc, engine, tmp_path, monkeypatch):
+    """lm-eval itself (its Python API, local-completions model) on two hand-made local tasks:
+    multiple choice (loglikelihood: echo + logprobs, batches of 4 token-id prompts) and
+    generation. The loglikelihoods it receives are the engine's prompt log-probs."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    from lm_eval import simple_evaluate
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from lm_eval.tasks import TaskManager
+    from segserve.models.demo import ensure_demo_model
+
+    mc = [{"question": q, "choices": ch, "answer": a} for q, ch, a in [
+        ("The soup is served", [" hot", " cold", " blue"], 0),
+        ("Rain moves in from the", [" west", " east"], 0),
+        ("A computer runs", [" programs", " soup", " rain", " slowly"], 0),
+        ("Numbers like 42 appear", [" everywhere", " nowhere"], 0),
+        ("The processor has a few", [" cores", " leaves"], 1),
+    ]]  # fmt: skip
+    gen = [{"question": q, "answer": "x"} for q in ("Hello", "The weather", "Thank you")]
+    for name, rows in (("mc", mc), ("gen", gen)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "seg_mc.yaml").write_text(f"""task: seg_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "mc.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    (tmp_path / "seg_gen.yaml").write_text(f"""task: seg_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "gen.jsonl"}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""")
+    lm = LocalCompletionsAPI(model="eval", base_url=f"{svc.base}/v1/completions",
+                             tokenizer=str(ensure_demo_model()), tokenizer_backend="huggingface",
+                             batch_size=4, max_length=512, max_retries=1, timeout=60)
+    out = simple_evaluate(model=lm, tasks=["seg_mc", "seg_gen"], log_samples=True,
+                          task_manager=TaskManager(include_path=str(tmp_path),
+                                                   include_defaults=False))
+    assert 0.0 <= out["results"]["seg_mc"]["acc,none"] <= 1.0
+    samples = out["samples"]["seg_mc"]
+    assert sum(len(s["arguments"]) for s in samples) == 13
+    for s in samples:
+        for (context, continuation), resp in zip(s["arguments"], s["resps"], strict=True):
+            ctx, cont = lm._encode_pair(context, continuation)
+            scored = engine.generate([ctx + cont], SamplingParams(max_tokens=0,
+                                                                  prompt_logprobs=0))[0]
+            want = sum(e.logprob for e in scored.prompt_logprobs[len(ctx) - 1:])
+            assert resp[0][0] == pytest.approx(want, abs=1e-4), (context, continuation)
+    for s in out["samples"]["seg_gen"]:
+        prompt = lm.tok_encode(s["arguments"][0][0])
+        want = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0,
+                                                        stop=["\n"], seed=1234))[0]
+        assert s["resps"][0][0] == want.outputs[0].text
 
 
 def test_grpc_chat_batches_and_tools(svc, engine):
@@ -526,7 +699,7 @@ BAD_HTTP = [
     ("/v1/completions", {"model": "demo", "prompt": "hi", "max_tokens": "8"}, 400),
     ("/v1/completions", {"model": "demo", "prompt": "hi", "temperature": "hot"}, 400),
     ("/v1/completions", {"model": "demo", "prompt": 12}, 400),
-    ("/v1/completions", {"model": "demo", "prompt": "hi", "max_tokens": 0}, 400),
+    ("/v1/completions", {"model": "demo", "prompt": "hi", "max_tokens": -1}, 400),
     ("/v1/completions", {"model": "demo", "prompt": "hi", "temperature": -1}, 400),
     ("/v1/completions", {"model": "demo", "prompt": "hi", "top_p": 1.5}, 400),
     ("/v1/completions", {"model": "demo", "prompt": "hi", "n": 0}, 400),

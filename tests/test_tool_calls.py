@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
@@ -191,14 +192,12 @@ def _message_calls(message) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("tool_choice", [None, "auto", "required", "named"])
+@pytest.mark.parametrize("tool_choice", [None, "auto"])
 async def test_tool_calls_parsed_whole_and_streamed(svc, family, tool_choice):
     fam = FAMILIES[family]
     req = {"model": family, "messages": ASK, "tools": [WEATHER_TOOL, TIME_TOOL],
            "temperature": 0}  # fmt: skip
-    if tool_choice == "named":
-        req["tool_choice"] = {"type": "function", "function": {"name": "get_weather"}}
-    elif tool_choice is not None:
+    if tool_choice is not None:
         req["tool_choice"] = tool_choice
     status, body = await svc.post("/v1/chat/completions", req)
     assert status == 200, body
@@ -219,6 +218,52 @@ async def test_tool_calls_parsed_whole_and_streamed(svc, family, tool_choice):
               d["tool_calls"][0]]  # fmt: skip
     assert [(f["index"], f["function"]["name"], f["function"]["arguments"]) for f in firsts] == [
         (k, name, "") for k, (name, _) in enumerate(fam.calls)]
+
+
+# Bounded arguments, so a random model's constrained reply always fits in max_tokens.
+BOUNDED_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                         "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}}}},
+]  # fmt: skip
+TOOL_SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in BOUNDED_TOOLS}
+
+
+def _check_forced(message, names: set[str], parallel: bool) -> None:
+    calls = _message_calls(message)
+    assert calls and (parallel or len(calls) == 1), message
+    for name, arguments in calls:
+        assert name in names
+        jsonschema.validate(json.loads(arguments), TOOL_SCHEMAS[name])
+
+
+@pytest.mark.parametrize("model", [*FAMILIES, "demo"])
+@pytest.mark.parametrize("tool_choice", ["required", "named"])
+async def test_required_and_named_tool_choice_always_yield_a_valid_call(svc, model, tool_choice):
+    """The reply is constrained to calls (a JSON grammar), whatever the model would say and
+    whatever its own call format: a random model still answers with calls that parse and
+    whose arguments validate against the tool's parameters."""
+    named = tool_choice == "named"
+    req = {"model": model, "messages": ASK, "tools": BOUNDED_TOOLS, "n": 3,
+           "temperature": 1.0, "seed": 5, "max_tokens": 200,
+           "tool_choice": ({"type": "function", "function": {"name": "get_weather"}}
+                           if named else "required")}  # fmt: skip
+    names = {"get_weather"} if named else set(TOOL_SCHEMAS)
+    for parallel in (True, False):
+        status, body = await svc.post("/v1/chat/completions",
+                                      {**req, "parallel_tool_calls": parallel})
+        assert status == 200, body
+        for choice in body["choices"]:
+            assert choice["finish_reason"] == "tool_calls"
+            assert choice["message"]["content"] is None
+            _check_forced(choice["message"], names, parallel or named)
+    _, events = await svc.post("/v1/chat/completions", {**req, "n": 1, "stream": True})
+    streamed = accumulate(events)["choices"][0]
+    assert streamed["finish_reason"] == "tool_calls"
+    _check_forced(streamed["message"], names, True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

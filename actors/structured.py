@@ -1,0 +1,194 @@
+"""Structured output: grammars that constrain a request's tokens, with xgrammar.
+
+A request's ``SamplingParams.structured`` is one ``{kind: spec}``: a JSON schema (``json``), any
+JSON object (``json_object``), a regular expression, a list of choices, or an EBNF (GBNF) grammar
+(Lark grammars are tried too). ``Grammars`` compiles it once per distinct spec for the engine's
+tokenizer (compiling walks the whole vocabulary; an LRU keeps the results) and every sequence of
+the request gets its own ``GrammarMatcher`` (``Sequence.matcher``), advanced by each token it
+accepts. Each step the matchers of the constrained rows fill a token bitmask on the host, and
+:func:`apply_grammar_bitmask` masks those rows' logits on the device (xgrammar's kernel, rows by
+index), so rows without a grammar cost nothing.
+
+xgrammar is imported on first use: a service that never sees a constrained request never loads
+it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from .sequence import Sequence
+
+# xgrammar's C++ errors start with "[time] /path/file.cc:line: "; the rest names the problem.
+_CPP_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s*\S+:\d+:\s*")
+
+
+def _xgr() -> Any:
+    try:
+        import xgrammar
+    except ImportError as e:  # a broken install: name the package
+        raise ValueError("structured output needs the xgrammar package (pip install "
+                         f"xgrammar): {e}") from e
+    return xgrammar
+
+
+def _message(e: Exception) -> str:
+    return _CPP_PREFIX.sub("", str(e)).strip().splitlines()[0] if str(e).strip() else repr(e)
+
+
+def _check_json_schema(schema: Any) -> None:
+    """Against the JSON Schema meta-schema (jsonschema comes with Ray), so e.g. a
+    ``"minimum": "x"`` is named as such, not as a compiler error."""
+    if not isinstance(schema, dict):
+        raise ValueError(f"the JSON schema must be an object, not {type(schema).__name__}")
+    try:
+        import jsonschema
+    except ImportError:  # xgrammar's own errors still name the problem
+        return
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.path)
+        raise ValueError(f"invalid JSON schema{f' at {where}' if where else ''}: "
+                         f"{e.message}") from None
+
+
+def _control_free_strings(schema: Any) -> Any:
+    """The schema with every length-bounded string as a pattern. xgrammar (0.2.8) compiles
+    ``minLength``/``maxLength`` to a class that admits raw control characters, which no JSON
+    parser accepts inside a string; its ``pattern`` strings exclude them."""
+    if isinstance(schema, list):
+        return [_control_free_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _control_free_strings(v) if k not in ("enum", "const", "default", "examples")
+           else v for k, v in schema.items()}  # fmt: skip
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and not ({"pattern", "format", "enum", "const"}
+                                                       & out.keys()):  # fmt: skip
+        lo, hi = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^[^\\x00-\\x1f]{{{lo},{hi}}}$"
+    return out
+
+
+def _choice_grammar(choices: list[str]) -> str:
+    # JSON string literals are EBNF string literals (same escapes)
+    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+
+
+class Grammars:
+    """Compiled grammars for one tokenizer, cached by spec."""
+
+    CACHE_SIZE = 256
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = sorted(stop_token_ids)
+        self._compiler: Any = None
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()  # make_request may run on any thread
+        self.compiles = 0  # compilations done (not served from the cache)
+
+    def _get_compiler(self) -> Any:
+        if self._compiler is None:
+            xgr = _xgr()
+            info = xgr.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids)
+            self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+        return self._compiler
+
+    def compile(self, spec: dict[str, Any]) -> Any:
+        """The compiled grammar of ``spec`` (SamplingParams.structured); ValueError naming
+        what is wrong with it."""
+        key = json.dumps(spec, sort_keys=True)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            compiled = self._compile(spec)
+            self.compiles += 1
+            self._cache[key] = compiled
+            if len(self._cache) > self.CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return compiled
+
+    def _compile(self, spec: dict[str, Any]) -> Any:
+        if self.tokenizer is None:
+            raise ValueError("structured output needs the model's tokenizer")
+        compiler = self._get_compiler()
+        (kind, value), = spec.items()
+        try:
+            if kind == "json":
+                schema = value
+                if isinstance(value, str):
+                    try:
+                        schema = json.loads(value)
+                    except ValueError as e:
+                        raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+                _check_json_schema(schema)
+                return compiler.compile_json_schema(json.dumps(_control_free_strings(schema)),
+                                                    any_whitespace=False)
+            if kind == "json_object":
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            if kind == "regex":
+                return compiler.compile_regex(value)
+            if kind == "choice":
+                return compiler.compile_grammar(_choice_grammar(value))
+            if kind == "grammar":
+                try:
+                    return compiler.compile_grammar(value)
+                except RuntimeError as ebnf_error:
+                    try:  # vLLM also takes Lark grammars
+                        return compiler.compile_lark(value)
+                    except Exception:
+                        raise ebnf_error from None
+        except ValueError:
+            raise
+        except Exception as e:  # xgrammar's RuntimeErrors: parse errors, unsupported features
+            raise ValueError(f"invalid {kind} constraint: {_message(e)}") from None
+        raise ValueError(f"unknown structured output kind {kind!r}")
+
+    @staticmethod
+    def matcher(compiled: Any) -> Any:
+        return _xgr().GrammarMatcher(compiled)
+
+
+def accept(seq: Sequence, token: int) -> None:
+    """Advance the sequence's matcher by its new token. A token the grammar refuses cannot
+    have been sampled (its logit was -inf) unless the grammar left no token at all."""
+    if seq.matcher is not None and not seq.matcher.is_terminated():
+        if not seq.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} violates the request's grammar")
+
+
+_batch_filler: Any = None  # xgrammar's BatchGrammarMatcher: one call fills every row
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Mask, in place on the device, every token the grammar of each constrained row forbids
+    next; other rows are untouched (the kernel takes the rows by index). The rows' bitmasks
+    are filled on the host in one batched call (xgrammar's threads, without the GIL)."""
+    global _batch_filler
+    xgr = _xgr()
+    rows = [i for i, s in enumerate(seqs)
+            if s.matcher is not None and not s.finished and not s.matcher.is_terminated()]
+    if not rows:
+        return
+    vocab = logits.shape[1]
+    bitmask = xgr.allocate_token_bitmask(len(seqs), vocab)
+    if _batch_filler is None:
+        _batch_filler = xgr.BatchGrammarMatcher()
+    _batch_filler.batch_fill_next_token_bitmask([seqs[i].matcher for i in rows], bitmask, rows)
+    if logits.device.type == "cuda":
+        bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+    else:
+        bitmask = bitmask.to(logits.device)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
