@@ -164,8 +164,9 @@ class _Response:
 
 async def serve_openai(core: ServiceCore, endpoint: Endpoint, request: Request) -> Any:
     """One completions or chat request: a JSON body, or an SSE stream of chunks."""
-    core.authorize(request.headers.get("authorization"))
+    key_salt = core.authorize(request.headers.get("authorization"))
     body = await parse(request, endpoint.schema)
+    body.cache_salt = core.cache_salt(body.cache_salt, key_salt)
     preps = endpoint.prepare(core, body)
     response = _Response(core, endpoint, body, preps)
     stream = await core.open_streams(preps)

@@ -141,12 +141,23 @@ class ServiceCore:
         self.api_key = key
 
     # ----- checks ---------------------------------------------------------------------------
-    def authorize(self, authorization: str | None) -> None:
+    def authorize(self, authorization: str | None) -> str | None:
+        """Check the API key; return the prefix-cache salt it implies (None: none)."""
         if self.api_key is None:
-            return
+            return None
         given = (authorization or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
+        return self.config.ingress.api_key_cache_salt
+
+    @staticmethod
+    def cache_salt(requested: str | None, key_salt: str | None) -> str | None:
+        """The salt a request's prefix-cache keys are seeded with. Under a key's salt the
+        request's own one only subdivides it, so no request can name its way into another
+        key's cache; without one the key space is ``r:`` + the request's salt."""
+        if key_salt is None:
+            return None if requested is None else "r:" + requested
+        return "k:" + key_salt + ("" if requested is None else "/" + requested)
 
     def served_model(self, name: str) -> ServedModel:
         served = self.models.get(name)

@@ -179,6 +179,20 @@ def test_prefix_cache_hits_are_reported_in_usage(svc):
     assert via_grpc.usage.cached_prompt_tokens == 32
 
 
+def test_cache_salt_isolates_the_prefix_cache(svc):
+    prompt = list(range(2, 42))
+    body = {"model": "demo", "prompt": prompt, "max_tokens": 2}
+    cached = []
+    for salt in [None, "tenant-a", "tenant-b", "tenant-a"]:
+        status, text = _post(svc, "/v1/completions", {**body, "cache_salt": salt})
+        assert status == 200, text
+        cached.append(json.loads(text)["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached == [0, 0, 0, 32]
+    via_grpc = svc.grpc.generate(prompt_token_ids=prompt, model="demo", max_tokens=2,
+                                 cache_salt="tenant-b")  # fmt: skip
+    assert via_grpc.usage.cached_prompt_tokens == 32
+
+
 def test_chat_uses_template_and_streams(svc, engine):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     tok = engine.tokenizer
