@@ -79,7 +79,11 @@ class AsyncEngine:
         group = self.core.make_request(prompt, params, request_id)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[group.request_id] = queue
-        self.core.submit(group)
+        try:
+            self.core.submit(group)  # QueueFull: the caller answers 429
+        except BaseException:
+            del self._queues[group.request_id]
+            raise
         self._wake.set()
         done = False
         try:

@@ -126,6 +126,11 @@ def delta_to_wire(d: Delta) -> dict[str, Any]:
     return out
 
 
+def _internal_error(request_id: str) -> APIError:
+    return APIError(500, f"internal error while generating (request id {request_id}); "
+                    "the server log has the cause")  # fmt: skip
+
+
 class LLMReplica:
     """One engine. Serve options (resources, replicas, autoscaling, router) come from
     ``app.build_app``."""
@@ -182,6 +187,12 @@ class LLMReplica:
                         later_tokens += len(d.token_ids)
                     last = now
                 status = d.finish_reason or status
+                if d.finish_reason == "error":
+                    # The engine logged the cause under this request id; the client gets the
+                    # id, a 500 and none of the internals. The engine has ended the request.
+                    logger.error("request %s failed in the engine", request_id)
+                    yield {"error": _internal_error(request_id).to_dict()}
+                    return
                 yield delta_to_wire(d)
         except (ValueError, TypeError) as e:
             status = "rejected"
@@ -192,6 +203,9 @@ class LLMReplica:
         except asyncio.CancelledError:
             status = "abort"
             raise
+        except Exception:
+            logger.exception("request %s failed in the replica", request_id)
+            yield {"error": _internal_error(request_id).to_dict()}
         finally:
             self.metrics.finished(status)
             if later_tokens:
