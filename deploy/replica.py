@@ -18,7 +18,7 @@ from typing import Any
 from ray import serve
 from ray.util import metrics
 
-from ..actors.async_engine import AsyncEngine
+from ..actors.async_engine import AsyncEngine, EngineBroken
 from ..actors.config import EngineConfig
 from ..actors.engine import QueueFull
 from ..actors.outputs import Delta
@@ -203,6 +203,10 @@ class LLMReplica:
         except asyncio.CancelledError:
             status = "abort"
             raise
+        except EngineBroken:  # check_health fails too: Serve is replacing this replica
+            logger.exception("request %s refused: the engine is broken", request_id)
+            yield {"error": APIError(503, "the replica is unavailable, retry (request id "
+                                     f"{request_id})").to_dict()}  # fmt: skip
         except Exception:
             logger.exception("request %s failed in the replica", request_id)
             yield {"error": _internal_error(request_id).to_dict()}
@@ -243,8 +247,8 @@ class LLMReplica:
         }
 
     async def check_health(self) -> None:
-        if not self.engine.healthy:
-            raise RuntimeError("the engine loop has stopped")
+        """Serve replaces the replica when this raises: its engine cannot step."""
+        self.engine.check_health()
 
 
 LLMReplicaDeployment = serve.deployment(LLMReplica, name="LLMReplica")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,7 @@ class Prepared:
     cached_tokens: int = 0  # prompt tokens the replica found in its prefix cache (at the end)
     prompt_text: str | None = None  # the text prompt as sent (not truncated), for echo
     tool_parser: ToolParserFactory | None = None  # set when the reply's tool calls are parsed
+    deadline: float | None = None  # time.monotonic() by which it must end (request_timeout_s)
 
 
 @dataclass
@@ -223,8 +225,11 @@ class ServiceCore:
                 input_param if len(prompt_ids) >= served.max_model_len else "max_tokens",
             )
         pool = self.router.choose(served.config, device)
+        timeout = self.config.ingress.request_timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
         return Prepared(served.config, prompt_ids, sampling, pool, uuid.uuid4().hex,
-                        prompt_text=prompt_text, tool_parser=tool_parser)  # fmt: skip
+                        prompt_text=prompt_text, tool_parser=tool_parser,
+                        deadline=deadline)  # fmt: skip
 
     def tokenize(
         self, served: ServedModel, prompt: str | list[int] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -49,6 +50,19 @@ class _Prepared(Protocol):  # service.Prepared, without the import cycle
     request_id: str
     pool: Any
     cached_tokens: int
+    deadline: float | None
+
+
+async def _next(gen: Any, prep: _Prepared) -> dict[str, Any]:
+    """The call's next item, by the request's deadline. On timeout the item's wait is
+    cancelled; the caller cancels the call, which aborts the engine request."""
+    if prep.deadline is None:
+        return await gen.__anext__()
+    try:
+        return await asyncio.wait_for(gen.__anext__(), max(prep.deadline - time.monotonic(), 0))
+    except TimeoutError:
+        raise APIError(504, f"the request timed out (request_timeout_s; request id "
+                       f"{prep.request_id})") from None  # fmt: skip
 
 
 class ReplicaStream:
@@ -70,7 +84,7 @@ class ReplicaStream:
             item, self._first = self._first, None
         else:
             try:
-                item = await self._gen.__anext__()
+                item = await _next(self._gen, self.prep)
             except StopAsyncIteration:
                 self._release(cancel=False)
                 raise
@@ -106,8 +120,8 @@ async def open_stream(handle: Any, prep: _Prepared, retries: int = 1) -> Replica
         # Serve may refuse at .remote() already (its handle queue is full: backpressure).
         gen = handle.options(stream=True).generate.remote(
             prep.prompt_ids, prep.sampling, prep.request_id)
-        first = await gen.__anext__()
-    except asyncio.CancelledError:  # the client went away while we waited
+        first = await _next(gen, prep)
+    except (asyncio.CancelledError, APIError):  # the client went away, or the deadline passed
         prep.pool.in_flight -= 1
         if gen is not None:
             gen.cancel()

@@ -5,11 +5,13 @@ path leaks engine queues or in-flight counts. The live checks are in test_serve.
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
 from ray.exceptions import ActorDiedError
 from segserve.actors import SamplingParams
+from segserve.actors.async_engine import AsyncEngine, EngineBroken
 from segserve.actors.engine import QueueFull
 from segserve.deploy.errors import APIError
 from segserve.deploy.replica import LLMReplica
@@ -99,7 +101,7 @@ class _Handle:
 
 def _prep():
     return SimpleNamespace(prompt_ids=[1], sampling={}, request_id="rid-r", cached_tokens=0,
-                           pool=SimpleNamespace(in_flight=0))  # fmt: skip
+                           pool=SimpleNamespace(in_flight=0), deadline=None)  # fmt: skip
 
 
 def test_a_dead_replica_before_the_first_token_is_retried_once():
@@ -136,6 +138,8 @@ def test_a_full_queue_leaks_no_stream_queue(replica):
         for g in gens:
             await g.aclose()
         assert not engine._queues
+        while engine.core.has_work():  # the aborts drain before the next test
+            await asyncio.sleep(0.01)
 
     asyncio.run(main())
 
@@ -160,5 +164,87 @@ def test_a_stream_response_never_iterated_still_closes_its_replica_stream():
         with pytest.raises((OSError, ClientDisconnect)):  # Starlette renames it
             await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, gone)
         assert closed == [1]
+
+    asyncio.run(main())
+
+
+def test_a_step_fault_fails_the_requests_in_flight_and_the_engine_goes_on(replica, monkeypatch):
+    scheduler = replica.engine.core.scheduler
+    real = scheduler.schedule
+    calls = []
+
+    def once(*args, **kwargs):  # bookkeeping outside execute/sampling raises, once
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError(SECRET)
+        return real(*args, **kwargs)
+
+    async def main():
+        monkeypatch.setattr(scheduler, "schedule", once)
+        items = await _items(replica, "req-step-1")
+        assert items[0]["error"]["status"] == 500 and SECRET not in items[0]["error"]["message"]
+        while replica.engine.core.has_work():  # the failed request's abort drains
+            await asyncio.sleep(0.01)
+        items = await _items(replica, "req-step-2")
+        assert sum(len(i["token_ids"]) for i in items) == 4
+        await replica.check_health()
+        monkeypatch.setattr(scheduler, "schedule", real)
+        assert replica.engine.stats()["blocks_used"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_persistent_step_fault_fails_the_health_check():
+    broken_replica = LLMReplica(ENGINE, "demo", "cpu")
+
+    def broken(*args, **kwargs):
+        raise KeyError(SECRET)
+
+    broken_replica.engine.core.scheduler.schedule = broken
+
+    async def main():
+        statuses = []
+        for i in range(AsyncEngine.MAX_CONSECUTIVE_STEP_FAILURES + 1):
+            items = await _items(broken_replica, f"req-p-{i}")
+            assert len(items) == 1
+            statuses.append(items[0]["error"]["status"])
+            engine = broken_replica.engine
+            while engine.core.has_work() and engine.broken is None:  # its abort drains
+                await asyncio.sleep(0.01)
+        # Each request fails (nothing hangs); once the fault has persisted the engine stops,
+        # the health check fails, and later requests are refused as retryable.
+        assert statuses[-1] == 503 and set(statuses[:-1]) <= {500, 503}, statuses
+        with pytest.raises(EngineBroken):
+            await broken_replica.check_health()
+
+    asyncio.run(main())
+
+
+def test_the_deadline_cancels_the_call_with_a_timeout_error():
+    class _Hang(_Gen):
+        async def __anext__(self):
+            await asyncio.sleep(3600)
+
+    async def main():
+        prep = _prep()
+        prep.deadline = time.monotonic() + 0.05
+        gen = _Hang([])
+        with pytest.raises(APIError) as info:
+            await open_stream(_Handle(gen), prep)
+        assert info.value.status == 504 and info.value.grpc_code_name == "DEADLINE_EXCEEDED"
+        assert "timed out" in info.value.message
+        assert gen.cancelled and prep.pool.in_flight == 0
+
+        item = {"index": 0, "token_ids": [5], "text": "x"}
+        prep = _prep()
+        prep.deadline = time.monotonic() + 60
+        gen = _Gen([item])
+        stream = await open_stream(_Handle(gen), prep)
+        gen.__class__ = _Hang  # the first token came; the next never does
+        prep.deadline = time.monotonic() + 0.05
+        assert await stream.__anext__() == item
+        with pytest.raises(APIError) as info:
+            await stream.__anext__()
+        assert info.value.status == 504 and gen.cancelled and prep.pool.in_flight == 0
 
     asyncio.run(main())
