@@ -46,14 +46,15 @@ def _rss_mib(pid: int) -> float | None:
 
 
 def serve_processes() -> dict[str, int]:
-    """The pids of this machine's live Serve actors (replicas, ingress, proxy, controller)."""
-    from ray.util.state import list_actors
+    """The pids of the cluster's Serve actors (replicas, ingress, proxy, controller), asked of
+    each actor itself (the state API needs the dashboard, which the soak does not start)."""
+    import ray
 
     out = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        name = a.name or a.class_name
-        if a.pid and ("SERVE" in name or "Serve" in a.class_name):
-            out[name] = a.pid
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"].startswith("SERVE_"):
+            actor = ray.get_actor(a["name"], namespace=a["namespace"])
+            out[a["name"]] = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
     return out
 
 
