@@ -19,6 +19,10 @@ from .sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+class EngineBroken(RuntimeError):
+    """The engine cannot step anymore; its replica must be replaced."""
+
+
 class AsyncEngine:
     """Async front of EngineCore: ``generate`` streams Deltas; one background task steps the
     core in a worker thread so the event loop stays free for I/O."""
@@ -26,6 +30,12 @@ class AsyncEngine:
     # How stale a stats snapshot may get while steps run back to back: metrics() walks every
     # live block, too costly to do after every step of a busy engine.
     STATS_INTERVAL_S = 0.25
+    # A step that raises (outside execute/sampling, which fail only their own requests) fails
+    # the requests in flight; this many in a row mean the fault persists: the engine stops and
+    # reports unhealthy, so Serve replaces the replica instead of it retrying forever.
+    MAX_CONSECUTIVE_STEP_FAILURES = 3
+    # A step running longer than this means the device or the loop is stuck.
+    STUCK_STEP_S = 120.0
 
     def __init__(self, config: EngineConfig, core: EngineCore | None = None) -> None:
         self.core = core or EngineCore(config)
@@ -35,8 +45,13 @@ class AsyncEngine:
         self._stepping = False
         self._stats: dict[str, float] = {}
         self._stats_time = 0.0
+        self._step_failures = 0
+        self._step_started = 0.0
+        self.broken: str | None = None  # why the engine stopped for good
 
     def _ensure_loop(self) -> None:
+        if self.broken is not None:
+            raise EngineBroken(self.broken)
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -48,19 +63,33 @@ class AsyncEngine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            self._stepping = True
+            self._stepping, self._step_started = True, time.monotonic()
             try:
                 deltas = await asyncio.to_thread(self._step)
-            except Exception:  # never let the loop die; the step already failed its requests
-                logger.exception("engine step raised")
-                await asyncio.sleep(0.01)
+            except Exception:
+                self._step_failures += 1
+                logger.exception("engine step raised (%d in a row); failing the requests in "
+                                 "flight: %s", self._step_failures, sorted(self._queues))
+                self._fail_all()
+                if self._step_failures >= self.MAX_CONSECUTIVE_STEP_FAILURES:
+                    self.broken = f"the engine step failed {self._step_failures} times in a row"
+                    logger.error("%s; the replica reports unhealthy", self.broken)
+                    return
                 continue
             finally:
                 self._stepping = False
+            self._step_failures = 0
             for d in deltas:
                 q = self._queues.get(d.request_id)
                 if q is not None:
                     q.put_nowait(d)
+
+    def _fail_all(self) -> None:
+        """End every stream with an error and abort its request (the core drops what it can
+        at its next step; a core that cannot step anymore is abandoned whole)."""
+        for request_id, q in list(self._queues.items()):
+            q.put_nowait(Delta(request_id, 0, [], "", "error", request_done=True))
+            self.core.abort(request_id)
 
     def _step(self) -> list[Delta]:
         """Runs in the worker thread: the only place engine state changes while serving."""
@@ -79,7 +108,11 @@ class AsyncEngine:
         group = self.core.make_request(prompt, params, request_id)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[group.request_id] = queue
-        self.core.submit(group)
+        try:
+            self.core.submit(group)  # QueueFull: the caller answers 429
+        except BaseException:
+            del self._queues[group.request_id]
+            raise
         self._wake.set()
         done = False
         try:
@@ -98,11 +131,23 @@ class AsyncEngine:
         if self._wake is not None:
             self._wake.set()
 
+    def check_health(self) -> None:
+        """Raises EngineBroken unless the engine can step: its loop is alive (not started yet
+        counts as alive), no fault has persisted, and no step has hung."""
+        if self.broken is not None:
+            raise EngineBroken(self.broken)
+        if self._task is not None and self._task.done():
+            raise EngineBroken("the engine loop has stopped")
+        if self._stepping and time.monotonic() - self._step_started > self.STUCK_STEP_S:
+            raise EngineBroken(f"an engine step has run for over {self.STUCK_STEP_S:.0f} s")
+
     @property
     def healthy(self) -> bool:
-        """False once the stepping task has died (it catches step errors, so only a bug in the
-        loop itself ends it); not started yet counts as healthy."""
-        return self._task is None or not self._task.done()
+        try:
+            self.check_health()
+        except EngineBroken:
+            return False
+        return True
 
     def stats(self) -> dict[str, float]:
         """The KV manager's metrics and queue sizes. While a step runs in the worker thread this

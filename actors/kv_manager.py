@@ -1,10 +1,12 @@
 """SegmentKVManager: the block pool and the two kinds of segment that live in it.
 
 * A **prompt segment** belongs to a request (SequenceGroup). All its sequences read it; it is
-  written once, during prefill, and never reordered or copied. Its full blocks are hashed by
-  content (chained over the prefix), so a later request with the same prefix takes the same
-  blocks. A block nobody references but that holds a hashed prefix stays *cached* and is
-  evicted least-recently-used when the pool runs dry.
+  written once, during prefill, and never reordered or copied. Its full blocks are keyed by a
+  sha256 chained over the prefix (and seeded with the request's ``cache_salt``), so a later
+  request with the same prefix and salt takes the same blocks. A hit is also checked against
+  the block's stored parent key and tokens, so even a hash collision cannot serve wrong KV.
+  A block nobody references but that holds a hashed prefix stays *cached* and is evicted
+  least-recently-used when the pool runs dry.
 * A **response segment** is private to one sequence and grows a block at a time. A fork (beam
   search) shares the parent's response blocks; the partial last one is copied on first write.
 
@@ -14,10 +16,33 @@ KV tensors: copies it needs (the partial block of a fork) are queued for the mod
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
+from collections.abc import Sequence as TokenIds
 from dataclasses import dataclass
 
 from .sequence import Sequence, SequenceGroup
+
+# Bumped whenever the key derivation changes, so keys of two layouts can never meet.
+_KEY_DOMAIN = b"segserve-prefix-v1"
+
+
+def root_key(cache_salt: str | None = None) -> bytes:
+    """The parent key of a prompt's first block. A salt gives its holder a cache of its own:
+    no other salt (or none) can reach its blocks, nor time them to learn a prompt."""
+    salt = b"" if cache_salt is None else b"\x01" + cache_salt.encode()
+    return hashlib.sha256(_KEY_DOMAIN + salt).digest()
+
+
+def block_key(parent: bytes, token_ids: TokenIds[int], extra_keys: bytes = b"") -> bytes:
+    """sha256 over (parent key, the block's token ids, extra keys such as a LoRA id or
+    multimodal input hashes). Not Python's hash(): that is 64 bits, not collision resistant,
+    and shared by every tenant (CVE-2025-25183 in vLLM)."""
+    h = hashlib.sha256(parent)
+    h.update(array("q", token_ids).tobytes())
+    h.update(len(extra_keys).to_bytes(4, "little") + extra_keys)
+    return h.digest()
 
 
 class NoFreeBlocks(RuntimeError):
@@ -54,8 +79,10 @@ class SegmentKVManager:
         self.ref_count = [0] * num_blocks
         self.free: deque[int] = deque(range(num_blocks))
         # hash -> block for full prompt blocks; insertion order of the ref-0 ones is the LRU.
-        self.hash_to_block: dict[int, int] = {}
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.hash_to_block: dict[bytes, int] = {}
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        # What a cached block's key was derived from, compared on every hit.
+        self.block_origin: list[tuple[bytes, tuple[int, ...]] | None] = [None] * num_blocks
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.pending_copies: list[tuple[int, int]] = []
         self.live_groups: dict[str, SequenceGroup] = {}
@@ -74,6 +101,7 @@ class SegmentKVManager:
             block, _ = self.evictable.popitem(last=False)
             del self.hash_to_block[self.block_hash[block]]
             self.block_hash[block] = None
+            self.block_origin[block] = None
             self.evictions += 1
         else:
             raise NoFreeBlocks("KV cache pool exhausted")
@@ -99,16 +127,20 @@ class SegmentKVManager:
         return -(-num_tokens // self.block_size)
 
     # ----- prompt segments ------------------------------------------------------------------
-    def _block_hashes(self, group: SequenceGroup) -> list[int]:
-        """Chained hashes of the prompt's full blocks, computed once per request: the prompt
+    def _block_hashes(self, group: SequenceGroup) -> list[bytes]:
+        """Chained keys of the prompt's full blocks, computed once per request: the prompt
         never changes, and admission and every prefill chunk need them."""
         if group.prompt_block_hashes is None:
-            hashes, parent, ids, bs = [], 0, group.prompt_ids, self.block_size
+            parent = root_key(group.params.cache_salt)
+            hashes, ids, bs = [], group.prompt_ids, self.block_size
             for i in range(len(ids) // bs):
-                parent = hash((parent, tuple(ids[i * bs : (i + 1) * bs])))
+                parent = block_key(parent, ids[i * bs : (i + 1) * bs])
                 hashes.append(parent)
             group.prompt_block_hashes = hashes
         return group.prompt_block_hashes
+
+    def _parent_key(self, group: SequenceGroup, index: int) -> bytes:
+        return self._block_hashes(group)[index - 1] if index else root_key(group.params.cache_salt)
 
     def _prefix_hits(self, group: SequenceGroup) -> list[int]:
         if not self.enable_prefix_caching:
@@ -116,10 +148,14 @@ class SegmentKVManager:
         if (group.params.prompt_logprobs is not None
                 and len(group.prompt_logprobs) < group.prompt_len - 1):
             return []  # cached tokens have no hidden states to score: compute the whole prompt
-        hits = []
-        for h in self._block_hashes(group):
+        hits, ids, bs = [], group.prompt_ids, self.block_size
+        for i, h in enumerate(self._block_hashes(group)):
             block = self.hash_to_block.get(h)
-            if block is None:
+            # The key alone is not trusted: a block serves only the exact parent and tokens
+            # it was computed for.
+            if block is None or self.block_origin[block] != (
+                self._parent_key(group, i), tuple(ids[i * bs : (i + 1) * bs])
+            ):
                 break
             hits.append(block)
         # Keep at least one prompt token to compute: its logits give the first output token.
@@ -158,12 +194,16 @@ class SegmentKVManager:
         """Publish the group's newly computed full prompt blocks to the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        full = group.prompt_computed // self.block_size
+        bs, full = self.block_size, group.prompt_computed // self.block_size
         for i, h in enumerate(self._block_hashes(group)[:full]):
             block = group.prompt_blocks[i]
             if self.block_hash[block] is None and h not in self.hash_to_block:
                 self.block_hash[block] = h
                 self.hash_to_block[h] = block
+                self.block_origin[block] = (
+                    self._parent_key(group, i),
+                    tuple(group.prompt_ids[i * bs : (i + 1) * bs]),
+                )
 
     # ----- response segments ----------------------------------------------------------------
     def ensure_response_capacity(self, seq: Sequence, num_response_tokens: int) -> None:

@@ -85,6 +85,11 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("ignore_eos", lambda v: isinstance(v, bool), "must be a boolean"),
     ("include_stop_str_in_output", lambda v: isinstance(v, bool), "must be a boolean"),
     ("skip_special_tokens", lambda v: isinstance(v, bool), "must be a boolean"),
+    (
+        "cache_salt",
+        lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 512),
+        "must be a non-empty string of at most 512 characters",
+    ),
 ]
 
 
@@ -137,6 +142,8 @@ class SamplingParams:
     structured: dict[str, Any] | None = None
     # Log-probs of the prompt's tokens (None: none; N: plus the top N), computed in the prefill
     prompt_logprobs: int | None = None
+    # Seeds the prefix-cache keys: only requests with the same salt share cached prefix blocks.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -84,7 +84,7 @@ class SequenceGroup:
     prompt_blocks: list[int] = field(default_factory=list)
     prompt_computed: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at the last admission
-    prompt_block_hashes: list[int] | None = None  # set by the KV manager, which owns hashing
+    prompt_block_hashes: list[bytes] | None = None  # set by the KV manager, which owns hashing
     eos_token_ids: frozenset[int] = frozenset()
     bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized
     grammar: Any = None  # params.structured, compiled (actors/structured.py)

@@ -24,6 +24,8 @@ What it prints, in order:
 * **beam search**: a ``--beam-width`` request's KV bytes (the prompt stored once) and step time,
   against our greedy batch of the same width and HF's beam search.
 * ``--profile``: a torch.profiler table of one decode step (kernels, GPU busy time, idle time).
+* ``--prefix-keys``: only the cost of the prefix cache's block keys (sha256 chain) per block,
+  against the 64-bit ``hash()`` it replaced, and a whole prompt's admission-time hit check.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from segserve.actors.benchmark import (
     random_prompts,
     set_cpu_threads,
 )
+from segserve.actors.kv_manager import SegmentKVManager, block_key, root_key
+from segserve.actors.sequence import SequenceGroup
 from segserve.models import resolve_dtype
 
 # Architectures of the design's benchmark targets (design.md), built with random weights.
@@ -105,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true", help="ours and the floors only")
     p.add_argument("--profile", action="store_true",
                    help="profile one decode step at batch 1 and the largest batch")
+    p.add_argument("--prefix-keys", action="store_true",
+                   help="only microbenchmark the prefix-cache block keys, then exit")
     args = p.parse_args(argv)
     gpu = args.device != "cpu"
     defaults = dict(input_len=128 if gpu else 32, output_len=128 if gpu else 32,
@@ -123,6 +129,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----- timing helpers --------------------------------------------------------------------------
+def measure_prefix_keys(block_size: int, prompt_len: int = 2048, repeats: int = 2000) -> str:
+    """Per-block cost of the sha256 block key against Python's hash() of the token tuple it
+    replaced, and a whole prompt's keys + verified hit check as admission does it."""
+    rng = random.Random(0)
+    block = [rng.randrange(32000) for _ in range(block_size)]
+    parent = root_key("bench")
+
+    def per_call(fn: Callable[[], object], n: int) -> float:
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter() - t) / n)
+        return best
+
+    sha = per_call(lambda: block_key(parent, block), repeats)
+    old = per_call(lambda: hash((0, tuple(block))), repeats)
+    prompt = [rng.randrange(32000) for _ in range(prompt_len)]
+    kv = SegmentKVManager(prompt_len // block_size + 2, block_size)
+    warm = SequenceGroup("warm", prompt, SamplingParams(), 0.0)
+    kv.admit(warm)
+    warm.prompt_computed = prompt_len
+    kv.commit_prompt(warm)
+    kv.free_group(warm)
+
+    def admission() -> None:
+        group = SequenceGroup("g", prompt, SamplingParams(), 0.0)
+        kv._prefix_hits(group)  # keys every block, then checks every cached one's tokens
+
+    whole = per_call(admission, max(1, repeats // 100))
+    blocks = prompt_len // block_size
+    return (f"prefix-cache keys, block_size {block_size}: sha256 {sha * 1e6:.2f} us/block, "
+            f"hash() {old * 1e6:.2f} us/block ({sha / old:.1f}x); a {prompt_len}-token prompt "
+            f"all cached: {whole * 1e3:.3f} ms to key and verify its {blocks} blocks "
+            f"({whole / blocks * 1e6:.2f} us/block)")
+
+
 def synchronizer(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
@@ -354,6 +398,9 @@ def free_device(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.prefix_keys:
+        print(measure_prefix_keys(args.block_size))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local checkpoints only, never the network
     device = torch.device(args.device)
     sync = synchronizer(device)

@@ -119,6 +119,12 @@ class IngressConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(1024, ge=1)
     request_timeout_s: float | None = Field(None, gt=0)
+    api_key_cache_salt: str | None = Field(
+        None, min_length=1, max_length=128,
+        description="prefix-cache salt of every request made with the API key: its cached "
+        "prompts are never shared with requests that lack the key; a request's own "
+        "cache_salt is kept apart under it",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _one_key(self) -> IngressConfig:
@@ -126,6 +132,8 @@ class IngressConfig(_Strict):
             raise ValueError("set api_key or api_key_env, not both")
         if self.api_key == "":
             raise ValueError("api_key must not be empty")
+        if self.api_key_cache_salt is not None and self.api_key is None and not self.api_key_env:
+            raise ValueError("api_key_cache_salt needs api_key or api_key_env")
         return self
 
 

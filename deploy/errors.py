@@ -16,6 +16,7 @@ class APIError(Exception):
         429: "RESOURCE_EXHAUSTED",
         500: "INTERNAL",
         503: "UNAVAILABLE",
+        504: "DEADLINE_EXCEEDED",
     }
     TYPES = {
         400: "invalid_request_error",
@@ -24,6 +25,7 @@ class APIError(Exception):
         429: "rate_limit_error",
         500: "internal_error",
         503: "service_unavailable",
+        504: "timeout_error",
     }
 
     def __init__(self, status: int, message: str, param: str | None = None) -> None:

@@ -23,7 +23,7 @@ _SCALARS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "n", "logprobs", "beam_width",
     "length_penalty", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
-    "min_tokens", "prompt_logprobs",
+    "min_tokens", "prompt_logprobs", "cache_salt",
 )  # fmt: skip
 _INPUTS = ("prompt", "prompt_token_ids", "prompts", "prompt_token_id_lists", "messages")
 
@@ -137,7 +137,7 @@ def _chat(request: Any) -> ChatCompletionRequest:
 
 def prepare(core: ServiceCore, request: Any, grpc_context: Any) -> list[Prepared]:
     """The request as prepared prompts: one, or a batch."""
-    core.authorize(authorization(grpc_context))
+    key_salt = core.authorize(authorization(grpc_context))
     given = [name for name in _INPUTS if len(getattr(request, name))]
     if len(given) != 1:
         raise APIError(400, f"set exactly one of {', '.join(_INPUTS)}", "prompt")
@@ -149,6 +149,9 @@ def prepare(core: ServiceCore, request: Any, grpc_context: Any) -> list[Prepared
     if device not in ("auto", "gpu", "cpu"):
         raise APIError(400, f"device must be auto, gpu or cpu, not {device!r}", "device")
     sampling = sampling_kwargs(request.sampling)
+    salt = core.cache_salt(sampling.pop("cache_salt", None) or None, key_salt)
+    if salt is not None:
+        sampling["cache_salt"] = salt
     if request.messages:
         chat = _chat(request)
         forced = chat.tool_constraint()  # tool_choice required / named: calls only

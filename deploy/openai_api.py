@@ -190,8 +190,9 @@ class _Response:
 
 async def serve_openai(core: ServiceCore, endpoint: Endpoint, request: Request) -> Any:
     """One completions or chat request: a JSON body, or an SSE stream of chunks."""
-    core.authorize(request.headers.get("authorization"))
+    key_salt = core.authorize(request.headers.get("authorization"))
     body = await parse(request, endpoint.schema)
+    body.cache_salt = core.cache_salt(body.cache_salt, key_salt)
     preps = endpoint.prepare(core, body)
     response = _Response(core, endpoint, body, preps)
     try:
@@ -201,13 +202,32 @@ async def serve_openai(core: ServiceCore, endpoint: Endpoint, request: Request) 
             e.param = body.structured_param
         raise
     if body.stream:
-        return StreamingResponse(response.events(stream), media_type="text/event-stream")
+        return ClosingStreamingResponse(response.events(stream), stream.close,
+                                        media_type="text/event-stream")  # fmt: skip
     try:
         async for pos, item in stream:
             response.feed(pos, item)
     finally:
         stream.close()
     return response.body_json()
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Runs ``on_close`` however the response ends. A client that leaves before the body is
+    iterated leaves the generator unstarted, so its own ``finally`` never runs: without this
+    the replica call (and the pool's in-flight count) would live on."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None],
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self._on_close()
 
 
 def _sse(obj: Any) -> str:

@@ -167,12 +167,14 @@ class _Request(_Schema):
     # ----- segserve's own -----------------------------------------------------------------------
     beam_width: int | None = None  # > 1: beam search returning every beam, best first
     device: DevicePreference = "auto"  # which pool may serve it
+    # Prefix-cache isolation (vLLM's name): only requests with the same salt share cached blocks.
+    cache_salt: str | None = Field(None, min_length=1, max_length=128)
 
     _SAMPLING: ClassVar[tuple[str, ...]] = (
         "n", "max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty",
         "seed", "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos",
         "include_stop_str_in_output", "skip_special_tokens", "beam_width", "length_penalty",
-        "early_stopping",
+        "early_stopping", "cache_salt",
     )  # fmt: skip
 
     def _logit_bias(self) -> dict[int, float]:

@@ -18,7 +18,7 @@ from typing import Any
 from ray import serve
 from ray.util import metrics
 
-from ..actors.async_engine import AsyncEngine
+from ..actors.async_engine import AsyncEngine, EngineBroken
 from ..actors.config import EngineConfig
 from ..actors.engine import QueueFull
 from ..actors.outputs import Delta
@@ -128,6 +128,11 @@ def delta_to_wire(d: Delta) -> dict[str, Any]:
     return out
 
 
+def _internal_error(request_id: str) -> APIError:
+    return APIError(500, f"internal error while generating (request id {request_id}); "
+                    "the server log has the cause")  # fmt: skip
+
+
 class LLMReplica:
     """One engine. Serve options (resources, replicas, autoscaling, router) come from
     ``app.build_app``."""
@@ -184,6 +189,12 @@ class LLMReplica:
                         later_tokens += len(d.token_ids)
                     last = now
                 status = d.finish_reason or status
+                if d.finish_reason == "error":
+                    # The engine logged the cause under this request id; the client gets the
+                    # id, a 500 and none of the internals. The engine has ended the request.
+                    logger.error("request %s failed in the engine", request_id)
+                    yield {"error": _internal_error(request_id).to_dict()}
+                    return
                 yield delta_to_wire(d)
         except (ValueError, TypeError) as e:
             status = "rejected"
@@ -194,6 +205,13 @@ class LLMReplica:
         except asyncio.CancelledError:
             status = "abort"
             raise
+        except EngineBroken:  # check_health fails too: Serve is replacing this replica
+            logger.exception("request %s refused: the engine is broken", request_id)
+            yield {"error": APIError(503, "the replica is unavailable, retry (request id "
+                                     f"{request_id})").to_dict()}  # fmt: skip
+        except Exception:
+            logger.exception("request %s failed in the replica", request_id)
+            yield {"error": _internal_error(request_id).to_dict()}
         finally:
             self.metrics.finished(status)
             if later_tokens:
@@ -231,8 +249,8 @@ class LLMReplica:
         }
 
     async def check_health(self) -> None:
-        if not self.engine.healthy:
-            raise RuntimeError("the engine loop has stopped")
+        """Serve replaces the replica when this raises: its engine cannot step."""
+        self.engine.check_health()
 
 
 LLMReplicaDeployment = serve.deployment(LLMReplica, name="LLMReplica")

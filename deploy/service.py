@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ class Prepared:
     cached_tokens: int = 0  # prompt tokens the replica found in its prefix cache (at the end)
     prompt_text: str | None = None  # the text prompt as sent (not truncated), for echo
     tool_parser: ToolParserFactory | None = None  # set when the reply's tool calls are parsed
+    deadline: float | None = None  # time.monotonic() by which it must end (request_timeout_s)
 
 
 @dataclass
@@ -142,12 +144,23 @@ class ServiceCore:
         self.api_key = key
 
     # ----- checks ---------------------------------------------------------------------------
-    def authorize(self, authorization: str | None) -> None:
+    def authorize(self, authorization: str | None) -> str | None:
+        """Check the API key; return the prefix-cache salt it implies (None: none)."""
         if self.api_key is None:
-            return
+            return None
         given = (authorization or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
+        return self.config.ingress.api_key_cache_salt
+
+    @staticmethod
+    def cache_salt(requested: str | None, key_salt: str | None) -> str | None:
+        """The salt a request's prefix-cache keys are seeded with. Under a key's salt the
+        request's own one only subdivides it, so no request can name its way into another
+        key's cache; without one the key space is ``r:`` + the request's salt."""
+        if key_salt is None:
+            return None if requested is None else "r:" + requested
+        return "k:" + key_salt + ("" if requested is None else "/" + requested)
 
     def served_model(self, name: str) -> ServedModel:
         served = self.models.get(name)
@@ -218,8 +231,11 @@ class ServiceCore:
                 input_param if len(prompt_ids) >= served.max_model_len else "max_tokens",
             )
         pool = self.router.choose(served.config, device)
+        timeout = self.config.ingress.request_timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
         return Prepared(served.config, prompt_ids, sampling, pool, uuid.uuid4().hex,
-                        prompt_text=prompt_text, tool_parser=tool_parser)  # fmt: skip
+                        prompt_text=prompt_text, tool_parser=tool_parser,
+                        deadline=deadline)  # fmt: skip
 
     def tokenize(
         self, served: ServedModel, prompt: str | list[int] | None = None,

@@ -10,26 +10,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from .errors import APIError
 
 logger = logging.getLogger(__name__)
 
+# The replica process died or cannot be reached: nothing about the request was wrong, and
+# another replica (or this one, replaced) can serve it.
+REPLICA_GONE = (RayActorError, ActorUnavailableError)
 
-def replica_error(e: BaseException) -> APIError:
-    """A failed replica call as the status the client should see."""
+
+def replica_error(e: BaseException, request_id: str) -> APIError:
+    """A failed replica call as the status the client should see. Ray's messages carry actor
+    ids, pids, addresses and tracebacks: those go to the log under the request id, and the
+    client gets only the id to quote."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, BackPressureError):
-        return APIError(429, f"the service is overloaded, retry later ({e})")
+        return APIError(429, "the service is overloaded, retry later")
     if isinstance(e, DeploymentUnavailableError):
-        return APIError(503, f"no replica is available: {e}")
-    logger.exception("replica call failed", exc_info=e)
-    return APIError(500, f"internal error: {type(e).__name__}: {e}")
+        return APIError(503, f"no replica is available, retry later (request id {request_id})")
+    if isinstance(e, REPLICA_GONE):
+        logger.warning("request %s: its replica went away: %r", request_id, e)
+        return APIError(503, "the replica serving this request became unavailable; retry "
+                        f"(request id {request_id})")  # fmt: skip
+    logger.error("request %s: replica call failed", request_id, exc_info=e)
+    return APIError(500, f"internal error (request id {request_id})")
 
 
 class _Prepared(Protocol):  # service.Prepared, without the import cycle
@@ -38,6 +50,19 @@ class _Prepared(Protocol):  # service.Prepared, without the import cycle
     request_id: str
     pool: Any
     cached_tokens: int
+    deadline: float | None
+
+
+async def _next(gen: Any, prep: _Prepared) -> dict[str, Any]:
+    """The call's next item, by the request's deadline. On timeout the item's wait is
+    cancelled; the caller cancels the call, which aborts the engine request."""
+    if prep.deadline is None:
+        return await gen.__anext__()
+    try:
+        return await asyncio.wait_for(gen.__anext__(), max(prep.deadline - time.monotonic(), 0))
+    except TimeoutError:
+        raise APIError(504, f"the request timed out (request_timeout_s; request id "
+                       f"{prep.request_id})") from None  # fmt: skip
 
 
 class ReplicaStream:
@@ -59,14 +84,14 @@ class ReplicaStream:
             item, self._first = self._first, None
         else:
             try:
-                item = await self._gen.__anext__()
+                item = await _next(self._gen, self.prep)
             except StopAsyncIteration:
                 self._release(cancel=False)
                 raise
             except BaseException as e:
                 self.close()
                 if isinstance(e, Exception):
-                    raise replica_error(e) from e
+                    raise replica_error(e, self.prep.request_id) from e
                 raise
             if "error" in item:
                 self.close()
@@ -85,23 +110,29 @@ class ReplicaStream:
         self._release(cancel=True)
 
 
-async def open_stream(handle: Any, prep: _Prepared) -> ReplicaStream:
-    """Start one request on ``handle`` (its deployment) and wait for its first item."""
+async def open_stream(handle: Any, prep: _Prepared, retries: int = 1) -> ReplicaStream:
+    """Start one request on ``handle`` (its deployment) and wait for its first item. A replica
+    that dies before the first item has streamed nothing, so the request is sent again
+    (``retries`` times): Serve's router no longer picks a dead replica."""
     gen = None
     prep.pool.in_flight += 1
     try:
         # Serve may refuse at .remote() already (its handle queue is full: backpressure).
         gen = handle.options(stream=True).generate.remote(
             prep.prompt_ids, prep.sampling, prep.request_id)
-        first = await gen.__anext__()
-    except asyncio.CancelledError:  # the client went away while we waited
+        first = await _next(gen, prep)
+    except (asyncio.CancelledError, APIError):  # the client went away, or the deadline passed
         prep.pool.in_flight -= 1
         if gen is not None:
             gen.cancel()
         raise
     except Exception as e:  # the call failed: nothing left to cancel
         prep.pool.in_flight -= 1
-        raise replica_error(e) from e
+        if retries > 0 and isinstance(e, REPLICA_GONE):
+            logger.warning("request %s: replica went away before its first token, retrying: %r",
+                           prep.request_id, e)  # fmt: skip
+            return await open_stream(handle, prep, retries - 1)
+        raise replica_error(e, prep.request_id) from e
     if "error" in first:
         prep.pool.in_flight -= 1
         raise APIError.from_dict(first["error"])

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsegserve/proto/segserve.proto\x12\x0bsegserve.v1\"\xbb\x08\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x0e\n\x01n\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x12\x17\n\nbeam_width\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x0f \x01(\x01H\x0c\x88\x01\x01\x12\x1b\n\x0e\x65\x61rly_stopping\x18\x10 \x01(\tH\r\x88\x01\x01\x12\x17\n\nignore_eos\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08H\x10\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x14 \x01(\rH\x11\x88\x01\x01\x12?\n\nlogit_bias\x18\x15 \x03(\x0b\x32+.segserve.v1.SamplingOptions.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x16 \x03(\r\x12\x11\n\tbad_words\x18\x17 \x03(\t\x12\x1c\n\x0fprompt_logprobs\x18\x18 \x01(\rH\x12\x88\x01\x01\x12\x31\n\nstructured\x18\x19 \x01(\x0b\x32\x1d.segserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x04\n\x02_nB\x0b\n\t_logprobsB\r\n\x0b_beam_widthB\x11\n\x0f_length_penaltyB\x11\n\x0f_early_stoppingB\r\n\x0b_ignore_eosB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_min_tokensB\x12\n\x10_prompt_logprobs\"\x94\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x14.segserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"E\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"{\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.segserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x87\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.segserve.v1.ChatMessage\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.segserve.v1.SamplingOptions\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07prompts\x18\x07 \x03(\t\x12\x34\n\x15prompt_token_id_lists\x18\x08 \x03(\x0b\x32\x15.segserve.v1.TokenIds\x12 \n\x05tools\x18\t \x03(\x0b\x32\x11.segserve.v1.Tool\x12,\n\x0btool_choice\x18\n \x01(\x0b\x32\x17.segserve.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x0b \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.segserve.v1.TopLogprob\"\xf9\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.segserve.v1.TokenLogprob\x12\x12\n\x05score\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12)\n\ntool_calls\x18\x07 \x03(\x0b\x32\x15.segserve.v1.ToolCall\x12\x32\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x19.segserve.v1.TokenLogprobB\x08\n\x06_score\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"\x84\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x13.segserve.v1.Choice\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.segserve.v1.Usage\x12\x0c\n\x04pool\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05pools\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.segserve.v1.ModelInfo\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t2\xb6\x02\n\x08SegServe\x12G\n\x08Generate\x12\x1c.segserve.v1.GenerateRequest\x1a\x1d.segserve.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.segserve.v1.GenerateRequest\x1a\x1d.segserve.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.segserve.v1.ListModelsRequest\x1a\x1f.segserve.v1.ListModelsResponse\x12\x41\n\x06Health\x12\x1a.segserve.v1.HealthRequest\x1a\x1b.segserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsegserve/proto/segserve.proto\x12\x0bsegserve.v1\"\xe3\x08\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x0e\n\x01n\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x12\x17\n\nbeam_width\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x0f \x01(\x01H\x0c\x88\x01\x01\x12\x1b\n\x0e\x65\x61rly_stopping\x18\x10 \x01(\tH\r\x88\x01\x01\x12\x17\n\nignore_eos\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08H\x10\x88\x01\x01\x12\x17\n\ncache_salt\x18\x1a \x01(\tH\x11\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x14 \x01(\rH\x12\x88\x01\x01\x12?\n\nlogit_bias\x18\x15 \x03(\x0b\x32+.segserve.v1.SamplingOptions.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x16 \x03(\r\x12\x11\n\tbad_words\x18\x17 \x03(\t\x12\x1c\n\x0fprompt_logprobs\x18\x18 \x01(\rH\x13\x88\x01\x01\x12\x31\n\nstructured\x18\x19 \x01(\x0b\x32\x1d.segserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x04\n\x02_nB\x0b\n\t_logprobsB\r\n\x0b_beam_widthB\x11\n\x0f_length_penaltyB\x11\n\x0f_early_stoppingB\r\n\x0b_ignore_eosB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_cache_saltB\r\n\x0b_min_tokensB\x12\n\x10_prompt_logprobs\"\x94\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x14.segserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"E\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"{\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.segserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x87\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.segserve.v1.ChatMessage\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.segserve.v1.SamplingOptions\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07prompts\x18\x07 \x03(\t\x12\x34\n\x15prompt_token_id_lists\x18\x08 \x03(\x0b\x32\x15.segserve.v1.TokenIds\x12 \n\x05tools\x18\t \x03(\x0b\x32\x11.segserve.v1.Tool\x12,\n\x0btool_choice\x18\n \x01(\x0b\x32\x17.segserve.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x0b \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.segserve.v1.TopLogprob\"\xf9\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.segserve.v1.TokenLogprob\x12\x12\n\x05score\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12)\n\ntool_calls\x18\x07 \x03(\x0b\x32\x15.segserve.v1.ToolCall\x12\x32\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x19.segserve.v1.TokenLogprobB\x08\n\x06_score\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"\x84\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x13.segserve.v1.Choice\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.segserve.v1.Usage\x12\x0c\n\x04pool\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05pools\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.segserve.v1.ModelInfo\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t2\xb6\x02\n\x08SegServe\x12G\n\x08Generate\x12\x1c.segserve.v1.GenerateRequest\x1a\x1d.segserve.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.segserve.v1.GenerateRequest\x1a\x1d.segserve.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.segserve.v1.ListModelsRequest\x1a\x1f.segserve.v1.ListModelsResponse\x12\x41\n\x06Health\x12\x1a.segserve.v1.HealthRequest\x1a\x1b.segserve.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,45 +34,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGOPTIONS']._serialized_start=47
-  _globals['_SAMPLINGOPTIONS']._serialized_end=1130
-  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_start=769
-  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_end=817
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=1133
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1281
-  _globals['_CHOICES']._serialized_start=1283
-  _globals['_CHOICES']._serialized_end=1308
-  _globals['_TOOLCALL']._serialized_start=1310
-  _globals['_TOOLCALL']._serialized_end=1379
-  _globals['_CHATMESSAGE']._serialized_start=1381
-  _globals['_CHATMESSAGE']._serialized_end=1504
-  _globals['_TOOL']._serialized_start=1506
-  _globals['_TOOL']._serialized_end=1567
-  _globals['_TOOLCHOICE']._serialized_start=1569
-  _globals['_TOOLCHOICE']._serialized_end=1627
-  _globals['_TOKENIDS']._serialized_start=1629
-  _globals['_TOKENIDS']._serialized_end=1652
-  _globals['_GENERATEREQUEST']._serialized_start=1655
-  _globals['_GENERATEREQUEST']._serialized_end=2046
-  _globals['_TOPLOGPROB']._serialized_start=2048
-  _globals['_TOPLOGPROB']._serialized_end=2110
-  _globals['_TOKENLOGPROB']._serialized_start=2112
-  _globals['_TOKENLOGPROB']._serialized_end=2214
-  _globals['_CHOICE']._serialized_start=2217
-  _globals['_CHOICE']._serialized_end=2466
-  _globals['_USAGE']._serialized_start=2468
-  _globals['_USAGE']._serialized_end=2577
-  _globals['_GENERATERESPONSE']._serialized_start=2580
-  _globals['_GENERATERESPONSE']._serialized_end=2712
-  _globals['_LISTMODELSREQUEST']._serialized_start=2714
-  _globals['_LISTMODELSREQUEST']._serialized_end=2733
-  _globals['_MODELINFO']._serialized_start=2735
-  _globals['_MODELINFO']._serialized_end=2796
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2798
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2858
-  _globals['_HEALTHREQUEST']._serialized_start=2860
-  _globals['_HEALTHREQUEST']._serialized_end=2875
-  _globals['_HEALTHRESPONSE']._serialized_start=2877
-  _globals['_HEALTHRESPONSE']._serialized_end=2909
-  _globals['_SEGSERVE']._serialized_start=2912
-  _globals['_SEGSERVE']._serialized_end=3222
+  _globals['_SAMPLINGOPTIONS']._serialized_end=1170
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_start=794
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_end=842
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1173
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1321
+  _globals['_CHOICES']._serialized_start=1323
+  _globals['_CHOICES']._serialized_end=1348
+  _globals['_TOOLCALL']._serialized_start=1350
+  _globals['_TOOLCALL']._serialized_end=1419
+  _globals['_CHATMESSAGE']._serialized_start=1421
+  _globals['_CHATMESSAGE']._serialized_end=1544
+  _globals['_TOOL']._serialized_start=1546
+  _globals['_TOOL']._serialized_end=1607
+  _globals['_TOOLCHOICE']._serialized_start=1609
+  _globals['_TOOLCHOICE']._serialized_end=1667
+  _globals['_TOKENIDS']._serialized_start=1669
+  _globals['_TOKENIDS']._serialized_end=1692
+  _globals['_GENERATEREQUEST']._serialized_start=1695
+  _globals['_GENERATEREQUEST']._serialized_end=2086
+  _globals['_TOPLOGPROB']._serialized_start=2088
+  _globals['_TOPLOGPROB']._serialized_end=2150
+  _globals['_TOKENLOGPROB']._serialized_start=2152
+  _globals['_TOKENLOGPROB']._serialized_end=2254
+  _globals['_CHOICE']._serialized_start=2257
+  _globals['_CHOICE']._serialized_end=2506
+  _globals['_USAGE']._serialized_start=2508
+  _globals['_USAGE']._serialized_end=2617
+  _globals['_GENERATERESPONSE']._serialized_start=2620
+  _globals['_GENERATERESPONSE']._serialized_end=2752
+  _globals['_LISTMODELSREQUEST']._serialized_start=2754
+  _globals['_LISTMODELSREQUEST']._serialized_end=2773
+  _globals['_MODELINFO']._serialized_start=2775
+  _globals['_MODELINFO']._serialized_end=2836
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2838
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2898
+  _globals['_HEALTHREQUEST']._serialized_start=2900
+  _globals['_HEALTHREQUEST']._serialized_end=2915
+  _globals['_HEALTHRESPONSE']._serialized_start=2917
+  _globals['_HEALTHRESPONSE']._serialized_end=2949
+  _globals['_SEGSERVE']._serialized_start=2952
+  _globals['_SEGSERVE']._serialized_end=3262
 # @@protoc_insertion_point(module_scope)

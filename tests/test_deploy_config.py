@@ -325,6 +325,8 @@ BAD = [
     ("both api keys", {"ingress": {"api_key": "k", "api_key_env": "E"}}, "args.ingress",
      "set api_key or api_key_env, not both"),
     ("empty api key", {"ingress": {"api_key": ""}}, "args.ingress", "must not be empty"),
+    ("key salt without a key", {"ingress": {"api_key_cache_salt": "t"}}, "args.ingress",
+     "api_key_cache_salt needs api_key or api_key_env"),
     ("'#' in a model name", {"models.0.name": "a#b"}, "args.models.0.name", "pattern"),
     ("string for a number", {"pools.0.max_num_seqs": "many"}, "args.pools.0.max_num_seqs",
      "valid integer"),

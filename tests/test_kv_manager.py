@@ -11,6 +11,9 @@ slot whose content some live sequence did not write.
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
@@ -21,15 +24,17 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from segserve.actors.kv_manager import NoFreeBlocks, SegmentKVManager
+from segserve.actors.kv_manager import NoFreeBlocks, SegmentKVManager, block_key, root_key
 from segserve.actors.sampling_params import SamplingParams
 from segserve.actors.sequence import Sequence, SequenceGroup
 
 # ----- helpers ------------------------------------------------------------------------------
 
 
-def make_group(rid: str, prompt: list[int], n: int = 1) -> SequenceGroup:
-    group = SequenceGroup(rid, list(prompt), SamplingParams(n=n), 0.0)
+def make_group(
+    rid: str, prompt: list[int], n: int = 1, cache_salt: str | None = None
+) -> SequenceGroup:
+    group = SequenceGroup(rid, list(prompt), SamplingParams(n=n, cache_salt=cache_salt), 0.0)
     group.seqs.append(Sequence(group))
     return group
 
@@ -475,6 +480,55 @@ def test_prefix_hit_reuses_exactly_the_full_cached_blocks():
     assert f.prompt_computed == 0
     kv.free_group(f)
     assert kv.metrics().prefix_cache_hit_tokens == 8 + 4 + 4
+
+
+def test_block_keys_are_chained_sha256_of_parent_tokens_and_extra_keys():
+    # Oracle: the documented layout, spelled out with struct instead of array.
+    root = hashlib.sha256(b"segserve-prefix-v1").digest()
+    assert root_key() == root
+    assert root_key("t1") == hashlib.sha256(b"segserve-prefix-v1\x01t1").digest()
+    expect = hashlib.sha256(root + struct.pack("<3q", 5, 6, 7) + struct.pack("<I", 0)).digest()
+    assert block_key(root, [5, 6, 7]) == expect
+    assert block_key(root, [5, 6, 7], b"lora") != expect
+    # Tokens that share a byte string under a narrower encoding stay apart.
+    assert block_key(root, [1, 0]) != block_key(root, [256])
+    kv = SegmentKVManager(num_blocks=8, block_size=2)
+    g = make_group("g", [1, 2, 3, 4, 5])
+    first = block_key(root, [1, 2])
+    assert kv._block_hashes(g) == [first, block_key(first, [3, 4])]
+
+
+def test_cache_salt_isolates_prefix_blocks():
+    kv = SegmentKVManager(num_blocks=16, block_size=4)
+    prompt = list(range(10, 19))
+    a = make_group("a", prompt, cache_salt="tenant-a")
+    kv.admit(a)
+    prefill(kv, a)
+    kv.free_group(a)
+    for rid, salt, hit in [("b", None, 0), ("c", "tenant-b", 0), ("d", "tenant-a", 8)]:
+        g = make_group(rid, prompt, cache_salt=salt)
+        kv.admit(g)
+        assert g.cached_prompt_tokens == hit, (rid, salt)
+        prefill(kv, g)
+        kv.free_group(g)
+
+
+def test_a_key_collision_never_serves_another_prefix():
+    """Forge a collision: the block cached under a key must still hold the asking prompt's
+    tokens and parent, else it is a miss."""
+    kv = SegmentKVManager(num_blocks=16, block_size=4)
+    a = make_group("a", list(range(10, 19)))
+    kv.admit(a)
+    prefill(kv, a)
+    kv.free_group(a)
+    b = make_group("b", list(range(50, 59)))
+    b.prompt_block_hashes = list(kv._block_hashes(make_group("x", list(range(10, 19)))))
+    kv.admit(b)
+    assert b.cached_prompt_tokens == 0
+    kv.free_group(b)
+    c = make_group("c", list(range(10, 19)))
+    kv.admit(c)
+    assert c.cached_prompt_tokens == 8
 
 
 def test_no_prefix_hits_when_caching_is_off():

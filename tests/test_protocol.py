@@ -510,3 +510,18 @@ def test_chat_logprobs_body():
     assert body["content"][1]["bytes"] == list(b" world")
     assert body["content"][2] == {"token": "!", "logprob": -2.0, "bytes": [33], "top_logprobs": []}
     assert chat_logprobs([]) is None
+
+
+def test_cache_salt_reaches_sampling_and_a_key_salt_cannot_be_named_into():
+    from segserve.deploy.service import ServiceCore
+
+    assert comp(cache_salt="t1").sampling() == {"n": 1, "cache_salt": "t1"}
+    with pytest.raises(ValidationError):
+        comp(cache_salt="")
+    salt = ServiceCore.cache_salt
+    assert salt(None, None) is None
+    # Four spaces of salts that never meet: none, the request's, the key's, the key's + own.
+    seen = {salt("t1", None), salt(None, "k"), salt("t1", "k"), salt("k", None)}
+    assert len(seen) == 4 and None not in seen
+    # A request cannot name the salt a key implies.
+    assert salt(None, "k") not in {salt(s, None) for s in ("k", "k:k", "r:k:k")}

@@ -184,6 +184,20 @@ def test_prefix_cache_hits_are_reported_in_usage(svc):
     assert via_grpc.usage.cached_prompt_tokens == 32
 
 
+def test_cache_salt_isolates_the_prefix_cache(svc):
+    prompt = list(range(2, 42))
+    body = {"model": "demo", "prompt": prompt, "max_tokens": 2}
+    cached = []
+    for salt in [None, "tenant-a", "tenant-b", "tenant-a"]:
+        status, text = _post(svc, "/v1/completions", {**body, "cache_salt": salt})
+        assert status == 200, text
+        cached.append(json.loads(text)["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached == [0, 0, 0, 32]
+    via_grpc = svc.grpc.generate(prompt_token_ids=prompt, model="demo", max_tokens=2,
+                                 cache_salt="tenant-b")  # fmt: skip
+    assert via_grpc.usage.cached_prompt_tokens == 32
+
+
 def test_chat_uses_template_and_streams(svc, engine):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     tok = engine.tokenizer
@@ -893,3 +907,65 @@ def test_prometheus_metrics_exported(svc):
     assert text, "segserve metrics never showed up on Ray's metrics endpoint"
     total = [ln for ln in text.splitlines() if ln.startswith("ray_segserve_kv_blocks_total{")]
     assert any(ln.endswith(" 256.0") for ln in total), total  # the pool's size
+
+
+# ----- soak -----------------------------------------------------------------------------------
+SOAK_S = 15.0  # bench/soak.py runs it for as long as asked; the suite keeps it short
+
+
+def test_soak_mixed_workload_loses_nothing(svc):
+    import asyncio
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
+    spec = importlib.util.spec_from_file_location("soak", path)
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    report = asyncio.run(soak.run_soak(svc.base, svc.grpc_target, "segserve", SOAK_S,
+                                       concurrency=6, stats=svc.stats))  # fmt: skip
+    assert report["num_unexpected"] == 0, report
+    assert report["leaked_blocks"] == 0, report
+    kinds = {k.split("/")[0] for k in report["outcomes"]}
+    assert {"stream", "bad", "grpc-bad"} <= kinds, report  # the mix really ran
+    assert svc.oai.completions.create(model="demo", prompt="hi", max_tokens=2).choices
+
+
+# ----- faults (last: it kills the "secure" app's replica) -----------------------------------
+INTERNALS = ("Actor", "actor_id", "pid", "127.0.0.1", "Traceback", "ray.")
+
+
+def test_killing_the_replica_mid_stream_gives_an_opaque_503_and_the_service_recovers(svc):
+    auth = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    conn = http.client.HTTPConnection("127.0.0.1", svc.http_port, timeout=60)
+    body = {"model": "demo", "prompt": "a long story " * 8, "max_tokens": 400,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    conn.request("POST", "/secure/v1/completions", json.dumps(body), auth)
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")  # the stream is under way
+
+    name = deployment_name("demo", "cpu")
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
+              if a["name"].startswith(f"SERVE_REPLICA::secure#{name}#")]  # fmt: skip
+    assert len(actors) == 1, actors
+    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]))
+
+    events = [ln[6:] for ln in resp.read().decode().splitlines() if ln.startswith("data: ")]
+    conn.close()
+    errors = [json.loads(e)["error"] for e in events if e != "[DONE]" and "error" in e]
+    if errors:  # or the stream finished before the kill landed: a complete answer
+        assert errors[0]["code"] == 503 and errors[0]["type"] == "service_unavailable"
+        assert not any(s in errors[0]["message"] for s in INTERNALS), errors[0]
+
+    short = {"model": "demo", "prompt": "hi", "max_tokens": 2}
+    seen = []
+
+    def answered():
+        status, text = _post(svc, "/secure/v1/completions", short, auth)
+        seen.append((status, text))
+        return status == 200
+
+    assert _wait_for(answered, timeout=60), seen[-3:]
+    for status, text in seen[:-1]:  # while Serve replaces it: retryable, opaque
+        assert status == 503 and not any(s in text for s in INTERNALS), (status, text)

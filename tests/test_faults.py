@@ -1,0 +1,250 @@
+"""Faults without a Ray instance: an engine error becomes a 500 naming only the request id, a
+dead replica an opaque, retryable 503 (retried once before the first token), and no failure
+path leaks engine queues or in-flight counts. The live checks are in test_serve.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+from ray.exceptions import ActorDiedError
+from segserve.actors import SamplingParams
+from segserve.actors.async_engine import AsyncEngine, EngineBroken
+from segserve.actors.engine import QueueFull
+from segserve.deploy.errors import APIError
+from segserve.deploy.replica import LLMReplica
+from segserve.deploy.streams import open_stream, replica_error
+
+ENGINE = dict(model="demo", device="cpu", dtype="float32", num_kv_blocks=64, max_model_len=256,
+              max_num_seqs=4, max_queue_len=2)  # fmt: skip
+SECRET = "boom in actor 9f3a at 10.1.2.3 pid 4242"
+
+
+@pytest.fixture(scope="module")
+def replica():
+    return LLMReplica(ENGINE, "demo", "cpu")
+
+
+async def _items(replica, request_id, max_tokens=4):
+    sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    return [item async for item in replica.generate([1, 2, 3, 4, 5], sampling, request_id)]
+
+
+def test_engine_error_is_a_500_naming_only_the_request_id(replica, monkeypatch):
+    runner = replica.engine.core.runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(SECRET)
+
+    async def main():
+        with monkeypatch.context() as m:
+            m.setattr(runner, "execute", broken)
+            items = await _items(replica, "req-err-1")
+        assert len(items) == 1, items  # no item claims the request finished normally
+        err = items[0]["error"]
+        assert err["status"] == 500 and "req-err-1" in err["message"]
+        for leak in ("9f3a", "10.1.2.3", "4242", "boom", "Traceback", "RuntimeError"):
+            assert leak not in err["message"]
+        # The engine goes on: the next request completes in full.
+        items = await _items(replica, "req-ok-1")
+        assert sum(len(i["token_ids"]) for i in items) == 4
+        assert items[-1]["finish_reason"] == "length"
+        assert replica.engine.stats()["blocks_used"] == 0
+
+    asyncio.run(main())
+
+
+def test_replica_errors_say_nothing_internal():
+    died = ActorDiedError()
+    e = replica_error(died, "rid-7")
+    assert e.status == 503 and e.grpc_code_name == "UNAVAILABLE" and "rid-7" in e.message
+    assert str(died)[:20] not in e.message and "Actor" not in e.message
+    e = replica_error(RuntimeError(SECRET), "rid-8")
+    assert e.status == 500 and e.grpc_code_name == "INTERNAL" and SECRET not in e.message
+
+
+class _Gen:
+    def __init__(self, items, fail=None):
+        self.items, self.fail, self.cancelled = list(items), fail, False
+
+    async def __anext__(self):
+        if self.fail is not None:
+            raise self.fail
+        if not self.items:
+            raise StopAsyncIteration
+        return self.items.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Handle:
+    """A deployment handle whose calls return the given generators in turn."""
+
+    def __init__(self, *gens):
+        self.gens = list(gens)
+        self.calls = 0
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, *args):
+        self.calls += 1
+        return self.gens.pop(0)
+
+
+def _prep():
+    return SimpleNamespace(prompt_ids=[1], sampling={}, request_id="rid-r", cached_tokens=0,
+                           pool=SimpleNamespace(in_flight=0), deadline=None)  # fmt: skip
+
+
+def test_a_dead_replica_before_the_first_token_is_retried_once():
+    async def main():
+        item = {"index": 0, "token_ids": [5], "text": "x", "finish_reason": "length"}
+        prep = _prep()
+        handle = _Handle(_Gen([], ActorDiedError()), _Gen([item]))
+        stream = await open_stream(handle, prep)
+        assert handle.calls == 2 and prep.pool.in_flight == 1
+        assert [i async for i in stream] == [item] and prep.pool.in_flight == 0
+
+        prep = _prep()
+        handle = _Handle(_Gen([], ActorDiedError()), _Gen([], ActorDiedError()))
+        with pytest.raises(APIError) as info:
+            await open_stream(handle, prep)
+        assert info.value.status == 503 and handle.calls == 2 and prep.pool.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_a_full_queue_leaks_no_stream_queue(replica):
+    engine = replica.engine
+
+    async def main():
+        long = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+        # Enough streams to fill the batch and the queue; the rest get QueueFull.
+        gens = [engine.generate([1, 2, 3], long, f"fill-{i}") for i in range(12)]
+        # All submit before the engine's first step: the inbox holds them all.
+        firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+        refused = sum(isinstance(f, QueueFull) for f in firsts)
+        assert refused == len(gens) - ENGINE["max_queue_len"], firsts
+        live = len(gens) - refused
+        assert len(engine._queues) == live
+        for g in gens:
+            await g.aclose()
+        assert not engine._queues
+        while engine.core.has_work():  # the aborts drain before the next test
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+
+
+def test_a_stream_response_never_iterated_still_closes_its_replica_stream():
+    from segserve.deploy.openai_api import ClosingStreamingResponse
+    from starlette.requests import ClientDisconnect
+
+    closed = []
+
+    async def body():
+        yield "data: x\n\n"
+
+    async def gone(message):  # the client left: the first send fails
+        raise OSError("client disconnected")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def main():
+        response = ClosingStreamingResponse(body(), lambda: closed.append(1))
+        with pytest.raises((OSError, ClientDisconnect)):  # Starlette renames it
+            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, gone)
+        assert closed == [1]
+
+    asyncio.run(main())
+
+
+def test_a_step_fault_fails_the_requests_in_flight_and_the_engine_goes_on(replica, monkeypatch):
+    scheduler = replica.engine.core.scheduler
+    real = scheduler.schedule
+    calls = []
+
+    def once(*args, **kwargs):  # bookkeeping outside execute/sampling raises, once
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError(SECRET)
+        return real(*args, **kwargs)
+
+    async def main():
+        monkeypatch.setattr(scheduler, "schedule", once)
+        items = await _items(replica, "req-step-1")
+        assert items[0]["error"]["status"] == 500 and SECRET not in items[0]["error"]["message"]
+        while replica.engine.core.has_work():  # the failed request's abort drains
+            await asyncio.sleep(0.01)
+        items = await _items(replica, "req-step-2")
+        assert sum(len(i["token_ids"]) for i in items) == 4
+        await replica.check_health()
+        monkeypatch.setattr(scheduler, "schedule", real)
+        assert replica.engine.stats()["blocks_used"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_persistent_step_fault_fails_the_health_check():
+    broken_replica = LLMReplica(ENGINE, "demo", "cpu")
+
+    def broken(*args, **kwargs):
+        raise KeyError(SECRET)
+
+    broken_replica.engine.core.scheduler.schedule = broken
+
+    async def main():
+        statuses = []
+        for i in range(AsyncEngine.MAX_CONSECUTIVE_STEP_FAILURES + 1):
+            items = await _items(broken_replica, f"req-p-{i}")
+            assert len(items) == 1
+            statuses.append(items[0]["error"]["status"])
+            engine = broken_replica.engine
+            while engine.core.has_work() and engine.broken is None:  # its abort drains
+                await asyncio.sleep(0.01)
+        # Each request fails (nothing hangs); once the fault has persisted the engine stops,
+        # the health check fails, and later requests are refused as retryable.
+        assert statuses[-1] == 503 and set(statuses[:-1]) <= {500, 503}, statuses
+        with pytest.raises(EngineBroken):
+            await broken_replica.check_health()
+
+    asyncio.run(main())
+
+
+def test_the_deadline_cancels_the_call_with_a_timeout_error():
+    class _Hang(_Gen):
+        async def __anext__(self):
+            await asyncio.sleep(3600)
+
+    async def main():
+        prep = _prep()
+        prep.deadline = time.monotonic() + 0.05
+        gen = _Hang([])
+        with pytest.raises(APIError) as info:
+            await open_stream(_Handle(gen), prep)
+        assert info.value.status == 504 and info.value.grpc_code_name == "DEADLINE_EXCEEDED"
+        assert "timed out" in info.value.message
+        assert gen.cancelled and prep.pool.in_flight == 0
+
+        item = {"index": 0, "token_ids": [5], "text": "x"}
+        prep = _prep()
+        prep.deadline = time.monotonic() + 60
+        gen = _Gen([item])
+        stream = await open_stream(_Handle(gen), prep)
+        gen.__class__ = _Hang  # the first token came; the next never does
+        prep.deadline = time.monotonic() + 0.05
+        assert await stream.__anext__() == item
+        with pytest.raises(APIError) as info:
+            await stream.__anext__()
+        assert info.value.status == 504 and gen.cancelled and prep.pool.in_flight == 0
+
+    asyncio.run(main())
