@@ -133,7 +133,7 @@ def test_bad_length_penalty_is_rejected_before_it_reaches_the_engine():
 def test_a_request_whose_sampling_fails_is_failed_alone(model, monkeypatch):
     """An unexpected error while sampling one request ends that request with finish_reason
     'error'; the engine loop survives and the other requests finish unchanged."""
-    from segserve.actors import engine as engine_module
+    from segserve.actors import token_updates as engine_module
 
     core = EngineCore(EngineConfig(model=str(model[0]), block_size=4, num_kv_blocks=64))
 
