@@ -76,7 +76,7 @@ def linear_layers(model: torch.nn.Module, copies: int = 4, repeats: int = 5) -> 
     seen, rows = set(), []
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if weight is None or weight.dim() != 2 or not hasattr(module, "packed_by"):
+        if weight is None or weight.dim() != 2 or not hasattr(module, "pack"):
             continue
         dense = weight.to_dense() if weight.layout == torch._mkldnn else weight
         if tuple(dense.shape) in seen:
@@ -87,7 +87,7 @@ def linear_layers(model: torch.nn.Module, copies: int = 4, repeats: int = 5) -> 
         x = torch.randn(1, dense.shape[1]).to(dense.dtype)
         fns = {"plain": lambda x=x, ws=plain: [F.linear(x, w) for w in ws]}
         if packed[0] is not None:
-            fns["packed"] = lambda x=x, ps=packed: [cpu.packed_linear(x, p, None) for p in ps]
+            fns["packed"] = lambda x=x, ps=packed: [cpu.linear(x, p) for p in ps]
         t = interleaved(fns, repeats)
         nbytes = dense.numel() * dense.element_size()
         row = [dense.shape[0], dense.shape[1]]

@@ -505,13 +505,18 @@ def main(argv: list[str] | None = None) -> int:
     for text in profiles:
         print("\n" + text)
     print(f"\n== decode step (ms); floor = (weights + KV read at mean context "
-          f"{args.input_len + args.output_len // 2}) / {bw / 1e9:.0f} GB/s ==")
-    print(f"{'batch':>6} {'floor':>8} {'ours':>8} {'ours/floor':>11} {'GB/s':>7}")
+          f"{args.input_len + args.output_len // 2}) / {bw / 1e9:.0f} GB/s; compute = "
+          f"2 x weights' params x batch / {tflops:.2f} TFLOP/s ==")
+    print(f"{'batch':>6} {'floor':>8} {'compute':>8} {'ours':>8} {'ours/floor':>11} "
+          f"{'ours/max':>9} {'GB/s':>7}")
+    wparams = wbytes / torch.empty((), dtype=dtype).element_size()
     for b in sizes:
         kv = b * (args.input_len + args.output_len // 2) * kv_tok
         step = ours[b].decode_p50_s
-        print(f"{b:>6} {(wbytes + kv) / bw * 1e3:>8.3f} {step * 1e3:>8.3f} "
-              f"{ratio(step, (wbytes + kv) / bw):>11} {(wbytes + kv) / step / 1e9:>7.0f}")
+        floor, compute = (wbytes + kv) / bw, 2 * wparams * b / (tflops * 1e12)
+        print(f"{b:>6} {floor * 1e3:>8.3f} {compute * 1e3:>8.3f} {step * 1e3:>8.3f} "
+              f"{ratio(step, floor):>11} {ratio(step, max(floor, compute)):>9} "
+              f"{(wbytes + kv) / step / 1e9:>7.0f}")
     print(f"\n== batch-1 decode step (ms): floor {floor1 * 1e3:.3f}, ours "
           f"{ours[1].decode_p50_s * 1e3:.3f} ({ratio(ours[1].decode_p50_s, floor1)} floor), "
           f"HF eager {hf['step'] * 1e3:.3f} (attn {hf['attn']}), HF static+compile "

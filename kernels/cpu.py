@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu_fused
 from .cpu_attention import decode_attention, slim_attention
@@ -65,14 +66,16 @@ class CPUBackend(ReferenceBackend):
         # batch_size=1: the layout oneDNN picks for a GEMV; it serves prefill's GEMMs as well.
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
 
-    def packed_linear(
-        self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if weight.layout != torch._mkldnn:
+            return F.linear(x, weight, bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
         return out.view(*lead, out.shape[-1])
 
     # ----- element-wise ----------------------------------------------------------------------

@@ -110,15 +110,16 @@ class KernelBackend:
     int8_kv = False
 
     def pack_linear_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """A re-laid-out copy of a linear weight ``[out, in]`` for ``packed_linear``, or None to
-        keep the plain weight and ``F.linear``. Called once per weight after loading."""
+        """A re-laid-out copy of a linear weight ``[out, in]`` that this backend's ``linear``
+        takes in its place, or None to keep the plain weight. Called once per weight after
+        loading."""
         return None
 
-    def packed_linear(
-        self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``x @ W.T + bias`` with ``packed = pack_linear_weight(W)``."""
-        raise NotImplementedError
+        """``x @ weight.T + bias`` (weights ``[out, in]``, as nn.Linear)."""
+        return torch.nn.functional.linear(x, weight, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise NotImplementedError

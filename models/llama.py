@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from segserve.kernels import AttentionMetadata, KernelBackend, LayerKV
 from torch import nn
 
@@ -27,23 +26,22 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, backend: KernelBackend
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.packed_by: KernelBackend | None = None
+        self.backend = backend
 
-    def pack(self, backend: KernelBackend) -> None:
+    def pack(self) -> None:
         """Swap the weight for the backend's packed layout, if it has one (after loading)."""
-        packed = backend.pack_linear_weight(self.weight.data)
+        packed = self.backend.pack_linear_weight(self.weight.data)
         if packed is not None:
             self.weight = nn.Parameter(packed, requires_grad=False)
-            self.packed_by = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_by is not None:
-            return self.packed_by.packed_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.backend.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -85,8 +83,8 @@ class Attention(nn.Module):
         self.backend = backend
         self.all_reduce = all_reduce
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_proj = Linear(spec.hidden_size, qkv_out, bias=spec.qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, spec.hidden_size, bias=spec.o_bias)
+        self.qkv_proj = Linear(spec.hidden_size, qkv_out, spec.qkv_bias, backend)
+        self.o_proj = Linear(self.num_heads * self.head_dim, spec.hidden_size, spec.o_bias, backend)
 
     def forward(
         self,
@@ -122,8 +120,8 @@ class MLP(nn.Module):
                 f"{spec.intermediate_size}"
             )
         inter = spec.intermediate_size // tp_size
-        self.gate_up_proj = Linear(spec.hidden_size, 2 * inter, bias=spec.mlp_bias)
-        self.down_proj = Linear(inter, spec.hidden_size, bias=spec.mlp_bias)
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * inter, spec.mlp_bias, backend)
+        self.down_proj = Linear(inter, spec.hidden_size, spec.mlp_bias, backend)
         self.backend = backend
         self.all_reduce = all_reduce
 
@@ -185,7 +183,7 @@ class LlamaForCausalLM(nn.Module):
         # Vocab-parallel LM head: each rank owns a slice of the vocabulary.
         if spec.vocab_size % tp_size:
             raise ValueError(f"tensor_parallel_size {tp_size} must divide vocab {spec.vocab_size}")
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size // tp_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size // tp_size, False, backend)
         self.cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def init_rope(self, max_positions: int, device: torch.device) -> None:
@@ -213,7 +211,7 @@ class LlamaForCausalLM(nn.Module):
         """Let the backend re-lay out every linear weight once, after loading."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack(self.backend)
+                module.pack()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's logits slice, in float32 (sampling and log-probs want the precision)."""

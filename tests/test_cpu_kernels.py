@@ -210,7 +210,7 @@ def test_packed_bf16_linear_equals_f_linear():
     packed = CPU.pack_linear_weight(w)
     for rows in (1, 5, 70):
         x = torch.randn(rows, 64).bfloat16()
-        torch.testing.assert_close(CPU.packed_linear(x, packed, b), F.linear(x, w, b),
+        torch.testing.assert_close(CPU.linear(x, packed, b), F.linear(x, w, b),
                                    rtol=1e-2, atol=1e-2)
     assert CPU.pack_linear_weight(torch.randn(8, 8)) is None  # float32 stays on F.linear
 
