@@ -73,7 +73,7 @@ def configure_cpu(threads: int | None = None) -> str:
     if n > len(cores):
         logger.warning("cpu_threads=%d exceeds the %d cores this process may use", n, len(cores))
     torch.set_num_threads(n)
-    line = (f"CPU engine: {n} threads on cores {format_cores(cores)}"
+    line = (f"CPU engine: {n} thread{'' if n == 1 else 's'} on cores {format_cores(cores)}"
             f" ({'pinned by ' + CORES_ENV if pinned else 'all this process may use'})")
     logger.info(line)
     return line
