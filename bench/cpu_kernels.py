@@ -102,7 +102,7 @@ def elementwise(hidden: int, intermediate: int, num_heads: int, num_kv_heads: in
                 head_dim: int, dtype: torch.dtype, rows_list: list[int],
                 repeats: int = 50) -> list[tuple]:
     """(op, rows, eager us, Inductor-compiled us) for each element-wise chain of a layer."""
-    compiled = cpu_fused.inductor_ops(min_rows=1)
+    compiled = cpu_fused.inductor_ops(min_rows=1, silu_mul_min_rows=1)
     eager = cpu_fused.EAGER
     out = []
     for rows in rows_list:

@@ -7,7 +7,8 @@ Three implementations, chosen by ``SEGSERVE_CPU_FUSED`` (``auto`` by default):
   dynamic shapes, one compile per op and dtype). Each chain becomes one vectorized loop, so a
   1k-row add+RMSNorm in bf16 takes ~0.6 ms instead of ~10 ms on this project's 2-core test box;
   but a compiled call costs ~20-30 us of guards and dispatch, more than the eager op at decode
-  sizes. So compiled code runs only for calls of at least ``INDUCTOR_MIN_ROWS`` rows (prefill),
+  sizes. So compiled code runs only for calls of at least ``INDUCTOR_MIN_ROWS`` rows (prefill;
+  ``SILU_MUL_MIN_ROWS`` for SiLU*mul),
   and only in bf16/fp16: in float32 the eager ops keep results bit-identical to HF's. Without a
   C++ compiler, or if a compile fails, the op stays eager (one warning).
 * ``ipex``: ``intel_extension_for_pytorch.llm.functional`` (rms_norm, silu_mul) where it imports;
@@ -35,9 +36,11 @@ logger = logging.getLogger(__name__)
 
 CHOICES = ("auto", "eager", "inductor", "ipex")
 ENV = "SEGSERVE_CPU_FUSED"
-# Rows (tokens) from which a compiled element-wise chain beats eager (measured by
-# bench/offline.py's element-wise table: at 16 rows they tie, at 256 compiled is 3-10x faster).
+# Rows (tokens) from which a compiled element-wise chain beats eager (bench/offline.py
+# --elementwise, TinyLlama shapes, bf16, this 2-core box: eager wins at 1 and 16 rows; at 64
+# add+RMSNorm and RoPE gain 1.1-1.2x, SiLU*mul only from 256; 1.4-2.1x at 1k rows).
 INDUCTOR_MIN_ROWS = 64
+SILU_MUL_MIN_ROWS = 256
 COMPILED_DTYPES = (torch.bfloat16, torch.float16)
 
 _REF = ReferenceBackend()
@@ -103,12 +106,14 @@ class _SizeDispatch:
             return self.eager(x, *args)
 
 
-def inductor_ops(min_rows: int = INDUCTOR_MIN_ROWS) -> FusedOps:
+def inductor_ops(
+    min_rows: int = INDUCTOR_MIN_ROWS, silu_mul_min_rows: int = SILU_MUL_MIN_ROWS
+) -> FusedOps:
     return FusedOps(
         "inductor",
         _SizeDispatch(eager_rms_norm, min_rows),
         _SizeDispatch(eager_add_rms_norm, min_rows),
-        _SizeDispatch(eager_silu_mul, min_rows),
+        _SizeDispatch(eager_silu_mul, silu_mul_min_rows),
         _SizeDispatch(eager_rope, min_rows),
     )
 

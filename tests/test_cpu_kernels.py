@@ -246,7 +246,7 @@ def test_inductor_fused_ops_match_reference():
     below the threshold, and in float32, the eager ops run (exact)."""
     if not cpu_fused.has_cxx_compiler():
         pytest.skip("no C++ compiler: Inductor's CPU backend cannot build")
-    ops = cpu_fused.inductor_ops(min_rows=64)
+    ops = cpu_fused.inductor_ops(min_rows=64, silu_mul_min_rows=64)
     _check_fused(ops, 80, torch.bfloat16, dict(rtol=2e-2, atol=6e-2))
     assert ops.add_rms_norm.compiled is not None and not ops.add_rms_norm.failed
     _check_fused(ops, 3, torch.bfloat16, dict(rtol=0, atol=0))
