@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import FAMILIES, hf_greedy
 from segserve.actors import EngineConfig, EngineCore, SamplingParams
-from segserve.kernels.quant import kv_bytes_per_token_head
 
 
 def prompts(n: int, seed: int) -> list[list[int]]:
@@ -98,35 +97,37 @@ def test_int8_kv_engine_on_sharpened_models(family, tiny_models):
     assert matched >= 0.6 * total, (matched, total)
 
 
-def test_int8_kv_halves_kv_bytes_in_the_kv_metrics(tiny_models):
-    """bytes per token (values + scales) from the KV manager, the pool's capacity for the same
-    memory budget, and the bytes a finished-prompt request actually stores."""
-    path, _ = tiny_models["llama"]
+def test_int8_kv_halves_kv_bytes_in_the_kv_metrics(tmp_path):
+    """Bytes per token (values + scales) from the KV manager's metrics, the bytes a request
+    stores, and the pool's capacity for the same memory budget, bf16 against int8, on a tiny
+    llama with TinyLlama's head_dim 64."""
+    from conftest import make_model
+
+    make_model(tmp_path, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
     stats = {}
     for kv in ("auto", "int8"):
-        core = EngineCore(EngineConfig(model=path, dtype="bfloat16", kv_dtype=kv, block_size=4,
-                                       kv_cache_memory_gb=0.001))
+        core = EngineCore(EngineConfig(model=str(tmp_path), dtype="bfloat16", kv_dtype=kv,
+                                       block_size=4, kv_cache_memory_gb=0.001))
         core.add_request(list(range(3, 40)), SamplingParams(max_tokens=3, temperature=0.0))
         core.step()  # the prompt's K/V are stored
         stats[kv] = core.stats()
         spec = core.spec
-        layers_heads, dim = 2 * spec.num_layers * spec.num_kv_heads, spec.head_dim
+    assert spec.head_dim == 64
     bf16, int8 = stats["auto"], stats["int8"]
-    assert bf16["bytes_per_token"] == layers_heads * dim * 2
-    assert int8["bytes_per_token"] == layers_heads * kv_bytes_per_token_head(dim, torch.int8)
-    assert int8["bytes_per_token"] == layers_heads * (dim + 4)
-    # (D + 4) / 2D: 0.625 at this tiny D = 16; 0.53 at D = 64 (TinyLlama), 0.52 at D = 128.
+    layers_heads = 2 * spec.num_layers * spec.num_kv_heads  # K and V of every layer
+    assert bf16["bytes_per_token"] == layers_heads * 64 * 2
+    assert int8["bytes_per_token"] == layers_heads * (64 + 4)  # int8 values + a float32 scale
     ratio = int8["bytes_per_token"] / bf16["bytes_per_token"]
-    assert ratio == (dim + 4) / (2 * dim)
-    assert kv_bytes_per_token_head(64, torch.int8) / kv_bytes_per_token_head(64, torch.bfloat16) \
-        <= 0.535
-    assert int8["stored_bytes"] / bf16["stored_bytes"] == ratio
+    assert ratio == pytest.approx(68 / 128) and ratio < 0.54
     assert int8["tokens_stored"] == bf16["tokens_stored"] == 37
-    # The same memory budget holds 1/ratio times the blocks: the autoscaler's utilization is
-    # measured against the larger pool.
+    assert int8["stored_bytes"] == 37 * int8["bytes_per_token"]
+    assert int8["stored_bytes"] / bf16["stored_bytes"] == ratio
+    # The same memory budget holds 1/ratio times the blocks, so the autoscaler's KV utilization
+    # is measured against the larger pool.
     assert int8["blocks_total"] == int(0.001 * 2**30 // (4 * int8["bytes_per_token"]))
     assert int8["blocks_total"] >= int(bf16["blocks_total"] / ratio) - 1
     assert int8["capacity_bytes"] <= 0.001 * 2**30
+    assert int8["used_bytes"] == int8["blocks_used"] * 4 * int8["bytes_per_token"]
     assert int8["utilization"] < bf16["utilization"]
 
 
