@@ -114,9 +114,17 @@ def elementwise(hidden: int, intermediate: int, num_heads: int, num_kv_heads: in
         k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim]
         k = k.view(rows, num_kv_heads, head_dim)
         cos, sin = torch.randn(rows, head_dim), torch.randn(rows, head_dim)
-        cases = {"add+rms_norm": (x, r, w, 1e-5), "silu*mul": (gu,), "rope": (q, k, cos, sin)}
+        v = torch.randn(rows, num_kv_heads, head_dim).to(dtype)
+        blocks = -(-rows // 16) * 2
+        k_pool = torch.zeros(blocks, 16, num_kv_heads, head_dim, dtype=dtype)
+        v_pool = torch.zeros_like(k_pool)
+        slots = torch.randperm(blocks * 16)[:rows]
+        cases = {"add+rms_norm": (x, r, w, 1e-5), "silu*mul": (gu,), "rope": (q, k, cos, sin),
+                 "rope+kv write": (q, k, v, cos, sin, k_pool, v_pool, slots)}
+        names = {"add+rms_norm": "add_rms_norm", "silu*mul": "silu_mul", "rope": "rope",
+                 "rope+kv write": "rope_write_kv"}
         for op, args in cases.items():
-            name = {"add+rms_norm": "add_rms_norm", "silu*mul": "silu_mul", "rope": "rope"}[op]
+            name = names[op]
             t = interleaved({"eager": lambda n=name, a=args: getattr(eager, n)(*a),
                              "inductor": lambda n=name, a=args: getattr(compiled, n)(*a)},
                             repeats)

@@ -4,8 +4,9 @@
   model's dtype or int8 (kernels/quant.py);
 * linear layers on weights pre-packed once for oneDNN's brgemm (bf16/fp16): the unpacked path
   re-lays out every weight on every call, so a decode GEMV reads each weight twice;
-* element-wise chains (add+RMSNorm, SiLU*mul, RoPE) compiled by Inductor's C++ backend where that
-  is available and faster (cpu_fused.py), or IPEX's fused ops when it imports.
+* element-wise chains (add+RMSNorm, SiLU*mul, RoPE, RoPE+KV write) compiled by Inductor's C++
+  backend where that is available and faster (cpu_fused.py), or IPEX's fused ops when it
+  imports.
 
 Every op is tested against ``reference`` on random inputs (tests/test_kernels.py,
 tests/test_cpu_kernels.py).
@@ -94,6 +95,23 @@ class CPUBackend(ReferenceBackend):
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.fused.rope(q, k, cos, sin)
+
+    def rope_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.fused.rope_write_kv(
+            q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale
+        )
 
     # ----- attention -------------------------------------------------------------------------
     def attention(

@@ -1,4 +1,4 @@
-"""The CPU backend's element-wise ops: add+RMSNorm, RMSNorm, SiLU*mul and RoPE.
+"""The CPU backend's element-wise ops: add+RMSNorm, RMSNorm, SiLU*mul, RoPE, RoPE+KV write.
 
 Three implementations, chosen by ``SEGSERVE_CPU_FUSED`` (``auto`` by default):
 
@@ -66,6 +66,25 @@ def eager_rope(
     return _REF.rope(q, k, cos, sin)
 
 
+def eager_rope_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RoPE, then K (rotated) and V stored into the pool (quantized for int8); the rotated q.
+    Compiled, the store is an in-place update of the pool views Inductor writes in its loop."""
+    q, k = _REF.rope(q, k, cos, sin)
+    _REF.write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q
+
+
 @dataclass
 class FusedOps:
     name: str
@@ -73,9 +92,11 @@ class FusedOps:
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_mul: Callable[..., torch.Tensor]
     rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rope_write_kv: Callable[..., torch.Tensor]
 
 
-EAGER = FusedOps("eager", eager_rms_norm, eager_add_rms_norm, eager_silu_mul, eager_rope)
+EAGER = FusedOps("eager", eager_rms_norm, eager_add_rms_norm, eager_silu_mul, eager_rope,
+                 eager_rope_write_kv)
 
 
 def has_cxx_compiler() -> bool:
@@ -115,6 +136,7 @@ def inductor_ops(
         _SizeDispatch(eager_add_rms_norm, min_rows),
         _SizeDispatch(eager_silu_mul, silu_mul_min_rows),
         _SizeDispatch(eager_rope, min_rows),
+        _SizeDispatch(eager_rope_write_kv, min_rows),
     )
 
 
@@ -135,7 +157,7 @@ def ipex_ops() -> FusedOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return ipex_f.silu_mul(gate.contiguous(), up.contiguous())
 
-    return FusedOps("ipex", rms_norm, add_rms_norm, silu_mul, eager_rope)
+    return FusedOps("ipex", rms_norm, add_rms_norm, silu_mul, eager_rope, eager_rope_write_kv)
 
 
 def make_fused_ops(choice: str | None = None) -> FusedOps:

@@ -235,6 +235,35 @@ def _check_fused(ops: cpu_fused.FusedOps, rows: int, dtype: torch.dtype, tol: di
     torch.testing.assert_close(ops.silu_mul(gu), REF.silu_mul(gu), **tol)
     for got, want in zip(ops.rope(q, k, cos, sin), REF.rope(q, k, cos, sin), strict=True):
         torch.testing.assert_close(got, want, **tol)
+    # RoPE + KV write into pool views (layer 1 of 2), plain and int8 (compared dequantized).
+    v = torch.randn_like(k)
+    slots = torch.randperm(8 * BLOCK)[:rows]
+    for int8 in (False, True):
+        pools = []
+        for _ in range(2):
+            cache_dtype = torch.int8 if int8 else dtype
+            kc = torch.zeros(2, 8, BLOCK, 2, 16, dtype=cache_dtype)
+            vc = torch.zeros_like(kc)
+            scales = (torch.zeros(2, 8, BLOCK, 2), torch.zeros(2, 8, BLOCK, 2)) if int8 else None
+            pools.append((kc, vc, scales))
+        outs = []
+        for fn, (kc, vc, scales) in zip((ops.rope_write_kv, REF.rope_write_kv), pools,
+                                        strict=True):
+            extra = (scales[0][1], scales[1][1]) if int8 else ()
+            outs.append(fn(q, k, v, cos, sin, kc[1], vc[1], slots, *extra))
+        torch.testing.assert_close(outs[0], outs[1], **tol)
+        for (kc, vc, scales), (rkc, rvc, rscales) in [pools]:
+            pool_tol = tol
+            if int8:
+                kc = dequantize(kc, scales[0], torch.float32)
+                vc = dequantize(vc, scales[1], torch.float32)
+                rkc = dequantize(rkc, rscales[0], torch.float32)
+                rvc = dequantize(rvc, rscales[1], torch.float32)
+                # k's rounding difference, plus half a quantization step on either side
+                step = float(torch.maximum(scales[0], rscales[0]).max())
+                pool_tol = dict(rtol=0, atol=tol["atol"] + step * 1.01)
+            torch.testing.assert_close(kc.float(), rkc.float(), **pool_tol)
+            torch.testing.assert_close(vc.float(), rvc.float(), **pool_tol)
 
 
 def test_eager_fused_ops_are_the_reference():
@@ -248,7 +277,8 @@ def test_inductor_fused_ops_match_reference():
         pytest.skip("no C++ compiler: Inductor's CPU backend cannot build")
     ops = cpu_fused.inductor_ops(min_rows=64, silu_mul_min_rows=64)
     _check_fused(ops, 80, torch.bfloat16, dict(rtol=2e-2, atol=6e-2))
-    assert ops.add_rms_norm.compiled is not None and not ops.add_rms_norm.failed
+    for op in (ops.add_rms_norm, ops.silu_mul, ops.rope, ops.rope_write_kv):
+        assert op.compiled is not None and not op.failed
     _check_fused(ops, 3, torch.bfloat16, dict(rtol=0, atol=0))
     _check_fused(ops, 80, torch.float32, dict(rtol=0, atol=0))
 
