@@ -45,10 +45,10 @@ class CPUBackend(ReferenceBackend):
     name = "cpu"
     int8_kv = True
 
-    def __init__(self, fused: str = "auto", pack_weights: bool = True) -> None:
+    def __init__(self, fused: str | None = None, pack_weights: bool = True) -> None:
         """``fused``: ``auto`` (IPEX if it imports, else Inductor where it compiles), ``ipex``,
-        ``inductor`` or ``eager`` for the element-wise ops; ``pack_weights``: pre-pack linear
-        weights for oneDNN."""
+        ``inductor`` or ``eager`` for the element-wise ops (default: ``$SEGSERVE_CPU_FUSED`` or
+        ``auto``); ``pack_weights``: pre-pack linear weights for oneDNN."""
         self.fused = cpu_fused.make_fused_ops(fused)
         self.pack_weights = pack_weights
 

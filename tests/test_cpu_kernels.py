@@ -286,6 +286,7 @@ def test_inductor_fused_ops_match_reference():
 def test_fused_ops_choice_is_validated(monkeypatch):
     monkeypatch.setenv(cpu_fused.ENV, "eager")
     assert cpu_fused.make_fused_ops().name == "eager"
+    assert get_backend("cpu").fused.name == "eager"
     with pytest.raises(ValueError, match="SEGSERVE_CPU_FUSED must be one of"):
         cpu_fused.make_fused_ops("fast")
 
