@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_fused
-from .cpu_attention import decode_attention, slim_attention
+from .cpu_attention import decode_attention, mixed_attention
 from .interface import AttentionMetadata
 from .reference import ReferenceBackend
 
@@ -129,4 +129,4 @@ class CPUBackend(ReferenceBackend):
             return decode_attention(
                 q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale
             )
-        return slim_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
+        return mixed_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)

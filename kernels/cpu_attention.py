@@ -22,6 +22,7 @@ probabilities rounded to it, as HF's eager attention does; in float32 everything
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -64,18 +65,21 @@ def slim_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     block_q: int | None = None,
+    seqs: Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SlimAttention over both segments of every sequence (see the module doc); ``block_q``
-    overrides the L2-sized query block."""
+    """SlimAttention over both segments of every sequence (see the module doc), or only of the
+    rows ``seqs``, written into ``out`` when given; ``block_q`` overrides the L2-sized query
+    block."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     dtype = q.dtype
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     cu = meta.cu_seqlens_q_host
     threads = torch.get_num_threads()
     zero = torch.zeros((), dtype=dtype)  # baddbmm's ignored input (beta=0)
-    for i in range(meta.num_seqs):
+    for i in range(meta.num_seqs) if seqs is None else seqs:
         start, end = cu[i], cu[i + 1]
         q_len = end - start
         if q_len == 0:
@@ -125,6 +129,58 @@ def _mask_block(scores: torch.Tensor, p0: int, lo: int, window: int | None) -> N
         if window is not None:
             hidden |= k_pos <= q_pos - window
         scores[..., c0:c1].masked_fill_(hidden[:, None, :], float("-inf"))
+
+
+def mixed_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A step mixing decode rows with prefill chunks (continuous batching): the decode rows in
+    one batched product (``decode_attention`` on their sub-batch), the others by SlimAttention;
+    a python iteration per decode row would cost more than its arithmetic."""
+    split = meta.scratch.get("mixed_split")
+    if split is None:
+        split = meta.scratch["mixed_split"] = _split_decode_rows(meta)
+    decode_rows, tokens, sub_meta, other_rows = split
+    if sub_meta is None:  # fewer than two decode rows: nothing to batch
+        return slim_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
+    out = torch.empty_like(q)
+    out[tokens] = decode_attention(
+        q[tokens], k_cache, v_cache, sub_meta, scale, sliding_window, k_scale, v_scale
+    )
+    return slim_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale,
+                          seqs=other_rows, out=out)
+
+
+def _split_decode_rows(meta: AttentionMetadata):
+    """(decode rows, their token indices, their sub-batch's metadata or None, other rows)."""
+    cu = meta.cu_seqlens_q_host
+    decode_rows = [i for i in range(meta.num_seqs) if cu[i + 1] - cu[i] == 1]
+    others = [i for i in range(meta.num_seqs) if cu[i + 1] - cu[i] > 1]
+    if len(decode_rows) < 2:
+        return decode_rows, None, None, others
+    rows = torch.tensor(decode_rows)
+    tokens = torch.tensor([cu[i] for i in decode_rows])
+    n = len(decode_rows)
+    sub = AttentionMetadata(
+        cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32),
+        slot_mapping=meta.slot_mapping[tokens],
+        prompt_block_tables=meta.prompt_block_tables[rows],
+        prompt_lens=meta.prompt_lens[rows],
+        response_block_tables=meta.response_block_tables[rows],
+        response_lens=meta.response_lens[rows],
+        max_q_len=1,
+        cu_seqlens_q_host=list(range(n + 1)),
+        prompt_lens_host=[meta.prompt_lens_host[i] for i in decode_rows],
+        response_lens_host=[meta.response_lens_host[i] for i in decode_rows],
+    )
+    return decode_rows, tokens, sub, others
 
 
 def decode_attention(

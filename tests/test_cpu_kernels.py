@@ -122,6 +122,28 @@ def test_slim_attention_bf16_and_mixed_batch():
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_mixed_step_batches_its_decode_rows(window):
+    """Continuous batching: decode rows of a prefill step go through the batched decode product
+    as one sub-batch, the rest through SlimAttention; all of it equals the reference (fp32),
+    int8 included."""
+    rng = random.Random(9)
+    torch.manual_seed(9)
+    seqs = [(20, 7, 1), (33, 0, 12), (5, 30, 1), (17, 0, 1), (40, 2, 42), (9, 9, 1)]
+    meta = layout(rng, seqs, 64)
+    q = torch.randn(sum(s[2] for s in seqs), 8, 16)
+    k, v = pool(meta, 64, 2, 16), pool(meta, 64, 2, 16)
+    torch.testing.assert_close(CPU.attention(q, k, v, meta, 0.25, window),
+                               REF.attention(q, k, v, meta, 0.25, window), rtol=1e-5, atol=1e-5)
+    assert len(meta.scratch["mixed_split"][0]) == 4  # the four decode rows, batched
+    kq, ks = int8_pool(k, meta)
+    vq, vs = int8_pool(v, meta)
+    meta.scratch.clear()
+    torch.testing.assert_close(CPU.attention(q, kq, vq, meta, 0.25, window, ks, vs),
+                               REF.attention(q, kq, vq, meta, 0.25, window, ks, vs),
+                               rtol=1e-5, atol=1e-5)
+
+
 # ----- int8 KV ---------------------------------------------------------------------------------
 def test_int8_round_trip_error_is_at_most_half_a_scale():
     torch.manual_seed(0)
