@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     seq_len = args.input_len + args.output_len
     blocks = kv_blocks_needed(max_b, args.input_len, args.output_len, args.block_size)
     blocks += 2 * (-(-args.prefill_len // args.block_size))
-    threads = ", " + set_cpu_threads(args.threads) if device.type == "cpu" else ""
+    threads = ", " + set_cpu_threads(args.threads, dtype) if device.type == "cpu" else ""
     config = EngineConfig(
         model=model, device=args.device, dtype=args.dtype, block_size=args.block_size,
         kv_dtype=args.kv_dtype,

@@ -421,7 +421,9 @@ def _bench_offline(args: argparse.Namespace, config: EngineConfig) -> int:
     threads = ""
     if config.device == "cpu":
         if config.cpu_threads is None:
-            threads = ", " + set_cpu_threads(args.threads)
+            from segserve.models import resolve_dtype
+
+            threads = ", " + set_cpu_threads(args.threads, resolve_dtype(config.dtype))
             # The engine applies its own thread count at start: hand it the probe's choice.
             config = dataclasses.replace(config, cpu_threads=torch.get_num_threads())
         else:
