@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import random
 import statistics
 import time
@@ -57,11 +58,13 @@ def random_prompts(rng: random.Random, vocab_size: int, batch_size: int,
     return [[rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(batch_size)]
 
 
-def set_cpu_threads(choice: str | int | None) -> str:
+def set_cpu_threads(choice: str | int | None, dtype: torch.dtype = torch.float32) -> str:
     """Apply ``--threads`` (a count, "auto", or None for torch's default); returns a note for
     the report. "auto" times a memory-bound matvec at a few thread counts and keeps the fastest:
     on a small shared machine, one other busy process makes torch's all-cores default ~10-100x
     slower (every op waits for a descheduled sibling thread), which would swamp what is measured.
+    The matvec is the decode step's: in ``dtype``, through the CPU backend's linear (bf16 weights
+    pre-packed for oneDNN, which needs every core to reach memory speed).
     """
     if choice is None:
         return f"threads={torch.get_num_threads()}"
@@ -70,17 +73,23 @@ def set_cpu_threads(choice: str | int | None) -> str:
             raise ValueError(f"threads must be an integer >= 1 or 'auto', got {choice!r}")
         torch.set_num_threads(int(choice))
         return f"threads={choice}"
-    n = torch.get_num_threads()
-    w = torch.randn(2048, 2048)  # 16 MiB: larger than a core's L2, like a real layer's weights
-    x = torch.randn(1, 2048)
+    from segserve.kernels import get_backend
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # 64 MiB or more: larger than the L3 of the machines we run on, like a model's weights; a
+    # matrix that stays in cache measures only thread synchronisation, which favours 1 thread.
+    cpu = get_backend("cpu")
+    w = torch.randn(4096 * 4 // torch.empty((), dtype=dtype).element_size(), 4096).to(dtype)
+    w = cpu.pack_linear_weight(w) if cpu.pack_linear_weight(w[:16]) is not None else w
+    x = torch.randn(1, 4096).to(dtype)
     times = {}
-    for k in sorted({n, max(n - 1, 1), 1}, reverse=True):
+    for k in sorted({n or 1, max((n or 1) - 1, 1), 1}, reverse=True):
         torch.set_num_threads(k)
-        x @ w.T
+        cpu.linear(x, w)
         samples = []
         for _ in range(10):
             t = time.perf_counter()
-            x @ w.T
+            cpu.linear(x, w)
             samples.append(time.perf_counter() - t)
         times[k] = statistics.median(samples)
     best = min(times, key=times.__getitem__)

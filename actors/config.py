@@ -13,6 +13,8 @@ class EngineConfig:
     kernel_backend: str | None = None  # None: the device's default (see segserve.kernels)
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA + a graphable backend)
     block_size: int = 16
+    kv_dtype: str = "auto"  # "auto" (the model's dtype) | "int8" (kernels/quant.py)
+    cpu_threads: int | None = None  # CPU: torch threads; None: every core this process may use
     num_kv_blocks: int | None = None  # fixed pool size; overrides the memory budget below
     kv_cache_memory_gb: float = 2.0  # CPU: bytes for the KV pool
     gpu_memory_utilization: float = 0.85  # GPU: fraction of device memory for weights + KV
@@ -24,6 +26,10 @@ class EngineConfig:
     max_queue_len: int | None = None  # bound on waiting requests; None: unbounded
 
     def __post_init__(self) -> None:
+        if self.kv_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_dtype must be 'auto' or 'int8', got {self.kv_dtype!r}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

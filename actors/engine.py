@@ -61,7 +61,8 @@ class EngineCore(TokenUpdates):
         self.spec = self.runner.spec
         self.max_model_len = self.runner.max_model_len
         self.kv = SegmentKVManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+            bytes_per_token=self.runner.kv_bytes_per_token(),
         )
         self.scheduler = Scheduler(config, self.kv)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids) | self._generation_eos(path)

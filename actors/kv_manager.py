@@ -64,17 +64,30 @@ class KVMetrics:
     evictions: int
     waiting_seqs: int = 0
     running_seqs: int = 0
+    # Bytes (K and V of every layer, int8 scales included): what one token costs, the pool's
+    # capacity, the blocks in use, and the tokens physically stored.
+    bytes_per_token: int = 0
+    capacity_bytes: int = 0
+    used_bytes: int = 0
+    stored_bytes: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
 
 class SegmentKVManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        bytes_per_token: int = 0,
+    ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.bytes_per_token = bytes_per_token  # the model runner's; 0 when unknown
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
         self.free: deque[int] = deque(range(num_blocks))
@@ -284,4 +297,8 @@ class SegmentKVManager:
             prefix_cache_hit_tokens=self.prefix_cache_hit_tokens,
             preemptions=self.preemptions,
             evictions=self.evictions,
+            bytes_per_token=self.bytes_per_token,
+            capacity_bytes=self.num_blocks * self.block_size * self.bytes_per_token,
+            used_bytes=used * self.block_size * self.bytes_per_token,
+            stored_bytes=stored * self.bytes_per_token,
         )

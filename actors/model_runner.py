@@ -11,11 +11,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from segserve.kernels import AttentionMetadata, get_backend
+from segserve.kernels import AttentionMetadata, LayerKV, get_backend, kv_storage_dtype
+from segserve.kernels.quant import kv_bytes_per_token_head
 from segserve.models import load_model, load_spec, resolve_dtype
 from segserve.models.spec import ModelSpec
 
 from .config import EngineConfig
+from .cpu_placement import configure_cpu
 from .decode_graphs import DecodeGraphs
 from .sequence import Sequence, SequenceGroup
 
@@ -85,6 +87,8 @@ class ModelRunner:
                 f"{self.spec.max_position_embeddings}, past which dynamic RoPE would re-rotate "
                 f"cached keys"
             )
+        self.cpu_placement = configure_cpu(config.cpu_threads) if self.device.type == "cpu" else ""
+        self.kv_dtype = kv_storage_dtype(config.kv_dtype, self.dtype)
         self.backend = self._pick_backend(config)
         self.model = load_model(
             model_path,
@@ -109,14 +113,28 @@ class ModelRunner:
         )
         # empty, not zeros: slots are always written before they are read, and untouched pages
         # of a large CPU pool then cost no memory.
-        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.kv_caches = [(self.k_cache[i], self.v_cache[i]) for i in range(self.spec.num_layers)]
+        self.k_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
+        # int8 pools keep one float32 scale per (token, head) beside the blocks.
+        self.k_scale = self.v_scale = None
+        if self.kv_dtype == torch.int8:
+            self.k_scale = torch.empty(shape[:-1], dtype=torch.float32, device=self.device)
+            self.v_scale = torch.empty(shape[:-1], dtype=torch.float32, device=self.device)
+        self.kv_caches = [
+            LayerKV(
+                self.k_cache[i],
+                self.v_cache[i],
+                None if self.k_scale is None else self.k_scale[i],
+                None if self.v_scale is None else self.v_scale[i],
+            )
+            for i in range(self.spec.num_layers)
+        ]
         logger.info(
-            "KV pool: %d blocks x %d tokens (%.1f MiB)",
+            "KV pool: %d blocks x %d tokens, kv_dtype %s (%.1f MiB)",
             self.num_blocks,
             self.block_size,
-            2 * self.k_cache.numel() * self.k_cache.element_size() / 2**20,
+            config.kv_dtype,
+            self.num_blocks * self.block_bytes() / 2**20,
         )
 
         self.decode: DecodeGraphs | None = None
@@ -136,11 +154,14 @@ class ModelRunner:
         cannot fails here, at start, never mid-serving."""
         backend = get_backend(config.kernel_backend, self.device.type)
         check = getattr(backend, "check_supported", None)
-        if check is None:
-            return backend
         spec = self.spec
         try:
-            check(spec.head_dim, spec.num_heads, spec.num_kv_heads, self.dtype, config.block_size)
+            if self.kv_dtype == torch.int8 and not backend.int8_kv:
+                raise ValueError("no int8 KV cache (kv_dtype=int8); use kv_dtype 'auto' or the "
+                                 "'cpu'/'reference' backend")
+            if check is not None:
+                check(spec.head_dim, spec.num_heads, spec.num_kv_heads, self.dtype,
+                      config.block_size, kv_dtype=self.kv_dtype)
         except ValueError as e:
             if config.kernel_backend is not None:
                 raise ValueError(f"kernel backend {backend.name!r}: {e}") from None
@@ -155,16 +176,13 @@ class ModelRunner:
         """Logits of every row of a decode step (each row samples)."""
         return self.model.compute_logits(self.model(ids, pos, self.kv_caches, meta))
 
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token costs in every layer: K and V, with their scales for int8."""
+        per_head = kv_bytes_per_token_head(self.spec.head_dim, self.kv_dtype)
+        return 2 * self.spec.num_layers * self.num_kv_heads * per_head
+
     def block_bytes(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return (
-            2
-            * self.spec.num_layers
-            * self.block_size
-            * self.num_kv_heads
-            * self.spec.head_dim
-            * elem
-        )
+        return self.block_size * self.kv_bytes_per_token()
 
     def _blocks_from_memory(self) -> int:
         if self.device.type == "cpu":
@@ -189,7 +207,12 @@ class ModelRunner:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        self.backend.copy_blocks(self.k_cache, self.v_cache, src, dst)
+        if self.k_scale is None:
+            self.backend.copy_blocks(self.k_cache, self.v_cache, src, dst)
+        else:
+            self.backend.copy_blocks(
+                self.k_cache, self.v_cache, src, dst, self.k_scale, self.v_scale
+            )
 
     def prepare(
         self, batch: list[ScheduledSeq]

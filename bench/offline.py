@@ -26,6 +26,13 @@ What it prints, in order:
 * ``--profile``: a torch.profiler table of one decode step (kernels, GPU busy time, idle time).
 * ``--prefix-keys``: only the cost of the prefix cache's block keys (sha256 chain) per block,
   against the 64-bit ``hash()`` it replaced, and a whole prompt's admission-time hit check.
+
+On the CPU it adds (bench/cpu_kernels.py): SlimAttention prefill of ``--attn-len`` tokens
+(default 1,024) against torch SDPA and the reference loop, one layer's shapes; KV bytes per
+token, the model's dtype against int8; with ``--linear``, each linear shape's GEMV on plain
+against pre-packed oneDNN weights; with ``--elementwise``, Inductor-compiled element-wise
+chains against eager. Load average is printed at the start and the end: on a shared machine the
+numbers move with it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import cpu_kernels  # bench/cpu_kernels.py, beside this script
 import torch
 from segserve.actors import EngineConfig, EngineCore, SamplingParams
 from segserve.actors.benchmark import (
@@ -89,9 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=None, help="default: 128 GPU, 32 CPU")
     p.add_argument("--output-len", type=int, default=None, help="default: 128 GPU, 32 CPU")
     p.add_argument("--batch-sizes", type=_int_list, default=None,
-                   help="ours; default 1,8,32,64,128,256 on GPU, 1,4,16 on CPU")
+                   help="ours; default 1,8,32,64,128,256 on GPU, 1,8,16 on CPU")
     p.add_argument("--hf-batch-sizes", type=_int_list, default=None,
-                   help="HF eager; default 1,16,64 on GPU, 1,4,16 on CPU")
+                   help="HF eager; default 1,16,64 on GPU, 1,8,16 on CPU")
     p.add_argument("--hf-compile-batch-sizes", type=_int_list, default=None,
                    help="HF static cache + torch.compile (CUDA only); default 1,16; '0' skips")
     p.add_argument("--prefill-len", type=int, default=None, help="default 2048 GPU, 0 CPU (skip)")
@@ -103,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="size of the bandwidth probe tensor (default: 512 CPU, 4096 GPU)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-dtype", choices=("auto", "int8"), default="auto", help="our KV cache")
+    p.add_argument("--attn-len", type=int, default=None,
+                   help="CPU: SlimAttention vs SDPA prefill length (default 1024; 0 skips)")
+    p.add_argument("--linear", action="store_true",
+                   help="CPU: time each linear shape on plain vs pre-packed oneDNN weights")
+    p.add_argument("--elementwise", action="store_true",
+                   help="CPU: time Inductor-compiled element-wise chains vs eager (compiles)")
     p.add_argument("--kernel-backend", default=None)
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument("--seed", type=int, default=0)
@@ -114,8 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     gpu = args.device != "cpu"
     defaults = dict(input_len=128 if gpu else 32, output_len=128 if gpu else 32,
-                    batch_sizes=[1, 8, 32, 64, 128, 256] if gpu else [1, 4, 16],
-                    hf_batch_sizes=[1, 16, 64] if gpu else [1, 4, 16],
+                    batch_sizes=[1, 8, 32, 64, 128, 256] if gpu else [1, 8, 16],
+                    hf_batch_sizes=[1, 16, 64] if gpu else [1, 8, 16],
+                    attn_len=0 if gpu else 1024,
                     hf_compile_batch_sizes=[1, 16] if args.device.startswith("cuda") else [],
                     prefill_len=2048 if gpu else 0, beam_width=4 if gpu else 0)
     for key, value in defaults.items():
@@ -326,6 +342,48 @@ def profile_step(core: EngineCore, batch: list[list[int]], beam_width: int = 0) 
             f"{max(wall * 1e3 - busy_us / 1e3, 0):.3f} ms")
 
 
+# ----- CPU kernels -------------------------------------------------------------------------------
+def run_cpu_figures(args: argparse.Namespace, core: EngineCore, dtype: torch.dtype) -> dict:
+    spec = core.spec
+    out: dict = {"kv": cpu_kernels.kv_bytes_per_token(spec.num_layers, spec.num_kv_heads,
+                                                      spec.head_dim, dtype),
+                 "kv_metrics": core.kv.metrics().bytes_per_token}
+    if args.attn_len:
+        out["attn"] = cpu_kernels.prefill_attention(spec.num_heads, spec.num_kv_heads,
+                                                    spec.head_dim, dtype, args.attn_len)
+    if args.linear:
+        out["linear"] = cpu_kernels.linear_layers(core.runner.model)
+    if args.elementwise:
+        out["elementwise"] = cpu_kernels.elementwise(
+            spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
+            spec.head_dim, dtype, [1, 16, 64, 256, 1024])
+    return out
+
+
+def print_cpu_figures(fig: dict, args: argparse.Namespace) -> None:
+    if not fig:
+        return
+    kv = fig["kv"]
+    print(f"\n== KV bytes per token (all layers, K+V): {args.dtype} {kv['auto']}, int8 "
+          f"{kv['int8']} with its scales ({ratio(kv['int8'], kv['auto'])}); our engine "
+          f"(kv_dtype {args.kv_dtype}) reports {fig['kv_metrics']} ==")
+    if "attn" in fig:
+        a = fig["attn"]
+        print(f"\n== prefill attention, {args.attn_len} tokens, one layer (ms) ==")
+        for name in ("slim", "slim int8", "sdpa", "reference"):
+            print(f"{name:>10} {a[name] * 1e3:>9.2f}  SlimAttention "
+                  f"{ratio(a[name], a['slim'])} faster")
+    if "linear" in fig:
+        print("\n== linear layers, one token (plain F.linear vs pre-packed oneDNN) ==")
+        print(f"{'out x in':>14} {'plain ms':>9} {'GB/s':>6} {'packed ms':>10} {'GB/s':>6}")
+        for o, i, pm, pg, km, kg in fig["linear"]:
+            print(f"{f'{o} x {i}':>14} {pm:>9.3f} {pg:>6.1f} {km:>10.3f} {kg:>6.1f}")
+    if "elementwise" in fig:
+        print("\n== element-wise chains (us): eager vs Inductor-compiled ==")
+        for op, rows, e, c in fig["elementwise"]:
+            print(f"{op:>14} {rows:>6} rows {e:>10.1f} {c:>10.1f}  ({ratio(e, c)})")
+
+
 # ----- HF transformers -------------------------------------------------------------------------
 def run_hf(path: Path, device: torch.device, dtype: torch.dtype, prompts: dict[int, list],
            output_len: int, repeats: int, compiled: bool,
@@ -413,8 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     seq_len = args.input_len + args.output_len
     blocks = kv_blocks_needed(max_b, args.input_len, args.output_len, args.block_size)
     blocks += 2 * (-(-args.prefill_len // args.block_size))
+    threads = ", " + set_cpu_threads(args.threads, dtype) if device.type == "cpu" else ""
     config = EngineConfig(
         model=model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+        kv_dtype=args.kv_dtype,
+        # The engine applies its thread count at start: the probe's choice, on the CPU.
+        cpu_threads=torch.get_num_threads() if device.type == "cpu" else None,
         kernel_backend=args.kernel_backend, max_num_seqs=max_b, seed=args.seed,
         cuda_graphs=not args.no_cuda_graphs,
         # Sized to the workload, so a GPU run leaves memory for the HF model loaded after ours.
@@ -422,7 +484,6 @@ def main(argv: list[str] | None = None) -> int:
         max_num_batched_tokens=max(2048, args.prefill_len, max_b * args.input_len // 4),
         max_model_len=max(seq_len, args.prefill_len + 1, 64),
     )
-    threads = ", " + set_cpu_threads(args.threads) if device.type == "cpu" else ""
     t = time.perf_counter()
     core = EngineCore(config)
     load_s = time.perf_counter() - t
@@ -439,10 +500,14 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     load = f", load avg {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     graphs = core.runner.decode is not None and core.runner.decode.use_graphs
+    backend = core.runner.backend
+    describe = backend.describe() if hasattr(backend, "describe") else backend.name
     print(f"model {Path(model).name} ({nparams / 1e6:.1f}M params), {name} {args.dtype}{threads}"
-          f"{load}; backend {core.runner.backend.name}, CUDA graphs {'on' if graphs else 'off'}, "
-          f"engine ready in {load_s:.1f} s; input {args.input_len}, output {args.output_len} "
-          f"tokens, greedy", flush=True)
+          f"{load}; backend {describe}, kv_dtype {args.kv_dtype}, CUDA graphs "
+          f"{'on' if graphs else 'off'}, engine ready in {load_s:.1f} s; input {args.input_len}, "
+          f"output {args.output_len} tokens, greedy", flush=True)
+    if core.runner.cpu_placement:
+        print(core.runner.cpu_placement)
 
     mib = args.bandwidth_mib or (512 if device.type == "cpu" else 4096)
     read_bw, copy_bw = measure_bandwidth(device, mib)
@@ -469,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         beam, *beam_kv = run_beam(core, bprompt, args.beam_width, min(args.output_len, 64), sync)
         greedy_w = measure_batch(core, random_prompts(rng, vocab, args.beam_width,
                                                       args.input_len), 32).decode_p50_s
+    cpu_figures = run_cpu_figures(args, core, dtype) if device.type == "cpu" else {}
     profiles = []
     if args.profile:
         for b in sorted({1, max(sizes)}):
@@ -502,13 +568,18 @@ def main(argv: list[str] | None = None) -> int:
     for text in profiles:
         print("\n" + text)
     print(f"\n== decode step (ms); floor = (weights + KV read at mean context "
-          f"{args.input_len + args.output_len // 2}) / {bw / 1e9:.0f} GB/s ==")
-    print(f"{'batch':>6} {'floor':>8} {'ours':>8} {'ours/floor':>11} {'GB/s':>7}")
+          f"{args.input_len + args.output_len // 2}) / {bw / 1e9:.0f} GB/s; compute = "
+          f"2 x weights' params x batch / {tflops:.2f} TFLOP/s ==")
+    print(f"{'batch':>6} {'floor':>8} {'compute':>8} {'ours':>8} {'ours/floor':>11} "
+          f"{'ours/max':>9} {'GB/s':>7}")
+    wparams = wbytes / torch.empty((), dtype=dtype).element_size()
     for b in sizes:
         kv = b * (args.input_len + args.output_len // 2) * kv_tok
         step = ours[b].decode_p50_s
-        print(f"{b:>6} {(wbytes + kv) / bw * 1e3:>8.3f} {step * 1e3:>8.3f} "
-              f"{ratio(step, (wbytes + kv) / bw):>11} {(wbytes + kv) / step / 1e9:>7.0f}")
+        floor, compute = (wbytes + kv) / bw, 2 * wparams * b / (tflops * 1e12)
+        print(f"{b:>6} {floor * 1e3:>8.3f} {compute * 1e3:>8.3f} {step * 1e3:>8.3f} "
+              f"{ratio(step, floor):>11} {ratio(step, max(floor, compute)):>9} "
+              f"{(wbytes + kv) / step / 1e9:>7.0f}")
     print(f"\n== batch-1 decode step (ms): floor {floor1 * 1e3:.3f}, ours "
           f"{ours[1].decode_p50_s * 1e3:.3f} ({ratio(ours[1].decode_p50_s, floor1)} floor), "
           f"HF eager {hf['step'] * 1e3:.3f} (attn {hf['attn']}), HF static+compile "
@@ -530,12 +601,15 @@ def main(argv: list[str] | None = None) -> int:
         mm_floor = 2 * nparams * args.prefill_len / (tflops * 1e12)
         print(f"\n== prefill {args.prefill_len} tokens: ours {prefill_s * 1e3:.2f} ms, matmul "
               f"floor {mm_floor * 1e3:.2f} ms ({ratio(prefill_s, mm_floor)} floor) ==")
+    print_cpu_figures(cpu_figures, args)
     if args.beam_width > 1:
         stored, logical = beam_kv
         print(f"\n== beam {args.beam_width}: step {beam * 1e3:.3f} ms vs our greedy batch "
               f"{args.beam_width} {greedy_w * 1e3:.3f} ms ({ratio(beam, greedy_w)}), HF beam "
               f"step {hf['beam_step'] * 1e3:.3f} ms; KV stored {stored} tokens "
               f"({stored * kv_tok / 2**20:.1f} MiB) for {logical} tokens the beams see ==")
+    if hasattr(os, "getloadavg"):
+        print(f"\nload avg at the end {os.getloadavg()[0]:.2f}")
     return 0
 
 

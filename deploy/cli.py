@@ -83,6 +83,11 @@ def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Non
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     g.add_argument("--kernel-backend", default=None, help="default: the device's backend")
     g.add_argument("--block-size", type=int, default=None, help="KV block size in tokens")
+    g.add_argument("--kv-dtype", choices=("auto", "int8"), default=None,
+                   help="KV cache dtype: auto (the model's) or int8 (one scale per token and "
+                        "head; cpu/reference backends)")
+    g.add_argument("--cpu-threads", type=int, default=None,
+                   help="CPU: torch threads (default: every core this process may use)")
     g.add_argument("--num-kv-blocks", type=int, default=None,
                    help="fixed KV pool size in blocks (overrides the memory budget)")
     g.add_argument("--kv-cache-memory-gb", type=float, default=None,
@@ -94,9 +99,9 @@ def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Non
                    help="token budget per engine step (longer prompts are chunked)")
 
 
-_ENGINE_FIELDS = ("device", "dtype", "kernel_backend", "block_size", "num_kv_blocks",
-                  "kv_cache_memory_gb", "gpu_memory_utilization", "max_model_len",
-                  "max_num_batched_tokens")
+_ENGINE_FIELDS = ("device", "dtype", "kernel_backend", "block_size", "kv_dtype",
+                  "cpu_threads", "num_kv_blocks", "kv_cache_memory_gb",
+                  "gpu_memory_utilization", "max_model_len", "max_num_batched_tokens")
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
@@ -439,12 +444,22 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
 
 
 def _bench_offline(args: argparse.Namespace, config: EngineConfig) -> int:
+    import dataclasses
+
+    import torch
     from segserve.actors.benchmark import bench_engine, format_table, set_cpu_threads
     from segserve.actors.engine import EngineCore
 
     threads = ""
     if config.device == "cpu":
-        threads = ", " + set_cpu_threads(args.threads)
+        if config.cpu_threads is None:
+            from segserve.models import resolve_dtype
+
+            threads = ", " + set_cpu_threads(args.threads, resolve_dtype(config.dtype))
+            # The engine applies its own thread count at start: hand it the probe's choice.
+            config = dataclasses.replace(config, cpu_threads=torch.get_num_threads())
+        else:
+            threads = f", threads={config.cpu_threads}"
     t = time.perf_counter()
     core = EngineCore(config)
     load_s = time.perf_counter() - t

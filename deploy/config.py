@@ -32,8 +32,9 @@ class ModelConfig(_Strict):
         "demo", description="a local HF checkpoint directory or .gguf file, a named model "
         "('smollm2', fetched on first use), or 'demo'")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
-    kv_dtype: Literal["auto"] = Field(
-        "auto", description="KV cache dtype; 'auto' = the model dtype (int8 KV is not built yet)"
+    kv_dtype: Literal["auto", "int8"] = Field(
+        "auto",
+        description="KV cache dtype on pools that don't set their own; 'auto' = the model dtype",
     )
     max_model_len: int | None = Field(None, ge=1)
     pools: list[str] | None = Field(
@@ -80,6 +81,11 @@ class PoolConfig(_Strict):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     num_kv_blocks: int | None = Field(None, ge=1)
     block_size: int = Field(16, ge=1)
+    kv_dtype: Literal["auto", "int8"] | None = Field(
+        None,
+        description="KV cache dtype of this pool (default: the model's kv_dtype); int8 stores "
+        "one scale per token and head and about halves KV bytes (cpu/reference backends)",
+    )
     max_num_batched_tokens: int = Field(2048, ge=64)
     max_num_seqs: int = Field(128, ge=1)
     max_queue_len: int = Field(256, ge=1, description="waiting requests before 429")
@@ -187,6 +193,9 @@ def engine_config(model: ModelConfig, pool: PoolConfig) -> EngineConfig:
         dtype=dtype,
         kernel_backend=pool.kernel_backend,
         block_size=pool.block_size,
+        kv_dtype=pool.kv_dtype or model.kv_dtype,
+        # A CPU replica runs as many threads as the CPUs Ray reserved for it.
+        cpu_threads=max(1, round(pool.cpus_per_replica)) if pool.device == "cpu" else None,
         max_model_len=model.max_model_len,
         max_num_seqs=pool.max_num_seqs,
         max_num_batched_tokens=pool.max_num_batched_tokens,

@@ -24,7 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 KV_GAUGES = (
     "blocks_total", "blocks_used", "blocks_free", "blocks_cached", "utilization",
     "tokens_logical", "tokens_stored", "tokens_saved_by_sharing", "waiting_seqs",
-    "running_seqs", "waiting_requests", "running_requests",
+    "running_seqs", "waiting_requests", "running_requests", "bytes_per_token",
+    "capacity_bytes", "used_bytes", "stored_bytes",
 )  # fmt: skip
 KV_COUNTERS = ("prefix_cache_hit_tokens", "preemptions", "evictions")
 LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

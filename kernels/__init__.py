@@ -9,13 +9,18 @@ import logging
 from .interface import (
     AttentionMetadata,
     KernelBackend,
+    LayerKV,
     prompt_group_start_from_tables,
     prompt_group_starts,
 )
+from .quant import KV_DTYPES, kv_storage_dtype
 
 __all__ = [
     "AttentionMetadata",
     "KernelBackend",
+    "LayerKV",
+    "KV_DTYPES",
+    "kv_storage_dtype",
     "get_backend",
     "BACKENDS",
     "prompt_group_starts",

@@ -1,20 +1,119 @@
-"""CPU backend. Ops default to the reference; decode attention is batched.
+"""CPU backend (xFasterTransformer's CPU path, docs/architecture.md):
 
-SlimAttention, int8 KV and fused element-wise ops (design.md) replace further ops one by one, each
-tested against ``reference`` on random inputs (tests/test_kernels.py).
+* attention: batched decode and SlimAttention prefill (cpu_attention.py), over a pool of the
+  model's dtype or int8 (kernels/quant.py);
+* linear layers on weights pre-packed once for oneDNN's brgemm (bf16/fp16): the unpacked path
+  re-lays out every weight on every call, so a decode GEMV reads each weight twice;
+* element-wise chains (add+RMSNorm, SiLU*mul, RoPE, RoPE+KV write) compiled by Inductor's C++
+  backend where that is available and faster (cpu_fused.py), or IPEX's fused ops when it
+  imports.
+
+Every op is tested against ``reference`` on random inputs (tests/test_kernels.py,
+tests/test_cpu_kernels.py).
 """
 
 from __future__ import annotations
 
-import torch
+import logging
 
+import torch
+import torch.nn.functional as F
+
+from . import cpu_fused
+from .cpu_attention import decode_attention, mixed_attention
 from .interface import AttentionMetadata
 from .reference import ReferenceBackend
+
+logger = logging.getLogger(__name__)
+
+# Dtypes whose linear layers run on pre-packed oneDNN weights. float32 stays on MKL's sgemm, which
+# is as fast there and keeps float32 results bit-identical to HF's.
+PACKED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _mkldnn_packing_available(dtype: torch.dtype) -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
 
 
 class CPUBackend(ReferenceBackend):
     name = "cpu"
+    int8_kv = True
 
+    def __init__(self, fused: str | None = None, pack_weights: bool = True) -> None:
+        """``fused``: ``auto`` (IPEX if it imports, else Inductor where it compiles), ``ipex``,
+        ``inductor`` or ``eager`` for the element-wise ops (default: ``$SEGSERVE_CPU_FUSED`` or
+        ``auto``); ``pack_weights``: pre-pack linear weights for oneDNN."""
+        self.fused = cpu_fused.make_fused_ops(fused)
+        self.pack_weights = pack_weights
+
+    def describe(self) -> str:
+        return f"cpu (element-wise: {self.fused.name}, packed linear: {self.pack_weights})"
+
+    # ----- linear layers ---------------------------------------------------------------------
+    def pack_linear_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if (
+            not self.pack_weights
+            or weight.device.type != "cpu"
+            or weight.dtype not in PACKED_DTYPES
+            or not _mkldnn_packing_available(weight.dtype)
+        ):
+            return None
+        # batch_size=1: the layout oneDNN picks for a GEMV; it serves prefill's GEMMs as well.
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if weight.layout != torch._mkldnn:
+            return F.linear(x, weight, bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        return out.view(*lead, out.shape[-1])
+
+    # ----- element-wise ----------------------------------------------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.fused.rms_norm(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fused.add_rms_norm(x, residual, weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.fused.silu_mul(gate_up)
+
+    def rope(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fused.rope(q, k, cos, sin)
+
+    def rope_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.fused.rope_write_kv(
+            q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale
+        )
+
+    # ----- attention -------------------------------------------------------------------------
     def attention(
         self,
         q: torch.Tensor,
@@ -23,66 +122,11 @@ class CPUBackend(ReferenceBackend):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if not meta.is_decode:
-            return super().attention(q, k_cache, v_cache, meta, scale, sliding_window)
-        return decode_attention(q, k_cache, v_cache, meta, scale, sliding_window)
-
-
-def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-    sliding_window: int | None = None,
-) -> torch.Tensor:
-    """One query per sequence, all sequences in one batched product: the per-sequence python
-    loop of the reference costs more than the arithmetic at decode sizes.
-
-    Both segments are read through their block tables into one padded ``[B, slots, Hkv, D]``
-    view per step; padding slots are masked out.
-    """
-    num_seqs, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    step = meta.scratch.get("decode_tables")
-    if step is None:
-        ptab = meta.prompt_block_tables.long()
-        # One table per sequence: its prompt blocks, then its response blocks.
-        tables = torch.cat([ptab, meta.response_block_tables.long()], dim=1)
-        num_slots = tables.shape[1] * block_size
-        step = meta.scratch["decode_tables"] = (tables, ptab.shape[1] * block_size, num_slots)
-    tables, prompt_slots, num_slots = step
-    mask = meta.scratch.get(("decode_mask", sliding_window))
-    if mask is None:
-        mask = meta.scratch[("decode_mask", sliding_window)] = _decode_mask(
-            meta, prompt_slots, num_slots, sliding_window
-        )
-    # [B, slots, Hkv, D] -> [B, Hkv, slots, D]
-    keys = k_cache[tables].view(num_seqs, num_slots, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[tables].view(num_seqs, num_slots, num_kv_heads, head_dim).transpose(1, 2)
-    group = num_heads // num_kv_heads
-    qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.matmul(qg, keys.float().transpose(2, 3)) * scale  # [B, Hkv, G, slots]
-    scores.masked_fill_(mask, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    # Padding slots may hold anything (the pool is never zeroed): 0 * NaN would poison the sum.
-    values = values.float().masked_fill(mask.view(num_seqs, 1, num_slots, 1), 0.0)
-    out = torch.matmul(probs, values)  # [B, Hkv, G, D]
-    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
-
-
-def _decode_mask(
-    meta: AttentionMetadata, prompt_slots: int, num_slots: int, sliding_window: int | None
-) -> torch.Tensor:
-    """``[B, 1, 1, slots]``: True where a slot is padding or outside the window."""
-    slot = torch.arange(num_slots)[None, :]
-    plen = meta.prompt_lens.long()[:, None]
-    rlen = meta.response_lens.long()[:, None]
-    in_prompt = slot < prompt_slots
-    # Position of the token in each slot: prompt slots count from 0, response slots from plen.
-    key_pos = torch.where(in_prompt, slot, plen + slot - prompt_slots)
-    valid = torch.where(in_prompt, slot < plen, slot - prompt_slots < rlen)
-    if sliding_window is not None:
-        valid &= key_pos > plen + rlen - 1 - sliding_window
-    return ~valid[:, None, None, :]
+        if meta.is_decode:
+            return decode_attention(
+                q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale
+            )
+        return mixed_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)

@@ -13,8 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+
+
+class LayerKV(NamedTuple):
+    """One layer's slice of the KV pool: ``k``/``v`` ``[num_blocks, block_size, Hkv, D]`` and, for
+    an int8 pool (kernels/quant.py), their scales ``[num_blocks, block_size, Hkv]`` float32;
+    the scales are None when the pool holds the model's dtype."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -93,6 +105,15 @@ class KernelBackend:
     # does no host sync, and ``write_kv`` skips slots < 0: the engine then runs decode steps on
     # fixed buffers and, on CUDA, replays them as graphs (actors/decode_graphs.py).
     graphable = False
+    # True when write_kv/rope_write_kv/attention/copy_blocks take an int8 pool with its scales
+    # (``k_scale``/``v_scale``); the engine refuses ``kv_dtype=int8`` on other backends.
+    int8_kv = False
+
+    def pack_linear_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """A re-laid-out copy of a linear weight ``[out, in]`` that this backend's ``linear``
+        takes in its place, or None to keep the plain weight. Called once per weight after
+        loading."""
+        return None
 
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -130,8 +151,13 @@ class KernelBackend:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> None:
-        """Store new K/V ``[T, Hkv, D]`` into caches ``[num_blocks, block_size, Hkv, D]``."""
+        """Store new K/V ``[T, Hkv, D]`` into caches ``[num_blocks, block_size, Hkv, D]``.
+
+        With ``k_scale``/``v_scale`` (``[num_blocks, block_size, Hkv]``) the caches are int8:
+        K/V are quantized (kernels/quant.py) and their scales stored beside them."""
         raise NotImplementedError
 
     def rope_write_kv(
@@ -144,13 +170,18 @@ class KernelBackend:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``rope`` then ``write_kv`` of the rotated k; returns the rotated q. Backends fuse it.
 
         q/k/v may be strided views (splits of the fused QKV output). A slot < 0 marks a padding
         row (CUDA-graph batches): backends that run padded batches store nothing for it."""
         q, k = self.rope(q, k, cos, sin)
-        self.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        if k_scale is None and v_scale is None:
+            self.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        else:
+            self.write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         return q
 
     def attention(
@@ -161,17 +192,28 @@ class KernelBackend:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of q ``[T, H, D]`` over both segments; returns ``[T, H, D]``.
 
         With ``sliding_window = w`` a query at position p sees keys at positions > p - w.
+        With ``k_scale``/``v_scale`` the caches are int8 and are dequantized as they are read.
         """
         raise NotImplementedError
 
     def copy_blocks(
-        self, k_pool: torch.Tensor, v_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
+        self,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        k_scale_pool: torch.Tensor | None = None,
+        v_scale_pool: torch.Tensor | None = None,
     ) -> None:
         """Copy whole blocks ``src[i] -> dst[i]`` in every layer of the pools
-        ``[layers, num_blocks, block_size, Hkv, D]`` (copy-on-write after a fork)."""
-        k_pool[:, dst] = k_pool[:, src]
-        v_pool[:, dst] = v_pool[:, src]
+        ``[layers, num_blocks, block_size, Hkv, D]`` (copy-on-write after a fork), and of the
+        scale pools ``[layers, num_blocks, block_size, Hkv]`` of an int8 cache."""
+        for pool in (k_pool, v_pool, k_scale_pool, v_scale_pool):
+            if pool is not None:
+                pool[:, dst] = pool[:, src]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from segserve.kernels import AttentionMetadata, KernelBackend
+from segserve.kernels import AttentionMetadata, KernelBackend, LayerKV
 from torch import nn
 
 from .spec import ModelSpec
@@ -33,6 +33,12 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.backend = backend
+
+    def pack(self) -> None:
+        """Swap the weight for the backend's packed layout, if it has one (after loading)."""
+        packed = self.backend.pack_linear_weight(self.weight.data)
+        if packed is not None:
+            self.weight = nn.Parameter(packed, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backend.linear(x, self.weight, self.bias)
@@ -84,7 +90,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: LayerKV,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -93,9 +99,13 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = kv_cache
-        q = self.backend.rope_write_kv(q, k, v, *cos_sin, k_cache, v_cache, meta.slot_mapping)
-        out = self.backend.attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        kv = LayerKV(*kv_cache)
+        q = self.backend.rope_write_kv(
+            q, k, v, *cos_sin, kv.k, kv.v, meta.slot_mapping, kv.k_scale, kv.v_scale
+        )
+        out = self.backend.attention(
+            q, kv.k, kv.v, meta, self.scale, self.sliding_window, kv.k_scale, kv.v_scale
+        )
         return self.all_reduce(self.o_proj(out.flatten(1)))
 
 
@@ -139,7 +149,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         residual: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: LayerKV,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.input_layernorm(x, residual)
@@ -184,7 +194,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[LayerKV],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` after the final norm, for the packed new tokens."""
@@ -196,6 +206,12 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, cos_sin, kv_cache, meta)
         x, _ = self.norm(x, residual)
         return x
+
+    def pack_weights(self) -> None:
+        """Let the backend re-lay out every linear weight once, after loading."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's logits slice, in float32 (sampling and log-probs want the precision)."""

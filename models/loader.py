@@ -274,4 +274,5 @@ def load_model(
         progress.close()
     placer.finish()
     model.init_rope(max(max_positions, spec.max_position_embeddings), device)
+    model.pack_weights()
     return model

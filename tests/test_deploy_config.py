@@ -258,6 +258,19 @@ def test_engine_config_fields():
     assert (e.kv_cache_memory_gb, e.num_kv_blocks) == (1.5, None)
 
 
+def test_engine_config_kv_dtype_per_pool_and_cpu_threads():
+    """A pool's kv_dtype wins over the model's; a CPU replica runs its reserved CPUs as threads."""
+    cfg = parse_service_config({
+        "models": [{"name": "m", "kv_dtype": "int8"}],
+        "pools": [{"name": "a", "device": "cpu", "cpus_per_replica": 3},
+                  {"name": "b", "device": "cpu", "kv_dtype": "auto"},
+                  {"name": "g", "device": "cuda"}],
+    })  # fmt: skip
+    a, b, g = (engine_config(cfg.models[0], p) for p in cfg.pools)
+    assert (a.kv_dtype, b.kv_dtype, g.kv_dtype) == ("int8", "auto", "int8")
+    assert (a.cpu_threads, b.cpu_threads, g.cpu_threads) == (3, 1, None)
+
+
 def test_engine_config_memory_passthrough():
     gpu = _cfg({}, {"name": "p", "device": "cuda", "gpu_memory_utilization": 0.42})
     assert engine_config(gpu.models[0], gpu.pools[0]).gpu_memory_utilization == 0.42
@@ -320,7 +333,9 @@ BAD = [
     ("no pools", {"pools": []}, "args.pools", "at least 1 item"),
     ("tensor parallel", {"pools.0.tensor_parallel_size": 2}, "args.pools.0",
      "tensor_parallel_size > 1 is not supported"),
-    ("int8 kv", {"models.0.kv_dtype": "int8"}, "args.models.0.kv_dtype", "'auto'"),
+    ("fp8 kv", {"models.0.kv_dtype": "fp8"}, "args.models.0.kv_dtype", "'auto' or 'int8'"),
+    ("fp8 kv on a pool", {"pools.1.kv_dtype": "fp8"}, "args.pools.1.kv_dtype",
+     "'auto' or 'int8'"),
     ("block size", {"pools.0.block_size": 24}, "args.pools.0", "power of two, got 24"),
     ("both api keys", {"ingress": {"api_key": "k", "api_key_env": "E"}}, "args.ingress",
      "set api_key or api_key_env, not both"),

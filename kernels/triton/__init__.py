@@ -28,7 +28,12 @@ class TritonBackend(KernelBackend):
 
     @staticmethod
     def check_supported(
-        head_dim: int, num_heads: int, num_kv_heads: int, dtype: torch.dtype, block_size: int
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        dtype: torch.dtype,
+        block_size: int,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         """Raise ValueError, naming the op and the shape, for a model these kernels can't run.
         The engine calls it at start, so a bad shape never fails in the middle of serving."""
@@ -36,6 +41,12 @@ class TritonBackend(KernelBackend):
             f"head_dim={head_dim}, num_heads={num_heads}, num_kv_heads={num_kv_heads}, "
             f"dtype={dtype}, block_size={block_size}"
         )
+        if kv_dtype == torch.int8:
+            raise ValueError(
+                "triton backend: the int8 KV cache (kv_dtype=int8) is not implemented yet (its "
+                "seam is rope.py's k_scale/v_scale); use kv_dtype 'auto', or the 'cpu' or "
+                f"'reference' backend ({shape})"
+            )
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(
                 f"triton backend: no kernels for dtype {dtype} (all ops take float16, bfloat16 "
@@ -86,7 +97,10 @@ class TritonBackend(KernelBackend):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> None:
+        _no_int8(k_scale, v_scale)
         rope.write_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def rope_write_kv(
@@ -99,8 +113,12 @@ class TritonBackend(KernelBackend):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return rope.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+        return rope.rope_write_kv(
+            q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale
+        )
 
     def attention(
         self,
@@ -110,9 +128,12 @@ class TritonBackend(KernelBackend):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode steps (one query per row) run the graph-safe segment decode kernel; every other
         step, mixed ones included, runs the prefill kernel."""
+        _no_int8(k_scale, v_scale)
         if meta.is_decode:
             return decode_attention.decode_attention(
                 q, k_cache, v_cache, meta, scale, sliding_window, self.decode_split_tokens
@@ -120,9 +141,23 @@ class TritonBackend(KernelBackend):
         return prefill_attention.prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window)
 
     def copy_blocks(
-        self, k_pool: torch.Tensor, v_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
+        self,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        k_scale_pool: torch.Tensor | None = None,
+        v_scale_pool: torch.Tensor | None = None,
     ) -> None:
+        _no_int8(k_scale_pool, v_scale_pool)
         cache.copy_blocks(k_pool, v_pool, src, dst)
+
+
+def _no_int8(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
+    """The int8 seam: scales are part of the signature, but no kernel reads them yet (the engine
+    refuses kv_dtype=int8 on this backend at start, in check_supported)."""
+    if k_scale is not None or v_scale is not None:
+        raise NotImplementedError("triton backend: int8 KV cache (k_scale/v_scale) is not built")
 
 
 __all__ = ["TritonBackend"]

@@ -6,7 +6,8 @@ makes a round trip through memory. q/k/v may be strided views (splits of the fus
 
 Slots < 0 mark padding rows (a CUDA-graph batch padded to its bucket): nothing is stored.
 
-int8 KV seam: ``k_scale``/``v_scale`` (``[num_slots, Hkv]`` float32, one scale per token and head)
+int8 KV seam: ``k_scale``/``v_scale`` (``[num_slots, Hkv]`` float32, one scale per token and head:
+the per-layer ``[num_blocks, block_size, Hkv]`` scale pools of kernels/quant.py, flattened)
 would switch on ``QUANT_KV``: the kernel would store ``round(x / s)`` with ``s = absmax(x) / 127``
 and ``s`` beside it, and attention would dequantize on load. Not implemented yet.
 """
