@@ -247,6 +247,8 @@ class EngineCore(TokenUpdates):
             batch = self._lookahead(prev)
             if batch is not None:
                 self._inflight = self._launch(batch, prev)
+                if self._inflight is None:  # the launch failed and ended its requests
+                    deltas += self._failed
             deltas += self._complete(prev)
             if self._inflight is not None:
                 return deltas

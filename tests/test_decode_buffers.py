@@ -198,3 +198,32 @@ def test_slot_of_last_token_matches_the_kv_manager(tiny_models, graphable):
     assert int(inputs.host.int[0, 0]) == 6 and int(inputs.host.int[1, 0]) == 1
     assert int(inputs.host.long[2, 1]) == -1  # bucket 2's padding row
     assert torch.equal(inputs.d_long, inputs.host.long)
+
+
+def test_a_failed_lookahead_launch_ends_its_requests_with_an_error(tiny_models, graphable,
+                                                                   monkeypatch):
+    path, _ = tiny_models["llama"]
+    core = EngineCore(EngineConfig(model=path, block_size=4))
+    real = core.runner.execute
+
+    launches = {"lookahead": 0}
+
+    def failing(batch, copies, token_source=None, *rest):
+        if token_source is not None:
+            launches["lookahead"] += 1
+            raise RuntimeError("injected")
+        return real(batch, copies, token_source, *rest)
+
+    monkeypatch.setattr(core.runner, "execute", failing)
+    ids = [core.add_request(p, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+           for p in prompts(2, seed=8)]
+    reasons = {}
+    for _ in range(100):
+        if not core.has_work():
+            break
+        for d in core.step():
+            if d.request_done:
+                reasons[d.request_id] = d.finish_reason
+    assert launches["lookahead"] == 1
+    assert reasons == dict.fromkeys(ids, "error")  # every stream ends, none hangs
+    assert not core.has_work() and core.kv.metrics().blocks_used == 0
