@@ -142,15 +142,15 @@ class _HostMirror:
         self.int[2, start:end] = torch.arange(start, end, dtype=torch.int32)
 
     def write_tables(self, row: int, prompt: list[int], response: list[int]) -> None:
-        held = self._rows[row]
-        if held is not None and held[0] == prompt and held[1] == response:
-            return
-        if held is None or held[0] != prompt:
+        held_prompt, held_response = self._rows[row] or (None, None)
+        if held_prompt != prompt:
             self.ptab[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.int32)
-        if held is None or held[1] != response:
+            held_prompt = list(prompt)
+        if held_response != response:
             if response:
                 self.rtab[row, : len(response)] = torch.tensor(response, dtype=torch.int32)
-        self._rows[row] = (list(prompt), list(response))
+            held_response = list(response)
+        self._rows[row] = (held_prompt, held_response)
 
 
 class DecodeGraphs:

@@ -64,7 +64,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Repetition (HF/CTRL: tokens seen in prompt or output), presence and frequency (OpenAI:
     generated tokens only) penalties, in place, for all rows in a few batched ops."""
     dev = logits.device
-    rep_rows, rep_toks, out_rows, out_toks = [], [], [], []
+    rep_idx, rep_lens, rep_toks, out_rows, out_toks = [], [], [], [], []
     rep = torch.ones(len(seqs), dtype=logits.dtype)
     pres = torch.zeros(len(seqs), dtype=logits.dtype)
     freq = torch.zeros(len(seqs), dtype=logits.dtype)
@@ -72,8 +72,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         p = seq.group.params
         if p.repetition_penalty != 1.0:
             rep[i] = p.repetition_penalty
+            rep_idx.append(i)
             rep_toks.append(_prompt_tensor(seq.group, dev))
-            rep_rows.append(len(seq.group.prompt_ids))
+            rep_lens.append(len(seq.group.prompt_ids))
         if seq.output_ids and (p.repetition_penalty != 1.0 or p.presence_penalty
                                or p.frequency_penalty):
             pres[i], freq[i] = p.presence_penalty, p.frequency_penalty
@@ -85,8 +86,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         toks = torch.tensor(out_toks, device=dev)
         counts.index_put_((rows, toks), torch.ones(len(out_toks), device=dev), accumulate=True)
     if rep_toks:
-        rep_idx = [i for i, s in enumerate(seqs) if s.group.params.repetition_penalty != 1.0]
-        rows = torch.repeat_interleave(torch.tensor(rep_idx), torch.tensor(rep_rows)).to(dev)
+        rows = torch.repeat_interleave(torch.tensor(rep_idx), torch.tensor(rep_lens)).to(dev)
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
         seen[rows, torch.cat(rep_toks)] = True
         # Output tokens are seen too; rows without a repetition penalty have rep == 1.
@@ -281,11 +281,12 @@ def sample_on_device(
                 torch.tensor([p.min_p for p in ps], dtype=logits.dtype, device=dev),
             )
         probs = sub.softmax(-1)
-        seeds = torch.tensor([seqs[i].sample_seed for i in drawn], dtype=torch.long)
-        counts = torch.tensor([seqs[i].num_draws for i in drawn], dtype=torch.long)
+        # (seed, draw number) per drawn row, in one host->device copy
+        keys = torch.tensor([[seqs[i].sample_seed, seqs[i].num_draws] for i in drawn],
+                            dtype=torch.long).to(dev)
         for i in drawn:
             seqs[i].num_draws += 1
-        noise = -torch.log(uniform_noise(seeds.to(dev), counts.to(dev), logits.shape[1]))
+        noise = -torch.log(uniform_noise(keys[:, 0], keys[:, 1], logits.shape[1]))
         tokens[rows] = torch.argmax(probs / noise, dim=-1)
     chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
     top_n = [p.logprobs for p in params]
