@@ -13,12 +13,13 @@ sequence's draws do not depend on which other rows share its step or on the devi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .outputs import TokenLogprob
 from .sequence import BeamHypothesis, Sequence, SequenceGroup
+from .vocab_parallel import VocabShard
 
 # splitmix64's constants, written as signed int64 (torch has no uint64 arithmetic).
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
@@ -38,10 +39,12 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
-def uniform_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``[rows, vocab]`` float32 uniforms in (0, 1), a pure function of (seed, draw, token id)."""
+def uniform_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab: int,
+                  first: int = 0) -> torch.Tensor:
+    """``[rows, vocab]`` float32 uniforms in (0, 1), a pure function of (seed, draw, token id),
+    for token ids ``first .. first + vocab - 1`` (a rank's slice of a sharded vocabulary)."""
     base = _mix(seeds * _GOLDEN + draws)
-    token = torch.arange(vocab, device=seeds.device, dtype=torch.int64) * _GOLDEN
+    token = torch.arange(first, first + vocab, device=seeds.device, dtype=torch.int64) * _GOLDEN
     bits = _shr(_mix(base[:, None] + token[None, :]), 40)  # the top 24 bits
     return (bits.float() + 0.5) * (1.0 / (1 << 24))
 
@@ -60,42 +63,74 @@ def _prompt_tensor(group: SequenceGroup, device: torch.device) -> torch.Tensor:
     return cached
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Repetition (HF/CTRL: tokens seen in prompt or output), presence and frequency (OpenAI:
-    generated tokens only) penalties, in place, for all rows in a few batched ops."""
-    dev = logits.device
-    rep_idx, rep_lens, rep_toks, out_rows, out_toks = [], [], [], [], []
-    rep = torch.ones(len(seqs), dtype=logits.dtype)
-    pres = torch.zeros(len(seqs), dtype=logits.dtype)
-    freq = torch.zeros(len(seqs), dtype=logits.dtype)
+# ----- host side: what each row asks for, as plain lists (a "plan") --------------------------
+# The plans are what rank 0 of a tensor-parallel group sends its other ranks, so that every
+# rank applies the same masks to its slice of the vocabulary.
+
+@dataclass
+class PenaltyPlan:
+    rep: list[float]  # per row (1.0: none)
+    pres: list[float]
+    freq: list[float]
+    rep_idx: list[int]  # rows with a repetition penalty, and their prompt ids
+    rep_toks: list[torch.Tensor]
+    out_rows: list[int]  # (row, generated token) pairs
+    out_toks: list[int]
+
+
+def penalty_plan(seqs: list[Sequence], device: torch.device) -> PenaltyPlan:
+    plan = PenaltyPlan([1.0] * len(seqs), [0.0] * len(seqs), [0.0] * len(seqs), [], [], [], [])
     for i, seq in enumerate(seqs):
         p = seq.group.params
         if p.repetition_penalty != 1.0:
-            rep[i] = p.repetition_penalty
-            rep_idx.append(i)
-            rep_toks.append(_prompt_tensor(seq.group, dev))
-            rep_lens.append(len(seq.group.prompt_ids))
-        if seq.output_ids and (p.repetition_penalty != 1.0 or p.presence_penalty
-                               or p.frequency_penalty):
-            pres[i], freq[i] = p.presence_penalty, p.frequency_penalty
-            out_toks.extend(seq.output_ids)
-            out_rows.extend([i] * len(seq.output_ids))
+            plan.rep[i] = p.repetition_penalty
+            plan.rep_idx.append(i)
+            plan.rep_toks.append(_prompt_tensor(seq.group, device))
+        if seq.output_ids and _penalized(p):
+            plan.pres[i], plan.freq[i] = p.presence_penalty, p.frequency_penalty
+            plan.out_toks.extend(seq.output_ids)
+            plan.out_rows.extend([i] * len(seq.output_ids))
+    return plan
+
+
+def _local_pairs(rows: torch.Tensor, toks: torch.Tensor,
+                 vs: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (row, token) pairs whose token lies in this rank's slice, in local columns."""
+    if not vs.sharded:
+        return rows, toks
+    mine = (toks >= vs.lo) & (toks < vs.hi)
+    return rows[mine], toks[mine] - vs.lo
+
+
+def penalize(logits: torch.Tensor, plan: PenaltyPlan, vs: VocabShard) -> torch.Tensor:
+    """Repetition (HF/CTRL: tokens seen in prompt or output), presence and frequency (OpenAI:
+    generated tokens only) penalties, in place, for all rows in a few batched ops."""
+    dev = logits.device
     counts = torch.zeros_like(logits)
-    if out_toks:
-        rows = torch.tensor(out_rows, device=dev)
-        toks = torch.tensor(out_toks, device=dev)
-        counts.index_put_((rows, toks), torch.ones(len(out_toks), device=dev), accumulate=True)
-    if rep_toks:
-        rows = torch.repeat_interleave(torch.tensor(rep_idx), torch.tensor(rep_lens)).to(dev)
+    if plan.out_toks:
+        rows, toks = _local_pairs(torch.tensor(plan.out_rows, device=dev),
+                                  torch.tensor(plan.out_toks, device=dev), vs)
+        counts.index_put_((rows, toks), torch.ones(len(toks), device=dev), accumulate=True)
+    if plan.rep_toks:
+        lens = torch.tensor([len(t) for t in plan.rep_toks])
+        rows = torch.repeat_interleave(torch.tensor(plan.rep_idx), lens).to(dev)
+        rows, toks = _local_pairs(rows, torch.cat([t.to(dev) for t in plan.rep_toks]), vs)
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
-        seen[rows, torch.cat(rep_toks)] = True
+        seen[rows, toks] = True
         # Output tokens are seen too; rows without a repetition penalty have rep == 1.
         seen |= counts > 0
-        r = rep.to(dev)[:, None]
+        r = torch.tensor(plan.rep, dtype=logits.dtype, device=dev)[:, None]
         logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
-    if out_toks:
-        logits -= freq.to(dev)[:, None] * counts + pres.to(dev)[:, None] * (counts > 0)
+    if plan.out_toks:
+        freq = torch.tensor(plan.freq, dtype=logits.dtype, device=dev)[:, None]
+        pres = torch.tensor(plan.pres, dtype=logits.dtype, device=dev)[:, None]
+        logits -= freq * counts + pres * (counts > 0)
     return logits
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """:func:`penalize` with the rows' own plan, on a whole vocabulary."""
+    return penalize(logits, penalty_plan(seqs, logits.device), VocabShard(logits.shape[1]))
 
 
 def _banned_by_bad_words(seq: Sequence) -> list[int]:
@@ -110,24 +145,31 @@ def _banned_by_bad_words(seq: Sequence) -> list[int]:
     return out
 
 
-def apply_constraints(
-    logits: torch.Tensor, seqs: list[Sequence], pending: list[int] | None = None
-) -> torch.Tensor:
-    """allowed_token_ids, bad words, min_tokens (EOS and stop ids masked while the output is
-    shorter) and logit_bias, for all rows in a few batched ops; returns ``logits`` itself when
-    no row asks for any, else a modified copy. ``pending[i]``: tokens row i has sampled that
-    are not in its ``output_ids`` yet (the engine's lookahead), so min_tokens counts them."""
-    bias_rows, bias_toks, bias_vals = [], [], []
-    ban_rows, ban_toks = [], []
-    allow_rows, allow_toks, allow_idx = [], [], []
+@dataclass
+class ConstraintPlan:
+    allow_idx: list[int] = field(default_factory=list)  # rows with allowed_token_ids
+    allow_rows: list[int] = field(default_factory=list)  # (index into allow_idx, token)
+    allow_toks: list[int] = field(default_factory=list)
+    bias_rows: list[int] = field(default_factory=list)
+    bias_toks: list[int] = field(default_factory=list)
+    bias_vals: list[float] = field(default_factory=list)
+    ban_rows: list[int] = field(default_factory=list)
+    ban_toks: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.allow_idx or self.ban_toks or self.bias_toks)
+
+
+def constraint_plan(seqs: list[Sequence], pending: list[int] | None = None) -> ConstraintPlan:
+    plan = ConstraintPlan()
     for i, seq in enumerate(seqs):
         p = seq.group.params
         if not p.constrained:
             continue
         if p.allowed_token_ids:
-            allow_toks += p.allowed_token_ids
-            allow_rows += [len(allow_idx)] * len(p.allowed_token_ids)
-            allow_idx.append(i)
+            plan.allow_toks += p.allowed_token_ids
+            plan.allow_rows += [len(plan.allow_idx)] * len(p.allowed_token_ids)
+            plan.allow_idx.append(i)
         banned = _banned_by_bad_words(seq) if seq.group.bad_words_ids else []
         generated = len(seq.output_ids) + (pending[i] if pending else 0)
         # a grammar that has reached its end leaves only EOS: it decides, not min_tokens
@@ -136,31 +178,52 @@ def apply_constraints(
             banned += p.stop_token_ids
             if not p.ignore_eos:
                 banned += seq.group.eos_token_ids
-        ban_toks += banned
-        ban_rows += [i] * len(banned)
+        plan.ban_toks += banned
+        plan.ban_rows += [i] * len(banned)
         if p.logit_bias:
-            bias_toks += p.logit_bias.keys()
-            bias_vals += p.logit_bias.values()
-            bias_rows += [i] * len(p.logit_bias)
-    if not (allow_idx or ban_toks or bias_toks):
+            plan.bias_toks += p.logit_bias.keys()
+            plan.bias_vals += p.logit_bias.values()
+            plan.bias_rows += [i] * len(p.logit_bias)
+    return plan
+
+
+def constrain(logits: torch.Tensor, plan: ConstraintPlan, vs: VocabShard) -> torch.Tensor:
+    """allowed_token_ids, bad words, min_tokens and logit_bias as masks and biases; returns
+    ``logits`` itself when the plan is empty, else a modified copy."""
+    if not plan:
         return logits
     dev = logits.device
     logits = logits.clone()
-    if allow_idx:
-        rows = torch.tensor(allow_idx, device=dev)
-        local = torch.tensor(allow_rows, device=dev)
-        toks = torch.tensor(allow_toks, device=dev)
-        keep = torch.full((len(allow_idx), logits.shape[1]), float("-inf"), device=dev)
+
+    def pairs(rows: list[int], toks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return _local_pairs(torch.tensor(rows, dtype=torch.long, device=dev),
+                            torch.tensor(toks, dtype=torch.long, device=dev), vs)
+
+    if plan.allow_idx:
+        rows = torch.tensor(plan.allow_idx, device=dev)
+        local, toks = pairs(plan.allow_rows, plan.allow_toks)
+        keep = torch.full((len(plan.allow_idx), logits.shape[1]), float("-inf"), device=dev)
         keep[local, toks] = 0.0
         logits[rows] += keep
-    if bias_toks:
-        logits.index_put_(
-            (torch.tensor(bias_rows, device=dev), torch.tensor(bias_toks, device=dev)),
-            torch.tensor(bias_vals, dtype=logits.dtype, device=dev), accumulate=True)
-    if ban_toks:
-        logits[torch.tensor(ban_rows, device=dev), torch.tensor(ban_toks, device=dev)] = \
-            float("-inf")
+    if plan.bias_toks:
+        vals = torch.tensor(plan.bias_vals, dtype=logits.dtype, device=dev)
+        if vs.sharded:
+            mine = torch.tensor([vs.lo <= t < vs.hi for t in plan.bias_toks], device=dev)
+            vals = vals[mine]
+        logits.index_put_(pairs(plan.bias_rows, plan.bias_toks), vals, accumulate=True)
+    if plan.ban_toks:
+        logits[pairs(plan.ban_rows, plan.ban_toks)] = float("-inf")
     return logits
+
+
+def apply_constraints(
+    logits: torch.Tensor, seqs: list[Sequence], pending: list[int] | None = None
+) -> torch.Tensor:
+    """allowed_token_ids, bad words, min_tokens (EOS and stop ids masked while the output is
+    shorter) and logit_bias, for all rows in a few batched ops; returns ``logits`` itself when
+    no row asks for any, else a modified copy. ``pending[i]``: tokens row i has sampled that
+    are not in its ``output_ids`` yet (the engine's lookahead), so min_tokens counts them."""
+    return constrain(logits, constraint_plan(seqs, pending), VocabShard(logits.shape[1]))
 
 
 def filter_rows(
@@ -239,6 +302,112 @@ class DeviceSample:
         return out
 
 
+@dataclass
+class SamplePlan:
+    """What one step's sampling rows ask for, built on the host (rank 0) from their sequences."""
+
+    top_n: list[int | None]  # log-probs asked for, per row
+    drawn: list[int]  # rows that draw (not greedy), and their knobs
+    temperature: list[float]
+    top_k: list[int]
+    top_p: list[float]
+    min_p: list[float]
+    keys: list[list[int]]  # (seed, draw number) per drawn row
+    constraints: ConstraintPlan
+    penalties: PenaltyPlan | None
+    bitmask: torch.Tensor | None  # grammar rows' token bitmasks (xgrammar's layout), host
+    bitmask_rows: list[int]
+
+
+def sample_plan(seqs: list[Sequence], pending: list[int] | None, vocab: int,
+                device: torch.device) -> SamplePlan:
+    """Every row's knobs; counts the draws it plans (a seeded row's next draw is a new one)."""
+    params = [s.group.params for s in seqs]
+    drawn = [i for i, p in enumerate(params) if not (p.greedy or p.top_k == 1)]
+    ps = [params[i] for i in drawn]
+    keys = [[seqs[i].sample_seed, seqs[i].num_draws] for i in drawn]
+    for i in drawn:
+        seqs[i].num_draws += 1
+    bitmask, rows = None, []
+    if any(s.matcher is not None for s in seqs):
+        from .structured import grammar_bitmask
+
+        bitmask, rows = grammar_bitmask(seqs, vocab)
+    return SamplePlan(
+        top_n=[p.logprobs for p in params], drawn=drawn,
+        temperature=[p.temperature for p in ps], top_k=[p.top_k for p in ps],
+        top_p=[p.top_p for p in ps], min_p=[p.min_p for p in ps], keys=keys,
+        constraints=constraint_plan(seqs, pending) if any(p.constrained for p in params)
+        else ConstraintPlan(),
+        penalties=penalty_plan(seqs, device) if any(_penalized(p) for p in params) else None,
+        bitmask=bitmask, bitmask_rows=rows,
+    )
+
+
+def sample_rows(logits: torch.Tensor, plan: SamplePlan, vs: VocabShard) -> DeviceSample:
+    """The device side of :func:`sample_on_device` on this rank's slice of the vocabulary."""
+    dev = logits.device
+    raw_logprobs = vs.log_softmax(logits)
+    logits = constrain(logits, plan.constraints, vs)
+    if plan.bitmask is not None:
+        from .structured import apply_bitmask
+
+        if not plan.constraints:  # the bitmask works in place: never on the caller's
+            logits = logits.clone()
+        apply_bitmask(logits, plan.bitmask, plan.bitmask_rows, vs)
+    if plan.penalties is not None:
+        logits = penalize(logits.clone(), plan.penalties, vs)
+    tokens = vs.argmax(logits)
+    if plan.drawn:
+        rows = torch.tensor(plan.drawn, device=dev)
+        temp = torch.tensor(plan.temperature, dtype=logits.dtype, device=dev)
+        sub = logits[rows] / temp[:, None]
+        if any(k > 0 for k in plan.top_k) or any(p < 1.0 for p in plan.top_p) \
+                or any(m > 0.0 for m in plan.min_p):
+            sub = vs.filter(
+                sub,
+                torch.tensor(plan.top_k, dtype=torch.long, device=dev),
+                torch.tensor(plan.top_p, dtype=logits.dtype, device=dev),
+                torch.tensor(plan.min_p, dtype=logits.dtype, device=dev),
+            )
+        # (seed, draw number) per drawn row, in one host->device copy
+        keys = torch.tensor(plan.keys, dtype=torch.long).to(dev)
+        noise = -torch.log(uniform_noise(keys[:, 0], keys[:, 1], sub.shape[1], vs.lo))
+        if vs.sharded:
+            tokens[rows] = vs.argmax((sub - vs.lse(sub)[:, None]).exp() / noise)
+        else:
+            tokens[rows] = torch.argmax(sub.softmax(-1) / noise, dim=-1)
+    chosen = vs.take(raw_logprobs, tokens)
+    n_max = max((n for n in plan.top_n if n), default=0)
+    top_ids = top_vals = None
+    if n_max:
+        top_vals, top_ids = vs.topk(raw_logprobs, n_max)
+    return DeviceSample(tokens, chosen, top_ids, top_vals, plan.top_n)
+
+
+def beam_candidates(logits: torch.Tensor, plan: tuple[list[float], int],
+                    vs: VocabShard) -> torch.Tensor:
+    """The best ``k`` (cumulative log-prob, beam * vocab + token) of a beam group's rows, as
+    ``[2, k]`` float64 on the host."""
+    scores, k = plan
+    acc = vs.log_softmax(logits) + torch.tensor(scores, device=logits.device)[:, None]
+    top_vals, top_idx = vs.topk_flat(acc, k)
+    return torch.stack([top_vals.double(), top_idx.double()]).cpu()
+
+
+# Device-side ops by name: what a tensor-parallel worker runs when rank 0 says so.
+OPS = {"sample": sample_rows, "beam": beam_candidates}
+
+
+def run_op(logits, op: str, plan: object):
+    """Run ``OPS[op]`` on ``logits``: a tensor on one device, or a rank-0 view of logits
+    sharded over a replica group (which has every rank run it on its own slice)."""
+    run = getattr(logits, "run_op", None)
+    if run is not None:
+        return run(op, plan)
+    return OPS[op](logits, plan, VocabShard(logits.shape[1]))
+
+
 def sample_on_device(
     logits: torch.Tensor, seqs: list[Sequence], pending: list[int] | None = None
 ) -> DeviceSample:
@@ -252,49 +421,8 @@ def sample_on_device(
     allowed_token_ids, bad words, min_tokens, the grammar's bitmask) apply first; ``pending``
     as in :func:`apply_constraints`.
     """
-    dev = logits.device
-    params = [s.group.params for s in seqs]
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
-    if any(p.constrained for p in params):
-        constrained = apply_constraints(logits, seqs, pending)
-        if any(s.matcher is not None for s in seqs):
-            from .structured import apply_grammar_bitmask
-
-            if constrained is logits:  # the bitmask works in place: never on the caller's
-                constrained = logits.clone()
-            apply_grammar_bitmask(constrained, seqs)
-        logits = constrained
-    if any(_penalized(p) for p in params):
-        logits = apply_penalties(logits.clone(), seqs)
-    tokens = torch.argmax(logits, dim=-1)
-    drawn = [i for i, p in enumerate(params) if not (p.greedy or p.top_k == 1)]
-    if drawn:
-        ps = [params[i] for i in drawn]
-        rows = torch.tensor(drawn, device=dev)
-        temp = torch.tensor([p.temperature for p in ps], dtype=logits.dtype, device=dev)
-        sub = logits[rows] / temp[:, None]
-        if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in ps):
-            sub = filter_rows(
-                sub,
-                torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev),
-                torch.tensor([p.top_p for p in ps], dtype=logits.dtype, device=dev),
-                torch.tensor([p.min_p for p in ps], dtype=logits.dtype, device=dev),
-            )
-        probs = sub.softmax(-1)
-        # (seed, draw number) per drawn row, in one host->device copy
-        keys = torch.tensor([[seqs[i].sample_seed, seqs[i].num_draws] for i in drawn],
-                            dtype=torch.long).to(dev)
-        for i in drawn:
-            seqs[i].num_draws += 1
-        noise = -torch.log(uniform_noise(keys[:, 0], keys[:, 1], logits.shape[1]))
-        tokens[rows] = torch.argmax(probs / noise, dim=-1)
-    chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
-    top_n = [p.logprobs for p in params]
-    n_max = max((n for n in top_n if n), default=0)
-    top_ids = top_vals = None
-    if n_max:
-        top_vals, top_ids = torch.topk(raw_logprobs, n_max, dim=-1)
-    return DeviceSample(tokens, chosen, top_ids, top_vals, top_n)
+    device = getattr(logits, "device", torch.device("cpu"))
+    return run_op(logits, "sample", sample_plan(seqs, pending, logits.shape[1], device))
 
 
 def sample(
@@ -320,13 +448,9 @@ def beam_step(
     width = p.beam_width
     end_ids = set() if p.ignore_eos else set(group.eos_token_ids)
     end_ids |= set(p.stop_token_ids)
-    logprobs = torch.log_softmax(logits, dim=-1)
-    scores = torch.tensor([b.cumulative_logprob for b in beams], dtype=torch.float32)
-    acc = (logprobs + scores.to(logits.device)[:, None]).reshape(-1)
     vocab = logits.shape[1]
-    k = min(max(2, 1 + len(end_ids)) * width, acc.numel())
-    top_vals, top_idx = torch.topk(acc, k)
-    top = torch.stack([top_vals.double(), top_idx.double()]).cpu().tolist()
+    k = min(max(2, 1 + len(end_ids)) * width, len(beams) * vocab)
+    top = run_op(logits, "beam", ([b.cumulative_logprob for b in beams], k)).tolist()
     gen_len = len(beams[0].output_ids) + 1
     at_max = gen_len >= max_new_tokens
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .sequence import Sequence
+from .vocab_parallel import VocabShard
 
 # xgrammar's C++ errors start with "[time] /path/file.cc:line: "; the rest names the problem.
 _CPP_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s*\S+:\d+:\s*")
@@ -172,23 +173,44 @@ def accept(seq: Sequence, token: int) -> None:
 _batch_filler: Any = None  # xgrammar's BatchGrammarMatcher: one call fills every row
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """Mask, in place on the device, every token the grammar of each constrained row forbids
-    next; other rows are untouched (the kernel takes the rows by index). The rows' bitmasks
-    are filled on the host in one batched call (xgrammar's threads, without the GIL)."""
+def grammar_bitmask(seqs: list[Sequence], vocab: int) -> tuple[torch.Tensor | None, list[int]]:
+    """The token bitmasks of the rows under a live grammar, filled on the host in one batched
+    call (xgrammar's threads, without the GIL), and those rows' indices; ``(None, [])`` when
+    no row is constrained."""
     global _batch_filler
     xgr = _xgr()
     rows = [i for i, s in enumerate(seqs)
             if s.matcher is not None and not s.finished and not s.matcher.is_terminated()]
     if not rows:
-        return
-    vocab = logits.shape[1]
+        return None, []
     bitmask = xgr.allocate_token_bitmask(len(seqs), vocab)
     if _batch_filler is None:
         _batch_filler = xgr.BatchGrammarMatcher()
     _batch_filler.batch_fill_next_token_bitmask([seqs[i].matcher for i in rows], bitmask, rows)
+    return bitmask, rows
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int],
+                  vs: VocabShard) -> None:
+    """Mask, in place on the device, every token the bitmask forbids in ``rows``; other rows
+    are untouched. On a vocabulary shard the bits of this rank's slice are unpacked."""
     if logits.device.type == "cuda":
         bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
     else:
         bitmask = bitmask.to(logits.device)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
+    if not vs.sharded:
+        _xgr().apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1],
+                                           indices=rows)
+        return
+    ids = vs.global_ids(logits.shape[1], logits.device).clamp(max=vs.vocab - 1)
+    idx = torch.tensor(rows, device=logits.device)
+    words = bitmask[idx][:, ids // 32]
+    allowed = ((words >> (ids % 32).to(words.dtype)) & 1).bool()
+    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """:func:`grammar_bitmask` then :func:`apply_bitmask`, on a whole vocabulary."""
+    bitmask, rows = grammar_bitmask(seqs, logits.shape[1])
+    if bitmask is not None:
+        apply_bitmask(logits, bitmask, rows, VocabShard(logits.shape[1]))

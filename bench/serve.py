@@ -408,8 +408,8 @@ def bench_grammar(args: argparse.Namespace, core: Any, vocab: int) -> dict[str, 
                 in_grammar[0] += time.perf_counter() - t
         return wrapper
 
-    real_apply, real_accept = structured.apply_grammar_bitmask, engine_module.accept
-    structured.apply_grammar_bitmask = timed(real_apply)
+    real_apply, real_accept = structured.grammar_bitmask, engine_module.accept
+    structured.grammar_bitmask = timed(real_apply)
     engine_module.accept = timed(real_accept)
 
     def step_times(constrained: int) -> list[float]:
@@ -434,7 +434,7 @@ def bench_grammar(args: argparse.Namespace, core: Any, vocab: int) -> dict[str, 
             base += step_times(0)
             half += step_times(batch // 2)
     finally:
-        structured.apply_grammar_bitmask, engine_module.accept = real_apply, real_accept
+        structured.grammar_bitmask, engine_module.accept = real_apply, real_accept
     b, h = statistics.median(base), statistics.median(half)
     # in_grammar covers every step of the constrained runs (prefill and drain too)
     per_step = in_grammar[0] / (5 * (n + 1))

@@ -1,0 +1,194 @@
+"""The replica group's communicator: all-reduce (in place), broadcast and all-gather between
+its tensor-parallel ranks, over one of four backends.
+
+- ``nccl``: CUDA devices (torch.distributed's NCCL);
+- ``xccl``: Intel GPUs (built into PyTorch's XPU builds; a code path that cannot run here);
+- ``oneccl``: CPU, through our own small binding (actors/oneccl/), when it builds and loads;
+- ``gloo``: CPU otherwise (and the fallback when oneCCL is unavailable, said in the log).
+
+Rank 0 picks the rendezvous address and hands it to the other ranks (through Ray, or through
+the process launcher offline). Every collective has a timeout, so a dead rank surfaces as an
+error on the others, never as a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import socket
+from datetime import timedelta
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("nccl", "xccl", "oneccl", "gloo")
+
+
+class Communicator:
+    """One rank's end of the group. Tensors live on ``device``."""
+
+    name = "single"
+
+    def __init__(self, rank: int = 0, world_size: int = 1,
+                 device: torch.device | None = None) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.device = device or torch.device("cpu")
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns ``t``."""
+        return t
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``[world_size, *t.shape]``: every rank's ``t``, in rank order."""
+        return t[None]
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def broadcast_object(self, obj: object = None, src: int = 0) -> object:
+        """A picklable object from ``src`` to every rank (two broadcasts: length, bytes). The
+        control path: rank 0 sends each step's inputs and commands this way."""
+        if self.world_size == 1:
+            return obj
+        if self.rank == src:
+            data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=5)), dtype=torch.uint8)
+            size = torch.tensor([data.numel()], dtype=torch.int64, device=self.device)
+            self.broadcast(size, src)
+            self.broadcast(data.to(self.device), src)
+            return obj
+        size = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.broadcast(size, src)
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
+        self.broadcast(data, src)
+        return pickle.loads(data.cpu().numpy().tobytes())
+
+
+class TorchDistCommunicator(Communicator):
+    """nccl, xccl or gloo through a torch.distributed process group of its own."""
+
+    def __init__(self, backend: str, rank: int, world_size: int, address: str,
+                 device: torch.device, timeout_s: float) -> None:
+        import torch.distributed as dist
+
+        super().__init__(rank, world_size, device)
+        self.name = backend
+        self._dist = dist
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        kwargs = {}
+        if backend == "nccl":
+            kwargs["device_id"] = device  # binds the NCCL communicator eagerly
+        dist.init_process_group(backend, init_method=address, rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s),
+                                **kwargs)
+        self.group = dist.group.WORLD
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self._dist.all_reduce(t, group=self.group)
+        return t
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self._dist.broadcast(t, src, group=self.group)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=t.device)
+        self._dist.all_gather_into_tensor(out, t.contiguous(), group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        self._dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()
+
+
+class OneCCLAdapter(Communicator):
+    """The oneCCL binding behind the common interface."""
+
+    name = "oneccl"
+
+    def __init__(self, rank: int, world_size: int, kvs_address: bytes) -> None:
+        from .oneccl import OneCCLCommunicator
+
+        super().__init__(rank, world_size, torch.device("cpu"))
+        self._ccl = OneCCLCommunicator(rank, world_size, kvs_address)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self._ccl.all_reduce(t)
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return self._ccl.broadcast(t, src)
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self._ccl.all_gather(t.contiguous())
+
+    def barrier(self) -> None:
+        self._ccl.barrier()
+
+    def close(self) -> None:
+        self._ccl.close()
+
+
+def default_backend(device_type: str) -> str:
+    return {"cuda": "nccl", "xpu": "xccl"}.get(device_type, "gloo")
+
+
+def check_backend(backend: str, device_type: str) -> None:
+    """A communicator that cannot run on ``device_type`` fails config validation, never start."""
+    if backend not in BACKENDS:
+        raise ValueError(f"communicator must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    allowed = {"cuda": ("nccl", "gloo"), "xpu": ("xccl", "gloo"), "cpu": ("oneccl", "gloo")}
+    if backend not in allowed.get(device_type, ("gloo",)):
+        raise ValueError(f"communicator {backend!r} does not run on {device_type!r} devices; "
+                         f"use one of {', '.join(allowed.get(device_type, ('gloo',)))}")
+
+
+def oneccl_rendezvous() -> bytes | None:
+    """Rank 0, before the other ranks start: the oneCCL KVS address, or None (with one log
+    line saying why) when the binding cannot build or load, and the group falls back to gloo."""
+    from .oneccl import create_main_kvs, load_binding
+
+    if load_binding() is None:
+        logger.warning("oneCCL unavailable; the replica group uses gloo instead")
+        return None
+    return create_main_kvs()
+
+
+def free_address() -> str:
+    """A ``tcp://ip:port`` rendezvous on this node for torch.distributed."""
+    ip = _node_ip()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return f"tcp://{ip}:{port}"
+
+
+def _node_ip() -> str:
+    try:  # the address other nodes reach us at (no packet is sent)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def create_communicator(backend: str, rank: int, world_size: int, address: str,
+                        device: torch.device, timeout_s: float = 300.0,
+                        kvs_address: bytes | None = None) -> Communicator:
+    """This rank's communicator (a collective call: every rank makes it at the same time)."""
+    if world_size == 1:
+        return Communicator(0, 1, device)
+    if backend == "oneccl":
+        if kvs_address is not None:
+            return OneCCLAdapter(rank, world_size, kvs_address)
+        backend = "gloo"
+    return TorchDistCommunicator(backend, rank, world_size, address, device, timeout_s)
