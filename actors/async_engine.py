@@ -15,6 +15,7 @@ from .config import EngineConfig
 from .engine import EngineCore, Prompt
 from .outputs import Delta
 from .sampling_params import SamplingParams
+from .tp_worker import ReplicaGroupFailed
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ class AsyncEngine:
             self._stepping, self._step_started = True, time.monotonic()
             try:
                 deltas = await asyncio.to_thread(self._step)
+            except ReplicaGroupFailed as e:  # a rank is gone: nothing to retry
+                self.broken = str(e)
+                logger.error("%s; the replica reports unhealthy", e)
+                self._fail_all()
+                return
             except Exception:
                 self._step_failures += 1
                 logger.exception("engine step raised (%d in a row); failing the requests in "

@@ -99,9 +99,10 @@ class TorchDistCommunicator(Communicator):
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=t.device)
-        self._dist.all_gather_into_tensor(out, t.contiguous(), group=self.group)
-        return out
+        flat = t.contiguous().reshape(-1)
+        out = torch.empty(self.world_size * flat.numel(), dtype=t.dtype, device=t.device)
+        self._dist.all_gather_into_tensor(out, flat, group=self.group)
+        return out.view(self.world_size, *t.shape)
 
     def barrier(self) -> None:
         self._dist.barrier(group=self.group)

@@ -24,8 +24,25 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds requests that bring no seed of their own
     max_queue_len: int | None = None  # bound on waiting requests; None: unbounded
+    # Tensor parallelism: ranks of the replica group, how they talk and how they start.
+    tensor_parallel_size: int = 1
+    communicator: str | None = None  # nccl | xccl | oneccl | gloo; None: the device's default
+    tp_launcher: str = "ray"  # "ray" (actors in a placement group) | "processes" (local)
+    collective_timeout_s: float = 300.0  # a collective that waits longer fails the group
 
     def __post_init__(self) -> None:
+        from .communicator import check_backend, default_backend
+
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        device_type = self.device.split(":")[0]
+        if self.communicator is None:
+            self.communicator = default_backend(device_type)
+        check_backend(self.communicator, device_type)
+        if self.tp_launcher not in ("ray", "processes"):
+            raise ValueError(f"tp_launcher must be 'ray' or 'processes', got {self.tp_launcher!r}")
+        if self.collective_timeout_s <= 0:
+            raise ValueError("collective_timeout_s must be > 0")
         if self.kv_dtype not in ("auto", "int8"):
             raise ValueError(f"kv_dtype must be 'auto' or 'int8', got {self.kv_dtype!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:

@@ -83,6 +83,11 @@ class DecodeInputs:
         and start the copies to the device. With ``token_source = (tokens, src_rows)`` row r's
         input id is ``tokens[src_rows[r]]``, a device tensor the last step sampled and the host
         has not seen yet (the engine's lookahead)."""
+        self.fill_host(batch, rows, token_source is not None)
+        self.upload(rows, len(batch), token_source)
+
+    def fill_host(self, batch: list, rows: int, ids_on_device: bool = False) -> None:
+        """The host half of :meth:`fill`: the next mirror holds the step."""
         bs = self.block_size
         self.host = host = self._mirrors[1] if self.host is self._mirrors[0] else self._mirrors[0]
         ids, pos, slots, plens, rlens, starts = [], [], [], [], [], []
@@ -92,7 +97,7 @@ class DecodeInputs:
             group = seq.group
             p = seq.num_computed  # the new token's position
             plen = group.prompt_len
-            if token_source is not None:
+            if ids_on_device:
                 ids.append(0)
             else:
                 ids.append(seq.output_ids[p - plen] if p >= plen else group.prompt_ids[p])
@@ -112,6 +117,28 @@ class DecodeInputs:
         host.long[:, :n] = torch.tensor([ids, pos, slots], dtype=torch.int64)
         host.int[:, :n] = torch.tensor([plens, rlens, starts], dtype=torch.int32)
         host.set_padding(n, rows)
+
+    def snapshot(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """The current mirror's first ``rows`` rows: what another rank loads to run the step."""
+        h = self.host
+        return (h.long[:, :rows].clone(), h.int[:, :rows].clone(), h.ptab[:rows].clone(),
+                h.rtab[:rows].clone())
+
+    def load(self, snap: tuple[torch.Tensor, ...]) -> None:
+        """Make ``snap`` (from :meth:`snapshot` on rank 0) the current mirror's content."""
+        self.host = host = self._mirrors[1] if self.host is self._mirrors[0] else self._mirrors[0]
+        long, int_, ptab, rtab = snap
+        rows = long.shape[1]
+        host.long[:, :rows], host.int[:, :rows] = long, int_
+        host.ptab[:rows], host.rtab[:rows] = ptab, rtab
+        host.set_padding(rows, self.max_rows)
+        host._rows[:rows] = [None] * rows  # the row cache no longer describes these rows
+
+    def upload(self, rows: int, n: int,
+               token_source: tuple[torch.Tensor, list[int]] | None = None) -> None:
+        """Start the copies of the current mirror to the device buffers (and of the lookahead's
+        input ids, from ``token_source``, as in :meth:`fill`)."""
+        host = self.host
         self.d_long.copy_(host.long, non_blocking=True)
         self.d_int.copy_(host.int, non_blocking=True)
         self.d_ptab[:rows].copy_(host.ptab[:rows], non_blocking=True)
@@ -195,11 +222,18 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         logger.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
 
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
     def run(self, batch: list,
             token_source: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
-        rows = next(b for b in self.buckets if b >= len(batch))
+        rows = self.bucket(len(batch))
         self.inputs.fill(batch, rows, token_source)
+        return self.replay(rows, len(batch))
+
+    def replay(self, rows: int, n: int) -> torch.Tensor:
+        """The logits of the step the buffers hold (``n`` real rows of bucket ``rows``)."""
         if not self.use_graphs:
-            return self._step(rows)[: len(batch)]
+            return self._step(rows)[:n]
         self.graphs[rows].replay()
-        return self.outputs[rows][: len(batch)]
+        return self.outputs[rows][:n]

@@ -7,7 +7,9 @@ produced. ``AsyncEngine`` (async_engine.py) streams them. Neither knows anything
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import random
 import time
 import uuid
@@ -16,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from segserve.models import load_tokenizer, resolve_model_path
+from segserve.models import load_spec, load_tokenizer, resolve_model_path
 
+from .communicator import create_communicator
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_manager import NoFreeBlocks, SegmentKVManager
@@ -29,6 +32,8 @@ from .scheduler import Scheduler
 from .sequence import Sequence, SequenceGroup, Status
 from .structured import Grammars
 from .token_updates import TokenUpdates, _mark_done
+from .tp_group import stop_followers
+from .tp_worker import ReplicaGroup, ReplicaGroupFailed
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +62,8 @@ class EngineCore(TokenUpdates):
         path = resolve_model_path(config.model)
         self.model_path = path
         self.tokenizer = load_tokenizer(path)
-        self.runner = ModelRunner(config, path)
+        self.tp_group: ReplicaGroup | None = None
+        self.runner = self._start_runner(config, path)
         self.spec = self.runner.spec
         self.max_model_len = self.runner.max_model_len
         self.kv = SegmentKVManager(
@@ -73,6 +79,51 @@ class EngineCore(TokenUpdates):
         self.num_steps = 0
         self._inflight: _Step | None = None  # a decode step whose tokens are not read yet
         self._failed: list[Delta] = []
+
+    def _start_runner(self, config: EngineConfig, path) -> ModelRunner:
+        """This rank's runner; with tensor_parallel_size > 1, first the other ranks, and the
+        communicator between them all (the group starts together or fails with a timeout)."""
+        tp = config.tensor_parallel_size
+        if tp == 1:
+            return ModelRunner(config, path)
+        load_spec(path).check_tensor_parallel(tp)
+        device = torch.device(config.device)
+        if device.type == "cpu" and config.cpu_threads is None:  # the ranks share the cores
+            config = dataclasses.replace(config, cpu_threads=max(1, (os.cpu_count() or 1) // tp))
+        if config.tp_launcher == "processes" and device.type == "cuda" \
+                and (device.index or 0) + tp > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size {tp} needs {tp} GPUs; this machine has "
+                             f"{torch.cuda.device_count()}")
+        self.tp_group = group = ReplicaGroup(config, path)
+        try:
+            comm = create_communicator(config.communicator, 0, tp, group.address, device,
+                                       config.collective_timeout_s, group.kvs_address)
+            runner = ModelRunner(config, path, comm)
+            group.follow()
+        except BaseException:
+            group.stop(timeout_s=1.0)
+            raise
+        self._group_checked = time.monotonic()
+        logger.info("replica group of %d ranks over %s", tp, comm.name)
+        return runner
+
+    def check_group(self, every_s: float = 0.0) -> None:
+        """Raises ReplicaGroupFailed if a tensor-parallel rank is gone (at most once per
+        ``every_s`` seconds: a live check costs a system call or a Ray round trip)."""
+        if self.tp_group is None:
+            return
+        now = time.monotonic()
+        if now - self._group_checked >= every_s:
+            self._group_checked = now
+            self.tp_group.check()
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of the replica group (nothing to do alone)."""
+        if self.tp_group is not None:
+            stop_followers(self.runner)
+            self.tp_group.stop()
+            self.runner.comm.close()
+            self.tp_group = None
 
     @staticmethod
     def _generation_eos(path) -> frozenset[int]:
@@ -241,6 +292,7 @@ class EngineCore(TokenUpdates):
         flight: the next call first launches the step after it (its input ids taken from the
         device), then reads this one's tokens while the GPU works, so host bookkeeping
         overlaps device time. Its deltas therefore come back one call later."""
+        self.check_group(every_s=0.05)
         deltas = self._drain_inbox()
         if self._inflight is not None:
             prev, self._inflight = self._inflight, None
@@ -277,7 +329,10 @@ class EngineCore(TokenUpdates):
             logits = self.runner.execute(batch, self.kv.take_pending_copies(), source, scores)
             for sc in scores:
                 self._add_prompt_logprobs(sc)
-        except Exception:  # a kernel failure must not take the whole engine down
+        except Exception as e:  # a kernel failure must not take the whole engine down
+            if self.tp_group is not None:  # the ranks' collectives may no longer pair up
+                self.check_group()
+                raise ReplicaGroupFailed(f"a replica-group step failed: {e}") from e
             logger.exception("step failed; failing its requests")
             groups = dict.fromkeys(item.seq.group for item in batch)
             self._failed = [d for g in groups for d in self._end(g, "error")]

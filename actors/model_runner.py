@@ -16,10 +16,12 @@ from segserve.kernels.quant import kv_bytes_per_token_head
 from segserve.models import load_model, load_spec, resolve_dtype
 from segserve.models.spec import ModelSpec
 
+from .communicator import Communicator
 from .config import EngineConfig
 from .cpu_placement import configure_cpu
 from .decode_graphs import DecodeGraphs
 from .sequence import Sequence, SequenceGroup
+from .vocab_parallel import VocabShard
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,22 @@ class ScheduledSeq:
     def samples(self) -> bool:
         """Whether this step reaches the end of the sequence, so its logits are needed."""
         return self.lookahead or self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class StepInputs:
+    """A packed (prefill or mixed) step's inputs as host lists: what rank 0 sends its group."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    cu: list[int]  # cumulative query lengths
+    prompt_tables: list[list[int]]
+    response_tables: list[list[int]]
+    plens: list[int]
+    rlens: list[int]
+    sample_idx: list[int]  # packed rows whose logits are needed
+    max_q_len: int
 
 
 @dataclass
@@ -70,11 +88,17 @@ def _slots(blocks: list[int], start: int, end: int, block_size: int) -> list[int
 
 
 class ModelRunner:
-    def __init__(
-        self, config: EngineConfig, model_path, tp_rank: int = 0, tp_size: int = 1, all_reduce=None
-    ) -> None:
+    """One rank's model, KV pool and step execution. In a replica group (``comm`` spans more
+    than one rank), rank 0's runner sends each step's inputs and each sampling op over
+    ``comm`` before running them itself, and the other ranks' runners run the same in
+    :func:`tp_group.follow` (so the two sides' collectives always pair up)."""
+
+    def __init__(self, config: EngineConfig, model_path, comm: Communicator | None = None) -> None:
         self.config = config
         self.device = torch.device(config.device)
+        self.comm = comm or Communicator(device=self.device)
+        tp_rank, tp_size = self.comm.rank, self.comm.world_size
+        self.tp_size = tp_size
         self.dtype = resolve_dtype(config.dtype)
         self.spec: ModelSpec = load_spec(model_path)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
@@ -98,12 +122,19 @@ class ModelRunner:
             self.device,
             tp_rank,
             tp_size,
-            all_reduce,
+            self.comm.all_reduce if tp_size > 1 else None,
             max_positions=self.max_model_len,
         )
+        start, width = self.model.vocab_start, self.model.vocab_per_rank
+        self.vocab = VocabShard(self.spec.vocab_size, start, start + width, self.comm)
+        self.step_id = 0
+        self.logits_by_step: dict[int, torch.Tensor] = {}  # other ranks: the recent steps
         self.block_size = config.block_size
         self.num_kv_heads = self.spec.num_kv_heads // tp_size
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        if tp_size > 1:  # every rank holds the same block ids: the smallest pool wins
+            mine = torch.tensor([self.num_blocks], dtype=torch.int64, device=self.device)
+            self.num_blocks = int(self.comm.all_gather(mine).min())
         shape = (
             self.spec.num_layers,
             self.num_blocks,
@@ -214,43 +245,53 @@ class ModelRunner:
                 self.k_cache, self.v_cache, src, dst, self.k_scale, self.v_scale
             )
 
-    def prepare(
-        self, batch: list[ScheduledSeq]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def host_inputs(self, batch: list[ScheduledSeq]) -> StepInputs:
+        """A prefill (or mixed) step's packed inputs, as host lists."""
         bs = self.block_size
-        input_ids, positions, slots, cu = [], [], [], [0]
-        prompt_tables, response_tables, plens, rlens, sample_idx = [], [], [], [], []
+        x = StepInputs([], [], [], [0], [], [], [], [], [], 0)
         for item in batch:
             seq, group = item.seq, item.seq.group
             start, end = seq.num_computed, seq.num_computed + item.num_tokens
             plen = group.prompt_len
-            input_ids += seq.tokens(start, end)
-            positions += range(start, end)
-            slots += _slots(group.prompt_blocks, start, min(end, plen), bs)
-            slots += _slots(seq.response_blocks, max(start - plen, 0), max(end - plen, 0), bs)
-            cu.append(cu[-1] + item.num_tokens)
-            prompt_tables.append(group.prompt_blocks)
-            response_tables.append(seq.response_blocks)
-            plens.append(min(end, plen))
-            rlens.append(max(end - plen, 0))
+            x.input_ids += seq.tokens(start, end)
+            x.positions += range(start, end)
+            x.slots += _slots(group.prompt_blocks, start, min(end, plen), bs)
+            x.slots += _slots(seq.response_blocks, max(start - plen, 0), max(end - plen, 0), bs)
+            x.cu.append(x.cu[-1] + item.num_tokens)
+            x.prompt_tables.append(group.prompt_blocks)
+            x.response_tables.append(seq.response_blocks)
+            x.plens.append(min(end, plen))
+            x.rlens.append(max(end - plen, 0))
             if item.samples:
-                sample_idx.append(cu[-1] - 1)
+                x.sample_idx.append(x.cu[-1] - 1)
+            x.max_q_len = max(x.max_q_len, item.num_tokens)
+        return x
+
+    def prepare(
+        self, batch: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        x = self.host_inputs(batch)
+        return (*self._device_inputs(x), x.sample_idx)
+
+    def _device_inputs(
+        self, x: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
         meta = AttentionMetadata(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            prompt_block_tables=_pad(prompt_tables).to(dev),
-            prompt_lens=torch.tensor(plens, dtype=torch.int32, device=dev),
-            response_block_tables=_pad(response_tables).to(dev),
-            response_lens=torch.tensor(rlens, dtype=torch.int32, device=dev),
-            max_q_len=max(item.num_tokens for item in batch),
-            cu_seqlens_q_host=cu,
-            prompt_lens_host=plens,
-            response_lens_host=rlens,
+            cu_seqlens_q=torch.tensor(x.cu, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(x.slots, dtype=torch.int64, device=dev),
+            prompt_block_tables=_pad(x.prompt_tables).to(dev),
+            prompt_lens=torch.tensor(x.plens, dtype=torch.int32, device=dev),
+            response_block_tables=_pad(x.response_tables).to(dev),
+            response_lens=torch.tensor(x.rlens, dtype=torch.int32, device=dev),
+            max_q_len=x.max_q_len,
+            cu_seqlens_q_host=x.cu,
+            prompt_lens_host=x.plens,
+            response_lens_host=x.rlens,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids, pos, meta, sample_idx
+        ids = torch.tensor(x.input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(x.positions, dtype=torch.long, device=dev)
+        return ids, pos, meta
 
     def is_decode_step(self, batch: list[ScheduledSeq]) -> bool:
         """Whether ``batch`` runs on the fixed decode buffers (a graph replay on CUDA): every
@@ -268,30 +309,80 @@ class ModelRunner:
         copies: list[tuple[int, int]],
         token_source: tuple[torch.Tensor, list[int]] | None = None,
         prompt_scores: list[PromptScores] | None = None,
-    ) -> torch.Tensor:
+    ):
         """Run one step; returns logits ``[num_sampling_seqs, vocab]`` (float32, on the device:
-        the sampler runs there). ``token_source`` feeds a lookahead decode step its input ids
-        from the device (see DecodeInputs.fill). Prompt log-probs the batch's requests ask for
-        are appended to ``prompt_scores``."""
-        self.copy_blocks(copies)
+        the sampler runs there; in a replica group, a :class:`ShardedLogits` view of them).
+        ``token_source`` feeds a lookahead decode step its input ids from the device (see
+        DecodeInputs.fill). Prompt log-probs the batch's requests ask for are appended to
+        ``prompt_scores``."""
         if self.is_decode_step(batch):
-            return self.decode.run(batch, token_source)
+            rows, n = self.decode.bucket(len(batch)), len(batch)
+            self.decode.inputs.fill_host(batch, rows, token_source is not None)
+            if self.tp_size > 1:
+                snap = self.decode.inputs.snapshot(rows)
+                self.command(("decode", copies, rows, n, snap, token_source is not None))
+            return self._wrap(self.run_decode(copies, rows, n, token_source,
+                                              token_source is not None))
         assert token_source is None, "lookahead steps run on the decode buffers"
-        ids, pos, meta, sample_idx = self.prepare(batch)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        x = self.host_inputs(batch)
+        plan, groups = self._prompt_plan(batch, x.cu) if prompt_scores is not None else ([], [])
+        self.command(("prefill", copies, x, plan))
+        logits, scores = self.run_prefill(copies, x, plan)
         if prompt_scores is not None:
-            prompt_scores += self._prompt_scores(batch, hidden, meta.cu_seqlens_q_host)
-        if not sample_idx:
-            return torch.empty(0, self.spec.vocab_size, device=self.device)
-        return self.model.compute_logits(hidden[torch.tensor(sample_idx, device=self.device)])
+            prompt_scores += [PromptScores(g, *sc) for g, sc in zip(groups, scores, strict=True)]
+        return self._wrap(logits)
 
-    def _prompt_scores(
-        self, batch: list[ScheduledSeq], hidden: torch.Tensor, cu: list[int]
-    ) -> list[PromptScores]:
-        """Prompt log-probs of this step's prompt chunks that ask for them. Logits are made
-        only for those rows, ``PROMPT_LOGPROB_ROWS`` at a time, and reduced on the device to
-        the next prompt token's log-prob and the top N; one host copy per chunk."""
-        out = []
+    def command(self, cmd: tuple) -> None:
+        """Rank 0: send the other ranks what to run next (nothing to do alone)."""
+        if self.tp_size > 1:
+            self.comm.broadcast_object(cmd)
+
+    def _wrap(self, logits: torch.Tensor):
+        if self.tp_size == 1:
+            return logits
+        from .tp_group import ShardedLogits
+
+        self.step_id += 1
+        return ShardedLogits(self, self.step_id, logits)
+
+    def keep_logits(self, logits: torch.Tensor) -> None:
+        """Other ranks: hold a step's logits slice for the sampling ops that follow."""
+        self.step_id += 1
+        self.logits_by_step[self.step_id] = logits
+        self.logits_by_step.pop(self.step_id - 4, None)  # the lookahead keeps two alive
+
+    def run_decode(self, copies: list[tuple[int, int]], rows: int, n: int,
+                   token_source: tuple[torch.Tensor, list[int]] | None,
+                   ids_on_device: bool) -> torch.Tensor:
+        """Every rank: a decode step whose inputs are in the host mirror. With
+        ``ids_on_device`` the input ids come from ``token_source`` on rank 0 (the lookahead),
+        and from rank 0 by broadcast on the others."""
+        self.copy_blocks(copies)
+        inputs = self.decode.inputs
+        inputs.upload(rows, n, token_source)
+        if ids_on_device and self.tp_size > 1:
+            self.comm.broadcast(inputs.d_long[0, :n])
+        return self.decode.replay(rows, n)
+
+    def run_prefill(
+        self, copies: list[tuple[int, int]], x: StepInputs, plan: list[tuple]
+    ) -> tuple[torch.Tensor, list[tuple]]:
+        """Every rank: a packed step from host inputs; logits of its sampling rows, and the
+        prompt log-probs ``plan`` asks for."""
+        self.copy_blocks(copies)
+        ids, pos, meta = self._device_inputs(x)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        scores = [self._prompt_scores(hidden, *p) for p in plan]
+        if not x.sample_idx:
+            width = self.model.vocab_per_rank
+            return torch.empty(0, width, device=self.device), scores
+        rows = hidden[torch.tensor(x.sample_idx, device=self.device)]
+        return self.model.compute_logits(rows), scores
+
+    def _prompt_plan(self, batch: list[ScheduledSeq], cu: list[int]) -> tuple[list, list]:
+        """Which hidden rows of this step score which prompt tokens: ``(first, row, count,
+        targets, k)`` per chunk that asks, and the chunks' groups."""
+        plan, groups = [], []
         for item, row0 in zip(batch, cu, strict=False):
             group = item.seq.group
             k = group.params.prompt_logprobs
@@ -301,22 +392,28 @@ class ModelRunner:
             end = min(start + item.num_tokens, group.prompt_len - 1)
             if k is None or first >= end:
                 continue
-            targets = torch.tensor(group.prompt_ids[first + 1 : end + 1], device=self.device)
-            parts = []
-            for lo in range(0, end - first, PROMPT_LOGPROB_ROWS):
-                hi = min(lo + PROMPT_LOGPROB_ROWS, end - first)
-                rows = hidden[row0 + first - start + lo : row0 + first - start + hi]
-                logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
-                chosen = logprobs.gather(1, targets[lo:hi, None])
-                part = [chosen.double()]
-                if k:
-                    vals, idx = torch.topk(logprobs, k, dim=-1)
-                    part += [idx.double(), vals.double()]
-                parts.append(torch.cat(part, dim=1))
-            host = torch.cat(parts).cpu().tolist()
-            out.append(PromptScores(
-                group, first, [r[0] for r in host],
+            plan.append((first, row0 + first - start, end - first,
+                         group.prompt_ids[first + 1 : end + 1], k))
+            groups.append(group)
+        return plan, groups
+
+    def _prompt_scores(self, hidden: torch.Tensor, first: int, row: int, count: int,
+                       targets: list[int], k: int) -> tuple[int, list[float], list]:
+        """One chunk's prompt log-probs: the next prompt token's, and the top ``k``. Logits are
+        made only for those rows, ``PROMPT_LOGPROB_ROWS`` at a time, and reduced on the device;
+        one host copy per chunk."""
+        vs = self.vocab
+        tgt = torch.tensor(targets, device=self.device)
+        parts = []
+        for lo in range(0, count, PROMPT_LOGPROB_ROWS):
+            hi = min(lo + PROMPT_LOGPROB_ROWS, count)
+            logprobs = vs.log_softmax(self.model.compute_logits(hidden[row + lo : row + hi]))
+            part = [vs.take(logprobs, tgt[lo:hi])[:, None].double()]
+            if k:
+                vals, idx = vs.topk(logprobs, k)
+                part += [idx.double(), vals.double()]
+            parts.append(torch.cat(part, dim=1))
+        host = torch.cat(parts).cpu().tolist()
+        return (first, [r[0] for r in host],
                 [[(int(i), v) for i, v in zip(r[1 : 1 + k], r[1 + k :], strict=True)]
-                 for r in host],
-            ))  # fmt: skip
-        return out
+                 for r in host])

@@ -3,9 +3,12 @@
 Differences between the families are data in ``ModelSpec``: biases, sliding windows, tied
 embeddings, RoPE type. QKV and gate/up are fused into one GEMM each at load time.
 
-Tensor parallelism (Megatron style) is built in as a seam: with ``tp_size > 1`` each rank holds
-its slice of heads and of the MLP, and ``all_reduce`` sums the row-parallel outputs. With
-``tp_size == 1`` ``all_reduce`` is the identity.
+Tensor parallelism (Megatron style): with ``tp_size > 1`` each rank holds its slice of heads
+(column-parallel QKV), of the MLP (column-parallel gate/up) and of the vocabulary (the LM head),
+and ``all_reduce`` sums the row-parallel o/down outputs in place, once each per layer. The
+row-parallel biases live on rank 0 only, so the sum adds them once. The vocabulary is padded to
+a multiple of ``tp_size``; padded columns' logits are -inf. With ``tp_size == 1``
+``all_reduce`` is the identity.
 """
 
 from __future__ import annotations
@@ -180,10 +183,11 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(spec, i, backend, tp_size, all_reduce) for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, backend)
-        # Vocab-parallel LM head: each rank owns a slice of the vocabulary.
-        if spec.vocab_size % tp_size:
-            raise ValueError(f"tensor_parallel_size {tp_size} must divide vocab {spec.vocab_size}")
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size // tp_size, False, backend)
+        # Vocab-parallel LM head: each rank owns a slice of the (padded) vocabulary.
+        self.vocab_per_rank = -(-spec.vocab_size // tp_size)
+        self.vocab_start = tp_rank * self.vocab_per_rank
+        self.vocab_real = max(0, min(self.vocab_per_rank, spec.vocab_size - self.vocab_start))
+        self.lm_head = Linear(spec.hidden_size, self.vocab_per_rank, False, backend)
         self.cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def init_rope(self, max_positions: int, device: torch.device) -> None:
@@ -215,4 +219,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's logits slice, in float32 (sampling and log-probs want the precision)."""
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        if self.vocab_real < self.vocab_per_rank:  # vocabulary padding never wins
+            logits[:, self.vocab_real :] = float("-inf")
+        return logits

@@ -168,7 +168,9 @@ class _Placer:
                       "up": (inter, inter)}
         self.loaded: set[tuple[str, str | None]] = set()
 
-    def place(self, name: str, tensor: torch.Tensor) -> None:
+    def place(self, name: str, source: Any) -> None:
+        """Copy checkpoint tensor ``name`` into its parameter. ``source`` is a tensor, or a
+        safetensors slice from which only this rank's part is read."""
         target = _target(name)
         if target is None:
             return
@@ -176,28 +178,55 @@ class _Placer:
         if pname not in self.params:
             raise ModelLoadError(f"checkpoint tensor {name!r} has no place in the model")
         param = self.params[pname]
+        shape = tuple(source.get_shape()) if hasattr(source, "get_shape") else \
+            tuple(source.shape)
         if part is not None:
             offset, size = self.parts[part]
-            tensor = self._shard_rows(tensor, size)
+            tensor = self._read(source, shape, 0, self.rank * size, size)
             dest = param.data.narrow(0, offset, size)
+        elif pname.endswith(("o_proj.weight", "down_proj.weight")):  # row-parallel
+            tensor = self._read(source, shape, 1, self.rank * param.shape[1], param.shape[1])
+            dest = param.data
+        elif pname.endswith(("o_proj.bias", "down_proj.bias")):
+            # added once after the all-reduce: rank 0 holds it, the others hold zeros
+            tensor = self._read(source, shape, None, 0, 0)
+            if self.rank:
+                tensor = torch.zeros_like(tensor)
+            dest = param.data
+        elif pname.startswith("lm_head."):  # vocab-parallel, padded
+            tensor = self._vocab_rows(source, shape, param.shape[0])
+            dest = param.data
         else:
-            if pname.endswith(("o_proj.weight", "down_proj.weight")):
-                tensor = self._shard_cols(tensor, param.shape[1])  # row-parallel
-            elif pname.startswith("lm_head."):
-                tensor = self._shard_rows(tensor, param.shape[0])  # vocab-parallel
+            tensor = self._read(source, shape, None, 0, 0)
             dest = param.data
         if tensor.shape != dest.shape:
             raise ModelLoadError(
-                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                f"tensor {name!r} has shape {shape}, expected {tuple(param.shape)}"
+                + (f" (sliced for rank {self.rank} of {self.tp})" if self.tp > 1 else "")
             )
         dest.copy_(tensor)
         self.loaded.add((pname, part))
 
-    def _shard_rows(self, t: torch.Tensor, size: int) -> torch.Tensor:
-        return t if self.tp == 1 else t.narrow(0, self.rank * size, size)
+    def _read(self, source: Any, shape: tuple, dim: int | None, start: int,
+              size: int) -> torch.Tensor:
+        """The whole tensor (``dim`` None, or one rank), or ``size`` entries of ``dim`` from
+        ``start``; a safetensors slice reads just those bytes."""
+        if dim is None or self.tp == 1 or len(shape) <= dim or shape[dim] < start + size:
+            return source[:] if not isinstance(source, torch.Tensor) else source
+        if isinstance(source, torch.Tensor):
+            return source.narrow(dim, start, size)
+        return source[start : start + size] if dim == 0 else source[:, start : start + size]
 
-    def _shard_cols(self, t: torch.Tensor, size: int) -> torch.Tensor:
-        return t if self.tp == 1 else t.narrow(1, self.rank * size, size)
+    def _vocab_rows(self, source: Any, shape: tuple, rows: int) -> torch.Tensor:
+        """This rank's rows of a ``[vocab, hidden]`` tensor, zero-padded past the vocabulary."""
+        if self.tp == 1:
+            return self._read(source, shape, None, 0, 0)
+        start = self.rank * rows
+        have = max(0, min(rows, shape[0] - start))
+        part = source[start : start + have] if have else source[:0]
+        if have == rows:
+            return part
+        return torch.cat([part, part.new_zeros(rows - have, *shape[1:])])
 
     def finish(self) -> None:
         spec = self.model.spec
@@ -205,9 +234,8 @@ class _Placer:
             if not spec.tie_word_embeddings:
                 raise ModelLoadError("checkpoint has no lm_head.weight and embeddings are not tied")
             emb = self.params["embed_tokens.weight"].data
-            self.params["lm_head.weight"].data.copy_(
-                self._shard_rows(emb, self.params["lm_head.weight"].shape[0])
-            )
+            head = self.params["lm_head.weight"]
+            head.data.copy_(self._vocab_rows(emb, tuple(emb.shape), head.shape[0]))
             self.loaded.add(("lm_head.weight", None))
         missing = []
         for pname in self.params:
@@ -226,17 +254,36 @@ class _Placer:
 
 
 def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """(HF name, tensor, bytes read) for every tensor of the (sharded) checkpoint."""
+    """(HF name, lazy slice, bytes in the file) for every tensor of the (sharded) checkpoint:
+    indexing the slice reads only the rows or columns asked for."""
     from safetensors import SafetensorError, safe_open
 
+    sizes = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    tensor = f.get_tensor(name)
-                    yield name, tensor, tensor.numel() * tensor.element_size()
+                    sl = f.get_slice(name)
+                    numel = 1
+                    for d in sl.get_shape():
+                        numel *= d
+                    yield name, sl, numel * sizes.get(sl.get_dtype(), 2)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelLoadError(f"corrupt or unreadable safetensors file {file}: {e}") from e
+
+
+class _Cast:
+    """A tensor or slice whose reads come back in ``dtype``."""
+
+    def __init__(self, source: Any, dtype: torch.dtype) -> None:
+        self.source, self.dtype = source, dtype
+
+    def get_shape(self) -> list[int]:
+        s = self.source
+        return list(s.shape) if isinstance(s, torch.Tensor) else s.get_shape()
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.source[index].to(self.dtype)
 
 
 def load_model(
@@ -267,7 +314,7 @@ def load_model(
 
         progress = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}")
     for name, tensor, nbytes in tensors:
-        placer.place(name, tensor.to(dtype))
+        placer.place(name, _Cast(tensor, dtype))
         if progress is not None:
             progress.update(nbytes)
     if progress is not None:

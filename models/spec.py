@@ -40,6 +40,15 @@ class ModelSpec:
     eos_token_ids: list[int] = field(default_factory=list)
     hf_config: Any = None  # kept for RoPE init, which needs the whole config
 
+    def check_tensor_parallel(self, tp: int) -> None:
+        """A ``tp`` that cannot split this model's heads or MLP fails here, before any rank
+        starts (the vocabulary is padded instead)."""
+        for what, n in (("attention heads", self.num_heads), ("KV heads", self.num_kv_heads),
+                        ("intermediate_size", self.intermediate_size)):
+            if n % tp:
+                raise ValueError(f"tensor_parallel_size {tp} does not divide the model's "
+                                 f"{what} ({n})")
+
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelSpec:
         archs = getattr(config, "architectures", None) or []

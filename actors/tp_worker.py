@@ -1,0 +1,173 @@
+"""Starting a replica group: the N-1 ``TPWorker`` ranks beside rank 0 (the engine itself).
+
+Two launchers start them:
+- ``ray``: Ray actors in the replica's placement group (Serve creates the group from the
+  deployment's bundles; offline, :class:`ReplicaGroup` makes one, STRICT_PACK by default), one
+  bundle per rank, rank 0 in bundle 0. Ray carries the rendezvous address to the workers.
+- ``processes``: local processes (torch.multiprocessing, spawn), for machines without Ray; the
+  GPU tests use it.
+
+Either way the workers build their communicator and model shard, then sit in
+:func:`tp_group.follow`. Ray is imported only by the Ray launcher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .communicator import create_communicator, free_address, oneccl_rendezvous
+from .config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ReplicaGroupFailed(RuntimeError):
+    """A rank of the replica group died or a collective failed: the replica cannot step."""
+
+
+def rank_device(config: EngineConfig, rank: int, launcher: str) -> torch.device:
+    """A rank's device: a Ray actor sees only its own GPU (index 0); a local process takes the
+    device ``rank`` places after rank 0's."""
+    base = torch.device(config.device)
+    if base.type == "cpu":
+        return base
+    if launcher == "ray":
+        return torch.device(base.type, 0)
+    return torch.device(base.type, (base.index or 0) + rank)
+
+
+class TPWorker:
+    """One rank > 0: its communicator, its model shard and KV pool, and the follow loop."""
+
+    def __init__(self, config: dict[str, Any], model_path: str, rank: int, world_size: int,
+                 address: str, kvs_address: bytes | None, launcher: str) -> None:
+        from .model_runner import ModelRunner
+
+        logging.basicConfig(level=logging.INFO)
+        cfg = EngineConfig(**config)
+        device = rank_device(cfg, rank, launcher)
+        cfg = dataclasses.replace(cfg, device=str(device))
+        if device.type == "cpu" and cfg.cpu_threads is None:
+            cfg = dataclasses.replace(cfg, cpu_threads=max(1, (os.cpu_count() or 1)
+                                                           // world_size))
+        self.comm = create_communicator(cfg.communicator, rank, world_size, address, device,
+                                        cfg.collective_timeout_s, kvs_address)
+        self.runner = ModelRunner(cfg, Path(model_path), self.comm)
+
+    def run(self) -> None:
+        from .tp_group import follow
+
+        try:
+            follow(self.runner)
+        finally:
+            self.comm.close()
+
+    def ready(self) -> bool:
+        return True
+
+
+def _process_main(config: dict, model_path: str, rank: int, world_size: int, address: str,
+                  kvs_address: bytes | None) -> None:
+    TPWorker(config, model_path, rank, world_size, address, kvs_address, "processes").run()
+
+
+class ReplicaGroup:
+    """Rank 0's handle on the other ranks: start them, check they live, stop them."""
+
+    def __init__(self, config: EngineConfig, model_path: str) -> None:
+        self.config = config
+        self.world_size = config.tensor_parallel_size
+        self.launcher = config.tp_launcher
+        self.address = free_address()
+        self.kvs_address = oneccl_rendezvous() if config.communicator == "oneccl" else None
+        self._procs: list = []
+        self._actors: list = []
+        self._runs: list = []
+        self._pg = None
+        args = (dataclasses.asdict(config), str(model_path))
+        if self.launcher == "processes":
+            ctx = torch.multiprocessing.get_context("spawn")
+            for rank in range(1, self.world_size):
+                p = ctx.Process(target=_process_main, daemon=True,
+                                args=(*args, rank, self.world_size, self.address,
+                                      self.kvs_address))
+                p.start()
+                self._procs.append(p)
+        elif self.launcher == "ray":
+            self._start_ray(args)
+        else:
+            raise ValueError(f"tp_launcher must be 'ray' or 'processes', got {self.launcher!r}")
+
+    def _start_ray(self, args: tuple) -> None:
+        import ray
+        from ray.util.placement_group import get_current_placement_group, placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not ray.is_initialized():
+            ray.init(ignore_reinit_error=True)
+        pg = get_current_placement_group()
+        gpu = torch.device(self.config.device).type != "cpu"
+        bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 1.0}
+        if pg is None:  # offline: the group's own placement group
+            pg = self._pg = placement_group([bundle] * self.world_size, strategy="STRICT_PACK")
+            ray.get(pg.ready(), timeout=self.config.collective_timeout_s)
+        worker = ray.remote(TPWorker)
+        for rank in range(1, self.world_size):
+            actor = worker.options(
+                num_cpus=1, num_gpus=1 if gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=rank),
+            ).remote(*args, rank, self.world_size, self.address, self.kvs_address, "ray")
+            self._actors.append(actor)
+
+    def follow(self) -> None:
+        """After every rank built its runner: start the workers' follow loops (Ray)."""
+        self._runs = [a.run.remote() for a in self._actors]
+
+    def check(self) -> None:
+        """Raises ReplicaGroupFailed if a worker is gone."""
+        for rank, p in enumerate(self._procs, start=1):
+            if not p.is_alive():
+                raise ReplicaGroupFailed(f"tensor-parallel rank {rank} exited "
+                                         f"(code {p.exitcode})")
+        if self._runs:
+            import ray
+
+            done, _ = ray.wait(self._runs, num_returns=len(self._runs), timeout=0)
+            for ref in done:
+                rank = self._runs.index(ref) + 1
+                try:
+                    ray.get(ref)
+                    why = "left its loop"
+                except Exception as e:  # ActorDiedError and the like
+                    why = f"died ({type(e).__name__})"
+                raise ReplicaGroupFailed(f"tensor-parallel rank {rank} {why}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for p in self._procs:
+            p.join(timeout_s)
+            if p.is_alive():
+                p.kill()
+        if self._actors:
+            import ray
+
+            for a in self._actors:
+                ray.kill(a)
+            if self._pg is not None:
+                ray.util.remove_placement_group(self._pg)
+        self._procs, self._actors, self._runs = [], [], []
+
+    def kill(self, rank: int) -> None:
+        """Tests: take one worker down the hard way."""
+        if self._procs:
+            self._procs[rank - 1].kill()
+        else:
+            import ray
+
+            ray.kill(self._actors[rank - 1])
