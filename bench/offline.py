@@ -24,6 +24,8 @@ What it prints, in order:
 * **beam search**: a ``--beam-width`` request's KV bytes (the prompt stored once) and step time,
   against our greedy batch of the same width and HF's beam search.
 * ``--profile``: a torch.profiler table of one decode step (kernels, GPU busy time, idle time).
+* ``--tp N``: only the replica group's decode step against TP=1, per batch size, next to the
+  ideal 1/N (bench/tp_scaling.py); on CPU also gloo's against oneCCL's all-reduce latency.
 * ``--prefix-keys``: only the cost of the prefix cache's block keys (sha256 chain) per block,
   against the 64-bit ``hash()`` it replaced, and a whole prompt's admission-time hit check.
 
@@ -38,6 +40,7 @@ numbers move with it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import random
@@ -49,6 +52,7 @@ from pathlib import Path
 
 import cpu_kernels  # bench/cpu_kernels.py, beside this script
 import torch
+import tp_scaling  # bench/tp_scaling.py
 from segserve.actors import EngineConfig, EngineCore, SamplingParams
 from segserve.actors.benchmark import (
     BatchTiming,
@@ -124,6 +128,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true", help="ours and the floors only")
     p.add_argument("--profile", action="store_true",
                    help="profile one decode step at batch 1 and the largest batch")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="also time the decode step as a replica group of N ranks against one "
+                        "(bench/tp_scaling.py); N GPUs on CUDA")
+    p.add_argument("--communicator", default=None, help="with --tp: nccl, xccl, oneccl, gloo")
     p.add_argument("--prefix-keys", action="store_true",
                    help="only microbenchmark the prefix-cache block keys, then exit")
     args = p.parse_args(argv)
@@ -484,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
         max_num_batched_tokens=max(2048, args.prefill_len, max_b * args.input_len // 4),
         max_model_len=max(seq_len, args.prefill_len + 1, 64),
     )
+    if args.tp > 1:  # the scaling comparison alone: two engines of this model in one run
+        config = dataclasses.replace(config, communicator=args.communicator)
+        tp_scaling.run(args, config, sizes)
+        return 0
     t = time.perf_counter()
     core = EngineCore(config)
     load_s = time.perf_counter() - t
