@@ -26,10 +26,15 @@ def replica_options(pool: PoolConfig) -> dict[str, Any]:
     """Serve options of a pool's LLMReplica deployment."""
     actor: dict[str, Any] = {"num_cpus": pool.cpus_per_replica}
     if pool.is_accelerator:
-        # One replica is one replica group: all of its TP ranks' devices.
-        actor["num_gpus"] = pool.tensor_parallel_size
-    opts: dict[str, Any] = {
-        "ray_actor_options": actor,
+        actor["num_gpus"] = 1
+    opts: dict[str, Any] = {"ray_actor_options": actor}
+    if pool.tensor_parallel_size > 1:
+        # One replica is one replica group: a placement group with a bundle per rank. The
+        # replica (rank 0) takes bundle 0; its TPWorker actors take the others.
+        bundle = {"CPU": pool.cpus_per_replica, **({"GPU": 1} if pool.is_accelerator else {})}
+        opts["placement_group_bundles"] = [bundle] * pool.tensor_parallel_size
+        opts["placement_group_strategy"] = pool.placement_strategy
+    opts.update({
         # The engine batches and queues itself: let Serve hand it everything up to its
         # bounded queue, which answers 429 past that (max_queued_requests bounds the rest).
         "max_ongoing_requests": pool.max_num_seqs + pool.max_queue_len,
@@ -40,7 +45,7 @@ def replica_options(pool: PoolConfig) -> dict[str, Any]:
         ),
         # Weights load in __init__; a large checkpoint takes a while.
         "graceful_shutdown_timeout_s": 10,
-    }
+    })
     a = pool.autoscaling
     if a is None:
         opts["num_replicas"] = pool.num_replicas or 1
@@ -64,10 +69,31 @@ def replica_options(pool: PoolConfig) -> dict[str, Any]:
     return opts
 
 
+def check_cluster_fits(config: ServiceConfig) -> None:
+    """A replica group that no node (STRICT_PACK) or the whole cluster cannot hold fails here
+    with a clear message, not as a replica that never starts. Checked when Ray is up."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for pool in config.pools:
+        tp = pool.tensor_parallel_size
+        if tp == 1 or not pool.is_accelerator:
+            continue
+        gpus = [int(n.get("GPU", 0)) for n in nodes]
+        have = max(gpus, default=0) if pool.placement_strategy == "STRICT_PACK" else sum(gpus)
+        if have < tp:
+            where = "one node" if pool.placement_strategy == "STRICT_PACK" else "the cluster"
+            raise ValueError(f"pool {pool.name!r}: tensor_parallel_size {tp} needs {tp} GPUs "
+                             f"on {where}; the most there is {have}")
+
+
 def build_app(config: ServiceConfig) -> Application:
     """Serve validates ``args`` against ServiceConfig (this annotation) before calling."""
     if isinstance(config, dict):  # called from Python with a plain dict
         config = ServiceConfig.model_validate(config)
+    check_cluster_fits(config)
     handles = {}
     for model in config.models:
         for pool in config.pools_for(model):

@@ -97,11 +97,17 @@ def _add_engine_args(p: argparse.ArgumentParser, default_model: str | None = Non
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget per engine step (longer prompts are chunked)")
+    g.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="ranks of the replica group (default 1); offline, started as Ray "
+                        "actors (a local Ray starts when none runs)")
+    g.add_argument("--communicator", choices=("nccl", "xccl", "oneccl", "gloo"), default=None,
+                   help="the replica group's collectives (default: the device's)")
 
 
 _ENGINE_FIELDS = ("device", "dtype", "kernel_backend", "block_size", "kv_dtype",
                   "cpu_threads", "num_kv_blocks", "kv_cache_memory_gb",
-                  "gpu_memory_utilization", "max_model_len", "max_num_batched_tokens")
+                  "gpu_memory_utilization", "max_model_len", "max_num_batched_tokens",
+                  "tensor_parallel_size", "communicator")
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:

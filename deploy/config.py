@@ -73,7 +73,14 @@ class AutoscalingConfig(_Strict):
 class PoolConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
     device: Device
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="ranks per replica group: one replica spans this many devices "
+        "(GPUs, or CPU ranks), started by Ray in one placement group")
+    communicator: Literal["nccl", "xccl", "oneccl", "gloo"] | None = Field(
+        None, description="the replica group's collectives; default: nccl on cuda, xccl on "
+        "xpu, gloo on cpu (oneccl: our oneCCL binding, gloo where it cannot load)")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="how a replica group's ranks are placed on nodes")
     num_replicas: int | None = Field(None, ge=1, description="fixed replicas (or autoscaling)")
     autoscaling: AutoscalingConfig | None = None
     # KV memory: exactly one of these may be set; none takes the device's default.
@@ -109,9 +116,10 @@ class PoolConfig(_Strict):
             raise ValueError("gpu_memory_utilization applies to cuda/xpu pools only")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.tensor_parallel_size > 1:
-            # The model and loader shard already; starting TP worker ranks is its own issue.
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if self.communicator is not None:
+            from segserve.actors.communicator import check_backend
+
+            check_backend(self.communicator, self.device)
         return self
 
     @property
@@ -163,6 +171,9 @@ class ServiceConfig(_Strict):
                     f"model {m.name!r} names unknown pool(s) {sorted(unknown)}; "
                     f"pools are {pool_names}"
                 )
+            for pool in self.pools_for(m):
+                if pool.tensor_parallel_size > 1:
+                    _check_split(m, pool)
         return self
 
     def pools_for(self, model: ModelConfig) -> list[PoolConfig]:
@@ -171,6 +182,31 @@ class ServiceConfig(_Strict):
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
+
+
+def _check_split(model: ModelConfig, pool: PoolConfig) -> None:
+    """A tensor_parallel_size that cannot split the model fails here, when the model's config
+    can be read without fetching anything; otherwise at replica start, before any rank
+    starts."""
+    from pathlib import Path
+
+    path = Path(model.path)
+    if model.path == "demo":
+        from segserve.models import resolve_model_path
+
+        path = resolve_model_path("demo")
+    elif not path.exists():
+        return
+    from segserve.models import load_spec
+
+    try:
+        spec = load_spec(path)
+    except Exception:  # noqa: BLE001 - an unreadable model fails with its own error at start
+        return
+    try:
+        spec.check_tensor_parallel(pool.tensor_parallel_size)
+    except ValueError as e:
+        raise ValueError(f"pool {pool.name!r} with model {model.name!r}: {e}") from None
 
 
 def engine_config(model: ModelConfig, pool: PoolConfig) -> EngineConfig:
@@ -200,6 +236,8 @@ def engine_config(model: ModelConfig, pool: PoolConfig) -> EngineConfig:
         max_num_seqs=pool.max_num_seqs,
         max_num_batched_tokens=pool.max_num_batched_tokens,
         max_queue_len=pool.max_queue_len,
+        tensor_parallel_size=pool.tensor_parallel_size,
+        communicator=pool.communicator,
         **memory,
     )
 

@@ -113,6 +113,24 @@ def test_build_local():
     assert engine["max_queue_len"] == 256
 
 
+def test_build_tensor_parallel_groups():
+    """A TP pool's replica is a placement group of one bundle per rank; the replica (rank 0)
+    asks for bundle 0's resources, and the engine gets the group's size and communicator."""
+    for name, device, comm in (("tp-cpu", "cpu", "oneccl"), ("tp-gpu", "cuda", "nccl")):
+        _, cfg = load(name)
+        _, deps = deployments(build_app(cfg))
+        (d,) = deps.values()
+        dc = d._deployment_config
+        rc = d._replica_config
+        gpu = {"GPU": 1} if device == "cuda" else {}
+        assert rc.placement_group_bundles == [{"CPU": 1.0, **gpu}] * 2, name
+        assert rc.placement_group_strategy == "STRICT_PACK"
+        assert d.ray_actor_options == {"num_cpus": 1.0, **({"num_gpus": 1} if gpu else {})}
+        engine = d.init_args[0]
+        assert (engine["tensor_parallel_size"], engine["communicator"]) == (2, comm), name
+        assert dc is not None
+
+
 def test_build_gpu():
     _, cfg = load("gpu")
     _, deps = deployments(build_app(cfg))
@@ -331,8 +349,14 @@ BAD = [
     ("unknown pool", {"models.0.pools": ["gpu", "tpu"]}, "args", "unknown pool(s) ['tpu']"),
     ("no models", {"models": []}, "args.models", "at least 1 item"),
     ("no pools", {"pools": []}, "args.pools", "at least 1 item"),
-    ("tensor parallel", {"pools.0.tensor_parallel_size": 2}, "args.pools.0",
-     "tensor_parallel_size > 1 is not supported"),
+    ("tp that cannot split the model", {"models.0.path": "demo",
+                                         "pools.1.tensor_parallel_size": 3}, "args",
+     "pool 'cpu' with model 'm': tensor_parallel_size 3 does not divide the model's attention "
+     "heads (8)"),
+    ("nccl on a cpu pool", {"pools.1.communicator": "nccl"}, "args.pools.1",
+     "communicator 'nccl' does not run on 'cpu' devices"),
+    ("unknown communicator", {"pools.1.communicator": "mpi"}, "args.pools.1.communicator",
+     "'nccl', 'xccl', 'oneccl' or 'gloo'"),
     ("fp8 kv", {"models.0.kv_dtype": "fp8"}, "args.models.0.kv_dtype", "'auto' or 'int8'"),
     ("fp8 kv on a pool", {"pools.1.kv_dtype": "fp8"}, "args.pools.1.kv_dtype",
      "'auto' or 'int8'"),

@@ -24,7 +24,7 @@ from helm_chart import (
     service_args,
     worker_groups,
 )
-from segserve.deploy.config import ConfigError, load_serve_file
+from segserve.deploy.config import load_serve_file
 
 K8S_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
 
@@ -159,11 +159,7 @@ def test_serve_config_valid(rendered, tmp, case):
     assert all(p.tensor_parallel_size == 1 for p in service.pools)
 
 
-@pytest.mark.xfail(
-    raises=ConfigError, strict=True,
-    reason="ServiceConfig refuses tensor_parallel_size > 1 until issue 11 lands",
-)  # fmt: skip
-def test_tp2_serve_config_accepted_pending_issue_11(rendered, tmp):
+def test_tp2_serve_config_accepted(rendered, tmp):
     _, (service,) = _load_serve(one(rendered("tp2"), "RayService"), tmp, "tp2")
     assert service.pools[0].tensor_parallel_size == 2
 

@@ -38,6 +38,10 @@ def _values_from_deploy_config(raw: dict) -> dict:
     }  # fmt: skip
     if key_env:
         values["apiKey"] = {"enabled": True, "envVar": key_env}
+    for p in args["pools"]:  # a replica group's worker pods are sized to hold it
+        group = "cpu" if p["device"] == "cpu" else "gpu"
+        if p.get("tensor_parallel_size", 1) > 1:
+            values[group]["tensorParallelSize"] = p["tensor_parallel_size"]
     return values
 
 
