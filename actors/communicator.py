@@ -71,7 +71,9 @@ class Communicator:
 
 
 class TorchDistCommunicator(Communicator):
-    """nccl, xccl or gloo through a torch.distributed process group of its own."""
+    """nccl, xccl or gloo: a torch.distributed process group of the replica group's own, made
+    directly over a TCP store (not the process-wide default group), so one process may hold
+    several groups, as offline code with two engines does."""
 
     def __init__(self, backend: str, rank: int, world_size: int, address: str,
                  device: torch.device, timeout_s: float) -> None:
@@ -79,37 +81,48 @@ class TorchDistCommunicator(Communicator):
 
         super().__init__(rank, world_size, device)
         self.name = backend
-        self._dist = dist
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        kwargs = {}
-        if backend == "nccl":
-            kwargs["device_id"] = device  # binds the NCCL communicator eagerly
-        dist.init_process_group(backend, init_method=address, rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout_s),
-                                **kwargs)
-        self.group = dist.group.WORLD
+        host, port = address.removeprefix("tcp://").rsplit(":", 1)
+        timeout = timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, int(port), world_size, is_master=rank == 0,
+                                   timeout=timeout)
+        if backend == "gloo":
+            self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+        elif backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size, opts)
+        elif backend == "xccl":
+            self.pg = dist.ProcessGroupXCCL(self.store, rank, world_size)
+        else:
+            raise ValueError(f"no torch.distributed backend {backend!r}")
+        self._dist = dist
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        self._dist.all_reduce(t, group=self.group)
+        self.pg.allreduce([t]).wait()
         return t
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        self._dist.broadcast(t, src, group=self.group)
+        opts = self._dist.BroadcastOptions()
+        opts.rootRank = src
+        self.pg.broadcast([t], opts).wait()
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         flat = t.contiguous().reshape(-1)
         out = torch.empty(self.world_size * flat.numel(), dtype=t.dtype, device=t.device)
-        self._dist.all_gather_into_tensor(out, flat, group=self.group)
+        self.pg._allgather_base(out, flat).wait()
         return out.view(self.world_size, *t.shape)
 
     def barrier(self) -> None:
-        self._dist.barrier(group=self.group)
+        self.all_reduce(torch.zeros(1, device=self.device))
 
     def close(self) -> None:
-        if self._dist.is_initialized():
-            self._dist.destroy_process_group()
+        shutdown = getattr(self.pg, "shutdown", None)
+        if shutdown is not None and self.name == "nccl":
+            shutdown()
+        self.pg = None
 
 
 class OneCCLAdapter(Communicator):

@@ -3,6 +3,11 @@
 llm = LLM(model="demo", device="cpu", dtype="float32")
 outs = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0.0))
 outs[0].outputs[0].text
+
+With ``tensor_parallel_size=N`` the engine is rank 0 of a replica group whose other ranks are Ray
+actors in a placement group (a local Ray starts when none is running); ``tp_launcher=
+"processes"`` starts them as local processes instead, without Ray. ``shutdown()`` (or a ``with``
+block) stops them.
 """
 
 from __future__ import annotations
@@ -52,3 +57,13 @@ class LLM:
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
+
+    def shutdown(self) -> None:
+        """Stop the replica group's other ranks (a no-op with tensor_parallel_size 1)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

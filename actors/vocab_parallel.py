@@ -119,12 +119,12 @@ class VocabShard:
         if not self.sharded:
             return filter_rows(x, top_k, top_p, min_p)
         rows = x.shape[0]
-        k = torch.where((top_k <= 0) | (top_k > self.vocab), self.vocab, top_k)
-        kmax = int(k.max())
-        if kmax < self.vocab:
-            vals, _ = self.topk(x, kmax)
+        off = (top_k <= 0) | (top_k >= self.vocab)
+        if not bool(off.all()):
+            k = torch.where(off, 1, top_k)
+            vals, _ = self.topk(x, int(k.max()))
             kth = vals.gather(1, (k - 1)[:, None])
-            kth = torch.where((k >= self.vocab)[:, None], torch.full_like(kth, NEG_INF), kth)
+            kth = torch.where(off[:, None], torch.full_like(kth, NEG_INF), kth)
             x = x.masked_fill(x < kth, NEG_INF)
         if bool((top_p < 1.0).any()):
             cand, _ = self.topk(x, min(TOP_P_CANDIDATES, self.vocab))

@@ -148,6 +148,13 @@ class LLMReplica:
         self._last_stats = self.engine.core.stats()  # the engine is idle: safe to read
         logger.info("LLMReplica %s/%s ready: %s", model, pool, self.engine.core.stats())
 
+    def __del__(self) -> None:
+        # Serve calls this when the replica stops: a replica group's TPWorker actors go with it
+        # (they are this actor's children and would die with it anyway; this is the clean way).
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.core.shutdown()
+
     def _ensure_metrics_loop(self) -> None:
         if self._metrics_task is None or self._metrics_task.done():
             self._metrics_task = asyncio.get_running_loop().create_task(self._export_loop())

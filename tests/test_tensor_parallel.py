@@ -1,0 +1,154 @@
+"""Tensor-parallel replica groups on CPU, under a real local Ray: rank 0 is the engine, rank 1 a
+TPWorker actor in the group's placement group, talking over gloo.
+
+The oracle is the same engine at TP=1 (and HF transformers for greedy): greedy tokens, seeded
+samples (temperature, top-k, top-p, min-p, n > 1), penalties and constraints, beam search and
+prompt log-probs must be equal, log-probs within 1e-5. The models have a vocabulary that does not
+divide by 2 (padded) and biases on the row-parallel projections (added once, not per rank).
+A worker killed mid-serving surfaces as a clean ReplicaGroupFailed, never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from conftest import hf_beams, hf_greedy, make_model
+from segserve import LLM, SamplingParams
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+ray = pytest.importorskip("ray")
+
+PROMPTS = [[0, 5, 9, 33, 70, 2, 44], [0, 17, 200, 3, 3, 81, 120, 7, 99, 14, 240, 6, 31]]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # 3 groups of 2
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Odd vocabularies (padding), biases on o/down (row-parallel), tied embeddings (qwen2)."""
+    out = {}
+    for family, extra in (("llama", {"attention_bias": True, "mlp_bias": True}),
+                          ("qwen2", {})):
+        path = tmp_path_factory.mktemp(f"tp-{family}")
+        out[family] = (str(path), make_model(path, family, vocab_size=251, **extra))
+    return out
+
+
+def engines(path: str, **kw):
+    common = dict(num_kv_blocks=96, max_num_seqs=8, block_size=16, max_num_batched_tokens=128)
+    return LLM(path, **common, **kw), LLM(path, tensor_parallel_size=2, **common, **kw)
+
+
+@pytest.fixture(scope="module")
+def pairs(local_ray, models):
+    """{family: (TP=1 engine, TP=2 engine over Ray)}."""
+    out = {f: engines(path) for f, (path, _) in models.items()}
+    yield out
+    for _, two in out.values():
+        two.shutdown()
+
+
+def tokens(outs) -> list[list[list[int]]]:
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def assert_logprobs_close(a, b) -> None:
+    for oa, ob in zip(a, b, strict=True):
+        for ca, cb in zip(oa.outputs, ob.outputs, strict=True):
+            assert (ca.logprobs is None) == (cb.logprobs is None)
+            for ea, eb in zip(ca.logprobs or [], cb.logprobs or [], strict=True):
+                assert ea.token_id == eb.token_id
+                assert abs(ea.logprob - eb.logprob) <= 1e-5
+                assert [t for t, _ in ea.top] == [t for t, _ in eb.top]
+                assert max((abs(x - y) for (_, x), (_, y) in zip(ea.top, eb.top,
+                                                                 strict=True)), default=0) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_equals_tp1_and_hf(pairs, models, family):
+    one, two = pairs[family]
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3)
+    a, b = one.generate(PROMPTS, params), two.generate(PROMPTS, params)
+    assert tokens(a) == tokens(b)
+    hf = models[family][1]
+    assert [o.outputs[0].token_ids for o in b] == [hf_greedy(hf, p, 12) for p in PROMPTS]
+    assert_logprobs_close(a, b)
+
+
+def test_seeded_sampling_and_logprobs_equal_tp1(pairs):
+    one, two = pairs["llama"]
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.9, seed=7, logprobs=2, n=3),
+        SamplingParams(max_tokens=10, temperature=1.3, top_k=20, top_p=0.85, seed=11,
+                       logprobs=1),
+        SamplingParams(max_tokens=10, temperature=0.7, min_p=0.1, seed=3, prompt_logprobs=2,
+                       logprobs=0),
+    ]
+    a = one.generate([PROMPTS[0], PROMPTS[1], PROMPTS[1]], params)
+    b = two.generate([PROMPTS[0], PROMPTS[1], PROMPTS[1]], params)
+    assert tokens(a) == tokens(b)
+    assert_logprobs_close(a, b)
+    pa, pb = a[2].prompt_logprobs, b[2].prompt_logprobs
+    assert len(pa) == len(pb) == len(PROMPTS[1]) - 1
+    for ea, eb in zip(pa, pb, strict=True):
+        assert abs(ea.logprob - eb.logprob) <= 1e-5
+        assert [t for t, _ in ea.top] == [t for t, _ in eb.top]
+
+
+def test_penalties_and_constraints_equal_tp1(pairs):
+    """Penalties and masks address tokens on both ranks' slices (ids above and below 126)."""
+    one, two = pairs["qwen2"]
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.0, repetition_penalty=1.5,
+                       frequency_penalty=0.4, presence_penalty=0.3),
+        SamplingParams(max_tokens=8, temperature=0.8, seed=5,
+                       logit_bias={3: 4.0, 200: 5.0, 250: -100.0}),
+        SamplingParams(max_tokens=6, temperature=0.0, allowed_token_ids=[4, 90, 130, 249]),
+        SamplingParams(max_tokens=6, temperature=0.0, min_tokens=4, stop_token_ids=[158, 30],
+                       bad_words=["a", "xy"]),
+    ]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1]]
+    assert tokens(one.generate(prompts, params)) == tokens(two.generate(prompts, params))
+
+
+def test_beam_search_equals_tp1_and_hf(pairs, models):
+    one, two = pairs["llama"]
+    params = SamplingParams(max_tokens=8, beam_width=3, temperature=0.0)
+    a, b = one.generate(PROMPTS[1], params), two.generate(PROMPTS[1], params)
+    assert tokens(a) == tokens(b)
+    hf = hf_beams(models["llama"][1], PROMPTS[1], 8, 3)
+    assert sorted(c.token_ids for c in b[0].outputs) == sorted(hf)
+
+
+def test_killed_worker_fails_cleanly(local_ray, models):
+    """A dead rank surfaces as ReplicaGroupFailed within the collective timeout, not a hang."""
+    from segserve.actors.tp_worker import ReplicaGroupFailed
+
+    path, _ = models["qwen2"]
+    llm = LLM(path, tensor_parallel_size=2, num_kv_blocks=64, max_num_seqs=4,
+              collective_timeout_s=60)
+    assert llm.generate(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0.0))
+    llm.engine.tp_group.kill(1)
+    result: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.0))
+            result.append(None)
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            result.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "the engine hung on a dead rank"
+    assert isinstance(result[0], ReplicaGroupFailed), result
+    assert "rank 1" in str(result[0])
+    llm.shutdown()
