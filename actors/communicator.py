@@ -52,22 +52,26 @@ class Communicator:
     def close(self) -> None:
         pass
 
+    def broadcast_cpu(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Broadcast of a host tensor (the control channel); the data path's own broadcast
+        where that is a CPU backend."""
+        return self.broadcast(t, src)
+
     def broadcast_object(self, obj: object = None, src: int = 0) -> object:
-        """A picklable object from ``src`` to every rank (two broadcasts: length, bytes). The
-        control path: rank 0 sends each step's inputs and commands this way."""
+        """A picklable object from ``src`` to every rank (two broadcasts: length, bytes), over
+        the host channel. The control path: rank 0 sends each step's inputs and commands this
+        way; on GPUs it never waits for the device's queue, so a follower gets step N+1's
+        inputs while step N still runs."""
         if self.world_size == 1:
             return obj
         if self.rank == src:
             data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=5)), dtype=torch.uint8)
-            size = torch.tensor([data.numel()], dtype=torch.int64, device=self.device)
-            self.broadcast(size, src)
-            self.broadcast(data.to(self.device), src)
+            self.broadcast_cpu(torch.tensor([data.numel()], dtype=torch.int64), src)
+            self.broadcast_cpu(data, src)
             return obj
-        size = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.broadcast(size, src)
-        data = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
-        self.broadcast(data, src)
-        return pickle.loads(data.cpu().numpy().tobytes())
+        size = self.broadcast_cpu(torch.zeros(1, dtype=torch.int64), src)
+        data = self.broadcast_cpu(torch.empty(int(size.item()), dtype=torch.uint8), src)
+        return pickle.loads(data.numpy().tobytes())
 
 
 class TorchDistCommunicator(Communicator):
@@ -87,14 +91,19 @@ class TorchDistCommunicator(Communicator):
         timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(host, int(port), world_size, is_master=rank == 0,
                                    timeout=timeout)
+        # The host channel (control messages) is gloo; on GPUs the data path is its own group.
+        self.cpu_pg = dist.ProcessGroupGloo(dist.PrefixStore("cpu", self.store), rank,
+                                            world_size, timeout)
         if backend == "gloo":
-            self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+            self.pg = self.cpu_pg
         elif backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
-            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size, opts)
+            self.pg = dist.ProcessGroupNCCL(dist.PrefixStore("nccl", self.store), rank,
+                                            world_size, opts)
         elif backend == "xccl":
-            self.pg = dist.ProcessGroupXCCL(self.store, rank, world_size)
+            self.pg = dist.ProcessGroupXCCL(dist.PrefixStore("xccl", self.store), rank,
+                                            world_size)
         else:
             raise ValueError(f"no torch.distributed backend {backend!r}")
         self._dist = dist
@@ -107,6 +116,12 @@ class TorchDistCommunicator(Communicator):
         opts = self._dist.BroadcastOptions()
         opts.rootRank = src
         self.pg.broadcast([t], opts).wait()
+        return t
+
+    def broadcast_cpu(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        opts = self._dist.BroadcastOptions()
+        opts.rootRank = src
+        self.cpu_pg.broadcast([t], opts).wait()
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -122,7 +137,7 @@ class TorchDistCommunicator(Communicator):
         shutdown = getattr(self.pg, "shutdown", None)
         if shutdown is not None and self.name == "nccl":
             shutdown()
-        self.pg = None
+        self.pg = self.cpu_pg = None
 
 
 class OneCCLAdapter(Communicator):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -113,14 +114,20 @@ class ReplicaGroup:
             ray.init(ignore_reinit_error=True)
         pg = get_current_placement_group()
         gpu = torch.device(self.config.device).type != "cpu"
-        bundle = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": 1.0}
         if pg is None:  # offline: the group's own placement group
+            bundle = {"CPU": float(self.config.cpu_threads or 1), **({"GPU": 1.0} if gpu else {})}
             pg = self._pg = placement_group([bundle] * self.world_size, strategy="STRICT_PACK")
             ray.get(pg.ready(), timeout=self.config.collective_timeout_s)
+        if len(pg.bundle_specs) < self.world_size:
+            raise ValueError(f"the replica's placement group has {len(pg.bundle_specs)} "
+                             f"bundles; tensor_parallel_size {self.world_size} needs one per rank")
         worker = ray.remote(TPWorker)
+        group_id = uuid.uuid4().hex[:8]
         for rank in range(1, self.world_size):
+            bundle = pg.bundle_specs[rank]  # a worker takes its whole bundle
             actor = worker.options(
-                num_cpus=1, num_gpus=1 if gpu else 0,
+                name=f"TPWorker:{group_id}:{rank}",  # findable (ray list actors), not shared
+                num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank),
             ).remote(*args, rank, self.world_size, self.address, self.kvs_address, "ray")

@@ -25,7 +25,7 @@ PROMPTS = [[0, 5, 9, 33, 70, 2, 44], [0, 17, 200, 3, 3, 81, 120, 7, 99, 14, 240,
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # 3 groups of 2
+    ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)  # 4 groups of 2
     yield
     ray.shutdown()
 
@@ -152,3 +152,49 @@ def test_killed_worker_fails_cleanly(local_ray, models):
     assert isinstance(result[0], ReplicaGroupFailed), result
     assert "rank 1" in str(result[0])
     llm.shutdown()
+
+
+def test_serve_replica_group_answers_and_recovers_from_a_dead_rank(local_ray):
+    """tensor_parallel_size 2 under Serve: the replica and its TPWorker share the replica's
+    placement group; the answer equals the TP=1 engine's; killing the worker fails the replica's
+    health check and Serve replaces the whole group, which answers again."""
+    import time
+
+    import requests
+    from ray import serve
+    from ray.serve.config import HTTPOptions
+    from ray.util.state import list_actors
+    from segserve.deploy.app import build_app
+    from test_serve import _free_port
+
+    cfg = {"models": [{"name": "demo", "path": "demo", "dtype": "float32"}],
+           "pools": [{"name": "cpu", "device": "cpu", "tensor_parallel_size": 2,
+                      "num_replicas": 1, "num_kv_blocks": 64, "max_num_seqs": 4}]}
+    port = _free_port()
+    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
+    serve.run(build_app(cfg), name="tp", route_prefix="/")
+    body = {"model": "demo", "prompt": [0, 5, 9, 33, 70], "max_tokens": 8, "temperature": 0}
+    url = f"http://127.0.0.1:{port}/v1/completions"
+
+    def ask() -> requests.Response:
+        return requests.post(url, json=body, timeout=60)
+
+    first = ask()
+    assert first.status_code == 200, first.text
+    with LLM("demo", num_kv_blocks=64, max_num_seqs=4) as one:
+        want = one.generate([0, 5, 9, 33, 70], SamplingParams(max_tokens=8, temperature=0.0))
+    assert first.json()["choices"][0]["text"] == want[0].outputs[0].text
+
+    (worker,) = list_actors(filters=[("class_name", "=", "TPWorker"), ("state", "=", "ALIVE")])
+    ray.kill(ray.get_actor(worker.name, namespace=worker.ray_namespace))
+    deadline = time.monotonic() + 120
+    while True:  # failed or unavailable at first, then a fresh group answers
+        r = ask()
+        if r.status_code == 200:
+            break
+        assert r.status_code in (500, 503), r.text
+        assert "ActorDiedError" not in r.text and "TPWorker" not in r.text
+        assert time.monotonic() < deadline, "the service did not recover"
+        time.sleep(2)
+    assert r.json()["choices"][0]["text"] == want[0].outputs[0].text
+    serve.delete("tp")
