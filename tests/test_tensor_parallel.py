@@ -163,7 +163,6 @@ def test_serve_replica_group_answers_and_recovers_from_a_dead_rank(local_ray):
     import requests
     from ray import serve
     from ray.serve.config import HTTPOptions
-    from ray.util.state import list_actors
     from segserve.deploy.app import build_app
     from test_serve import _free_port
 
@@ -185,8 +184,9 @@ def test_serve_replica_group_answers_and_recovers_from_a_dead_rank(local_ray):
         want = one.generate([0, 5, 9, 33, 70], SamplingParams(max_tokens=8, temperature=0.0))
     assert first.json()["choices"][0]["text"] == want[0].outputs[0].text
 
-    (worker,) = list_actors(filters=[("class_name", "=", "TPWorker"), ("state", "=", "ALIVE")])
-    ray.kill(ray.get_actor(worker.name, namespace=worker.ray_namespace))
+    (worker,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("TPWorker:") and a["namespace"] == "serve"]
+    ray.kill(ray.get_actor(worker["name"], namespace=worker["namespace"]))
     deadline = time.monotonic() + 120
     while True:  # failed or unavailable at first, then a fresh group answers
         r = ask()
