@@ -3,14 +3,15 @@
 // dtypes and layout, so this file trusts its callers on those).
 //
 // Every collective blocks until done and releases the GIL while it waits, so Python threads (a
-// watchdog, Ray's) keep running. With a timeout, the wait polls the operation instead, and gives
-// up with an error when a peer never arrives: oneCCL itself would wait forever.
+// watchdog, Ray's) keep running. With a timeout, the wait gives up with an error when a peer
+// never arrives: oneCCL itself would wait forever.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <oneapi/ccl.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -100,7 +101,7 @@ public:
         auto& comm = get();
         py::gil_scoped_release no_gil;
         complete(ccl::broadcast(t.data_ptr(), t.numel(), to_ccl(t.scalar_type()), src, comm),
-                 "broadcast", t);
+                 "broadcast", t, /*may_idle=*/true);
     }
 
     // Gathers every rank's `t` into a new [world_size, *t.shape] tensor.
@@ -119,7 +120,7 @@ public:
     void barrier() {
         auto& comm = get();
         py::gil_scoped_release no_gil;
-        complete(ccl::barrier(comm), "barrier", at::Tensor());
+        complete(ccl::barrier(comm), "barrier", at::Tensor(), /*may_idle=*/true);
     }
 
     ~Communicator() { close(); }
@@ -143,15 +144,20 @@ private:
         return *comm_;
     }
 
-    void complete(ccl::event event, const char* op, const at::Tensor& buffer) {
-        if (timeout_s_ <= 0) {
-            event.wait();
-            return;
-        }
-        const auto deadline = std::chrono::steady_clock::now() +
-                              std::chrono::duration<double>(timeout_s_);
+    // Drives `event` to completion from this thread (CCL_WORKER_OFFLOAD=0: there is no worker
+    // thread). It polls flat out while the peers are likely close behind; a broadcast may be a
+    // TP worker waiting for the next step, possibly for hours, so after kSpin it sleeps between
+    // polls instead of burning a core, which delays that one wake-up by at most kMaxNap.
+    void complete(ccl::event event, const char* op, const at::Tensor& buffer,
+                  bool may_idle = false) {
+        using clock = std::chrono::steady_clock;
+        constexpr auto kSpin = std::chrono::milliseconds(2);
+        constexpr auto kMaxNap = std::chrono::microseconds(500);
+        const auto start = clock::now();
+        auto nap = std::chrono::microseconds(10);
         while (!event.test()) {
-            if (std::chrono::steady_clock::now() > deadline) {
+            const auto now = clock::now();
+            if (timeout_s_ > 0 && now - start > std::chrono::duration<double>(timeout_s_)) {
                 broken_ = true;
                 abandoned.push_back(std::make_shared<at::Tensor>(buffer));
                 abandoned.push_back(std::make_shared<ccl::event>(std::move(event)));
@@ -160,13 +166,18 @@ private:
                     " timed out after " + std::to_string(timeout_s_) +
                     " s; a peer is gone or stuck");
             }
-            std::this_thread::yield();
+            if (may_idle && now - start > kSpin) {
+                std::this_thread::sleep_for(nap);
+                nap = std::min(nap * 2, kMaxNap);
+            } else {
+                std::this_thread::yield();
+            }
         }
     }
 
     int rank_;
     int world_size_;
-    double timeout_s_;  // <= 0: wait forever
+    double timeout_s_;  // <= 0: no limit
     std::shared_ptr<ccl::kvs> kvs_;
     std::unique_ptr<ccl::communicator> comm_;
     bool broken_ = false;  // a collective timed out
