@@ -44,6 +44,10 @@ _ENV_DEFAULTS = {
     # Data travels over libfabric (shipped in the impi-rt wheel); the default transport, MPI,
     # needs an MPI launcher too.
     "CCL_ATL_TRANSPORT": "ofi",
+    # Ranks on one node exchange through shared memory (libfabric's shm provider), other nodes
+    # over TCP. Measured here, 2 ranks: a 2 MiB bf16 all-reduce 3.2 ms with it against 11 ms
+    # over loopback TCP (gloo 7.5 ms); 8 KiB ones alike (~0.1 ms).
+    "CCL_ATL_SHM": "1",
     # The calling thread drives each collective itself. By default oneCCL hands the work to a
     # worker thread pinned to one of the last cores while the caller waits for it; with the
     # model's threads on every core the two contend, and on a 2-core box a 4096-element bf16
