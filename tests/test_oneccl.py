@@ -79,6 +79,15 @@ def _collectives(rank: int) -> None:
                 total = _rank_tensor(0, shape, dtype) + _rank_tensor(1, shape, dtype)
                 torch.testing.assert_close(t, total, rtol=0, atol=0)
 
+    # on CPUs without AVX-512, bf16 sums go through fp32: the same result for two ranks
+    avx512 = oneccl._reduces_16bit_floats
+    oneccl._reduces_16bit_floats = lambda: False
+    t = _rank_tensor(rank, (64,), torch.bfloat16)
+    expected = t.clone()
+    dist.all_reduce(expected)
+    assert torch.equal(comm.all_reduce(t), expected)
+    oneccl._reduces_16bit_floats = avx512
+
     # a non-contiguous view is reduced in place in its base tensor
     base = torch.full((4, 6), float(rank + 1))
     comm.all_reduce(base[:, ::2])
