@@ -115,6 +115,8 @@ def _collectives(rank: int) -> None:
         comm.all_reduce(torch.zeros(2, dtype=torch.complex64))
     with pytest.raises(ValueError, match="src 2"):
         comm.broadcast(torch.zeros(2), src=2)
+    with pytest.raises(ValueError, match=f"set up as local rank {rank} of 2, not {rank} of 3"):
+        oneccl.OneCCLCommunicator(rank, 3, b"")  # oneCCL's node layout is fixed per process
     comm.barrier()
     one = comm.all_reduce(torch.ones(1, dtype=torch.int64))
     assert one.item() == WORLD

@@ -95,16 +95,18 @@ def _warn_once(reason: str) -> None:
     logger.warning("oneCCL is unavailable, falling back to gloo: %s", reason)
 
 
-def create_main_kvs(world_size: int | None = None, local_size: int | None = None) -> bytes:
+def create_main_kvs(world_size: int, local_size: int | None = None) -> bytes:
     """Rank 0: start oneCCL's main key-value store in this process; returns its address bytes.
 
-    The store lives until the process exits. `world_size` (or `local_size`, the ranks on this
-    node, when the group spans nodes) lets oneCCL see the node's ranks right from its first
-    call; without it rank 0 counts as alone on its node, which only changes where oneCCL would
-    pin a worker thread.
+    The store lives until the process exits. oneCCL fixes its node-local layout at this first
+    call, so it needs the group's `world_size` now (or `local_size`, the group's ranks on this
+    node, when the group spans nodes): ranks that disagree about it can't open shared memory
+    between them and fail to join.
     """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
     binding = _require_binding()
-    _configure_env(local_rank=0, local_size=local_size or world_size or 1)
+    _configure_env(local_rank=0, local_size=local_size or world_size)
     return binding.create_main_kvs()
 
 
@@ -219,11 +221,26 @@ def _require_binding() -> ModuleType:
     return binding
 
 
+_configured: tuple[int, int] | None = None  # this process's (local rank, local size)
+
+
 def _configure_env(local_rank: int, local_size: int) -> None:
+    global _configured
+    if _configured is not None:  # oneCCL has read its environment already
+        if _configured != (local_rank, local_size):
+            raise ValueError(
+                f"oneCCL in this process is set up as local rank {_configured[0]} of "
+                f"{_configured[1]}, not {local_rank} of {local_size}: pass create_main_kvs the "
+                "group's world_size (or local_size)"
+            )
+        return
+    if not 0 <= local_rank < local_size:
+        raise ValueError(f"local rank {local_rank} is outside local size {local_size}")
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ["CCL_LOCAL_RANK"] = str(local_rank)
     os.environ["CCL_LOCAL_SIZE"] = str(local_size)
+    _configured = (local_rank, local_size)
 
 
 def _cache_dir() -> Path:
