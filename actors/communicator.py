@@ -145,11 +145,12 @@ class OneCCLAdapter(Communicator):
 
     name = "oneccl"
 
-    def __init__(self, rank: int, world_size: int, kvs_address: bytes) -> None:
+    def __init__(self, rank: int, world_size: int, kvs_address: bytes,
+                 timeout_s: float) -> None:
         from .oneccl import OneCCLCommunicator
 
         super().__init__(rank, world_size, torch.device("cpu"))
-        self._ccl = OneCCLCommunicator(rank, world_size, kvs_address)
+        self._ccl = OneCCLCommunicator(rank, world_size, kvs_address, timeout_s=timeout_s)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self._ccl.all_reduce(t)
@@ -181,7 +182,7 @@ def check_backend(backend: str, device_type: str) -> None:
                          f"use one of {', '.join(allowed.get(device_type, ('gloo',)))}")
 
 
-def oneccl_rendezvous() -> bytes | None:
+def oneccl_rendezvous(world_size: int) -> bytes | None:
     """Rank 0, before the other ranks start: the oneCCL KVS address, or None (with one log
     line saying why) when the binding cannot build or load, and the group falls back to gloo."""
     from .oneccl import create_main_kvs, load_binding
@@ -189,7 +190,7 @@ def oneccl_rendezvous() -> bytes | None:
     if load_binding() is None:
         logger.warning("oneCCL unavailable; the replica group uses gloo instead")
         return None
-    return create_main_kvs()
+    return create_main_kvs(world_size)
 
 
 def free_address() -> str:
@@ -218,6 +219,6 @@ def create_communicator(backend: str, rank: int, world_size: int, address: str,
         return Communicator(0, 1, device)
     if backend == "oneccl":
         if kvs_address is not None:
-            return OneCCLAdapter(rank, world_size, kvs_address)
+            return OneCCLAdapter(rank, world_size, kvs_address, timeout_s)
         backend = "gloo"
     return TorchDistCommunicator(backend, rank, world_size, address, device, timeout_s)

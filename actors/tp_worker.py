@@ -86,7 +86,8 @@ class ReplicaGroup:
         self.world_size = config.tensor_parallel_size
         self.launcher = config.tp_launcher
         self.address = free_address()
-        self.kvs_address = oneccl_rendezvous() if config.communicator == "oneccl" else None
+        self.kvs_address = (oneccl_rendezvous(self.world_size)
+                            if config.communicator == "oneccl" else None)
         self._procs: list = []
         self._actors: list = []
         self._runs: list = []

@@ -198,3 +198,21 @@ def test_serve_replica_group_answers_and_recovers_from_a_dead_rank(local_ray):
         time.sleep(2)
     assert r.json()["choices"][0]["text"] == want[0].outputs[0].text
     serve.delete("tp")
+
+
+def test_oneccl_group_equals_tp1(pairs, models):
+    """The same group over our oneCCL binding (where it builds; gloo is the fallback)."""
+    from segserve.actors.oneccl import load_binding, unavailable_reason
+
+    if load_binding() is None:
+        pytest.skip(f"oneCCL binding unavailable: {unavailable_reason()}")
+    one, _ = pairs["qwen2"]
+    path, _ = models["qwen2"]
+    params = SamplingParams(max_tokens=10, temperature=0.8, seed=3, logprobs=2)
+    with LLM(path, tensor_parallel_size=2, communicator="oneccl", num_kv_blocks=96,
+             max_num_seqs=8, max_num_batched_tokens=128) as two:
+        assert two.engine.runner.comm.name == "oneccl"
+        b = two.generate(PROMPTS, params)
+    a = one.generate(PROMPTS, params)
+    assert tokens(a) == tokens(b)
+    assert_logprobs_close(a, b)
