@@ -54,9 +54,7 @@ def run(args: argparse.Namespace, config: EngineConfig, sizes: list[int]) -> Non
         print(f"{b:>6} {one[b] * 1e3:>9.3f} {group[b] * 1e3:>9.3f} {group[b] / one[b]:>7.3f} "
               f"{1 / tp:>7.3f}")
     if torch.device(config.device).type == "cpu":
-        from collectives import allreduce_latency  # bench/collectives.py, beside this script
+        from collectives import allreduce_latency, format_latency  # bench/collectives.py
 
         lat = allreduce_latency(world_size=tp, numel=4096, dtype=torch.bfloat16)
-        print(f"\n== all-reduce of 4096 bf16 over {tp} ranks (us, median) ==")
-        for name, value in lat.items():
-            print(f"  {name:>8}: {value if isinstance(value, str) else f'{value:.1f}'}")
+        print("\n== " + format_latency(lat, tp, 4096, torch.bfloat16))
