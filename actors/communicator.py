@@ -74,10 +74,19 @@ class Communicator:
         return pickle.loads(data.numpy().tobytes())
 
 
+# The control channel waits for rank 0's next message with no deadline: an idle replica group
+# may hear nothing for hours. A dead peer still ends the wait at once (its connection closes).
+CONTROL_TIMEOUT = timedelta(days=365)
+
+
 class TorchDistCommunicator(Communicator):
-    """nccl, xccl or gloo: a torch.distributed process group of the replica group's own, made
-    directly over a TCP store (not the process-wide default group), so one process may hold
-    several groups, as offline code with two engines does."""
+    """A replica group's channels over one TCP store (not the process-wide default group, so
+    one process may hold several groups, as offline code with two engines does):
+
+    - control: a gloo group on the host, for :meth:`broadcast_object`, with no deadline;
+    - data: nccl, xccl or gloo (another gloo group: its collectives have ``timeout_s``), or
+      oneCCL (:class:`OneCCLCommunicator` in subclass :class:`OneCCLAdapter`).
+    """
 
     def __init__(self, backend: str, rank: int, world_size: int, address: str,
                  device: torch.device, timeout_s: float) -> None:
@@ -85,44 +94,45 @@ class TorchDistCommunicator(Communicator):
 
         super().__init__(rank, world_size, device)
         self.name = backend
+        self._dist = dist
         if device.type == "cuda":
             torch.cuda.set_device(device)
         host, port = address.removeprefix("tcp://").rsplit(":", 1)
         timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(host, int(port), world_size, is_master=rank == 0,
                                    timeout=timeout)
-        # The host channel (control messages) is gloo; on GPUs the data path is its own group.
-        self.cpu_pg = dist.ProcessGroupGloo(dist.PrefixStore("cpu", self.store), rank,
-                                            world_size, timeout)
+        self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", self.store), rank,
+                                             world_size, CONTROL_TIMEOUT)
+        data = dist.PrefixStore(backend, self.store)
         if backend == "gloo":
-            self.pg = self.cpu_pg
+            self.pg = dist.ProcessGroupGloo(data, rank, world_size, timeout)
         elif backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
-            self.pg = dist.ProcessGroupNCCL(dist.PrefixStore("nccl", self.store), rank,
-                                            world_size, opts)
+            self.pg = dist.ProcessGroupNCCL(data, rank, world_size, opts)
         elif backend == "xccl":
-            self.pg = dist.ProcessGroupXCCL(dist.PrefixStore("xccl", self.store), rank,
-                                            world_size)
+            self.pg = dist.ProcessGroupXCCL(data, rank, world_size)
+        elif backend == "oneccl":
+            self.pg = None  # OneCCLAdapter's
         else:
             raise ValueError(f"no torch.distributed backend {backend!r}")
-        self._dist = dist
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         self.pg.allreduce([t]).wait()
         return t
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        opts = self._dist.BroadcastOptions()
-        opts.rootRank = src
-        self.pg.broadcast([t], opts).wait()
+        self.pg.broadcast([t], self._root(src)).wait()
         return t
 
     def broadcast_cpu(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self.control.broadcast([t], self._root(src)).wait()
+        return t
+
+    def _root(self, src: int):
         opts = self._dist.BroadcastOptions()
         opts.rootRank = src
-        self.cpu_pg.broadcast([t], opts).wait()
-        return t
+        return opts
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         flat = t.contiguous().reshape(-1)
@@ -137,19 +147,17 @@ class TorchDistCommunicator(Communicator):
         shutdown = getattr(self.pg, "shutdown", None)
         if shutdown is not None and self.name == "nccl":
             shutdown()
-        self.pg = self.cpu_pg = None
+        self.pg = self.control = None
 
 
-class OneCCLAdapter(Communicator):
-    """The oneCCL binding behind the common interface."""
+class OneCCLAdapter(TorchDistCommunicator):
+    """The oneCCL binding (actors/oneccl/) as the data path; control over gloo as always."""
 
-    name = "oneccl"
-
-    def __init__(self, rank: int, world_size: int, kvs_address: bytes,
+    def __init__(self, rank: int, world_size: int, address: str, kvs_address: bytes,
                  timeout_s: float) -> None:
         from .oneccl import OneCCLCommunicator
 
-        super().__init__(rank, world_size, torch.device("cpu"))
+        super().__init__("oneccl", rank, world_size, address, torch.device("cpu"), timeout_s)
         self._ccl = OneCCLCommunicator(rank, world_size, kvs_address, timeout_s=timeout_s)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -166,6 +174,7 @@ class OneCCLAdapter(Communicator):
 
     def close(self) -> None:
         self._ccl.close()
+        super().close()
 
 
 def default_backend(device_type: str) -> str:
@@ -219,6 +228,6 @@ def create_communicator(backend: str, rank: int, world_size: int, address: str,
         return Communicator(0, 1, device)
     if backend == "oneccl":
         if kvs_address is not None:
-            return OneCCLAdapter(rank, world_size, kvs_address, timeout_s)
+            return OneCCLAdapter(rank, world_size, address, kvs_address, timeout_s)
         backend = "gloo"
     return TorchDistCommunicator(backend, rank, world_size, address, device, timeout_s)

@@ -216,3 +216,35 @@ def test_oneccl_group_equals_tp1(pairs, models):
     a = one.generate(PROMPTS, params)
     assert tokens(a) == tokens(b)
     assert_logprobs_close(a, b)
+
+
+def _idle_rank(rank: int, address: str, out) -> None:
+    import time
+
+    import torch
+    from segserve.actors.communicator import create_communicator
+
+    comm = create_communicator("gloo", rank, 2, address, torch.device("cpu"), timeout_s=2.0)
+    if rank == 0:
+        time.sleep(5)  # longer than the collective timeout: an idle group
+        comm.broadcast_object(("step", 1))
+    else:
+        out.put(comm.broadcast_object(None))
+    t = torch.full((3,), float(rank + 1))
+    comm.all_reduce(t)
+    out.put(t.tolist())
+    comm.close()
+
+
+def test_an_idle_group_outlives_the_collective_timeout():
+    """Followers wait for rank 0's next message without a deadline (a replica may be idle for
+    hours); the data path's collectives keep theirs."""
+    import torch.multiprocessing as mp
+    from segserve.actors.communicator import free_address
+
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    mp.start_processes(_idle_rank, args=(free_address(), out), nprocs=2, start_method="spawn")
+    got = [out.get() for _ in range(3)]
+    assert ("step", 1) in got
+    assert got.count([3.0, 3.0, 3.0]) == 2
