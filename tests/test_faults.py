@@ -248,3 +248,127 @@ def test_the_deadline_cancels_the_call_with_a_timeout_error():
         assert info.value.status == 504 and gen.cancelled and prep.pool.in_flight == 0
 
     asyncio.run(main())
+
+
+# ----- one request's fault fails that request only --------------------------------------------
+class _BrokenDetok:
+    def add(self, token):
+        raise RuntimeError(SECRET)
+
+    def flush(self):
+        raise RuntimeError(SECRET)
+
+
+async def _pair(replica, bad_id):
+    """A good request and a bad one in the same batch; the good one's reference alone."""
+    alone = await _items(replica, "ref", max_tokens=6)
+    good, bad = await asyncio.gather(_items(replica, "good", max_tokens=6),
+                                     _items(replica, bad_id, max_tokens=6))  # fmt: skip
+    while replica.engine.core.has_work():
+        await asyncio.sleep(0.01)
+    await replica.check_health()  # the engine goes on
+    return alone, good, bad
+
+
+def _assert_only_bad_failed(alone, good, bad, bad_id, replica):
+    assert [i["token_ids"] for i in good] == [i["token_ids"] for i in alone]
+    assert good[-1]["finish_reason"] == "length"
+    assert [list(i) for i in bad] == [["error"]], bad
+    err = bad[0]["error"]
+    assert err["status"] == 500 and bad_id in err["message"] and SECRET not in err["message"]
+    assert replica.engine.stats()["blocks_used"] == 0
+
+
+def test_a_detokenizer_fault_fails_only_its_request(replica, monkeypatch):
+    core = replica.engine.core
+    real = core._new_seq
+
+    def new_seq(group, index):
+        seq = real(group, index)
+        if group.request_id == "bad-detok":
+            seq.detok = _BrokenDetok()
+        return seq
+
+    monkeypatch.setattr(core, "_new_seq", new_seq)
+    alone, good, bad = asyncio.run(_pair(replica, "bad-detok"))
+    _assert_only_bad_failed(alone, good, bad, "bad-detok", replica)
+
+
+def test_a_scheduling_fault_fails_only_its_request(replica, monkeypatch):
+    kv = replica.engine.core.kv
+    real = kv.admit
+
+    def admit(group):
+        if group.request_id == "bad-admit":
+            raise KeyError(SECRET)
+        return real(group)
+
+    monkeypatch.setattr(kv, "admit", admit)
+    alone, good, bad = asyncio.run(_pair(replica, "bad-admit"))
+    _assert_only_bad_failed(alone, good, bad, "bad-admit", replica)
+
+
+def test_a_cancelled_engine_loop_ends_its_streams_and_restarts(replica):
+    engine = replica.engine
+
+    async def main():
+        sampling = {"max_tokens": 200, "temperature": 0.0, "ignore_eos": True}
+        stream = replica.generate([1, 2, 3, 4, 5], sampling, "req-loop-1")
+        first = await stream.__anext__()
+        assert first["token_ids"]
+        engine._task.cancel()  # the loop dies mid-stream
+        rest = [item async for item in stream]
+        assert rest and "error" in rest[-1] and rest[-1]["error"]["status"] == 500, rest
+        assert sum(len(i.get("token_ids", ())) for i in rest) < 199  # it did not finish
+        with pytest.raises(EngineBroken):  # until a request restarts it
+            engine.check_health()
+        items = await _items(replica, "req-loop-2")
+        assert sum(len(i["token_ids"]) for i in items) == 4
+        await replica.check_health()
+        while engine.core.has_work():
+            await asyncio.sleep(0.01)
+        assert engine.stats()["blocks_used"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_failing_device_fails_the_health_check_and_requests_go_elsewhere():
+    sick = LLMReplica(ENGINE, "demo", "cpu")
+    sick.replica_id = "replica-sick"
+
+    def fails():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    sick.engine._device_op = fails
+
+    async def main():
+        with pytest.raises(EngineBroken):
+            await sick.check_health()
+        assert sick.record_routing_stats()["healthy"] == 0.0
+        items = await _items(sick, "req-sick-1")
+        assert len(items) == 1 and items[0]["error"]["status"] == 503
+        assert items[0]["unavailable_replica"] == "replica-sick"  # for the ingress's router
+        assert "CUDA" not in items[0]["error"]["message"]
+
+    asyncio.run(main())
+
+
+def test_a_broken_replicas_503_is_retried_on_another_and_the_router_skips_it(monkeypatch):
+    from segserve.deploy import routing_view
+
+    marked = []
+    router = SimpleNamespace(mark_unavailable=marked.append)
+    monkeypatch.setitem(routing_view.ROUTERS, ("app", "LLM:demo:cpu"), router)
+    refused = {"error": APIError(503, "the replica is unavailable").to_dict(),
+               "unavailable_replica": "replica-b"}  # fmt: skip
+    item = {"index": 0, "token_ids": [5], "text": "x", "finish_reason": "length"}
+
+    async def main():
+        prep = _prep()
+        prep.pool.deployment = "LLM:demo:cpu"
+        handle = _Handle(_Gen([refused]), _Gen([item]))
+        stream = await open_stream(handle, prep)
+        assert handle.calls == 2 and marked == ["replica-b"]
+        assert [i async for i in stream] == [item] and prep.pool.in_flight == 0
+
+    asyncio.run(main())
