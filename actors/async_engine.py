@@ -58,16 +58,21 @@ class AsyncEngine:
     def _ensure_loop(self) -> None:
         if self.broken is not None:
             raise EngineBroken(self.broken)
+        loop = asyncio.get_running_loop()
+        if self._task is not None and self._task.done() and self._task.get_loop() is loop:
+            # Killed on this event loop: not restarted (its cause is unknown); the health
+            # check fails and Serve replaces the replica. (A task of an event loop that has
+            # closed, e.g. one asyncio.run per call in tests, is simply started afresh.)
+            self.broken = "the engine loop was cancelled"
+            raise EngineBroken(self.broken)
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = loop.create_task(self._run())
             self._task.add_done_callback(self._loop_ended)
 
     def _loop_ended(self, task: asyncio.Task) -> None:
-        """However the loop ends, no stream may wait on it: each ends with an error. A loop
-        that raised leaves the engine broken (the health check fails, Serve replaces the
-        replica); a cancelled one (its event loop closing, or killed) restarts with the next
-        request, and the health check fails until then."""
+        """However the loop ends, no stream may wait on it: each ends with an error, and the
+        health check fails from then on (Serve replaces the replica)."""
         if not task.cancelled() and self.broken is None:
             self.broken = f"the engine loop raised {task.exception()!r}"
         if self._queues:

@@ -308,26 +308,26 @@ def test_a_scheduling_fault_fails_only_its_request(replica, monkeypatch):
     _assert_only_bad_failed(alone, good, bad, "bad-admit", replica)
 
 
-def test_a_cancelled_engine_loop_ends_its_streams_and_restarts(replica):
-    engine = replica.engine
+def test_a_cancelled_engine_loop_ends_its_streams_and_the_replica_reports_unhealthy():
+    victim = LLMReplica(ENGINE, "demo", "cpu")
+    victim.replica_id = "replica-victim"
+    engine = victim.engine
 
     async def main():
         sampling = {"max_tokens": 200, "temperature": 0.0, "ignore_eos": True}
-        stream = replica.generate([1, 2, 3, 4, 5], sampling, "req-loop-1")
+        stream = victim.generate([1, 2, 3, 4, 5], sampling, "req-loop-1")
         first = await stream.__anext__()
         assert first["token_ids"]
         engine._task.cancel()  # the loop dies mid-stream
         rest = [item async for item in stream]
         assert rest and "error" in rest[-1] and rest[-1]["error"]["status"] == 500, rest
         assert sum(len(i.get("token_ids", ())) for i in rest) < 199  # it did not finish
-        with pytest.raises(EngineBroken):  # until a request restarts it
-            engine.check_health()
-        items = await _items(replica, "req-loop-2")
-        assert sum(len(i["token_ids"]) for i in items) == 4
-        await replica.check_health()
-        while engine.core.has_work():
-            await asyncio.sleep(0.01)
-        assert engine.stats()["blocks_used"] == 0
+        with pytest.raises(EngineBroken):
+            await victim.check_health()
+        # Not restarted: later requests are refused as retryable, for another replica.
+        items = await _items(victim, "req-loop-2")
+        assert items[0]["error"]["status"] == 503, items
+        assert items[0]["unavailable_replica"] == "replica-victim"
 
     asyncio.run(main())
 
