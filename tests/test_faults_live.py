@@ -149,75 +149,56 @@ def _recovered(port: int, names_before: set[str], gone: str) -> None:
 
 
 # ----- the tests ------------------------------------------------------------------------------
-def test_a_replica_killed_mid_stream_ends_its_stream_cleanly_and_is_replaced(port):
+def _hang_steps(replica):
+    import threading as th
+
+    never = th.Event()
+    replica.engine.core.step = lambda: never.wait() and []  # the device hangs
+    return True
+
+
+def _look_busy(replica):
+    stats = replica._stats
+    replica._stats = lambda: {**stats(), "waiting_requests": 1e6}  # the router avoids it
+    return True
+
+
+def _look_normal(replica):
+    del replica._stats
+    return True
+
+
+def test_killing_a_replica_ends_its_stream_cleanly_retries_the_unstreamed_and_recovers(port):
     assert _wait_for(lambda: _running_replicas() == 2)
-    with ThreadPoolExecutor(1) as pool:
+    actors = _replica_actors()
+    with ThreadPoolExecutor(5) as pool:
         started = threading.Event()
-        stream = pool.submit(_stream, port, 400, started)
+        long = pool.submit(_stream, port, 400, started)
         assert started.wait(60), "the stream never started"
-        actors = _replica_actors()
         busy = [n for n, a in actors.items() if _on(a, lambda r: len(r.engine._queues))]
         assert len(busy) == 1, busy
-        ray.kill(actors[busy[0]])
-        out = stream.result(timeout=120)
-    assert out["status"] == 200 and out["done"], out
-    if out["errors"]:  # or it finished before the kill landed: a complete answer
-        _assert_opaque(out["errors"][0], 503)
-        assert out["finish"] is None  # no chunk claimed it finished
-    else:
-        assert out["tokens"] == 400 and out["finish"] == "length", out
-    _recovered(port, set(actors), busy[0])
+        (victim,), (other,) = busy, set(actors) - set(busy)
+        # The victim hangs mid-stream; new requests go to it and wait there, unstreamed.
+        _on(actors[victim], _hang_steps)
+        _on(actors[other], _look_busy)
+        time.sleep(1.5)  # the routers' stats refresh every 0.5 s
+        short = [pool.submit(_stream, port, 8) for _ in range(4)]
+        assert _wait_for(lambda: _on(actors[victim], lambda r: len(r.engine._queues)) >= 2, 30)
+        ray.kill(actors[victim])
+        out = long.result(timeout=120)
+        results = [s.result(timeout=120) for s in short]
+    _on(actors[other], _look_normal)
+    # Mid-stream: a clean, opaque, retryable error event (no chunk claimed it finished).
+    assert out["status"] == 200 and out["done"] and out["finish"] is None, out
+    _assert_opaque(out["errors"][0], 503)
+    # Nothing streamed yet: retried on the other replica, every one answered in full.
+    for r in results:
+        assert r == {"status": 200, "tokens": 8, "finish": "length", "errors": [],
+                     "done": True}, r  # fmt: skip
+    _recovered(port, set(actors), victim)
 
 
-def test_a_request_not_yet_streamed_is_retried_on_the_other_replica(port):
-    assert _wait_for(lambda: _running_replicas() == 2)
-    actors = _replica_actors()
-    stuck_name = sorted(actors)[0]
-
-    def hang_steps(replica):
-        import threading as th
-
-        never = th.Event()
-        replica.engine.core.step = lambda: never.wait() and []  # the device hangs
-        return True
-
-    _on(actors[stuck_name], hang_steps)
-    with ThreadPoolExecutor(6) as pool:
-        streams = [pool.submit(_stream, port, 8) for _ in range(6)]
-        # Some land on the hung replica: they wait there, with nothing streamed.
-        assert _wait_for(lambda: _on(actors[stuck_name], lambda r: len(r.engine._queues)), 30)
-        ray.kill(actors[stuck_name])
-        results = [s.result(timeout=120) for s in streams]
-    for out in results:  # every one was answered in full, the stuck ones by the other replica
-        assert out["status"] == 200 and not out["errors"], out
-        assert out["tokens"] == 8 and out["finish"] == "length" and out["done"], out
-    _recovered(port, set(actors), stuck_name)
-
-
-def test_a_broken_engine_fails_health_is_skipped_and_replaced(port):
-    assert _wait_for(lambda: _running_replicas() == 2)
-    actors = _replica_actors()
-    sick_name = sorted(actors)[0]
-
-    def break_device(replica):
-        def broken(*args, **kwargs):
-            raise RuntimeError("boom: CUDA error: an illegal memory access")
-
-        replica.engine._device_op = broken  # the idle probe fails
-        replica.engine.core.step = broken  # and so would every step
-        return True
-
-    _on(actors[sick_name], break_device)
-    # The next health check (every 2 s) finds it; then the router skips it, and a request it
-    # still gets is refused with a 503 that the ingress retries on the other replica.
-    assert _wait_for(lambda: _on(actors[sick_name], lambda r: r.engine.broken, "gone"), 30)
-    for _ in range(6):
-        status, body = _complete(port, 6)
-        assert status == 200 and body["usage"]["completion_tokens"] == 6, body
-    _recovered(port, set(actors), sick_name)
-
-
-def test_a_dead_engine_loop_ends_its_stream_cleanly_and_the_service_goes_on(port):
+def test_a_dead_engine_loop_ends_its_stream_and_its_replica_is_skipped_and_replaced(port):
     assert _wait_for(lambda: _running_replicas() == 2)
     with ThreadPoolExecutor(1) as pool:
         started = threading.Event()
@@ -246,44 +227,80 @@ def test_a_dead_engine_loop_ends_its_stream_cleanly_and_the_service_goes_on(port
     _recovered(port, set(actors), killed[0])
 
 
-def _slow_steps(replica):
-    import time as t
+def _gate_steps(replica):
+    import threading as th
 
+    gate = replica.engine._test_gate = th.Event()
+    gate.set()
     step = replica.engine.core.step
-    replica.engine.core.step = lambda: (t.sleep(0.03), step())[1]
+    replica.engine.core.step = lambda: (gate.wait(), step())[1]
     return True
 
 
-def test_a_rolling_update_drains_the_streams_under_way(port):
+def _close_gates(actors: dict) -> None:
+    """Pause every replica's steps: its streams wait mid-way."""
+    for a in actors.values():
+        _on(a, lambda r: r.engine._test_gate.clear())
+
+
+def _open_gates(actors: dict) -> None:
+    for a in actors.values():
+        _on(a, lambda r: r.engine._test_gate.set())
+
+
+def _draining(actor) -> bool:
+    """Serve has told the replica to stop: it takes nothing new and waits for its requests."""
+    try:
+        return ray.get(actor.__ray_call__.remote(lambda a: a._replica_impl._shutting_down),
+                       timeout=30)  # fmt: skip
+    except ray.exceptions.RayActorError:
+        return False
+
+
+def _stream_paused_mid_way(port: int, pool: ThreadPoolExecutor, actors: dict, max_tokens: int):
+    for a in actors.values():
+        _on(a, _gate_steps)
+    started = threading.Event()
+    stream = pool.submit(_stream, port, max_tokens, started)
+    assert started.wait(60), "the stream never started"
+    _close_gates(actors)
+    (name,) = [n for n, a in actors.items() if _on(a, lambda r: len(r.engine._queues))]
+    return stream, name
+
+
+def test_replacing_replicas_drains_the_streams_under_way(port):
+    """A redeploy (serve.run: a rolling update, here also down to one replica) stops the old
+    replicas gracefully: the stream paused on one finishes after its replica began to stop."""
     assert _wait_for(lambda: _running_replicas() == 2)
-    old = _replica_actors()
-    for a in old.values():  # streams outlast the new replicas' start
-        _on(a, _slow_steps)
+    actors = _replica_actors()
+    one = build_app({**CONFIG, "pools": [{**POOL, "num_replicas": 1}]})
     with ThreadPoolExecutor(2) as pool:
-        started = [threading.Event(), threading.Event()]
-        streams = [pool.submit(_stream, port, 300, e) for e in started]
-        assert all(e.wait(60) for e in started)
-        changed = {**CONFIG, "pools": [{**POOL, "num_kv_blocks": 96}]}  # new engines
-        serve.run(build_app(changed), name=APP, route_prefix="/", blocking=False)
-        assert _wait_for(lambda: not set(_replica_actors()) & set(old), 120)  # replaced
-        results = [s.result(timeout=300) for s in streams]
-    for out in results:  # drained: every token, then [DONE]
-        assert out == {"status": 200, "tokens": 300, "finish": "length", "errors": [],
-                       "done": True}, out  # fmt: skip
+        stream, name = _stream_paused_mid_way(port, pool, actors, 100)
+        update = pool.submit(serve.run, one, name=APP, route_prefix="/")  # waits till running
+        assert _wait_for(lambda: _draining(actors[name]), 120), "the replica never stopped"
+        assert not stream.done()
+        _open_gates(actors)
+        out = stream.result(timeout=120)
+        update.result(timeout=300)
+    assert out == {"status": 200, "tokens": 100, "finish": "length", "errors": [],
+                   "done": True}, out  # fmt: skip
+    assert _wait_for(lambda: not set(_replica_actors()) & set(actors), 120)
     assert _complete(port)[0] == 200
 
 
 def test_shutdown_drains_the_streams_under_way(port):
     """`segserve serve` on SIGTERM: deleting the apps drains them, then Serve stops. Last: it
     shuts this module's Serve down."""
-    assert _wait_for(lambda: _running_replicas() == 2)
-    for a in _replica_actors().values():
-        _on(a, _slow_steps)
-    with ThreadPoolExecutor(1) as pool:
-        started = threading.Event()
-        stream = pool.submit(_stream, port, 200, started)
-        assert started.wait(60)
-        drain_and_shutdown(timeout_s=120)
-        out = stream.result(timeout=60)
-    assert out == {"status": 200, "tokens": 200, "finish": "length", "errors": [],
+    assert _wait_for(lambda: _running_replicas() >= 1)
+    actors = _replica_actors()
+    with ThreadPoolExecutor(2) as pool:
+        stream, name = _stream_paused_mid_way(port, pool, actors, 100)
+        shutdown = pool.submit(drain_and_shutdown, 120)
+        assert _wait_for(lambda: _draining(actors[name]), 60), ("the replica never stopped",
+                                                               stream.done() and stream.result())
+        assert not stream.done()
+        _open_gates(actors)
+        out = stream.result(timeout=120)
+        shutdown.result(timeout=180)
+    assert out == {"status": 200, "tokens": 100, "finish": "length", "errors": [],
                    "done": True}, out  # fmt: skip
