@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 REPLICA_GONE = (RayActorError, ActorUnavailableError)
 
 
+class ReplicaGone(APIError):
+    """503: the replica died or became unreachable; the request itself was fine."""
+
+
 def replica_error(e: BaseException, request_id: str) -> APIError:
     """A failed replica call as the status the client should see. Ray's messages carry actor
     ids, pids, addresses and tracebacks: those go to the log under the request id, and the
@@ -39,8 +43,8 @@ def replica_error(e: BaseException, request_id: str) -> APIError:
         return APIError(503, f"no replica is available, retry later (request id {request_id})")
     if isinstance(e, REPLICA_GONE):
         logger.warning("request %s: its replica went away: %r", request_id, e)
-        return APIError(503, "the replica serving this request became unavailable; retry "
-                        f"(request id {request_id})")  # fmt: skip
+        return ReplicaGone(503, "the replica serving this request became unavailable; retry "
+                           f"(request id {request_id})")  # fmt: skip
     logger.error("request %s: replica call failed", request_id, exc_info=e)
     return APIError(500, f"internal error (request id {request_id})")
 

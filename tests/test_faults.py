@@ -1,6 +1,7 @@
 """Faults without a Ray instance: an engine error becomes a 500 naming only the request id, a
 dead replica an opaque, retryable 503 (retried once before the first token), and no failure
-path leaks engine queues or in-flight counts. The live checks are in test_serve.py."""
+path leaks engine queues or in-flight counts; one request's fault fails it alone, and a dead
+loop or device makes the replica unhealthy. The live checks are in test_faults_live.py."""
 
 from __future__ import annotations
 
@@ -370,5 +371,49 @@ def test_a_broken_replicas_503_is_retried_on_another_and_the_router_skips_it(mon
         stream = await open_stream(handle, prep)
         assert handle.calls == 2 and marked == ["replica-b"]
         assert [i async for i in stream] == [item] and prep.pool.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_a_unary_request_whose_replica_dies_mid_way_starts_again_elsewhere():
+    """Nothing of a unary reply has reached the client, so it is not lost with the replica."""
+    from segserve.deploy.service import ServiceCore
+    from segserve.deploy.streams import open_streams
+
+    class _DiesAfter(_Gen):  # streams its items, then the replica dies
+        async def __anext__(self):
+            if not self.items:
+                raise ActorDiedError()
+            return self.items.pop(0)
+
+    first = {"index": 0, "token_ids": [5], "text": "a"}
+    whole = [{"index": 0, "token_ids": [7], "text": "b"},
+             {"index": 0, "token_ids": [8], "text": "c", "finish_reason": "length"}]  # fmt: skip
+
+    async def main():
+        prep = _prep()
+        prep.pool.deployment = "dep"
+        handle = _Handle(_DiesAfter([first, first]), _Gen(whole))
+        core = SimpleNamespace(open_streams=lambda preps: open_streams({"dep": handle}, preps))
+        fed, restarts = [], []
+
+        def restart():
+            restarts.append(len(fed))
+            fed.clear()
+
+        stream = await core.open_streams([prep])
+        await ServiceCore.feed_all(core, [prep], stream, lambda pos, item: fed.append(item),
+                                   restart)  # fmt: skip
+        assert restarts == [2] and fed == whole and handle.calls == 2
+        assert prep.pool.in_flight == 0
+
+        # A second death is the client's 503.
+        prep = _prep()
+        prep.pool.deployment = "dep"
+        handle = _Handle(_DiesAfter([first]), _DiesAfter([first]))
+        with pytest.raises(APIError) as info:
+            await ServiceCore.feed_all(core, [prep], await core.open_streams([prep]),
+                                       lambda pos, item: None, lambda: None)  # fmt: skip
+        assert info.value.status == 503 and handle.calls == 2 and prep.pool.in_flight == 0
 
     asyncio.run(main())
