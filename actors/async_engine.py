@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
+
+import torch
 
 from .config import EngineConfig
 from .engine import EngineCore, Prompt
@@ -37,6 +40,8 @@ class AsyncEngine:
     MAX_CONSECUTIVE_STEP_FAILURES = 3
     # A step running longer than this means the device or the loop is stuck.
     STUCK_STEP_S = 120.0
+    # An idle engine proves its device works with a tiny op (a step proves it while busy).
+    PROBE_TIMEOUT_S = 10.0
 
     def __init__(self, config: EngineConfig, core: EngineCore | None = None) -> None:
         self.core = core or EngineCore(config)
@@ -44,6 +49,7 @@ class AsyncEngine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._stepping = False
+        self._step_lock = threading.Lock()
         self._stats: dict[str, float] = {}
         self._stats_time = 0.0
         self._step_failures = 0
@@ -53,20 +59,46 @@ class AsyncEngine:
     def _ensure_loop(self) -> None:
         if self.broken is not None:
             raise EngineBroken(self.broken)
+        loop = asyncio.get_running_loop()
+        if self._task is not None and self._task.done() and self._task.get_loop() is loop:
+            # Killed on this event loop: not restarted (its cause is unknown); the health
+            # check fails and Serve replaces the replica. (A task of an event loop that has
+            # closed, e.g. one asyncio.run per call in tests, is simply started afresh.)
+            self.broken = "the engine loop was cancelled"
+            raise EngineBroken(self.broken)
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = loop.create_task(self._run())
+            self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """However the loop ends, no stream may wait on it: each ends with an error, and the
+        health check fails from then on (Serve replaces the replica)."""
+        if not task.cancelled() and self.broken is None:
+            self.broken = f"the engine loop raised {task.exception()!r}"
+        if self._queues:
+            logger.error("the engine loop stopped (%s); failing the requests in flight: %s",
+                         self.broken or "cancelled", sorted(self._queues))  # fmt: skip
+        self._fail_all()
 
     async def _run(self) -> None:
         assert self._wake is not None
+        loop = asyncio.get_running_loop()
         while True:
             if not self.core.has_work():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             self._stepping, self._step_started = True, time.monotonic()
+            step = loop.run_in_executor(None, self._step)
             try:
-                deltas = await asyncio.to_thread(self._step)
+                deltas = await asyncio.shield(step)
+            except asyncio.CancelledError:
+                # The step's thread runs on: its deltas still reach their streams (a request
+                # that arrived meanwhile may be among them), and a restarted loop's first
+                # step waits for it (_step_lock).
+                step.add_done_callback(self._deliver_late)
+                raise
             except ReplicaGroupFailed as e:  # a rank is gone: nothing to retry
                 self.broken = str(e)
                 logger.error("%s; the replica reports unhealthy", e)
@@ -82,13 +114,18 @@ class AsyncEngine:
                     logger.error("%s; the replica reports unhealthy", self.broken)
                     return
                 continue
-            finally:
-                self._stepping = False
             self._step_failures = 0
-            for d in deltas:
-                q = self._queues.get(d.request_id)
-                if q is not None:
-                    q.put_nowait(d)
+            self._deliver(deltas)
+
+    def _deliver(self, deltas: list[Delta]) -> None:
+        for d in deltas:
+            q = self._queues.get(d.request_id)
+            if q is not None:
+                q.put_nowait(d)
+
+    def _deliver_late(self, step: asyncio.Future) -> None:
+        if not step.cancelled() and step.exception() is None:
+            self._deliver(step.result())
 
     def _fail_all(self) -> None:
         """End every stream with an error and abort its request (the core drops what it can
@@ -98,11 +135,17 @@ class AsyncEngine:
             self.core.abort(request_id)
 
     def _step(self) -> list[Delta]:
-        """Runs in the worker thread: the only place engine state changes while serving."""
-        deltas = self.core.step()
-        now = time.monotonic()
-        if now - self._stats_time >= self.STATS_INTERVAL_S or not self.core.has_work():
-            self._stats, self._stats_time = self.core.stats(), now
+        """Runs in a worker thread: the only place engine state changes while serving. The
+        lock keeps a step of a cancelled loop and one of its restart from overlapping."""
+        with self._step_lock:
+            self._stepping = True
+            try:
+                deltas = self.core.step()
+                now = time.monotonic()
+                if now - self._stats_time >= self.STATS_INTERVAL_S or not self.core.has_work():
+                    self._stats, self._stats_time = self.core.stats(), now
+            finally:
+                self._stepping = False
         return deltas
 
     async def generate(
@@ -146,6 +189,24 @@ class AsyncEngine:
             raise EngineBroken("the engine loop has stopped")
         if self._stepping and time.monotonic() - self._step_started > self.STUCK_STEP_S:
             raise EngineBroken(f"an engine step has run for over {self.STUCK_STEP_S:.0f} s")
+
+    async def probe(self) -> None:
+        """``check_health``, and on an idle engine a tiny op on its device: a device that
+        fails (or hangs) marks the engine broken before a request finds out."""
+        self.check_health()
+        if self._stepping or self.core.has_work():
+            return  # the steps themselves show the device works
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._device_op), self.PROBE_TIMEOUT_S)
+        except Exception as e:
+            self.broken = f"the device probe failed: {e!r}"
+            logger.error("%s; the replica reports unhealthy", self.broken)
+            raise EngineBroken(self.broken) from e
+
+    def _device_op(self) -> None:
+        x = torch.arange(4.0, device=self.core.runner.device)
+        if float((x * x).sum()) != 14.0:
+            raise RuntimeError("the device computed a wrong sum")
 
     @property
     def healthy(self) -> bool:

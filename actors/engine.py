@@ -305,6 +305,8 @@ class EngineCore(TokenUpdates):
             if self._inflight is not None:
                 return deltas
         sched = self.scheduler.schedule()
+        for group in sched.failed:  # its own planning raised (logged): it alone ends
+            deltas += self._end(group, "error")
         if not sched.batch:
             return deltas
         step = self._launch(sched.batch)
@@ -414,7 +416,11 @@ class EngineCore(TokenUpdates):
         groups = [g for g in groups if g.status is Status.RUNNING]
         results: dict[SequenceGroup, list[Delta] | None] = {}
         for group in [g for g in groups if g.params.max_tokens == 0]:
-            results[group] = self._end_prefill_only(group)
+            try:
+                results[group] = self._end_prefill_only(group)
+            except Exception:  # one request's failure must not wedge the others
+                logger.exception("ending prefill-only request %s failed", group.request_id)
+                results[group] = None
         groups_to_sample = [g for g in groups if g.params.max_tokens > 0]
         if step.presampled is not None:
             results.update(self._apply_presampled(step, groups_to_sample))

@@ -11,6 +11,7 @@ cache). Nothing is ever dropped.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,11 +20,15 @@ from .kv_manager import NoFreeBlocks, SegmentKVManager
 from .model_runner import ScheduledSeq
 from .sequence import SequenceGroup, Status
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class SchedulerOutput:
     batch: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[SequenceGroup] = field(default_factory=list)
+    # Requests whose own planning or admission raised (logged): taken off the queues, for the
+    # engine to end with an error while the rest of the batch goes on.
+    failed: list[SequenceGroup] = field(default_factory=list)
 
 
 class Scheduler:
@@ -93,24 +98,35 @@ class Scheduler:
         group.status = Status.WAITING
         self.waiting.appendleft(group)
 
+    def _fail(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        logger.exception("scheduling request %s failed; it alone ends", group.request_id)
+        for queue in (self.running, self.waiting):
+            if group in queue:
+                queue.remove(group)
+        out.failed.append(group)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             group = self.running[i]
-            plan = self._plan(group, budget)
-            while True:
-                try:
-                    self._reserve(plan)
-                    break
-                except NoFreeBlocks:
-                    victim = self.running[-1]
-                    self._preempt(victim)
-                    out.preempted.append(victim)
-                    if victim is group:
-                        plan = []
+            try:
+                plan = self._plan(group, budget)
+                while True:
+                    try:
+                        self._reserve(plan)
                         break
+                    except NoFreeBlocks:
+                        victim = self.running[-1]
+                        self._preempt(victim)
+                        out.preempted.append(victim)
+                        if victim is group:
+                            plan = []
+                            break
+            except Exception:
+                self._fail(group, out)
+                continue
             if group.status is not Status.RUNNING:
                 break
             out.batch += plan
@@ -124,13 +140,17 @@ class Scheduler:
             wanted = self.seq_slots(group)
             if num_seqs + wanted > self.config.max_num_seqs and self.running:
                 break
-            if not self.kv.can_admit(group):
-                break
-            self.waiting.popleft()
-            self.kv.admit(group)
-            group.status = Status.RUNNING
-            bisect.insort(self.running, group, key=lambda g: g.arrival)
-            plan = self._plan(group, budget)
+            try:
+                if not self.kv.can_admit(group):
+                    break
+                self.waiting.popleft()
+                self.kv.admit(group)
+                group.status = Status.RUNNING
+                bisect.insort(self.running, group, key=lambda g: g.arrival)
+                plan = self._plan(group, budget)
+            except Exception:
+                self._fail(group, out)
+                continue
             out.batch += plan
             budget -= sum(item.num_tokens for item in plan)
             num_seqs += wanted

@@ -20,6 +20,7 @@ from .router import ROUTING_STATS_PERIOD_S, deployment_name
 
 AUTOSCALING_POLICY = "segserve.deploy.autoscaling:KVPressurePolicy"
 REQUEST_ROUTER = "segserve.deploy.router:KVHeadroomRouter"
+HEALTH_CHECK_PERIOD_S = 2.0
 
 
 def replica_options(pool: PoolConfig) -> dict[str, Any]:
@@ -43,8 +44,12 @@ def replica_options(pool: PoolConfig) -> dict[str, Any]:
             request_router_class=REQUEST_ROUTER,
             request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
         ),
-        # Weights load in __init__; a large checkpoint takes a while.
-        "graceful_shutdown_timeout_s": 10,
+        # A replica being stopped drains: Serve sends it nothing new and waits for its
+        # running requests (streams too) up to this long before killing it.
+        "graceful_shutdown_timeout_s": pool.graceful_shutdown_timeout_s,
+        # check_health fails once the engine cannot step; Serve replaces the replica after
+        # three failed checks in a row, so the period bounds how long that takes.
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
     })
     a = pool.autoscaling
     if a is None:
@@ -106,4 +111,6 @@ def build_app(config: ServiceConfig) -> Application:
         name="Ingress",
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
+        # The ingress relays its replicas' streams: it drains as long as they do.
+        graceful_shutdown_timeout_s=max(p.graceful_shutdown_timeout_s for p in config.pools),
     ).bind(config.model_dump(), handles)

@@ -23,6 +23,10 @@ class KVPressurePolicy:
     - down: one replica at a time, when mean utilization < ``scale_down_kv_utilization`` and
       nothing waits (and the remaining replicas would stay under the scale-up threshold); the
       last replica only when nothing runs either (to zero, if min_replicas allows).
+
+    The policy decides how many replicas, not which: Serve 2.60 picks the replica a scale-down
+    stops (starting ones first, then by node) and offers no hook for it. A replica stopped with
+    requests running drains them (the pool's graceful_shutdown_timeout_s).
     """
 
     def __init__(

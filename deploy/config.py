@@ -102,6 +102,11 @@ class PoolConfig(_Strict):
     # at least this many waiting requests or this KV utilization.
     spill_waiting_requests: int = Field(1, ge=1)
     spill_kv_utilization: float = Field(0.95, gt=0, le=1)
+    graceful_shutdown_timeout_s: float = Field(
+        600.0, ge=0,
+        description="a replica being stopped (scale-down, rolling update, shutdown) takes no "
+        "new requests and lets its running ones finish for up to this long",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _one_size(self) -> PoolConfig:
@@ -132,7 +137,11 @@ class IngressConfig(_Strict):
     api_key_env: str | None = Field(None, description="read the API key from this env var")
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(1024, ge=1)
-    request_timeout_s: float | None = Field(None, gt=0)
+    request_timeout_s: float | None = Field(
+        600.0, gt=0,
+        description="each request's deadline from its arrival: past it the request is aborted "
+        "and the client gets 504 / DEADLINE_EXCEEDED (null: none)",
+    )  # fmt: skip
     api_key_cache_salt: str | None = Field(
         None, min_length=1, max_length=128,
         description="prefix-cache salt of every request made with the API key: its cached "

@@ -62,6 +62,8 @@ def start(config_path: str | Path, address: str | None = None, blocking: bool = 
     if blocking:
         print(_banner(http.host, http.port, grpc.port, services), flush=True)
         _wait_forever()
+        grace = max(p.graceful_shutdown_timeout_s for svc in services for p in svc.pools)
+        drain_and_shutdown(grace + 30)
     return serve.status()
 
 
@@ -136,6 +138,7 @@ Ctrl-C stops it.""".strip("\n")
 
 
 def _wait_forever() -> None:
+    """Until SIGTERM or Ctrl-C."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -143,8 +146,20 @@ def _wait_forever() -> None:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
+
+
+def drain_and_shutdown(timeout_s: float) -> None:
+    """Stop serving without cutting the streams under way: every application is deleted
+    first, so each replica (ingress and engines) takes nothing new and finishes what it runs,
+    for up to its graceful_shutdown_timeout_s, while the proxies still carry those streams.
+    Then Serve shuts down (``serve.shutdown()`` alone stops the proxies within seconds)."""
     from ray import serve
 
+    for name in serve.status().applications:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while serve.status().applications and time.monotonic() < deadline:
+        time.sleep(0.5)
     serve.shutdown()
 
 

@@ -204,12 +204,10 @@ async def serve_openai(core: ServiceCore, endpoint: Endpoint, request: Request) 
     if body.stream:
         return ClosingStreamingResponse(response.events(stream), stream.close,
                                         media_type="text/event-stream")  # fmt: skip
-    try:
-        async for pos, item in stream:
-            response.feed(pos, item)
-    finally:
-        stream.close()
-    return response.body_json()
+    replies = [response]  # a fresh one if the request must start again (feed_all)
+    await core.feed_all(preps, stream, lambda pos, item: replies[-1].feed(pos, item),
+                        lambda: replies.append(_Response(core, endpoint, body, preps)))
+    return replies[-1].body_json()
 
 
 class ClosingStreamingResponse(StreamingResponse):

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.util import metrics
 
 from ..actors.async_engine import AsyncEngine, EngineBroken
@@ -146,6 +147,10 @@ class LLMReplica:
         self.metrics = ReplicaMetrics(model, pool)
         self._metrics_task: asyncio.Task | None = None
         self._last_stats = self.engine.core.stats()  # the engine is idle: safe to read
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except RayServeException:  # constructed outside Serve (tests)
+            self.replica_id = ""
         logger.info("LLMReplica %s/%s ready: %s", model, pool, self.engine.core.stats())
 
     def __del__(self) -> None:
@@ -214,8 +219,11 @@ class LLMReplica:
             raise
         except EngineBroken:  # check_health fails too: Serve is replacing this replica
             logger.exception("request %s refused: the engine is broken", request_id)
+            # Nothing was generated: the ingress sends it to another replica, and its router
+            # skips this one from now on (streams.open_stream).
             yield {"error": APIError(503, "the replica is unavailable, retry (request id "
-                                     f"{request_id})").to_dict()}  # fmt: skip
+                                     f"{request_id})").to_dict(),
+                   "unavailable_replica": self.replica_id}  # fmt: skip
         except Exception:
             logger.exception("request %s failed in the replica", request_id)
             yield {"error": _internal_error(request_id).to_dict()}
@@ -244,7 +252,8 @@ class LLMReplica:
         """Read by the request router (router.KVHeadroomRouter), the pool spill check, and
         the ingress's /metrics (this replica's metrics ride along: see metrics.py)."""
         s = self._stats()
-        return {**self.metrics.snapshot(s), **{k: float(s[k]) for k in ROUTING_KEYS}}
+        return {**self.metrics.snapshot(s), **{k: float(s[k]) for k in ROUTING_KEYS},
+                "healthy": float(self.engine.healthy)}  # fmt: skip
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom metrics for autoscaling.KVPressurePolicy."""
@@ -256,8 +265,9 @@ class LLMReplica:
         }
 
     async def check_health(self) -> None:
-        """Serve replaces the replica when this raises: its engine cannot step."""
-        self.engine.check_health()
+        """Serve replaces the replica when this raises: its engine cannot step (its loop has
+        stopped, a fault persisted, a step hangs, or its idle device fails a probe)."""
+        await self.engine.probe()
 
 
 LLMReplicaDeployment = serve.deployment(LLMReplica, name="LLMReplica")

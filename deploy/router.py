@@ -34,6 +34,9 @@ def replica_load(stats: dict[str, float], ongoing: int | None) -> tuple[float, f
 class KVHeadroomRouter(FIFOMixin, RequestRouter):
     """Sends a request to the replica with the most KV headroom and the shortest queue."""
 
+    # Replicas (unique ids) that answered that their engine is broken; see mark_unavailable.
+    unavailable: frozenset[str] = frozenset()
+
     def initialize_state(self, **kwargs) -> None:
         # Imported here, by absolute name: this class arrives pickled by value, and only a
         # module imported by reference is shared with PoolRouter (see routing_view.py).
@@ -52,9 +55,24 @@ class KVHeadroomRouter(FIFOMixin, RequestRouter):
         def key(r: RunningReplica) -> tuple[float, float, float]:
             return replica_load(r.routing_stats or {}, cache.get(r.replica_id))
 
+        # A broken replica has an empty KV cache and would look least loaded: it is skipped
+        # (until Serve replaces it) unless no other is left, when its 503 says "retry".
+        usable = [r for r in candidate_replicas if self.usable(r)] or candidate_replicas
         # One replica per rank: Serve tries the best first and falls back down the list when
         # a replica rejects (at max_ongoing_requests).
-        return [[r] for r in sorted(candidate_replicas, key=key)]
+        return [[r] for r in sorted(usable, key=key)]
+
+    def usable(self, r: RunningReplica) -> bool:
+        """Its engine can step, by its last stats and by what the ingress saw since."""
+        return (r.routing_stats or {}).get("healthy", 1.0) > 0 \
+            and r.replica_id.unique_id not in self.unavailable
+
+    def mark_unavailable(self, replica_unique_id: str) -> None:
+        """The replica answered that its engine is broken: skip it at once, not only once
+        its stats say so. Forgotten when it leaves the deployment (Serve replaced it)."""
+        live = {rid.unique_id for rid in self.curr_replicas}
+        self.unavailable = frozenset({u for u in self.unavailable if u in live}
+                                     | {replica_unique_id})  # fmt: skip
 
     def replica_stats(self) -> list[dict[str, float]]:
         return [r.routing_stats or {} for r in self.curr_replicas.values()]

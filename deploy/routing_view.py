@@ -12,3 +12,10 @@ from typing import Any
 
 # (app name, deployment name) -> the KVHeadroomRouter of that deployment's handle
 ROUTERS: dict[tuple[str, str], Any] = {}
+
+
+def mark_unavailable(deployment: str, replica_unique_id: str) -> None:
+    """Tell the routers of ``deployment`` to skip a replica whose engine is broken."""
+    for (_, name), router in list(ROUTERS.items()):
+        if name == deployment:
+            router.mark_unavailable(replica_unique_id)

@@ -26,7 +26,7 @@ from .config import ModelConfig, ServiceConfig
 from .errors import APIError, engine_error_param
 from .responses import ChoiceState
 from .router import PoolRouter, PoolState
-from .streams import MergedStream, open_streams
+from .streams import MergedStream, ReplicaGone, open_streams
 from .tool_parsers import PARSERS, ForcedCallParser, ToolParser, detect_tool_parser
 
 logger = logging.getLogger(__name__)
@@ -314,20 +314,45 @@ class ServiceCore:
             return ""
         return tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    async def feed_all(
+        self, preps: list[Prepared], stream: MergedStream,
+        feed: Callable[[int, dict[str, Any]], None], restart: Callable[[], None],
+    ) -> None:  # fmt: skip
+        """Every item of ``stream`` (of ``preps``) into ``feed``, for a reply sent whole at the
+        end. The client has seen nothing yet, so if a replica dies mid-way the request starts
+        again, once, on another replica (``restart`` first forgets what was fed)."""
+        for attempt in (0, 1):
+            try:
+                async for pos, item in stream:
+                    feed(pos, item)
+                return
+            except ReplicaGone:
+                if attempt:
+                    raise
+                logger.warning("request %s: its replica went away mid-way; starting it again",
+                               preps[0].request_id)  # fmt: skip
+                restart()
+            finally:
+                stream.close()
+            stream = await self.open_streams(preps)
+
     async def collect(self, preps: list[Prepared]) -> list[list[ChoiceState]]:
         """Every choice of every prompt, whole, once the streams have ended."""
         choices: list[dict[int, ChoiceState]] = [{} for _ in preps]
-        stream = await self.open_streams(preps)
-        try:
-            async for pos, item in stream:
-                c = choices[pos].setdefault(item["index"], ChoiceState(item["index"]))
-                wire = item.get("logprobs") or []
-                c.add(item, self.logprob_entries(preps[pos].model.name, wire))
-                if "prompt_logprobs" in item and c.prompt_logprobs is None:
-                    c.prompt_logprobs = self.logprob_entries(preps[pos].model.name,
-                                                             item["prompt_logprobs"])
-        finally:
-            stream.close()
+
+        def feed(pos: int, item: dict[str, Any]) -> None:
+            c = choices[pos].setdefault(item["index"], ChoiceState(item["index"]))
+            wire = item.get("logprobs") or []
+            c.add(item, self.logprob_entries(preps[pos].model.name, wire))
+            if "prompt_logprobs" in item and c.prompt_logprobs is None:
+                c.prompt_logprobs = self.logprob_entries(preps[pos].model.name,
+                                                         item["prompt_logprobs"])
+
+        def restart() -> None:
+            for cs in choices:
+                cs.clear()
+
+        await self.feed_all(preps, await self.open_streams(preps), feed, restart)
         return [[cs[i] for i in sorted(cs)] for cs in choices]
 
     def list_models(self) -> list[dict[str, Any]]:

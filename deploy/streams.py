@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from . import routing_view
 from .errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,10 @@ logger = logging.getLogger(__name__)
 # The replica process died or cannot be reached: nothing about the request was wrong, and
 # another replica (or this one, replaced) can serve it.
 REPLICA_GONE = (RayActorError, ActorUnavailableError)
+
+
+class ReplicaGone(APIError):
+    """503: the replica died or became unreachable; the request itself was fine."""
 
 
 def replica_error(e: BaseException, request_id: str) -> APIError:
@@ -38,8 +43,8 @@ def replica_error(e: BaseException, request_id: str) -> APIError:
         return APIError(503, f"no replica is available, retry later (request id {request_id})")
     if isinstance(e, REPLICA_GONE):
         logger.warning("request %s: its replica went away: %r", request_id, e)
-        return APIError(503, "the replica serving this request became unavailable; retry "
-                        f"(request id {request_id})")  # fmt: skip
+        return ReplicaGone(503, "the replica serving this request became unavailable; retry "
+                           f"(request id {request_id})")  # fmt: skip
     logger.error("request %s: replica call failed", request_id, exc_info=e)
     return APIError(500, f"internal error (request id {request_id})")
 
@@ -112,8 +117,9 @@ class ReplicaStream:
 
 async def open_stream(handle: Any, prep: _Prepared, retries: int = 1) -> ReplicaStream:
     """Start one request on ``handle`` (its deployment) and wait for its first item. A replica
-    that dies before the first item has streamed nothing, so the request is sent again
-    (``retries`` times): Serve's router no longer picks a dead replica."""
+    that dies, or whose engine is broken, before the first item has streamed nothing, so the
+    request is sent again (``retries`` times): the router no longer picks that replica (Serve
+    drops a dead one; ours skips one marked unavailable)."""
     gen = None
     prep.pool.in_flight += 1
     try:
@@ -135,6 +141,13 @@ async def open_stream(handle: Any, prep: _Prepared, retries: int = 1) -> Replica
         raise replica_error(e, prep.request_id) from e
     if "error" in first:
         prep.pool.in_flight -= 1
+        broken = first.get("unavailable_replica")
+        if broken is not None:  # its engine cannot step: nothing was generated
+            routing_view.mark_unavailable(prep.pool.deployment, broken)
+            if retries > 0:
+                logger.warning("request %s: its replica's engine is broken, retrying",
+                               prep.request_id)  # fmt: skip
+                return await open_stream(handle, prep, retries - 1)
         raise APIError.from_dict(first["error"])
     return ReplicaStream(gen, first, prep)
 

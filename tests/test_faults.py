@@ -1,6 +1,7 @@
 """Faults without a Ray instance: an engine error becomes a 500 naming only the request id, a
 dead replica an opaque, retryable 503 (retried once before the first token), and no failure
-path leaks engine queues or in-flight counts. The live checks are in test_serve.py."""
+path leaks engine queues or in-flight counts; one request's fault fails it alone, and a dead
+loop or device makes the replica unhealthy. The live checks are in test_faults_live.py."""
 
 from __future__ import annotations
 
@@ -246,5 +247,173 @@ def test_the_deadline_cancels_the_call_with_a_timeout_error():
         with pytest.raises(APIError) as info:
             await stream.__anext__()
         assert info.value.status == 504 and gen.cancelled and prep.pool.in_flight == 0
+
+    asyncio.run(main())
+
+
+# ----- one request's fault fails that request only --------------------------------------------
+class _BrokenDetok:
+    def add(self, token):
+        raise RuntimeError(SECRET)
+
+    def flush(self):
+        raise RuntimeError(SECRET)
+
+
+async def _pair(replica, bad_id):
+    """A good request and a bad one in the same batch; the good one's reference alone."""
+    alone = await _items(replica, "ref", max_tokens=6)
+    good, bad = await asyncio.gather(_items(replica, "good", max_tokens=6),
+                                     _items(replica, bad_id, max_tokens=6))  # fmt: skip
+    while replica.engine.core.has_work():
+        await asyncio.sleep(0.01)
+    await replica.check_health()  # the engine goes on
+    return alone, good, bad
+
+
+def _assert_only_bad_failed(alone, good, bad, bad_id, replica):
+    assert [i["token_ids"] for i in good] == [i["token_ids"] for i in alone]
+    assert good[-1]["finish_reason"] == "length"
+    assert [list(i) for i in bad] == [["error"]], bad
+    err = bad[0]["error"]
+    assert err["status"] == 500 and bad_id in err["message"] and SECRET not in err["message"]
+    assert replica.engine.stats()["blocks_used"] == 0
+
+
+def test_a_detokenizer_fault_fails_only_its_request(replica, monkeypatch):
+    core = replica.engine.core
+    real = core._new_seq
+
+    def new_seq(group, index):
+        seq = real(group, index)
+        if group.request_id == "bad-detok":
+            seq.detok = _BrokenDetok()
+        return seq
+
+    monkeypatch.setattr(core, "_new_seq", new_seq)
+    alone, good, bad = asyncio.run(_pair(replica, "bad-detok"))
+    _assert_only_bad_failed(alone, good, bad, "bad-detok", replica)
+
+
+def test_a_scheduling_fault_fails_only_its_request(replica, monkeypatch):
+    kv = replica.engine.core.kv
+    real = kv.admit
+
+    def admit(group):
+        if group.request_id == "bad-admit":
+            raise KeyError(SECRET)
+        return real(group)
+
+    monkeypatch.setattr(kv, "admit", admit)
+    alone, good, bad = asyncio.run(_pair(replica, "bad-admit"))
+    _assert_only_bad_failed(alone, good, bad, "bad-admit", replica)
+
+
+def test_a_cancelled_engine_loop_ends_its_streams_and_the_replica_reports_unhealthy():
+    victim = LLMReplica(ENGINE, "demo", "cpu")
+    victim.replica_id = "replica-victim"
+    engine = victim.engine
+
+    async def main():
+        sampling = {"max_tokens": 200, "temperature": 0.0, "ignore_eos": True}
+        stream = victim.generate([1, 2, 3, 4, 5], sampling, "req-loop-1")
+        first = await stream.__anext__()
+        assert first["token_ids"]
+        engine._task.cancel()  # the loop dies mid-stream
+        rest = [item async for item in stream]
+        assert rest and "error" in rest[-1] and rest[-1]["error"]["status"] == 500, rest
+        assert sum(len(i.get("token_ids", ())) for i in rest) < 199  # it did not finish
+        with pytest.raises(EngineBroken):
+            await victim.check_health()
+        # Not restarted: later requests are refused as retryable, for another replica.
+        items = await _items(victim, "req-loop-2")
+        assert items[0]["error"]["status"] == 503, items
+        assert items[0]["unavailable_replica"] == "replica-victim"
+
+    asyncio.run(main())
+
+
+def test_a_failing_device_fails_the_health_check_and_requests_go_elsewhere():
+    sick = LLMReplica(ENGINE, "demo", "cpu")
+    sick.replica_id = "replica-sick"
+
+    def fails():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    sick.engine._device_op = fails
+
+    async def main():
+        with pytest.raises(EngineBroken):
+            await sick.check_health()
+        assert sick.record_routing_stats()["healthy"] == 0.0
+        items = await _items(sick, "req-sick-1")
+        assert len(items) == 1 and items[0]["error"]["status"] == 503
+        assert items[0]["unavailable_replica"] == "replica-sick"  # for the ingress's router
+        assert "CUDA" not in items[0]["error"]["message"]
+
+    asyncio.run(main())
+
+
+def test_a_broken_replicas_503_is_retried_on_another_and_the_router_skips_it(monkeypatch):
+    from segserve.deploy import routing_view
+
+    marked = []
+    router = SimpleNamespace(mark_unavailable=marked.append)
+    monkeypatch.setitem(routing_view.ROUTERS, ("app", "LLM:demo:cpu"), router)
+    refused = {"error": APIError(503, "the replica is unavailable").to_dict(),
+               "unavailable_replica": "replica-b"}  # fmt: skip
+    item = {"index": 0, "token_ids": [5], "text": "x", "finish_reason": "length"}
+
+    async def main():
+        prep = _prep()
+        prep.pool.deployment = "LLM:demo:cpu"
+        handle = _Handle(_Gen([refused]), _Gen([item]))
+        stream = await open_stream(handle, prep)
+        assert handle.calls == 2 and marked == ["replica-b"]
+        assert [i async for i in stream] == [item] and prep.pool.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_a_unary_request_whose_replica_dies_mid_way_starts_again_elsewhere():
+    """Nothing of a unary reply has reached the client, so it is not lost with the replica."""
+    from segserve.deploy.service import ServiceCore
+    from segserve.deploy.streams import open_streams
+
+    class _DiesAfter(_Gen):  # streams its items, then the replica dies
+        async def __anext__(self):
+            if not self.items:
+                raise ActorDiedError()
+            return self.items.pop(0)
+
+    first = {"index": 0, "token_ids": [5], "text": "a"}
+    whole = [{"index": 0, "token_ids": [7], "text": "b"},
+             {"index": 0, "token_ids": [8], "text": "c", "finish_reason": "length"}]  # fmt: skip
+
+    async def main():
+        prep = _prep()
+        prep.pool.deployment = "dep"
+        handle = _Handle(_DiesAfter([first, first]), _Gen(whole))
+        core = SimpleNamespace(open_streams=lambda preps: open_streams({"dep": handle}, preps))
+        fed, restarts = [], []
+
+        def restart():
+            restarts.append(len(fed))
+            fed.clear()
+
+        stream = await core.open_streams([prep])
+        await ServiceCore.feed_all(core, [prep], stream, lambda pos, item: fed.append(item),
+                                   restart)  # fmt: skip
+        assert restarts == [2] and fed == whole and handle.calls == 2
+        assert prep.pool.in_flight == 0
+
+        # A second death is the client's 503.
+        prep = _prep()
+        prep.pool.deployment = "dep"
+        handle = _Handle(_DiesAfter([first]), _DiesAfter([first]))
+        with pytest.raises(APIError) as info:
+            await ServiceCore.feed_all(core, [prep], await core.open_streams([prep]),
+                                       lambda pos, item: None, lambda: None)  # fmt: skip
+        assert info.value.status == 503 and handle.calls == 2 and prep.pool.in_flight == 0
 
     asyncio.run(main())

@@ -215,6 +215,24 @@ async def test_choose_replicas_ranks_one_per_rank():
     ]  # fmt: skip
 
 
+async def test_choose_replicas_skips_broken_replicas():
+    r = make_router()
+    good = replica("good", stats(util=0.9, running=5))
+    sick = replica("sick", {**stats(), "healthy": 0.0})  # empty KV: it would look best
+    marked = replica("marked", stats())
+    r._replicas = {x.replica_id: x for x in (good, sick, marked)}
+    assert [x.unique_id for rank in await r.choose_replicas([good, sick, marked])
+            for x in (y.replica_id for y in rank)] == ["marked", "good"]  # fmt: skip
+    r.mark_unavailable("marked")  # its 503 said so before its stats could
+    assert await r.choose_replicas([good, sick, marked]) == [[good]]
+    # None usable: they are all still offered, and their 503s tell clients to retry.
+    assert sorted(x.replica_id.unique_id for rank in await r.choose_replicas([sick, marked])
+                  for x in rank) == ["marked", "sick"]  # fmt: skip
+    del r._replicas[marked.replica_id]  # replaced: forgotten at the next mark
+    r.mark_unavailable("sick")
+    assert r.unavailable == {"sick"}
+
+
 async def test_choose_replicas_empty():
     assert await make_router().choose_replicas([]) == []
 
