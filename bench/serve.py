@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "reserve 1 each)")
     p.add_argument("--http-port", type=int, default=18080)
     p.add_argument("--grpc-port", type=int, default=19090)
+    p.add_argument("--engine-in-ingress", action="store_true",
+                   help="run the engine inside the ingress replica (ingress.engine_in_ingress: "
+                        "one deployment, no replica hop) instead of its own deployment")
     p.add_argument("--no-engine-again", dest="engine_again", action="store_false",
                    help="skip the engine-alone rerun after Serve (the noise floor)")
     p.add_argument("--ray-logs", action="store_true",
@@ -349,6 +352,7 @@ def service_config(args: argparse.Namespace) -> dict[str, Any]:
             "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
             "max_queue_len": args.max_queue_len, "cpus_per_replica": args.cpus_per_replica,
         }],
+        "ingress": {"engine_in_ingress": args.engine_in_ingress},
     }  # fmt: skip
 
 
