@@ -31,17 +31,19 @@ class LocalCall:
         return self._items.__anext__()
 
     def cancel(self) -> None:
-        """Close the replica's generator: its ``finally`` aborts the engine request. A wait for
-        an item that is under way is cancelled by its own task (the client went away, or the
-        deadline passed), which ends the generator the same way."""
-        task = asyncio.get_running_loop().create_task(self._close())
+        """Cancel the replica's generator, as Serve does a replica call's: CancelledError is
+        raised where it waits, so it counts the request aborted and its ``finally`` aborts the
+        engine request. A wait for an item that is under way is cancelled by its own task (the
+        client went away, or the deadline passed), which ends the generator the same way."""
+        task = asyncio.get_running_loop().create_task(self._cancel())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _close(self) -> None:
+    async def _cancel(self) -> None:
         try:
-            await self._items.aclose()
-        except RuntimeError:  # an __anext__ is running: its cancellation ends the generator
+            await self._items.athrow(asyncio.CancelledError())
+        # ended already; or cancelled now; or an __anext__ is running (see above)
+        except (StopAsyncIteration, asyncio.CancelledError, RuntimeError):
             pass
 
 

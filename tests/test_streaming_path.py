@@ -10,9 +10,11 @@ starts its own Ray/Serve instance (one per module).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import socket
+import time
 import urllib.request
 from types import SimpleNamespace
 
@@ -191,9 +193,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=60) as resp:
-        return resp.read().decode()
+def _metrics(base: str) -> dict[tuple[str, str | None], float]:
+    """The demo model's samples on /metrics, by (name, status label)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=60) as resp:
+        text = resp.read().decode()
+    return {(s.name, s.labels.get("status")): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples if s.labels.get("model") == "demo"}  # fmt: skip
 
 
 def test_engine_in_ingress_streams_the_engines_tokens_over_serve(offline, expected):
@@ -227,13 +235,26 @@ def test_engine_in_ingress_streams_the_engines_tokens_over_serve(offline, expect
         tokens = answer["choices"][0]["logprobs"]["tokens"]
         assert [int(t.removeprefix("token_id:")) for t in tokens] == expected
         # The replica's stats reach /metrics through the ingress's own view of its engine.
-        from prometheus_client.parser import text_string_to_metric_families
-
-        samples = {(s.name, s.labels.get("status")): s.value
-                   for f in text_string_to_metric_families(_get(f"{base}/metrics"))
-                   for s in f.samples if s.labels.get("model") == "demo"}  # fmt: skip
+        samples = _metrics(base)
         assert samples["segserve_kv_blocks_used", None] == 0  # both requests freed theirs
         assert samples["segserve_requests_total", "length"] == 2
+
+        # A client that leaves mid-stream: the local call is cancelled, the engine aborts the
+        # request and frees its blocks.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({**body, "max_tokens": 200}),
+                     {"Content-Type": "application/json"})  # fmt: skip
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: {")
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        for _ in range(240):
+            samples = _metrics(base)
+            if samples.get(("segserve_requests_total", "abort")):
+                break
+            time.sleep(0.25)
+        assert samples["segserve_requests_total", "abort"] == 1
+        assert samples["segserve_kv_blocks_used", None] == 0
     finally:
         serve.shutdown()
         ray.shutdown()
