@@ -3,33 +3,24 @@
 and ``ingress.engine_in_ingress`` puts the engine in the ingress replica (no replica hop).
 
 Oracles: hand-written wire items, and the offline engine (``LLM``, held to HF transformers by
-tests/test_engine_vs_hf.py) for the tokens a stream must carry. The live Serve test at the end
-starts its own Ray/Serve instance (one per module).
+tests/test_engine_vs_hf.py) for the tokens a stream must carry. The live test of
+``engine_in_ingress`` is in tests/test_serve.py (its Serve instance runs such an app too).
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.client
-import json
-import os
-import socket
-import time
-import urllib.request
 from types import SimpleNamespace
 
 import pytest
-
-os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback test cluster (see test_serve.py)
-
-from segserve import LLM, SamplingParams  # noqa: E402
-from segserve.actors.async_engine import AsyncEngine  # noqa: E402
-from segserve.actors.config import EngineConfig  # noqa: E402
-from segserve.deploy.app import build_app  # noqa: E402
-from segserve.deploy.config import ServiceConfig  # noqa: E402
-from segserve.deploy.errors import APIError  # noqa: E402
-from segserve.deploy.replica import coalesce  # noqa: E402
-from segserve.deploy.streams import ReplicaStream, open_stream  # noqa: E402
+from segserve import LLM, SamplingParams
+from segserve.actors.async_engine import AsyncEngine
+from segserve.actors.config import EngineConfig
+from segserve.deploy.app import build_app
+from segserve.deploy.config import ServiceConfig
+from segserve.deploy.errors import APIError
+from segserve.deploy.replica import coalesce
+from segserve.deploy.streams import ReplicaStream, open_stream
 
 ENGINE = {"model": "demo", "device": "cpu", "dtype": "float32", "num_kv_blocks": 64,
           "max_model_len": 256}  # fmt: skip
@@ -38,13 +29,8 @@ PROMPT = [5, 6, 7, 8, 9]
 
 
 @pytest.fixture(scope="module")
-def offline():
-    return LLM(**ENGINE).generate([PROMPT], GREEDY)[0].outputs[0]
-
-
-@pytest.fixture(scope="module")
-def expected(offline) -> list[int]:
-    return offline.token_ids
+def expected() -> list[int]:
+    return LLM(**ENGINE).generate([PROMPT], GREEDY)[0].outputs[0].token_ids
 
 
 # ----- coalescing ------------------------------------------------------------------------------
@@ -185,76 +171,3 @@ def test_engine_in_ingress_is_one_deployment_with_the_pools_options():
     cfg = ingress._deployment_config
     assert cfg.num_replicas == 1
     assert cfg.request_router_config.request_router_class.endswith("KVHeadroomRouter")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _metrics(base: str) -> dict[tuple[str, str | None], float]:
-    """The demo model's samples on /metrics, by (name, status label)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"{base}/metrics", timeout=60) as resp:
-        text = resp.read().decode()
-    return {(s.name, s.labels.get("status")): s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples if s.labels.get("model") == "demo"}  # fmt: skip
-
-
-def test_engine_in_ingress_streams_the_engines_tokens_over_serve(offline, expected):
-    import ray
-    from ray import serve
-    from ray.serve.config import HTTPOptions
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        port = _free_port()
-        serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
-        serve.run(build_app(ONE_POOL), name="one", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        body = {"model": "demo", "prompt": PROMPT, "max_tokens": 6, "temperature": 0.0,
-                "ignore_eos": True, "stream": True}  # fmt: skip
-        req = urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})  # fmt: skip
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            events = resp.read().decode().split("\n\n")
-        chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
-        text = "".join(c["choices"][0]["text"] for c in chunks)
-        assert events[-2] == "data: [DONE]"
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert text == offline.text
-        req = urllib.request.Request(
-            f"{base}/v1/completions", json.dumps({**body, "stream": False, "logprobs": 0,
-                                                  "return_tokens_as_token_ids": True}).encode(),
-            {"Content-Type": "application/json"})  # fmt: skip
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            answer = json.loads(resp.read())
-        tokens = answer["choices"][0]["logprobs"]["tokens"]
-        assert [int(t.removeprefix("token_id:")) for t in tokens] == expected
-        # The replica's stats reach /metrics through the ingress's own view of its engine.
-        samples = _metrics(base)
-        assert samples["segserve_kv_blocks_used", None] == 0  # both requests freed theirs
-        assert samples["segserve_requests_total", "length"] == 2
-
-        # A client that leaves mid-stream: the local call is cancelled, the engine aborts the
-        # request and frees its blocks.
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.request("POST", "/v1/completions", json.dumps({**body, "max_tokens": 200}),
-                     {"Content-Type": "application/json"})  # fmt: skip
-        resp = conn.getresponse()
-        assert resp.status == 200 and resp.readline().startswith(b"data: {")
-        conn.sock.shutdown(socket.SHUT_RDWR)
-        conn.close()
-        for _ in range(240):
-            samples = _metrics(base)
-            if samples.get(("segserve_requests_total", "abort")):
-                break
-            time.sleep(0.25)
-        assert samples["segserve_requests_total", "abort"] == 1
-        assert samples["segserve_kv_blocks_used", None] == 0
-    finally:
-        serve.shutdown()
-        ray.shutdown()
