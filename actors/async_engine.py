@@ -153,6 +153,20 @@ class AsyncEngine:
     ) -> AsyncIterator[Delta]:
         """Stream the request's deltas; the iterator ends when every sequence has finished.
         Closing the iterator early (a client that went away) aborts the request."""
+        batches = self.generate_ready(prompt, params, request_id)
+        try:
+            async for ready in batches:
+                for delta in ready:
+                    yield delta
+        finally:
+            await batches.aclose()  # at once, not when collected: it aborts the request
+
+    async def generate_ready(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[list[Delta]]:
+        """As ``generate``, but each item is every delta that is ready when the consumer asks:
+        one step's deltas of an n > 1 request, or several steps' when the consumer fell behind.
+        A consumer with a fixed cost per item (a stream hop) pays it once for all of them."""
         self._ensure_loop()
         group = self.core.make_request(prompt, params, request_id)
         queue: asyncio.Queue = asyncio.Queue()
@@ -166,9 +180,11 @@ class AsyncEngine:
         done = False
         try:
             while not done:
-                delta = await queue.get()
-                done = delta.request_done
-                yield delta
+                ready = [await queue.get()]
+                while not queue.empty():
+                    ready.append(queue.get_nowait())
+                done = ready[-1].request_done
+                yield ready
         finally:
             self._queues.pop(group.request_id, None)
             if not done:

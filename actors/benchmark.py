@@ -1,18 +1,22 @@
-"""Timing the engine alone: a batch run to completion with every step timed, and the helpers
-the offline benchmarks share (``segserve bench-offline``, bench/offline.py, bench/serve.py)."""
+"""Timing the engine alone: a batch run to completion with every step timed, ``segserve
+bench-offline``'s run (``run_offline``), and the helpers the offline benchmarks share
+(bench/offline.py, bench/serve.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .config import EngineConfig
 from .engine import EngineCore
 from .sampling_params import SamplingParams
 
@@ -177,3 +181,46 @@ def format_table(rows: list[BatchTiming]) -> str:
         lines.append(f"{r.batch_size:>6} {r.prefill_s * 1e3:>11.2f} {r.decode_p50_s * 1e3:>14.3f} "
                      f"{r.decode_p99_s * 1e3:>14.3f} {r.tokens_per_s:>10.1f}")
     return "\n".join(lines)
+
+
+def run_offline(config: EngineConfig, batch_sizes: list[int], input_len: int, output_len: int,
+                seed: int = 0, threads: str | int = "auto",
+                out: Callable[[str], None] = print) -> list[BatchTiming]:  # fmt: skip
+    """``segserve bench-offline``: load the engine, then ``bench_engine`` at each batch size;
+    ``out`` gets the header (after the load) and the table. Unless ``config`` fixes the KV pool,
+    it is sized to the workload: allocating (and zeroing) a multi-GiB pool from the memory
+    budget would dominate a small benchmark's run time. CPU threads: ``config.cpu_threads``, else
+    ``threads`` (see set_cpu_threads); torch's thread count is restored afterwards."""
+    from segserve.models import resolve_dtype
+
+    max_b = max(batch_sizes)
+    changes: dict = {"max_num_seqs": max_b, "seed": seed}
+    if config.num_kv_blocks is None:
+        changes["num_kv_blocks"] = kv_blocks_needed(max_b, input_len, output_len,
+                                                    config.block_size)  # fmt: skip
+    config = dataclasses.replace(config, **changes)
+    old_threads = torch.get_num_threads()
+    try:
+        note = ""
+        if config.device == "cpu":
+            if config.cpu_threads is None:
+                note = ", " + set_cpu_threads(threads, resolve_dtype(config.dtype))
+                # The engine applies its own thread count at start: hand it the probe's choice.
+                config = dataclasses.replace(config, cpu_threads=torch.get_num_threads())
+            else:
+                note = f", threads={config.cpu_threads}"
+        t = time.perf_counter()
+        core = EngineCore(config)
+        load_s = time.perf_counter() - t
+        need = input_len + output_len
+        if need > core.max_model_len:
+            raise ValueError(f"input-len + output-len = {need} exceeds the model's max length "
+                             f"{core.max_model_len}")  # fmt: skip
+        out(f"model {config.model} on {config.device} ({config.dtype}{note}), loaded in "
+            f"{load_s:.1f} s; input {input_len} tokens, output {output_len} tokens, block size "
+            f"{config.block_size}, KV pool {core.kv.num_blocks} blocks")  # fmt: skip
+        rows = bench_engine(core, batch_sizes, input_len, output_len, seed)
+        out(format_table(rows))
+        return rows
+    finally:
+        torch.set_num_threads(old_threads)  # the caller may go on in this process (tests)

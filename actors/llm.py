@@ -12,11 +12,14 @@ block) stops them.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
+from .async_engine import AsyncEngine
 from .config import EngineConfig
 from .engine import EngineCore, Prompt
-from .outputs import RequestOutput
+from .outputs import Delta, RequestOutput
 from .sampling_params import SamplingParams
 
 
@@ -54,6 +57,39 @@ class LLM:
         while self.engine.has_work():
             self.engine.step()
         return [self.engine.build_output(g) for g in groups]
+
+    async def stream(self, prompts: list[Prompt],
+                     params: SamplingParams | None = None) -> AsyncIterator[tuple[int, Delta]]:
+        """Run every prompt at once, batched, and yield ``(prompt index, delta)`` as the
+        deltas come. Prompts are validated first: a bad one raises before anything runs."""
+        params = params or SamplingParams()
+        for prompt in prompts:
+            self.engine.make_request(prompt, params)
+        engine = AsyncEngine(self.config, core=self.engine)
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def one(i: int, prompt: Prompt) -> None:
+            try:
+                async for d in engine.generate(prompt, params):
+                    queue.put_nowait((i, d))
+            finally:
+                queue.put_nowait(done)
+
+        tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                else:
+                    yield item
+            await asyncio.gather(*tasks)  # a request that failed raises here
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -10,6 +11,10 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token_id": self.token_id, "logprob": self.logprob,
+                "top": [[tid, lp] for tid, lp in self.top]}  # fmt: skip
 
 
 @dataclass
@@ -21,6 +26,16 @@ class CompletionOutput:
     cumulative_logprob: float = 0.0
     logprobs: list[TokenLogprob] | None = None
     score: float | None = None  # beam search: the length-penalised score it was ranked by
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "token_ids": self.token_ids,
+                               "text": self.text, "finish_reason": self.finish_reason,
+                               "cumulative_logprob": self.cumulative_logprob}  # fmt: skip
+        if self.score is not None:
+            out["score"] = self.score
+        if self.logprobs is not None:
+            out["logprobs"] = [e.to_dict() for e in self.logprobs]
+        return out
 
 
 @dataclass
@@ -34,6 +49,17 @@ class RequestOutput:
     # params.prompt_logprobs: an entry per prompt token from the second on (the first has no
     # context to be predicted from)
     prompt_logprobs: list[TokenLogprob] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready. The first (for beam search: best) output is repeated at the top level,
+        so the common n=1 case reads as {"token_ids", "text", "finish_reason"} without
+        indexing into a list."""
+        outputs = [c.to_dict() for c in self.outputs]
+        first = outputs[0] if outputs else {"token_ids": [], "text": "", "finish_reason": None}
+        return {"request_id": self.request_id, "prompt": self.prompt,
+                "prompt_token_ids": self.prompt_token_ids, "token_ids": first["token_ids"],
+                "text": first["text"], "finish_reason": first["finish_reason"],
+                "outputs": outputs}  # fmt: skip
 
 
 @dataclass
@@ -50,3 +76,11 @@ class Delta:
     num_cached_tokens: int = 0  # on the last delta: prompt tokens served from the prefix cache
     # on the request's first deltas, when asked for: as RequestOutput.prompt_logprobs
     prompt_logprobs: list[TokenLogprob] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"request_id": self.request_id, "index": self.index,
+                               "token_ids": self.token_ids, "text": self.text,
+                               "finish_reason": self.finish_reason}  # fmt: skip
+        if self.logprobs is not None:
+            out["logprobs"] = [e.to_dict() for e in self.logprobs]
+        return out

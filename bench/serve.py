@@ -12,7 +12,7 @@ Before Serve starts, the engine alone also measures the **grammar bitmask's step
 with half of them under a JSON schema (xgrammar: the matchers fill a token bitmask on the host,
 applied to those rows on the device). Target: <= 5% over unconstrained.
 
-The three paths:
+The paths:
 
 * **engine alone**: ``AsyncEngine`` in this process, built by ``deploy.config.engine_config``
   from the same ServiceConfig the service gets, with as many torch threads as Ray gives the
@@ -22,6 +22,9 @@ The three paths:
   dependency of ray[serve], so always there; httpx need not be). Each network read is
   timestamped on arrival, then split into SSE events.
 * **gRPC**: streaming ``GenerateStream`` through Serve's gRPC proxy (``grpc.aio``).
+* **HTTP / gRPC, engine in ingress**: the same two, against a second application of the same
+  service with ``ingress.engine_in_ingress`` (one deployment: the engine runs in the ingress
+  replica, no replica hop). ``--layouts`` picks the layouts (default: both).
 
 The schedule: (a) concurrency 1, ``--num-sequential`` requests one after another; (b) for each
 of ``--rates``, ``--num-requests`` Poisson arrivals. Arrival times and prompts come from
@@ -57,13 +60,17 @@ from typing import Any
 
 from segserve.actors.benchmark import kv_blocks_needed, percentile
 
-PATHS = ("engine", "http", "grpc", "engine_again")
+PATHS = ("engine", "http", "grpc", "http_one", "grpc_one", "engine_again")
 LABELS = {"engine": "engine alone", "http": "Serve HTTP", "grpc": "Serve gRPC",
+          "http_one": "HTTP 1-depl.", "grpc_one": "gRPC 1-depl.",
           "engine_again": "engine again"}  # fmt: skip
 # First prompt token offset per path (see prompt_for). The rerun gets a fresh engine, so it can
 # use the engine's prompts.
-SALT = {"engine": 0, "http": 1, "grpc": 2, "engine_again": 0}
+SALT = {"engine": 0, "http": 1, "grpc": 2, "http_one": 3, "grpc_one": 4, "engine_again": 0}
 APP_NAME = "segserve"
+# layout -> (application name, route prefix, its paths)
+LAYOUTS = {"split": (APP_NAME, "", ("http", "grpc")),
+           "engine-in-ingress": ("one", "/one", ("http_one", "grpc_one"))}  # fmt: skip
 TTFT_TARGET_MS = 5.0
 TPOT_TARGET_RATIO = 1.03
 
@@ -80,6 +87,14 @@ def _list_of(kind: type) -> Callable[[str], list]:
         return values
 
     return parse
+
+
+def _layouts(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in LAYOUTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"layouts are {', '.join(LAYOUTS)}; got {text!r}")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,6 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "reserve 1 each)")
     p.add_argument("--http-port", type=int, default=18080)
     p.add_argument("--grpc-port", type=int, default=19090)
+    p.add_argument("--layouts", type=_layouts, default=list(LAYOUTS),
+                   help="service layouts to measure, comma-separated: split (the engine in "
+                        "its own deployment) and/or engine-in-ingress (default: both)")
     p.add_argument("--no-engine-again", dest="engine_again", action="store_false",
                    help="skip the engine-alone rerun after Serve (the noise floor)")
     p.add_argument("--ray-logs", action="store_true",
@@ -317,10 +335,10 @@ def http_sender(session: Any, url: str, model: str, output_len: int) -> Send:
     return send
 
 
-def grpc_sender(stub: Any, model: str, output_len: int) -> Send:
+def grpc_sender(stub: Any, model: str, output_len: int, app: str = APP_NAME) -> Send:
     from segserve.proto.client import generate_request
 
-    metadata = (("application", APP_NAME),)
+    metadata = (("application", app),)
 
     async def send(prompt: list[int]) -> Sample:
         request = generate_request(prompt_token_ids=prompt, model=model, max_tokens=output_len,
@@ -337,7 +355,7 @@ def grpc_sender(stub: Any, model: str, output_len: int) -> Send:
     return send
 
 
-def service_config(args: argparse.Namespace) -> dict[str, Any]:
+def service_config(args: argparse.Namespace, engine_in_ingress: bool = False) -> dict[str, Any]:
     slots = args.max_num_seqs + 2 * args.warmup
     return {
         "models": [{"name": "demo", "path": args.model, "dtype": args.dtype}],
@@ -349,6 +367,7 @@ def service_config(args: argparse.Namespace) -> dict[str, Any]:
             "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
             "max_queue_len": args.max_queue_len, "cpus_per_replica": args.cpus_per_replica,
         }],
+        "ingress": {"engine_in_ingress": engine_in_ingress},
     }  # fmt: skip
 
 
@@ -463,12 +482,13 @@ def _check_port_free(port: int) -> None:
             raise SystemExit(msg) from None
 
 
-async def _wait_ready(session: Any, base: str, stub: Any, timeout_s: float = 60.0) -> None:
+async def _wait_ready(session: Any, base: str, stub: Any, app: str,
+                      timeout_s: float = 60.0) -> None:  # fmt: skip
     """serve.run returns once the replicas run; the proxies learn the route a moment later."""
     from segserve.proto import segserve_pb2
 
     deadline = time.monotonic() + timeout_s
-    metadata = (("application", APP_NAME),)
+    metadata = (("application", app),)
     while True:
         problem = "not ready"
         try:
@@ -512,7 +532,10 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
             grpc_options=gRPCOptions(port=args.grpc_port,
                                      grpc_servicer_functions=[GRPC_SERVICER]),
         )  # fmt: skip
-        serve.run(build_app(service_config(args)), name=APP_NAME, route_prefix="/")
+        for layout in args.layouts:
+            app, prefix, _ = LAYOUTS[layout]
+            serve.run(build_app(service_config(args, layout == "engine-in-ingress")), name=app,
+                      route_prefix=prefix or "/")  # fmt: skip
         print(f"Serve up in {time.perf_counter() - t:.1f} s", flush=True)
 
         async def main() -> dict[str, dict[str, PhaseResult]]:
@@ -523,12 +546,13 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
             async with (aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
                         grpc.aio.insecure_channel(f"127.0.0.1:{args.grpc_port}") as channel):
                 stub = segserve_pb2_grpc.SegServeStub(channel)
-                await _wait_ready(session, base, stub)
-                senders = {
-                    "http": http_sender(session, f"{base}/v1/completions", "demo",
-                                        args.output_len),
-                    "grpc": grpc_sender(stub, "demo", args.output_len),
-                }  # fmt: skip
+                senders = {}
+                for layout in args.layouts:
+                    app, prefix, (http, grpc_path) = LAYOUTS[layout]
+                    await _wait_ready(session, base + prefix, stub, app)
+                    senders[http] = http_sender(session, f"{base}{prefix}/v1/completions",
+                                                "demo", args.output_len)  # fmt: skip
+                    senders[grpc_path] = grpc_sender(stub, "demo", args.output_len, app)
                 return {path: await run_path(path, send, warm, phases, vocab, args.output_len)
                         for path, send in senders.items()}  # fmt: skip
 
@@ -556,7 +580,8 @@ def format_phase(phase: Phase, summaries: dict[str, dict[str, float]], output_le
     return "\n".join(lines)
 
 
-SHORT = {"http": "HTTP", "grpc": "gRPC", "engine_again": "engine again"}
+SHORT = {"http": "HTTP", "grpc": "gRPC", "http_one": "HTTP 1-depl.", "grpc_one": "gRPC 1-depl.",
+         "engine_again": "engine again"}  # fmt: skip
 
 
 def verdicts(phases: list[Phase], summaries: dict[str, dict[str, dict[str, float]]]) -> list[dict]:
@@ -634,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"engine": bench_engine(args, core, warm, phases, vocab)}
     del core  # its KV pool and weights are not needed while Serve runs
     gc.collect()
-    print(f"Serve (HTTP, then gRPC){_load()} ...", flush=True)
+    print(f"Serve ({', '.join(args.layouts)}: HTTP, then gRPC){_load()} ...", flush=True)
     results.update(bench_serve(args, warm, phases, vocab))
     paths = [p for p in PATHS if p in results]
     if args.engine_again:

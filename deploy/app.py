@@ -2,7 +2,9 @@
 
 One LLMReplica deployment per (model, pool) pair, each with its resources, replica count or
 KV-pressure autoscaling, and the KV-headroom request router; one Ingress in front that holds
-a handle to each. Serve config files point here: ``import_path: segserve.deploy.app:build_app``.
+a handle to each. With ``ingress.engine_in_ingress`` (one model on one pool) the Ingress is the
+only deployment: it hosts the engine and takes the pool's options. Serve config files point
+here: ``import_path: segserve.deploy.app:build_app``.
 """
 
 from __future__ import annotations
@@ -99,6 +101,16 @@ def build_app(config: ServiceConfig) -> Application:
     if isinstance(config, dict):  # called from Python with a plain dict
         config = ServiceConfig.model_validate(config)
     check_cluster_fits(config)
+    ingress = config.ingress
+    if ingress.engine_in_ingress:
+        _, pool = config.single_pool()
+        # The pool's resources, replicas or autoscaling, router and grace period; the ingress's
+        # own bound on requests (it serves /health, /metrics and the rest too: the engine's
+        # bounded queue answers 429 for generation past its capacity).
+        opts = {**replica_options(pool), "max_ongoing_requests": max(
+            ingress.max_ongoing_requests, pool.max_num_seqs + pool.max_queue_len)}
+        opts.pop("max_queued_requests")
+        return Ingress.options(name="Ingress", **opts).bind(config.model_dump(), {})
     handles = {}
     for model in config.models:
         for pool in config.pools_for(model):
@@ -106,7 +118,6 @@ def build_app(config: ServiceConfig) -> Application:
             handles[name] = LLMReplicaDeployment.options(
                 name=name, **replica_options(pool)
             ).bind(asdict(engine_config(model, pool)), model.name, pool.name)
-    ingress = config.ingress
     return Ingress.options(
         name="Ingress",
         num_replicas=ingress.num_replicas,

@@ -18,13 +18,12 @@ import asyncio
 import json
 import logging
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from segserve.actors import EngineConfig, RequestOutput, SamplingParams
-    from segserve.actors.outputs import Delta, TokenLogprob
+    from segserve.actors.outputs import TokenLogprob
 
 logger = logging.getLogger("segserve.cli")
 
@@ -110,7 +109,7 @@ _ENGINE_FIELDS = ("device", "dtype", "kernel_backend", "block_size", "kv_dtype",
                   "tensor_parallel_size", "communicator")
 
 
-def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from the engine flags; only flags the user gave override its defaults."""
     from segserve.actors.config import EngineConfig
 
@@ -119,7 +118,6 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Engin
         value = getattr(args, name, None)
         if value is not None:
             kwargs[name] = value
-    kwargs.update(overrides)
     return EngineConfig(**kwargs)
 
 
@@ -251,28 +249,8 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(**kwargs)
 
 
-def _logprob_json(entry: TokenLogprob) -> dict[str, Any]:
-    return {"token_id": entry.token_id, "logprob": entry.logprob,
-            "top": [[tid, lp] for tid, lp in entry.top]}
-
-
 def _request_json(index: int, out: RequestOutput) -> dict[str, Any]:
-    outputs = []
-    for c in out.outputs:
-        item: dict[str, Any] = {"index": c.index, "token_ids": c.token_ids, "text": c.text,
-                                "finish_reason": c.finish_reason,
-                                "cumulative_logprob": c.cumulative_logprob}
-        if c.score is not None:
-            item["score"] = c.score
-        if c.logprobs is not None:
-            item["logprobs"] = [_logprob_json(e) for e in c.logprobs]
-        outputs.append(item)
-    # The first (for beam search: best) output is repeated at the top level, so the common n=1
-    # case reads as {"token_ids", "text", "finish_reason"} without indexing into a list.
-    first = outputs[0] if outputs else {"token_ids": [], "text": "", "finish_reason": None}
-    return {"prompt_index": index, "request_id": out.request_id, "prompt": out.prompt,
-            "prompt_token_ids": out.prompt_token_ids, "token_ids": first["token_ids"],
-            "text": first["text"], "finish_reason": first["finish_reason"], "outputs": outputs}
+    return {"prompt_index": index, **out.to_dict()}
 
 
 class _TextPrinter:
@@ -389,32 +367,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 async def _stream(llm: Any, prompts: list[Prompt], params: SamplingParams,
                   as_json: bool) -> None:
-    from segserve.actors import AsyncEngine
-
-    engine = AsyncEngine(llm.config, core=llm.engine)
     core = llm.engine
     printer = _TextPrinter(_slots(len(prompts), params), core.decode,
                            core.tokenizer is not None, sys.stdout)
-
-    def emit(i: int, d: Delta) -> None:
-        if as_json:
-            item: dict[str, Any] = {"prompt_index": i, "request_id": d.request_id,
-                                    "index": d.index, "token_ids": d.token_ids, "text": d.text,
-                                    "finish_reason": d.finish_reason}
-            if d.logprobs is not None:
-                item["logprobs"] = [_logprob_json(e) for e in d.logprobs]
-            print(json.dumps(item), flush=True)
-        else:
-            printer.add((i, d.index), d.token_ids, d.text, d.finish_reason is not None,
-                        d.logprobs)
-
-    async def one(i: int, prompt: Prompt) -> None:
-        # All requests run concurrently in the engine; the event loop serialises emit().
-        async for d in engine.generate(prompt, params):
-            emit(i, d)
-
     try:
-        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        async for i, d in llm.stream(prompts, params):
+            if as_json:
+                print(json.dumps({"prompt_index": i, **d.to_dict()}), flush=True)
+            else:
+                printer.add((i, d.index), d.token_ids, d.text, d.finish_reason is not None,
+                            d.logprobs)  # fmt: skip
     finally:
         if not as_json:
             printer.close()
@@ -429,55 +391,11 @@ def threads_arg(text: str) -> str | int:
 
 
 def cmd_bench_offline(args: argparse.Namespace) -> int:
-    max_b = max(args.batch_sizes)
-    overrides: dict[str, Any] = {"max_num_seqs": max(max_b, 1), "seed": args.seed}
-    probe = engine_config_from_args(args)  # validates the flags; gives the block size to use
-    if args.num_kv_blocks is None:
-        # Sized to the workload instead of the memory budget: allocating (and zeroing) a
-        # multi-GiB pool would dominate the run time of a small benchmark.
-        from segserve.actors.benchmark import kv_blocks_needed
+    from segserve.actors.benchmark import run_offline
 
-        overrides["num_kv_blocks"] = kv_blocks_needed(max_b, args.input_len, args.output_len,
-                                                      probe.block_size)
-    config = engine_config_from_args(args, **overrides)
-    import torch
-
-    old_threads = torch.get_num_threads()
-    try:
-        return _bench_offline(args, config)
-    finally:
-        torch.set_num_threads(old_threads)  # main() may run in-process: leave torch as it was
-
-
-def _bench_offline(args: argparse.Namespace, config: EngineConfig) -> int:
-    import dataclasses
-
-    import torch
-    from segserve.actors.benchmark import bench_engine, format_table, set_cpu_threads
-    from segserve.actors.engine import EngineCore
-
-    threads = ""
-    if config.device == "cpu":
-        if config.cpu_threads is None:
-            from segserve.models import resolve_dtype
-
-            threads = ", " + set_cpu_threads(args.threads, resolve_dtype(config.dtype))
-            # The engine applies its own thread count at start: hand it the probe's choice.
-            config = dataclasses.replace(config, cpu_threads=torch.get_num_threads())
-        else:
-            threads = f", threads={config.cpu_threads}"
-    t = time.perf_counter()
-    core = EngineCore(config)
-    load_s = time.perf_counter() - t
-    need = args.input_len + args.output_len
-    if need > core.max_model_len:
-        raise ValueError(f"input-len + output-len = {need} exceeds the model's max length "
-                         f"{core.max_model_len}")
-    print(f"model {args.model} on {config.device} ({config.dtype}{threads}), loaded in "
-          f"{load_s:.1f} s; input {args.input_len} tokens, output {args.output_len} tokens, "
-          f"block size {config.block_size}, KV pool {core.kv.num_blocks} blocks", flush=True)
-    rows = bench_engine(core, args.batch_sizes, args.input_len, args.output_len, args.seed)
-    print(format_table(rows), flush=True)
+    config = engine_config_from_args(args)  # only the flags given: the rest is run_offline's
+    run_offline(config, args.batch_sizes, args.input_len, args.output_len, args.seed,
+                args.threads, out=lambda line: print(line, flush=True))  # fmt: skip
     return 0
 
 

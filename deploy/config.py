@@ -142,6 +142,13 @@ class IngressConfig(_Strict):
         description="each request's deadline from its arrival: past it the request is aborted "
         "and the client gets 504 / DEADLINE_EXCEEDED (null: none)",
     )  # fmt: skip
+    engine_in_ingress: bool = Field(
+        False,
+        description="one model on one pool only: run the engine inside the ingress replica, "
+        "one deployment sized and scaled as the pool (its num_replicas or autoscaling; the "
+        "ingress's num_replicas is not used). Saves a Ray hop per request and per streamed "
+        "token; a replica's /metrics then shows its own engine only",
+    )
     api_key_cache_salt: str | None = Field(
         None, min_length=1, max_length=128,
         description="prefix-cache salt of every request made with the API key: its cached "
@@ -183,7 +190,17 @@ class ServiceConfig(_Strict):
             for pool in self.pools_for(m):
                 if pool.tensor_parallel_size > 1:
                     _check_split(m, pool)
+        if self.ingress.engine_in_ingress and self.single_pool() is None:
+            raise ValueError("ingress.engine_in_ingress needs exactly one model served on "
+                             "exactly one pool")
         return self
+
+    def single_pool(self) -> tuple[ModelConfig, PoolConfig] | None:
+        """The one (model, pool) pair of a service that has only one, else None."""
+        if len(self.models) != 1:
+            return None
+        pools = self.pools_for(self.models[0])
+        return (self.models[0], pools[0]) if len(pools) == 1 else None
 
     def pools_for(self, model: ModelConfig) -> list[PoolConfig]:
         wanted = model.pools

@@ -8,6 +8,7 @@ HTTP endpoints share one path (openai_api.py), and the gRPC methods live in grpc
 # at runtime, and Serve's class-based ingress rebinds the methods where string annotations
 # no longer resolve.
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,10 +18,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import grpc_api, utility_api
-from .config import ServiceConfig
+from . import grpc_api, routing_view, utility_api
+from .config import ServiceConfig, engine_config
 from .errors import APIError
+from .local_handle import LocalReplicaHandle, LocalRoutingView
 from .openai_api import CHAT_COMPLETIONS, COMPLETIONS, serve_openai
+from .replica import LLMReplica
+from .router import deployment_name
 from .service import ServiceCore, validation_error
 
 api = FastAPI(title="segserve", description="OpenAI-compatible LLM serving on Ray Serve")
@@ -47,11 +51,33 @@ async def _request_invalid(_: Request, e: RequestValidationError) -> JSONRespons
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    """HTTP routes below; gRPC methods (named as in proto/segserve.proto) further down."""
+    """HTTP routes below; gRPC methods (named as in proto/segserve.proto) further down. With
+    ``ingress.engine_in_ingress`` the engine runs in this replica too (local_handle.py), which
+    then answers Serve's routing, autoscaling and health calls for it."""
 
     def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
-        app_name = serve.get_replica_context().app_name
-        self.core = ServiceCore(ServiceConfig.model_validate(config), handles, app_name)
+        context = serve.get_replica_context()
+        cfg = ServiceConfig.model_validate(config)
+        self.replica: LLMReplica | None = None
+        if cfg.ingress.engine_in_ingress:
+            model, pool = cfg.single_pool()
+            name = deployment_name(model.name, pool.name)
+            self.replica = LLMReplica(asdict(engine_config(model, pool)), model.name, pool.name)
+            handles = {name: LocalReplicaHandle(self.replica)}
+            routing_view.ROUTERS[context.app_name, name] = LocalRoutingView(
+                self.replica, context.replica_id.unique_id)
+        self.core = ServiceCore(cfg, handles, context.app_name)
+
+    # ----- the engine's, when it runs here (Serve calls these) ------------------------------
+    def record_routing_stats(self) -> dict[str, float]:
+        return self.replica.record_routing_stats() if self.replica is not None else {}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return self.replica.record_autoscaling_stats() if self.replica is not None else {}
+
+    async def check_health(self) -> None:
+        if self.replica is not None:
+            await self.replica.check_health()
 
     # ----- HTTP -----------------------------------------------------------------------------
     @api.get("/health")

@@ -129,6 +129,26 @@ def delta_to_wire(d: Delta) -> dict[str, Any]:
     return out
 
 
+def coalesce(items: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
+    """Wire deltas that are ready together as one stream item: consecutive deltas of one
+    sequence become one (their tokens, text and log-probs joined; the last one's finish), and
+    deltas of several sequences (n > 1) a list, which the ingress unpacks (streams.py)."""
+    out: list[dict[str, Any]] = []
+    for item in items:
+        prev = out[-1] if out else None
+        if prev is None or prev["index"] != item["index"] or "finish_reason" in prev:
+            out.append(item)
+            continue
+        prev["token_ids"] = prev["token_ids"] + item["token_ids"]
+        prev["text"] += item["text"]
+        if "logprobs" in item:
+            prev["logprobs"] = prev.get("logprobs", []) + item["logprobs"]
+        for key in ("finish_reason", "num_cached_tokens"):  # the sequence's / request's end
+            if key in item:
+                prev[key] = item[key]
+    return out[0] if len(out) == 1 else out
+
+
 def _internal_error(request_id: str) -> APIError:
     return APIError(500, f"internal error while generating (request id {request_id}); "
                     "the server log has the cause")  # fmt: skip
@@ -185,29 +205,34 @@ class LLMReplica:
         later_tokens = 0  # tokens after the first delta's, for TPOT
         admitted = False
         status = "error"
+        stream = None
         try:
-            stream = self.engine.generate(prompt_ids, SamplingParams(**sampling), request_id)
-            async for d in stream:
+            stream = self.engine.generate_ready(prompt_ids, SamplingParams(**sampling),
+                                                request_id)  # fmt: skip
+            async for ready in stream:
                 now = time.perf_counter()
                 if not admitted:  # the first delta: the engine took the prompt
                     admitted = True
                     self.metrics.count_tokens("prompt", len(prompt_ids))
-                if d.token_ids:
-                    self.metrics.count_tokens("generation", len(d.token_ids))
-                    if first is None:
-                        first = now
-                        self.metrics.observe_ttft(now - start)
-                    else:
-                        later_tokens += len(d.token_ids)
-                    last = now
-                status = d.finish_reason or status
-                if d.finish_reason == "error":
-                    # The engine logged the cause under this request id; the client gets the
-                    # id, a 500 and none of the internals. The engine has ended the request.
-                    logger.error("request %s failed in the engine", request_id)
-                    yield {"error": _internal_error(request_id).to_dict()}
-                    return
-                yield delta_to_wire(d)
+                for d in ready:
+                    if d.token_ids:
+                        self.metrics.count_tokens("generation", len(d.token_ids))
+                        if first is None:
+                            first = now
+                            self.metrics.observe_ttft(now - start)
+                        else:
+                            later_tokens += len(d.token_ids)
+                        last = now
+                    status = d.finish_reason or status
+                    if d.finish_reason == "error":
+                        # The engine logged the cause under this request id; the client gets
+                        # the id, a 500 and none of the internals. The engine has ended the
+                        # request.
+                        logger.error("request %s failed in the engine", request_id)
+                        yield {"error": _internal_error(request_id).to_dict()}
+                        return
+                # Every delta that is ready goes as one stream item: each item costs a hop.
+                yield coalesce([delta_to_wire(d) for d in ready])
         except (ValueError, TypeError) as e:
             status = "rejected"
             yield {"error": APIError(400, str(e), engine_error_param(str(e))).to_dict()}
@@ -228,6 +253,8 @@ class LLMReplica:
             logger.exception("request %s failed in the replica", request_id)
             yield {"error": _internal_error(request_id).to_dict()}
         finally:
+            if stream is not None:  # closed at once, not when collected: it aborts the request
+                await stream.aclose()
             self.metrics.finished(status)
             if later_tokens:
                 self.metrics.observe_tpot((last - first) / later_tokens)

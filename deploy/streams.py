@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -58,7 +59,7 @@ class _Prepared(Protocol):  # service.Prepared, without the import cycle
     deadline: float | None
 
 
-async def _next(gen: Any, prep: _Prepared) -> dict[str, Any]:
+async def _next(gen: Any, prep: _Prepared) -> dict[str, Any] | list[dict[str, Any]]:
     """The call's next item, by the request's deadline. On timeout the item's wait is
     cancelled; the caller cancels the call, which aborts the engine request."""
     if prep.deadline is None:
@@ -71,11 +72,15 @@ async def _next(gen: Any, prep: _Prepared) -> dict[str, Any]:
 
 
 class ReplicaStream:
-    """The items of one replica call; ``close()`` (idempotent) releases it."""
+    """The items of one replica call, one delta each; ``close()`` (idempotent) releases it.
 
-    def __init__(self, gen: Any, first: dict[str, Any], prep: _Prepared) -> None:
+    The replica sends the deltas that were ready together as one list (replica.coalesce): they
+    are handed out one by one from ``_ready``."""
+
+    def __init__(self, gen: Any, first: dict[str, Any] | list[dict[str, Any]],
+                 prep: _Prepared) -> None:  # fmt: skip
         self._gen = gen
-        self._first: dict[str, Any] | None = first
+        self._ready = deque(first if isinstance(first, list) else [first])
         self.prep = prep
         self._closed = False
 
@@ -85,9 +90,7 @@ class ReplicaStream:
     async def __anext__(self) -> dict[str, Any]:
         if self._closed:
             raise StopAsyncIteration
-        if self._first is not None:
-            item, self._first = self._first, None
-        else:
+        if not self._ready:
             try:
                 item = await _next(self._gen, self.prep)
             except StopAsyncIteration:
@@ -98,9 +101,14 @@ class ReplicaStream:
                 if isinstance(e, Exception):
                     raise replica_error(e, self.prep.request_id) from e
                 raise
-            if "error" in item:
+            if isinstance(item, list):
+                self._ready.extend(item)
+            elif "error" in item:
                 self.close()
                 raise APIError.from_dict(item["error"])
+            else:
+                self._ready.append(item)
+        item = self._ready.popleft()
         self.prep.cached_tokens = item.get("num_cached_tokens", self.prep.cached_tokens)
         return item
 
@@ -139,7 +147,7 @@ async def open_stream(handle: Any, prep: _Prepared, retries: int = 1) -> Replica
                            prep.request_id, e)  # fmt: skip
             return await open_stream(handle, prep, retries - 1)
         raise replica_error(e, prep.request_id) from e
-    if "error" in first:
+    if isinstance(first, dict) and "error" in first:
         prep.pool.in_flight -= 1
         broken = first.get("unavailable_replica")
         if broken is not None:  # its engine cannot step: nothing was generated

@@ -118,6 +118,23 @@ def test_stream_prints_the_same_text(capsys):
     assert plain.count("=== prompt") == 4  # 2 prompts x 2 samples, in order
 
 
+def test_stream_json_deltas_add_up_to_the_unstreamed_outputs(capsys):
+    argv = ["generate", "--model", "demo", *SMALL_POOL, "--prompt", "hi", "--prompt-ids",
+            "5,6,7", "--max-tokens", "5", "--temperature", "0", "--logprobs", "1", "--json"]
+    rc, plain, err = run(capsys, argv)
+    assert rc == 0, err
+    rc, streamed, err = run(capsys, [*argv, "--stream"])
+    assert rc == 0, err
+    whole = [json.loads(line) for line in plain.splitlines()]
+    deltas = [json.loads(line) for line in streamed.splitlines()]
+    for request in whole:
+        mine = [d for d in deltas if d["prompt_index"] == request["prompt_index"]]
+        assert [t for d in mine for t in d["token_ids"]] == request["token_ids"]
+        assert "".join(d["text"] for d in mine) == request["text"]
+        assert [e for d in mine for e in d["logprobs"]] == request["outputs"][0]["logprobs"]
+        assert mine[-1]["finish_reason"] == request["finish_reason"] == "length"
+
+
 def test_stream_single_prompt_is_bare_text(capsys):
     argv = [
         "generate",

@@ -47,6 +47,8 @@ MAIN = {
     }],
 }  # fmt: skip
 SECURE = {**MAIN, "ingress": {"api_key": API_KEY}}
+# The engine in the ingress replica: one deployment (tests/test_streaming_path.py)
+ONE = {**MAIN, "ingress": {"engine_in_ingress": True}}
 REAL = {
     "models": [{"name": "smollm2", "path": "smollm2", "dtype": "float32", "max_model_len": 512}],
     "pools": [{"name": "cpu", "device": "cpu", "num_replicas": 1, "num_kv_blocks": 64,
@@ -78,7 +80,9 @@ def svc(tools_model):
     main = {**MAIN, "models": [{**MAIN["models"][0], "pools": ["cpu"]}, tools, EVAL_MODEL],
             "pools": [*MAIN["pools"], EVAL_POOL]}  # fmt: skip
     metrics_port = _free_port()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    # Logical CPUs: one per replica (Serve's default for the ingresses, cpus_per_replica for
+    # the engines) of the four apps below.
+    ray.init(num_cpus=9, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=metrics_port)  # fmt: skip
     http_port, grpc_port = _free_port(), _free_port()
     serve.start(
@@ -87,6 +91,7 @@ def svc(tools_model):
     )
     serve.run(build_app(main), name="segserve", route_prefix="/")
     serve.run(build_app(SECURE), name="secure", route_prefix="/secure")
+    serve.run(build_app(ONE), name="one", route_prefix="/one")
     _, real_missing = smollm2_or_reason()
     if real_missing is None:
         serve.run(build_app(REAL), name="real", route_prefix="/real")
@@ -969,3 +974,50 @@ def test_killing_the_replica_mid_stream_gives_an_opaque_503_and_the_service_reco
     assert _wait_for(answered, timeout=60), seen[-3:]
     for status, text in seen[:-1]:  # while Serve replaces it: retryable, opaque
         assert status == 503 and not any(s in text for s in INTERNALS), (status, text)
+
+
+# ----- engine_in_ingress -----------------------------------------------------------------------
+def _one_metrics(svc) -> dict[tuple[str, str | None], float]:
+    """The "one" app's /metrics samples of its engine, by (name, status label)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", svc.http_port, timeout=60)
+    conn.request("GET", "/one/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return {(s.name, s.labels.get("status")): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples if s.labels.get("model") == "demo"}  # fmt: skip
+
+
+def test_engine_in_ingress_streams_the_engines_tokens_and_frees_a_leavers_blocks(svc, engine):
+    """The "one" app runs its engine inside its ingress replica (one deployment): the same
+    answers over HTTP and gRPC, its /metrics from its own engine, and a client that leaves
+    mid-stream frees its blocks (the in-process call is cancelled as Serve cancels one)."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = engine.generate([[5, 6, 7, 8, 9]], params)[0].outputs[0]
+    body = {"model": "demo", "prompt": [5, 6, 7, 8, 9], "max_tokens": 8, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    status, text = _post(svc, "/one/v1/completions", body)
+    assert status == 200, text
+    chunks = [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want.text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    with SegServeClient(svc.grpc_target, application="one", timeout=60) as client:
+        reply = client.generate(prompt_token_ids=[5, 6, 7, 8, 9], model="demo", max_tokens=8,
+                                temperature=0.0, ignore_eos=True)  # fmt: skip
+    assert list(reply.choices[0].token_ids) == want.token_ids
+    done = _one_metrics(svc)
+    assert done["segserve_kv_blocks_used", None] == 0
+    assert done["segserve_requests_total", "length"] == 2
+
+    conn = http.client.HTTPConnection("127.0.0.1", svc.http_port, timeout=60)
+    conn.request("POST", "/one/v1/completions", json.dumps({**body, "max_tokens": 400}),
+                 {"Content-Type": "application/json"})  # fmt: skip
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: {")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    left = _wait_for(lambda: (m := _one_metrics(svc)).get(("segserve_requests_total", "abort"))
+                     and m)  # fmt: skip
+    assert left and left["segserve_kv_blocks_used", None] == 0, left
