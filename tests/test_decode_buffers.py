@@ -17,7 +17,7 @@ from conftest import hf_beams, hf_greedy
 from segserve import SamplingParams
 from segserve.actors import EngineConfig, EngineCore
 from segserve.actors import model_runner as model_runner_module
-from segserve.actors.decode_graphs import DecodeGraphs, buckets_for
+from segserve.actors.decode_graphs import buckets_for
 from segserve.kernels.cpu import CPUBackend
 
 
@@ -37,15 +37,15 @@ def graphable(monkeypatch):
     """Engines built in the test use DeviceOnlyDecode; returns a counter of decode-path steps."""
     calls = {"steps": 0, "rows": [], "lookahead": 0}
     monkeypatch.setattr(model_runner_module, "get_backend", lambda *a, **k: DeviceOnlyDecode())
-    real_run = DecodeGraphs.run
+    real_run = model_runner_module.ModelRunner.run_decode
 
-    def counting_run(self, batch, token_source=None):
+    def counting_run(self, copies, rows, n, token_source, ids_on_device):
         calls["steps"] += 1
-        calls["rows"].append(len(batch))
+        calls["rows"].append(n)
         calls["lookahead"] += token_source is not None
-        return real_run(self, batch, token_source)
+        return real_run(self, copies, rows, n, token_source, ids_on_device)
 
-    monkeypatch.setattr(DecodeGraphs, "run", counting_run)
+    monkeypatch.setattr(model_runner_module.ModelRunner, "run_decode", counting_run)
     return calls
 
 
