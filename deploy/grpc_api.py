@@ -70,6 +70,15 @@ def _structured(s: Any) -> dict[str, Any]:
     return {kind: getattr(s, kind)}
 
 
+def check_decoded(request: Any) -> None:
+    """A request whose bytes did not parse (proto/servicer.py) is the client's error."""
+    from ..proto.servicer import Undecodable
+
+    if isinstance(request, Undecodable):
+        raise APIError(400, f"the request does not parse as a {request.message_type}: "
+                       f"{request.reason}")  # fmt: skip
+
+
 def authorization(grpc_context: Any) -> str | None:
     if grpc_context is None:
         return None
@@ -137,6 +146,7 @@ def _chat(request: Any) -> ChatCompletionRequest:
 
 def prepare(core: ServiceCore, request: Any, grpc_context: Any) -> list[Prepared]:
     """The request as prepared prompts: one, or a batch."""
+    check_decoded(request)
     key_salt = core.authorize(authorization(grpc_context))
     given = [name for name in _INPUTS if len(getattr(request, name))]
     if len(given) != 1:
@@ -222,12 +232,17 @@ def _read(reader: ReplyReader, text: str, final: bool) -> tuple[str, list[ToolCa
 
 # ----- methods -------------------------------------------------------------------------------
 async def health(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
+    try:
+        check_decoded(request)
+    except APIError as e:
+        return fail(grpc_context, e, _pb().HealthResponse())
     return _pb().HealthResponse(status="ok")
 
 
 async def list_models(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
     pb = _pb()
     try:
+        check_decoded(request)
         core.authorize(authorization(grpc_context))
     except APIError as e:
         return fail(grpc_context, e, pb.ListModelsResponse())

@@ -8,6 +8,7 @@ HTTP endpoints share one path (openai_api.py), and the gRPC methods live in grpc
 # at runtime, and Serve's class-based ingress rebinds the methods where string annotations
 # no longer resolve.
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,9 +22,11 @@ from . import grpc_api, utility_api
 from .config import ServiceConfig
 from .errors import APIError
 from .openai_api import CHAT_COMPLETIONS, COMPLETIONS, serve_openai
+from .openapi import openapi_schema, set_served_models
 from .service import ServiceCore, validation_error
 
 api = FastAPI(title="segserve", description="OpenAI-compatible LLM serving on Ray Serve")
+api.openapi = partial(openapi_schema, api)  # the bodies and errors the routes really have
 
 
 @api.exception_handler(APIError)
@@ -33,7 +36,9 @@ async def _api_error(_: Request, e: APIError) -> JSONResponse:
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+    # e.headers: a 405's Allow (the methods the path has), which RFC 9110 requires
+    return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
+                        headers=e.headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -52,6 +57,8 @@ class Ingress:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
         app_name = serve.get_replica_context().app_name
         self.core = ServiceCore(ServiceConfig.model_validate(config), handles, app_name)
+        # /openapi.json names the models and their token-id ranges
+        set_served_models({name: m.vocab_size for name, m in self.core.models.items()})
 
     # ----- HTTP -----------------------------------------------------------------------------
     @api.get("/health")
@@ -94,6 +101,11 @@ class Ingress:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         return await serve_openai(self.core, CHAT_COMPLETIONS, request)
+
+    async def in_flight(self) -> dict[str, int]:
+        """Requests this ingress has sent to each replica deployment and not finished (a
+        handle call, not a route: the tests and bench/fuzz.py check that they go back to 0)."""
+        return {s.deployment: s.in_flight for s in self.core.router.all_states()}
 
     # ----- gRPC (Ray Serve's gRPC proxy calls these by method name) -------------------------
     async def Health(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
