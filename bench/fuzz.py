@@ -40,9 +40,10 @@ from typing import Any
 
 MODEL = "demo"
 VOCAB = 512  # the demo model's
-# The fuzzed service: one small replica with a short context, so that no request is slow.
+# The fuzzed service: one small replica with a short context (64 tokens: a chat request without
+# max_tokens generates up to it), so that no request is slow.
 CONFIG: dict[str, Any] = {
-    "models": [{"name": MODEL, "path": "demo", "dtype": "float32", "max_model_len": 512}],
+    "models": [{"name": MODEL, "path": "demo", "dtype": "float32", "max_model_len": 64}],
     "pools": [{"name": "cpu", "device": "cpu", "num_replicas": 1, "num_kv_blocks": 256,
                "max_num_seqs": 4, "max_queue_len": 32, "max_num_batched_tokens": 256,
                "cpus_per_replica": 1}],
@@ -56,16 +57,21 @@ PROBE = {"model": MODEL, "prompt": [1, 2, 3, 4, 5, 6], "max_tokens": 8, "tempera
 
 # ----- HTTP: schemathesis ---------------------------------------------------------------------
 def run_http_fuzz(base: str, *, max_examples: int | None = None, max_time: float | None = None,
-                  seed: int = 0, workers: int = 2) -> dict[str, Any]:  # fmt: skip
+                  seed: int = 0, workers: int = 2, phases: str | None = None,
+                  ) -> dict[str, Any]:  # fmt: skip
     """schemathesis over ``base``/openapi.json (its CLI, in a subprocess): statuses answered,
     the failures it found and any 5xx."""
     with tempfile.TemporaryDirectory() as reports:
         cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json",
                "--checks", "all", "--exclude-checks", "positive_data_acceptance",
                "--request-timeout", "150", "--workers", str(workers), "--seed", str(seed),
+               # slower than this is a hang: no request to the fuzzed service takes seconds
+               "--max-response-time", "60",
                "--report", "ndjson", "--report-dir", reports, "--no-color"]  # fmt: skip
         if max_examples is not None:
             cmd += ["--max-examples", str(max_examples)]
+        if phases is not None:  # examples, coverage, fuzzing, stateful (default: all)
+            cmd += ["--phases", phases]
         if max_time is not None:
             cmd += ["--max-time", str(max(1, int(max_time)))]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -83,6 +89,7 @@ def run_http_fuzz(base: str, *, max_examples: int | None = None, max_time: float
 
 def _read_ndjson(lines: Any) -> dict[str, Any]:
     statuses: Counter[str] = Counter()
+    seconds: Counter[str] = Counter()  # time spent waiting for answers, by operation
     failures: list[str] = []
     errors: list[str] = []
     server_errors: list[str] = []
@@ -97,6 +104,7 @@ def _read_ndjson(lines: Any) -> dict[str, Any]:
                     continue
                 status = resp["status_code"]
                 statuses[str(status)] += 1
+                seconds[recorder.get("label", "?")] += resp.get("elapsed", 0)
                 if status >= 500:
                     content = (resp.get("content") or {}).get("$base64", "")
                     server_errors.append(f"{req.get('method')} {req.get('uri')} -> {status} "
@@ -110,7 +118,8 @@ def _read_ndjson(lines: Any) -> dict[str, Any]:
             errors.append(json.dumps(body)[:500])
     return {"cases": sum(statuses.values()), "statuses": dict(sorted(statuses.items())),
             "failures": failures[:20], "num_failures": len(failures), "errors": errors[:20],
-            "server_errors": server_errors[:20]}  # fmt: skip
+            "server_errors": server_errors[:20],
+            "seconds": {k: round(v, 1) for k, v in seconds.most_common()}}  # fmt: skip
 
 
 # ----- gRPC: random, mutated and raw messages -------------------------------------------------
@@ -296,9 +305,13 @@ class _GrpcOutcomes:
     def __init__(self) -> None:
         self.codes: Counter[tuple[str, str, str]] = Counter()
         self.unexpected: list[str] = []
+        self.examples: dict[str, str] = {}  # code -> the first details seen with it
 
     def add(self, rpc: str, kind: str, code: str, why: str = "") -> None:
+        if why.startswith("Stream removed"):  # the transport failed, whatever the code says
+            code = f"TRANSPORT_{code}"
         self.codes[(rpc, kind, code)] += 1
+        self.examples.setdefault(code, f"{rpc}/{kind}: {why}"[:300])
         if code not in GRPC_ALLOWED:
             self.unexpected.append(f"{rpc}/{kind}: {code} {why}"[:400])
 
@@ -363,6 +376,7 @@ async def run_grpc_fuzz(target: str, app: str, *, cases: int | None = None,
         codes[code] += n
     return {"cases": sum(out.codes.values()), "codes": dict(sorted(codes.items())),
             "by_rpc": {"/".join(k): n for k, n in sorted(out.codes.items())},
+            "examples": out.examples,
             "unexpected": out.unexpected[:20], "num_unexpected": len(out.unexpected),
             "passed": not out.unexpected}  # fmt: skip
 

@@ -28,7 +28,14 @@ class APIError(Exception):
         504: "timeout_error",
     }
 
+    # Messages quote what the client sent; a long value is cut. Over gRPC the message is the
+    # status details, a header: past 16 KiB the client drops the call and reports
+    # RESOURCE_EXHAUSTED ("metadata size exceeds hard limit") instead of this error.
+    MAX_MESSAGE_CHARS = 1000
+
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        if len(message) > self.MAX_MESSAGE_CHARS:
+            message = message[: self.MAX_MESSAGE_CHARS - 30] + f" ... ({len(message)} chars)"
         super().__init__(message)
         self.status = status
         self.message = message
