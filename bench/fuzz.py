@@ -74,7 +74,8 @@ def run_http_fuzz(base: str, *, max_examples: int | None = None, max_time: float
             cmd += ["--phases", phases]
         if max_time is not None:
             cmd += ["--max-time", str(max(1, int(max_time)))]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # cwd: schemathesis keeps a cache of its finds there (.schemathesis/), not in the repo
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=reports)
         (path,) = glob.glob(os.path.join(reports, "*.ndjson"))
         with open(path) as f:
             report = _read_ndjson(f)
