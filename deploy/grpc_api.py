@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import APIError
+from .errors import APIError, internal_error
 from .protocol import ChatCompletionRequest
 from .responses import ChoiceState, ReplyReader, finish_reason
 from .service import Prepared, ServiceCore, validation_error
@@ -119,7 +119,7 @@ def _tool(i: int, t: Any) -> dict[str, Any]:
     if t.parameters:
         try:
             function["parameters"] = json.loads(t.parameters)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
             raise APIError(400, f"tool parameters are not JSON: {e}",
                            f"tools.{i}.parameters") from e  # fmt: skip
     return {"type": "function", "function": function}
@@ -255,10 +255,16 @@ async def list_models(core: ServiceCore, request: Any, grpc_context: Any) -> Any
 async def generate(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
     pb = _pb()
     try:
-        preps = prepare(core, request, grpc_context)
-        per_prompt = await core.collect(preps)
+        return await _generate(pb, core, request, grpc_context)
     except APIError as e:
         return fail(grpc_context, e, pb.GenerateResponse())
+    except Exception as e:  # a bug: INTERNAL, not Serve's traceback (ids, addresses) as details
+        return fail(grpc_context, internal_error(e, "gRPC Generate"), pb.GenerateResponse())
+
+
+async def _generate(pb: Any, core: ServiceCore, request: Any, grpc_context: Any) -> Any:
+    preps = prepare(core, request, grpc_context)
+    per_prompt = await core.collect(preps)
     choices = []
     for pos, (prep, states) in enumerate(zip(preps, per_prompt, strict=True)):
         for c in states:
@@ -284,6 +290,10 @@ async def generate_stream(core: ServiceCore, request: Any, grpc_context: Any) ->
         # proxy turns it into the code set on the context.
         fail(grpc_context, e, None)
         raise
+    except Exception as e:  # a bug: INTERNAL, not Serve's traceback (ids, addresses) as details
+        err = internal_error(e, "gRPC GenerateStream")
+        fail(grpc_context, err, None)
+        raise err from None
     first = preps[0]
     readers: dict[tuple[int, int], ReplyReader] = {}
     tokens = 0
@@ -307,6 +317,10 @@ async def generate_stream(core: ServiceCore, request: Any, grpc_context: Any) ->
     except APIError as e:
         fail(grpc_context, e, None)
         raise
+    except Exception as e:
+        err = internal_error(e, "gRPC GenerateStream")
+        fail(grpc_context, err, None)
+        raise err from None
     finally:
         stream.close()
     yield pb.GenerateResponse(id=first.request_id, model=first.model.name,

@@ -73,6 +73,39 @@ def test_constraints_that_leave_no_token_are_the_requests_400_not_a_500(replica)
     asyncio.run(main())
 
 
+def test_an_unexpected_grpc_failure_is_internal_naming_only_an_error_id(monkeypatch):
+    """A bug in the gRPC path (the fuzzer found a RecursionError) must not reach the client as
+    Serve's traceback, actor id and address: INTERNAL, with an id the log has the cause under."""
+    import grpc
+    from segserve.deploy import grpc_api
+
+    class Context:
+        code = details = None
+
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+    def broken(*args, **kwargs):
+        raise KeyError(SECRET)
+
+    monkeypatch.setattr(grpc_api, "prepare", broken)
+
+    async def main():
+        unary, stream = Context(), Context()
+        await grpc_api.generate(None, None, unary)
+        with pytest.raises(APIError):
+            async for _ in grpc_api.generate_stream(None, None, stream):
+                pass
+        for ctx in (unary, stream):
+            assert ctx.code == grpc.StatusCode.INTERNAL and "error id" in ctx.details
+            assert SECRET not in ctx.details and "KeyError" not in ctx.details
+
+    asyncio.run(main())
+
+
 def test_replica_errors_say_nothing_internal():
     died = ActorDiedError()
     e = replica_error(died, "rid-7")

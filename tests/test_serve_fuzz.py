@@ -189,6 +189,18 @@ def test_a_huge_bad_value_still_gets_its_invalid_argument(svc):
     assert "device" in info.value.details() and len(info.value.details()) <= 1000
 
 
+def test_tool_parameters_nested_too_deep_are_invalid_argument(svc):
+    """JSON nested past Python's recursion limit raised RecursionError (found by the fuzzer):
+    INTERNAL, with Serve's traceback as its details."""
+    request = generate_request(model="demo", messages=[{"role": "user", "content": "hi"}],
+                               max_tokens=2)  # fmt: skip
+    request.tools.add(name="f", parameters="[" * 5000 + "]" * 5000)
+    with pytest.raises(grpc.RpcError) as info:
+        svc.stub.Generate(request, metadata=MD, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()[:300]
+    assert "tools.0.parameters" in info.value.details() or "JSON" in info.value.details()
+
+
 # ----- overload ------------------------------------------------------------------------------
 CLIENTS = 200
 
