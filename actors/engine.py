@@ -472,7 +472,7 @@ class EngineCore(TokenUpdates):
         deltas = []
         for s in group.live_seqs():
             s.finish_reason = reason
-            deltas.append(Delta(group.request_id, s.index, [], "", reason))
+            deltas.append(Delta(group.request_id, s.index, [], "", reason, error=group.error))
         return _mark_done(deltas, group)
 
     def stats(self) -> dict[str, float]:

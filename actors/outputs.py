@@ -76,6 +76,9 @@ class Delta:
     num_cached_tokens: int = 0  # on the last delta: prompt tokens served from the prefix cache
     # on the request's first deltas, when asked for: as RequestOutput.prompt_logprobs
     prompt_logprobs: list[TokenLogprob] | None = None
+    # with finish_reason "error": the request's own fault, in words for the client (a 400);
+    # None: an internal failure (a 500, its cause in the log)
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"request_id": self.request_id, "index": self.index,

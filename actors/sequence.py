@@ -88,6 +88,7 @@ class SequenceGroup:
     eos_token_ids: frozenset[int] = frozenset()
     bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized
     grammar: Any = None  # params.structured, compiled (actors/structured.py)
+    error: str | None = None  # why it failed, when the request itself is the cause (a 400)
     # Prompt log-probs (params.prompt_logprobs): one entry per prompt token from the second on,
     # filled chunk by chunk in the prefill; sent with the request's first delta.
     prompt_logprobs: list[Any] = field(default_factory=list)

@@ -162,11 +162,18 @@ class Grammars:
         return _xgr().GrammarMatcher(compiled)
 
 
+NO_TOKEN_LEFT = ("the request's constraints leave no token to generate next: the structured "
+                 "output allows none of the tokens that allowed_token_ids and bad_words permit")
+
+
 def accept(seq: Sequence, token: int) -> None:
     """Advance the sequence's matcher by its new token. A token the grammar refuses cannot
-    have been sampled (its logit was -inf) unless the grammar left no token at all."""
+    have been sampled (its logit was -inf) unless no token was left at all: the grammar and the
+    request's other masks (allowed_token_ids, bad words) exclude every one. That is the
+    request's own doing, so its error names it (``SequenceGroup.error``), not an internal one."""
     if seq.matcher is not None and not seq.matcher.is_terminated():
         if not seq.matcher.accept_token(token):
+            seq.group.error = NO_TOKEN_LEFT
             raise RuntimeError(f"token {token} violates the request's grammar")
 
 

@@ -29,7 +29,7 @@ proxy_location: HeadOnly
 http_options: {host: 127.0.0.1, port: 8000}
 grpc_options:
   port: 9000
-  grpc_servicer_functions: [segserve.proto.segserve_pb2_grpc.add_SegServeServicer_to_server]
+  grpc_servicer_functions: [segserve.proto.servicer.add_SegServeServicer_to_server]
 applications:
   - name: segserve
     route_prefix: /

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import uuid
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -28,7 +32,14 @@ class APIError(Exception):
         504: "timeout_error",
     }
 
+    # Messages quote what the client sent; a long value is cut. Over gRPC the message is the
+    # status details, a header: past 16 KiB the client drops the call and reports
+    # RESOURCE_EXHAUSTED ("metadata size exceeds hard limit") instead of this error.
+    MAX_MESSAGE_CHARS = 1000
+
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        if len(message) > self.MAX_MESSAGE_CHARS:
+            message = message[: self.MAX_MESSAGE_CHARS - 30] + f" ... ({len(message)} chars)"
         super().__init__(message)
         self.status = status
         self.message = message
@@ -59,6 +70,14 @@ class APIError(Exception):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> APIError:
         return cls(d["status"], d["message"], d.get("param"))
+
+
+def internal_error(e: BaseException, what: str) -> APIError:
+    """An unexpected exception in ``what`` as the client's 500 / INTERNAL: its traceback goes to
+    the log under a fresh id, which the message names (nothing else of it reaches the client)."""
+    ref = uuid.uuid4().hex
+    logger.error("%s failed (error id %s)", what, ref, exc_info=e)
+    return APIError(500, f"internal error (error id {ref}); the server log has the cause")
 
 
 # The engine's ValueErrors (actors/engine.py make_request, SamplingParams) name the problem in

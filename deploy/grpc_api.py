@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import APIError
+from .errors import APIError, internal_error
 from .protocol import ChatCompletionRequest
 from .responses import ChoiceState, ReplyReader, finish_reason
 from .service import Prepared, ServiceCore, validation_error
@@ -70,6 +70,15 @@ def _structured(s: Any) -> dict[str, Any]:
     return {kind: getattr(s, kind)}
 
 
+def check_decoded(request: Any) -> None:
+    """A request whose bytes did not parse (proto/servicer.py) is the client's error."""
+    from ..proto.servicer import Undecodable
+
+    if isinstance(request, Undecodable):
+        raise APIError(400, f"the request does not parse as a {request.message_type}: "
+                       f"{request.reason}")  # fmt: skip
+
+
 def authorization(grpc_context: Any) -> str | None:
     if grpc_context is None:
         return None
@@ -110,7 +119,7 @@ def _tool(i: int, t: Any) -> dict[str, Any]:
     if t.parameters:
         try:
             function["parameters"] = json.loads(t.parameters)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
             raise APIError(400, f"tool parameters are not JSON: {e}",
                            f"tools.{i}.parameters") from e  # fmt: skip
     return {"type": "function", "function": function}
@@ -137,6 +146,7 @@ def _chat(request: Any) -> ChatCompletionRequest:
 
 def prepare(core: ServiceCore, request: Any, grpc_context: Any) -> list[Prepared]:
     """The request as prepared prompts: one, or a batch."""
+    check_decoded(request)
     key_salt = core.authorize(authorization(grpc_context))
     given = [name for name in _INPUTS if len(getattr(request, name))]
     if len(given) != 1:
@@ -222,12 +232,17 @@ def _read(reader: ReplyReader, text: str, final: bool) -> tuple[str, list[ToolCa
 
 # ----- methods -------------------------------------------------------------------------------
 async def health(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
+    try:
+        check_decoded(request)
+    except APIError as e:
+        return fail(grpc_context, e, _pb().HealthResponse())
     return _pb().HealthResponse(status="ok")
 
 
 async def list_models(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
     pb = _pb()
     try:
+        check_decoded(request)
         core.authorize(authorization(grpc_context))
     except APIError as e:
         return fail(grpc_context, e, pb.ListModelsResponse())
@@ -240,10 +255,16 @@ async def list_models(core: ServiceCore, request: Any, grpc_context: Any) -> Any
 async def generate(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
     pb = _pb()
     try:
-        preps = prepare(core, request, grpc_context)
-        per_prompt = await core.collect(preps)
+        return await _generate(pb, core, request, grpc_context)
     except APIError as e:
         return fail(grpc_context, e, pb.GenerateResponse())
+    except Exception as e:  # a bug: INTERNAL, not Serve's traceback (ids, addresses) as details
+        return fail(grpc_context, internal_error(e, "gRPC Generate"), pb.GenerateResponse())
+
+
+async def _generate(pb: Any, core: ServiceCore, request: Any, grpc_context: Any) -> Any:
+    preps = prepare(core, request, grpc_context)
+    per_prompt = await core.collect(preps)
     choices = []
     for pos, (prep, states) in enumerate(zip(preps, per_prompt, strict=True)):
         for c in states:
@@ -269,6 +290,10 @@ async def generate_stream(core: ServiceCore, request: Any, grpc_context: Any) ->
         # proxy turns it into the code set on the context.
         fail(grpc_context, e, None)
         raise
+    except Exception as e:  # a bug: INTERNAL, not Serve's traceback (ids, addresses) as details
+        err = internal_error(e, "gRPC GenerateStream")
+        fail(grpc_context, err, None)
+        raise err from None
     first = preps[0]
     readers: dict[tuple[int, int], ReplyReader] = {}
     tokens = 0
@@ -292,6 +317,10 @@ async def generate_stream(core: ServiceCore, request: Any, grpc_context: Any) ->
     except APIError as e:
         fail(grpc_context, e, None)
         raise
+    except Exception as e:
+        err = internal_error(e, "gRPC GenerateStream")
+        fail(grpc_context, err, None)
+        raise err from None
     finally:
         stream.close()
     yield pb.GenerateResponse(id=first.request_id, model=first.model.name,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
-GRPC_SERVICER = "segserve.proto.segserve_pb2_grpc.add_SegServeServicer_to_server"
+GRPC_SERVICER = "segserve.proto.servicer.add_SegServeServicer_to_server"
 
 
 def start(config_path: str | Path, address: str | None = None, blocking: bool = True,

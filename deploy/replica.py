@@ -224,6 +224,10 @@ class LLMReplica:
                             later_tokens += len(d.token_ids)
                         last = now
                     status = d.finish_reason or status
+                    if d.finish_reason == "error" and d.error is not None:
+                        status = "rejected"  # the request's constraints conflict: its own doing
+                        yield {"error": APIError(400, d.error, "structured").to_dict()}
+                        return
                     if d.finish_reason == "error":
                         # The engine logged the cause under this request id; the client gets
                         # the id, a 500 and none of the internals. The engine has ended the

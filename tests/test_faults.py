@@ -57,6 +57,56 @@ def test_engine_error_is_a_500_naming_only_the_request_id(replica, monkeypatch):
     asyncio.run(main())
 
 
+def test_constraints_that_leave_no_token_are_the_requests_400_not_a_500(replica):
+    """allowed_token_ids that the structured output never allows: no token can be sampled. The
+    request's own doing (found by bench/fuzz.py), so a 400 that says so, not an internal 500."""
+    sampling = {"max_tokens": 4, "temperature": 0.0, "structured": {"choice": ["abc"]},
+                "allowed_token_ids": [5]}  # fmt: skip
+
+    async def main():
+        items = [i async for i in replica.generate([1, 2, 3], sampling, "req-conflict")]
+        assert len(items) == 1, items
+        err = items[0]["error"]
+        assert err["status"] == 400 and err["param"] == "structured", err
+        assert "no token" in err["message"] and "allowed_token_ids" in err["message"]
+        assert replica.engine.stats()["blocks_used"] == 0
+
+    asyncio.run(main())
+
+
+def test_an_unexpected_grpc_failure_is_internal_naming_only_an_error_id(monkeypatch):
+    """A bug in the gRPC path (the fuzzer found a RecursionError) must not reach the client as
+    Serve's traceback, actor id and address: INTERNAL, with an id the log has the cause under."""
+    import grpc
+    from segserve.deploy import grpc_api
+
+    class Context:
+        code = details = None
+
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+    def broken(*args, **kwargs):
+        raise KeyError(SECRET)
+
+    monkeypatch.setattr(grpc_api, "prepare", broken)
+
+    async def main():
+        unary, stream = Context(), Context()
+        await grpc_api.generate(None, None, unary)
+        with pytest.raises(APIError):
+            async for _ in grpc_api.generate_stream(None, None, stream):
+                pass
+        for ctx in (unary, stream):
+            assert ctx.code == grpc.StatusCode.INTERNAL and "error id" in ctx.details
+            assert SECRET not in ctx.details and "KeyError" not in ctx.details
+
+    asyncio.run(main())
+
+
 def test_replica_errors_say_nothing_internal():
     died = ActorDiedError()
     e = replica_error(died, "rid-7")

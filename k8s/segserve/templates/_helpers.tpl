@@ -108,7 +108,7 @@ http_options:
 grpc_options:
   port: {{ .Values.ports.grpc }}
   grpc_servicer_functions:
-    - segserve.proto.segserve_pb2_grpc.add_SegServeServicer_to_server
+    - segserve.proto.servicer.add_SegServeServicer_to_server
 applications:
   - name: {{ .Values.serve.applicationName }}
     route_prefix: {{ .Values.serve.routePrefix }}
