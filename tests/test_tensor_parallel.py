@@ -169,6 +169,11 @@ def test_serve_replica_group_answers_and_recovers_from_a_dead_rank(local_ray):
     cfg = {"models": [{"name": "demo", "path": "demo", "dtype": "float32"}],
            "pools": [{"name": "cpu", "device": "cpu", "tensor_parallel_size": 2,
                       "num_replicas": 1, "num_kv_blocks": 64, "max_num_seqs": 4}]}
+    def tp_workers() -> set[tuple[str, str]]:
+        return {(a["name"], a["namespace"]) for a in ray.util.list_named_actors(True)
+                if a["name"].startswith("TPWorker:")}
+
+    before = tp_workers()  # the other tests' groups
     port = _free_port()
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
     serve.run(build_app(cfg), name="tp", route_prefix="/")
@@ -184,9 +189,8 @@ def test_serve_replica_group_answers_and_recovers_from_a_dead_rank(local_ray):
         want = one.generate([0, 5, 9, 33, 70], SamplingParams(max_tokens=8, temperature=0.0))
     assert first.json()["choices"][0]["text"] == want[0].outputs[0].text
 
-    (worker,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith("TPWorker:") and a["namespace"] == "serve"]
-    ray.kill(ray.get_actor(worker["name"], namespace=worker["namespace"]))
+    ((name, namespace),) = tp_workers() - before  # the replica's rank 1
+    ray.kill(ray.get_actor(name, namespace=namespace))
     deadline = time.monotonic() + 120
     while True:  # failed or unavailable at first, then a fresh group answers
         r = ask()
