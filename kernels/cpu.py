@@ -2,8 +2,11 @@
 
 * attention: batched decode and SlimAttention prefill (cpu_attention.py), over a pool of the
   model's dtype or int8 (kernels/quant.py);
-* linear layers on weights pre-packed once for oneDNN's brgemm (bf16/fp16): the unpacked path
-  re-lays out every weight on every call, so a decode GEMV reads each weight twice;
+* linear layers on weights pre-packed once: bf16 into our own column-block layout for the
+  AVX-512 BF16 kernel of cpu_gemv.py (where it builds: it reads the weights at the memory's
+  speed at decode sizes, which oneDNN does not), else for oneDNN's brgemm (bf16/fp16; the
+  unpacked path re-lays out every weight on every call, so a decode GEMV reads each weight
+  twice);
 * element-wise chains (add+RMSNorm, SiLU*mul, RoPE, RoPE+KV write) compiled by Inductor's C++
   backend where that is available and faster (cpu_fused.py), or IPEX's fused ops when it
   imports.
@@ -19,7 +22,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import cpu_fused
+from . import cpu_fused, cpu_gemv
 from .cpu_attention import decode_attention, mixed_attention
 from .interface import AttentionMetadata
 from .reference import ReferenceBackend
@@ -53,10 +56,15 @@ class CPUBackend(ReferenceBackend):
         self.pack_weights = pack_weights
 
     def describe(self) -> str:
-        return f"cpu (element-wise: {self.fused.name}, packed linear: {self.pack_weights})"
+        packed = "off"
+        if self.pack_weights:
+            packed = "cpu_gemv (bf16), oneDNN" if cpu_gemv.load() is not None else "oneDNN"
+        return f"cpu (element-wise: {self.fused.name}, packed linear: {packed})"
 
     # ----- linear layers ---------------------------------------------------------------------
     def pack_linear_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if self.pack_weights and cpu_gemv.packable(weight) and cpu_gemv.load() is not None:
+            return cpu_gemv.pack(weight)
         if (
             not self.pack_weights
             or weight.device.type != "cpu"
@@ -70,6 +78,8 @@ class CPUBackend(ReferenceBackend):
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if cpu_gemv.is_packed(weight):
+            return cpu_gemv.linear(cpu_gemv.load(), x, weight, bias)
         if weight.layout != torch._mkldnn:
             return F.linear(x, weight, bias)
         lead = x.shape[:-1]

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from segserve.kernels import AttentionMetadata, cpu_fused, get_backend
+from segserve.kernels import AttentionMetadata, cpu_fused, cpu_gemv, get_backend
 from segserve.kernels.cpu_attention import slim_attention
 from segserve.kernels.quant import dequantize, quantize
 
@@ -235,6 +235,32 @@ def test_packed_bf16_linear_equals_f_linear():
         torch.testing.assert_close(CPU.linear(x, packed, b), F.linear(x, w, b),
                                    rtol=1e-2, atol=1e-2)
     assert CPU.pack_linear_weight(torch.randn(8, 8)) is None  # float32 stays on F.linear
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 16, 70])
+def test_cpu_gemv_linear_matches_float32_product(rows):
+    """The AVX-512 BF16 kernel against the float32 product of the same bf16 values: within one
+    bf16 rounding of the result (as F.linear), with and without bias, at odd row counts (every
+    tile remainder) and an odd number of input pairs."""
+    if cpu_gemv.load() is None:
+        pytest.skip("the bf16 GEMV kernel does not build or run here (no AVX-512 BF16 / compiler)")
+    torch.manual_seed(rows)
+    for n, k in ((64, 70), (192, 256)):
+        w, b = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
+        packed = CPU.pack_linear_weight(w)
+        assert cpu_gemv.is_packed(packed) and torch.equal(cpu_gemv.unpack(packed), w)
+        x = torch.randn(rows, k).bfloat16()
+        for bias in (None, b):
+            want = x.float() @ w.float().t() + (0 if bias is None else bias.float())
+            got = CPU.linear(x, packed, bias)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+            # fp32 accumulation, one rounding to bf16 (half an ulp: 2^-9 relative)
+            torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-3)
+    # a 3-D input keeps its leading dims; a non-contiguous one is handled
+    x = torch.randn(2, rows, 2 * k).bfloat16()[..., ::2]
+    torch.testing.assert_close(CPU.linear(x, packed), F.linear(x, w), rtol=1e-2, atol=1e-2)
+    assert not cpu_gemv.packable(torch.randn(65, 64).bfloat16())  # 64-column blocks only
+    assert not cpu_gemv.packable(torch.randn(64, 64))  # bf16 only
 
 
 def _elementwise_inputs(rows: int, dtype: torch.dtype):

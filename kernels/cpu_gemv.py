@@ -1,0 +1,191 @@
+"""bf16 GEMV / small-M GEMM for CPU decode steps, AVX-512 BF16 (``vdpbf16ps``), built at run time.
+
+A decode step's linear layers multiply a few rows (one per sequence) by every weight, so they are
+bound by reading the weights (batch 1) or, on a machine with few cores, by the bf16 multiply rate
+(batch 8-16). oneDNN reaches ~60-75% of the read bandwidth at one row on this project's test box
+(bench/offline.py --linear), because it treats the product as a GEMM. This kernel streams each
+weight row once, straight from its plain row-major layout, and multiplies it with every input row
+while it is in L1: 4 weight rows x up to 4 input rows per register tile, float32 accumulation,
+rounded to bf16 once at the end (as oneDNN does). Threads split the weight rows statically, so
+each streams one contiguous part of the matrix.
+
+It is C++ compiled once per machine by ``torch.utils.cpp_extension`` (cached under
+``$TORCH_EXTENSIONS_DIR``), without torch's headers (a few seconds), and called through ctypes
+on raw pointers; its OpenMP is the libgomp that torch has already loaded (same soname), so it
+shares torch's thread count and pool. Where there is no compiler, no AVX-512 BF16, or the build
+fails, ``load()`` returns None and the backend keeps oneDNN (one warning).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENV = "SEGSERVE_CPU_GEMV"  # "0" turns the kernel off
+BLOCK_N = 64  # output columns per packed block
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+
+// Packed weight: [N / 64][K / 2][64][2] bf16. One 64-wide column block is one contiguous stream
+// of K * 128 bytes; each 64-byte line holds 16 columns x 2 consecutive k, the operand layout of
+// vdpbf16ps, so a k pair of an input row is broadcast and multiplied with 16 columns at once.
+template <int MR>
+static inline void tile(const uint16_t* x, long ldx, const uint16_t* wb, long K2,
+                        const uint16_t* bias, uint16_t* out, long ldo) {
+    __m512 acc[MR][4];
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (long kk = 0; kk < K2; ++kk) {
+        const uint16_t* wk = wb + kk * 128;
+        __m512bh wv[4];
+        for (int j = 0; j < 4; ++j)
+            wv[j] = (__m512bh)_mm512_loadu_si512((const void*)(wk + 32 * j));
+        for (int m = 0; m < MR; ++m) {
+            __m512bh xb = (__m512bh)_mm512_set1_epi32(*(const int32_t*)(x + m * ldx + 2 * kk));
+            for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xb);
+        }
+    }
+    for (int j = 0; j < 4; ++j) {
+        __m512 b = _mm512_setzero_ps();
+        if (bias) {
+            __m256i h = _mm256_loadu_si256((const __m256i*)(bias + 16 * j));
+            b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        }
+        for (int m = 0; m < MR; ++m) {
+            __m256bh r = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][j], b));  // round to nearest even
+            _mm256_storeu_si256((__m256i*)(out + m * ldo + 16 * j), (__m256i)r);
+        }
+    }
+}
+
+// out[M, N] (row stride ldo) = x[M, K] (row stride ldx) @ W^T (+ bias[N]), W packed as above.
+extern "C" void segserve_linear_bf16(const uint16_t* x, long ldx, long M, const uint16_t* wp,
+                                     long N, long K, const uint16_t* bias, uint16_t* out,
+                                     long ldo, int threads) {
+    const long K2 = K / 2, blocks = N / 64;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long nb = 0; nb < blocks; ++nb) {
+        const uint16_t* wb = wp + nb * K2 * 128;
+        const uint16_t* bb = bias ? bias + nb * 64 : nullptr;
+        uint16_t* ob = out + nb * 64;
+        long m = 0;
+        for (; m + 6 <= M; m += 6) tile<6>(x + m * ldx, ldx, wb, K2, bb, ob + m * ldo, ldo);
+        switch (M - m) {
+            case 5: tile<5>(x + m * ldx, ldx, wb, K2, bb, ob + m * ldo, ldo); break;
+            case 4: tile<4>(x + m * ldx, ldx, wb, K2, bb, ob + m * ldo, ldo); break;
+            case 3: tile<3>(x + m * ldx, ldx, wb, K2, bb, ob + m * ldo, ldo); break;
+            case 2: tile<2>(x + m * ldx, ldx, wb, K2, bb, ob + m * ldo, ldo); break;
+            case 1: tile<1>(x + m * ldx, ldx, wb, K2, bb, ob + m * ldo, ldo); break;
+        }
+    }
+}
+"""
+
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags and " avx512bw" in flags
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot run here (logged once)."""
+    if os.environ.get(ENV, "1") == "0":
+        return None
+    if not cpu_has_avx512_bf16():
+        logger.info("bf16 GEMV kernel: no AVX-512 BF16 on this CPU; linear layers use oneDNN")
+        return None
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++") if c):
+        logger.warning("bf16 GEMV kernel: no C++ compiler; linear layers use oneDNN")
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        path = cpp_extension.load_inline(
+            "segserve_cpu_gemv", [_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+            is_python_module=False, no_implicit_headers=True, verbose=False,
+        )
+        lib = ctypes.CDLL(path if isinstance(path, str) else _built_path())
+    except Exception as e:  # noqa: BLE001 - a failed build must not stop the engine
+        logger.warning("bf16 GEMV kernel did not build (%s); linear layers use oneDNN",
+                       str(e)[:300])
+        return None
+    fn = lib.segserve_linear_bf16
+    fn.restype = None
+    L = ctypes.c_long
+    fn.argtypes = [ctypes.c_void_p, L, L, ctypes.c_void_p, L, L, ctypes.c_void_p,
+                   ctypes.c_void_p, L, ctypes.c_int]
+    return lib
+
+
+def _built_path() -> str:
+    from torch.utils import cpp_extension
+
+    root = Path(cpp_extension._get_build_directory("segserve_cpu_gemv", verbose=False))
+    return str(next(root.glob("segserve_cpu_gemv*.so")))
+
+
+def packable(weight: torch.Tensor) -> bool:
+    """Whether ``pack`` takes this weight: bf16 ``[N, K]`` on the CPU, N % 64 == 0, K even."""
+    return (
+        weight.dim() == 2
+        and weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and weight.shape[0] % BLOCK_N == 0
+        and weight.shape[1] % 2 == 0
+    )
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` -> ``[N / 64, K / 2, 64, 2]``: each 64-column block one contiguous stream."""
+    n, k = weight.shape
+    return weight.view(n // BLOCK_N, BLOCK_N, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack``."""
+    blocks, k2, bn, _ = packed.shape
+    return packed.permute(0, 2, 1, 3).reshape(blocks * bn, k2 * 2)
+
+
+def is_packed(weight: torch.Tensor) -> bool:
+    return weight.dim() == 4 and weight.shape[2] == BLOCK_N and weight.shape[3] == 2
+
+
+def linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for bf16 ``x`` and ``packed = pack(weight)``."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = packed.shape[0] * BLOCK_N
+    if k != packed.shape[1] * 2:
+        raise ValueError(f"linear: input has {k} features, the weight {packed.shape[1] * 2}")
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.bfloat16:
+        x2 = x2.to(torch.bfloat16)
+    if x2.stride(-1) != 1 or x2.stride(0) % 2:  # rows are read 4 bytes at a time
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+    if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+        bias = bias.to(torch.bfloat16).contiguous()
+    lib.segserve_linear_bf16(
+        x2.data_ptr(), x2.stride(0), x2.shape[0], packed.data_ptr(), n, k,
+        bias.data_ptr() if bias is not None else None, out.data_ptr(), n,
+        torch.get_num_threads(),
+    )
+    return out.view(*lead, n)
