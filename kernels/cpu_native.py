@@ -90,6 +90,89 @@ extern "C" void segserve_linear_bf16(const uint16_t* x, long ldx, long M, const 
         }
     }
 }
+
+// ----- element-wise chains at decode sizes (bf16), rounding where the eager ops round -----------
+static inline float bf(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t rne(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+// res_out = x + res (bf16); out = w * bf16(r * rsqrt(mean(r^2) + eps)), as HF's RMSNorm.
+// res == nullptr: plain RMSNorm of x (res_out unused).
+extern "C" void segserve_add_rms_norm_bf16(const uint16_t* x, long ldx, const uint16_t* res,
+                                           long ldr, const uint16_t* w, uint16_t* out,
+                                           uint16_t* res_out, long rows, long H, float eps) {
+    #pragma omp parallel for schedule(static) if (rows >= 16)
+    for (long t = 0; t < rows; ++t) {
+        float buf[H];
+        float ss = 0.0f;
+        for (long i = 0; i < H; ++i) {
+            float v = bf(x[t * ldx + i]);
+            if (res) {
+                uint16_t r = rne(v + bf(res[t * ldr + i]));
+                res_out[t * H + i] = r;
+                v = bf(r);
+            }
+            buf[i] = v;
+            ss += v * v;
+        }
+        const float inv = 1.0f / __builtin_sqrtf(ss / (float)H + eps);
+        for (long i = 0; i < H; ++i)
+            out[t * H + i] = rne(bf(w[i]) * bf(rne(buf[i] * inv)));
+    }
+}
+
+// out = bf16(silu(gate)) * up for gate_up = [gate | up] rows of 2 * I.
+extern "C" void segserve_silu_mul_bf16(const uint16_t* gu, long ld, uint16_t* out, long rows,
+                                       long I) {
+    #pragma omp parallel for schedule(static) if (rows >= 16)
+    for (long t = 0; t < rows; ++t)
+        for (long i = 0; i < I; ++i) {
+            float g = bf(gu[t * ld + i]);
+            float s = bf(rne(g / (1.0f + __builtin_expf(-g))));
+            out[t * I + i] = rne(s * bf(gu[t * ld + I + i]));
+        }
+}
+
+// HF's rotate-half RoPE with the tables rounded to bf16 first; x [heads, D] at row stride.
+static inline void rope_row(const uint16_t* x, const float* c, const float* s, long heads,
+                            long D, uint16_t* out) {
+    const long half = D / 2;
+    for (long h = 0; h < heads; ++h)
+        for (long d = 0; d < D; ++d) {
+            float v = bf(x[h * D + d]);
+            float rot = d < half ? -bf(x[h * D + d + half]) : bf(x[h * D + d - half]);
+            float a = bf(rne(v * bf(rne(c[d])))), b = bf(rne(rot * bf(rne(s[d]))));
+            out[h * D + d] = rne(a + b);
+        }
+}
+
+// q_out = rope(q); the pool's slot gets rope(k) and v (slot < 0: padding, nothing written).
+extern "C" void segserve_rope_write_kv_bf16(const uint16_t* q, long ldq, const uint16_t* k,
+                                            long ldk, const uint16_t* v, long ldv,
+                                            const float* cos, const float* sin, long rows,
+                                            long Hq, long Hkv, long D, uint16_t* kc,
+                                            uint16_t* vc, const int64_t* slots,
+                                            uint16_t* q_out) {
+    #pragma omp parallel for schedule(static) if (rows >= 16)
+    for (long t = 0; t < rows; ++t) {
+        rope_row(q + t * ldq, cos + t * D, sin + t * D, Hq, D, q_out + t * Hq * D);
+        const int64_t slot = slots[t];
+        if (slot < 0) continue;
+        rope_row(k + t * ldk, cos + t * D, sin + t * D, Hkv, D, kc + slot * Hkv * D);
+        __builtin_memcpy(vc + slot * Hkv * D, v + t * ldv, Hkv * D * sizeof(uint16_t));
+    }
+}
 """
 
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
@@ -118,7 +201,7 @@ def load() -> ctypes.CDLL | None:
         from torch.utils import cpp_extension
 
         path = cpp_extension.load_inline(
-            "segserve_cpu_gemv", [_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+            "segserve_cpu_native", [_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
             is_python_module=False, no_implicit_headers=True, verbose=False,
         )
         lib = ctypes.CDLL(path if isinstance(path, str) else _built_path())
@@ -131,14 +214,22 @@ def load() -> ctypes.CDLL | None:
     L = ctypes.c_long
     fn.argtypes = [ctypes.c_void_p, L, L, ctypes.c_void_p, L, L, ctypes.c_void_p,
                    ctypes.c_void_p, L, ctypes.c_int]
+    P = ctypes.c_void_p
+    for name, args in (
+        ("segserve_add_rms_norm_bf16", [P, L, P, L, P, P, P, L, L, ctypes.c_float]),
+        ("segserve_silu_mul_bf16", [P, L, P, L, L]),
+        ("segserve_rope_write_kv_bf16", [P, L, P, L, P, L, P, P, L, L, L, L, P, P, P, P]),
+    ):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = None, args
     return lib
 
 
 def _built_path() -> str:
     from torch.utils import cpp_extension
 
-    root = Path(cpp_extension._get_build_directory("segserve_cpu_gemv", verbose=False))
-    return str(next(root.glob("segserve_cpu_gemv*.so")))
+    root = Path(cpp_extension._get_build_directory("segserve_cpu_native", verbose=False))
+    return str(next(root.glob("segserve_cpu_native*.so")))
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -189,3 +280,74 @@ def linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
         torch.get_num_threads(),
     )
     return out.view(*lead, n)
+
+
+# ----- element-wise chains at decode sizes ------------------------------------------------------
+def _rows2d(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def elementwise_ok(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the element-wise kernels take these tensors: bf16 on the CPU."""
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (x, *others))
+
+
+def add_rms_norm(lib: ctypes.CDLL, x: torch.Tensor, residual: torch.Tensor | None,
+                 weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)`` (``residual`` None: ``(rms_norm(x), x)``),
+    rounded to bf16 where the reference rounds."""
+    x2 = _rows2d(x)
+    rows, h = x2.shape
+    out = torch.empty(rows, h, dtype=torch.bfloat16)
+    weight = weight.contiguous()
+    if residual is None:
+        lib.segserve_add_rms_norm_bf16(x2.data_ptr(), x2.stride(0), None, 0, weight.data_ptr(),
+                                       out.data_ptr(), None, rows, h, ctypes.c_float(eps))
+        return out.view(x.shape), x
+    r2 = _rows2d(residual)
+    res_out = torch.empty(rows, h, dtype=torch.bfloat16)
+    lib.segserve_add_rms_norm_bf16(x2.data_ptr(), x2.stride(0), r2.data_ptr(), r2.stride(0),
+                                   weight.data_ptr(), out.data_ptr(), res_out.data_ptr(), rows, h,
+                                   ctypes.c_float(eps))
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    g2 = _rows2d(gate_up)
+    rows, two_i = g2.shape
+    out = torch.empty(rows, two_i // 2, dtype=torch.bfloat16)
+    lib.segserve_silu_mul_bf16(g2.data_ptr(), g2.stride(0), out.data_ptr(), rows, two_i // 2)
+    return out.view(*gate_up.shape[:-1], two_i // 2)
+
+
+def rope_write_kv_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """bf16 pools (no int8 scales), heads packed at head_dim stride, contiguous pools."""
+    d = q.shape[-1]
+    return (
+        elementwise_ok(q, k, v, k_cache, v_cache)
+        and d % 2 == 0
+        and all(t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == d for t in (q, k, v))
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and slot_mapping.dtype == torch.int64
+    )
+
+
+def rope_write_kv(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """RoPE on q and k (tables rounded to bf16, as HF), k and v stored at their slots (slot < 0:
+    padding, not stored); returns the rotated q ``[T, Hq, D]``."""
+    rows, hq, d = q.shape
+    cos = cos.float().contiguous()
+    sin = sin.float().contiguous()
+    slots = slot_mapping.contiguous()
+    q_out = torch.empty(rows, hq, d, dtype=torch.bfloat16)
+    lib.segserve_rope_write_kv_bf16(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        cos.data_ptr(), sin.data_ptr(), rows, hq, k.shape[1], d, k_cache.data_ptr(),
+        v_cache.data_ptr(), slots.data_ptr(), q_out.data_ptr(),
+    )
+    return q_out
