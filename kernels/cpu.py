@@ -9,8 +9,9 @@
   twice);
 * element-wise chains (add+RMSNorm, SiLU*mul, RoPE, RoPE+KV write) compiled by Inductor's C++
   backend where that is available and faster (cpu_fused.py), or IPEX's fused ops when it
-  imports; in bf16 below those sizes (decode steps), one C++ call each (cpu_native.py), where
-  eager PyTorch spends 5-10 dispatched ops on a few thousand elements.
+  imports; in bf16 below those sizes (decode steps), add+RMSNorm, RMSNorm and RoPE+KV write
+  are one C++ call each (cpu_native.py), where eager PyTorch spends 5-10 dispatched ops on a
+  few thousand elements.
 
 Every op is tested against ``reference`` on random inputs (tests/test_kernels.py,
 tests/test_cpu_kernels.py).
@@ -121,9 +122,7 @@ class CPUBackend(ReferenceBackend):
         return self.fused.add_rms_norm(x, residual, weight, eps)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        lib = self._native(gate_up, cpu_fused.SILU_MUL_MIN_ROWS)
-        if lib is not None:
-            return cpu_native.silu_mul(lib, gate_up)
+        # eager's vectorized exp beats a scalar C++ loop even at one row
         return self.fused.silu_mul(gate_up)
 
     def rope(
@@ -165,6 +164,12 @@ class CPUBackend(ReferenceBackend):
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if (meta.is_decode and self.native_elementwise
+                and cpu_native.decode_attention_ok(q, k_cache, meta)):
+            lib = cpu_native.load()
+            if lib is not None:
+                return cpu_native.decode_attention(lib, q, k_cache, v_cache, meta, scale,
+                                                   sliding_window, k_scale, v_scale)
         if meta.is_decode:
             return decode_attention(
                 q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale

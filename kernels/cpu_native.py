@@ -107,6 +107,24 @@ static inline uint16_t rne(float f) {
     return (uint16_t)(u >> 16);
 }
 
+// 16 bf16 <-> 16 float, the last chunk of a row masked (n < 16).
+static inline __m512 ld16(const uint16_t* p, long n) {
+    __m256i h = n >= 16 ? _mm256_loadu_si256((const __m256i*)p)
+                        : _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline void st16(uint16_t* p, __m512 v, long n) {
+    __m256i h = (__m256i)_mm512_cvtneps_pbh(v);  // round to nearest even
+    if (n >= 16) _mm256_storeu_si256((__m256i*)p, h);
+    else _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), h);
+}
+
+static inline __m512 round16(__m512 v) {  // v rounded to bf16, as float
+    __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // res_out = x + res (bf16); out = w * bf16(r * rsqrt(mean(r^2) + eps)), as HF's RMSNorm.
 // res == nullptr: plain RMSNorm of x (res_out unused).
 extern "C" void segserve_add_rms_norm_bf16(const uint16_t* x, long ldx, const uint16_t* res,
@@ -114,34 +132,28 @@ extern "C" void segserve_add_rms_norm_bf16(const uint16_t* x, long ldx, const ui
                                            uint16_t* res_out, long rows, long H, float eps) {
     #pragma omp parallel for schedule(static) if (rows >= 16)
     for (long t = 0; t < rows; ++t) {
-        float buf[H];
-        float ss = 0.0f;
-        for (long i = 0; i < H; ++i) {
-            float v = bf(x[t * ldx + i]);
-            if (res) {
-                uint16_t r = rne(v + bf(res[t * ldr + i]));
-                res_out[t * H + i] = r;
-                v = bf(r);
+        const uint16_t* src = x + t * ldx;
+        if (res) {
+            for (long i = 0; i < H; i += 16) {
+                const long n = H - i;
+                __m512 v = _mm512_add_ps(ld16(x + t * ldx + i, n), ld16(res + t * ldr + i, n));
+                st16(res_out + t * H + i, v, n);
             }
-            buf[i] = v;
-            ss += v * v;
+            src = res_out + t * H;
         }
-        const float inv = 1.0f / __builtin_sqrtf(ss / (float)H + eps);
-        for (long i = 0; i < H; ++i)
-            out[t * H + i] = rne(bf(w[i]) * bf(rne(buf[i] * inv)));
+        __m512 acc = _mm512_setzero_ps();
+        for (long i = 0; i < H; i += 16) {
+            __m512 r = ld16(src + i, H - i);
+            acc = _mm512_fmadd_ps(r, r, acc);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / __builtin_sqrtf(_mm512_reduce_add_ps(acc) /
+                                                                 (float)H + eps));
+        for (long i = 0; i < H; i += 16) {
+            const long n = H - i;
+            __m512 y = round16(_mm512_mul_ps(ld16(src + i, n), inv));
+            st16(out + t * H + i, _mm512_mul_ps(ld16(w + i, n), y), n);
+        }
     }
-}
-
-// out = bf16(silu(gate)) * up for gate_up = [gate | up] rows of 2 * I.
-extern "C" void segserve_silu_mul_bf16(const uint16_t* gu, long ld, uint16_t* out, long rows,
-                                       long I) {
-    #pragma omp parallel for schedule(static) if (rows >= 16)
-    for (long t = 0; t < rows; ++t)
-        for (long i = 0; i < I; ++i) {
-            float g = bf(gu[t * ld + i]);
-            float s = bf(rne(g / (1.0f + __builtin_expf(-g))));
-            out[t * I + i] = rne(s * bf(gu[t * ld + I + i]));
-        }
 }
 
 // HF's rotate-half RoPE with the tables rounded to bf16 first; x [heads, D] at row stride.
@@ -172,6 +184,86 @@ extern "C" void segserve_rope_write_kv_bf16(const uint16_t* q, long ldq, const u
         rope_row(k + t * ldk, cos + t * D, sin + t * D, Hkv, D, kc + slot * Hkv * D);
         __builtin_memcpy(vc + slot * Hkv * D, v + t * ldv, Hkv * D * sizeof(uint16_t));
     }
+}
+
+// ----- decode attention: one query per sequence, over both segments' blocks ---------------------
+static inline __m512 ld_kv(const uint16_t* p) { return ld16(p, 16); }
+static inline __m512 ld_kv(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
+// out[b, h*G + g] = softmax(q . K^T * scale) V over the sequence's keys (prompt blocks, then
+// response blocks; a sliding window keeps the last `window`), float32 inside. T: bf16 pool
+// (uint16_t, scales null) or int8 (scales per (slot, head)). D % 16 == 0.
+template <typename T>
+static void decode_attn(const uint16_t* q, const T* kc, const T* vc, const float* ks,
+                        const float* vs, const int32_t* ptab, long wp, const int32_t* plen,
+                        const int32_t* rtab, long wr, const int32_t* rlen, long B, long Hq,
+                        long Hkv, long D, long bs, float scale, long window, uint16_t* out) {
+    const long G = Hq / Hkv;
+    #pragma omp parallel for schedule(dynamic) if (B * Hkv >= 4)
+    for (long task = 0; task < B * Hkv; ++task) {
+        const long b = task / Hkv, h = task % Hkv;
+        const long P = plen[b], ctx = P + rlen[b];
+        const long lo = window > 0 && ctx - window > 0 ? ctx - window : 0;
+        const long n = ctx - lo;
+        float* sc = new float[G * n + G * D];
+        float* acc = sc + G * n;
+        const uint16_t* qb = q + (b * Hq + h * G) * D;
+        for (long j = lo; j < ctx; ++j) {
+            const long slot = j < P ? (long)ptab[b * wp + j / bs] * bs + j % bs
+                                    : (long)rtab[b * wr + (j - P) / bs] * bs + (j - P) % bs;
+            const T* kr = kc + (slot * Hkv + h) * D;
+            const float kscale = ks ? ks[slot * Hkv + h] * scale : scale;
+            for (long g = 0; g < G; ++g) {
+                __m512 d = _mm512_setzero_ps();
+                for (long i = 0; i < D; i += 16)
+                    d = _mm512_fmadd_ps(ld16(qb + g * D + i, 16), ld_kv(kr + i), d);
+                sc[g * n + j - lo] = _mm512_reduce_add_ps(d) * kscale;
+            }
+        }
+        for (long g = 0; g < G; ++g) {
+            float* row = sc + g * n;
+            float mx = -__builtin_inff(), sum = 0.0f;
+            for (long j = 0; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+            for (long j = 0; j < n; ++j) sum += (row[j] = __builtin_expf(row[j] - mx));
+            const float inv = 1.0f / sum;
+            for (long j = 0; j < n; ++j) row[j] *= inv;
+            for (long i = 0; i < D; ++i) acc[g * D + i] = 0.0f;
+        }
+        for (long j = lo; j < ctx; ++j) {
+            const long slot = j < P ? (long)ptab[b * wp + j / bs] * bs + j % bs
+                                    : (long)rtab[b * wr + (j - P) / bs] * bs + (j - P) % bs;
+            const T* vr = vc + (slot * Hkv + h) * D;
+            const float vscale = vs ? vs[slot * Hkv + h] : 1.0f;
+            for (long i = 0; i < D; i += 16) {
+                const __m512 v = ld_kv(vr + i);
+                for (long g = 0; g < G; ++g) {
+                    __m512 a = _mm512_loadu_ps(acc + g * D + i);
+                    a = _mm512_fmadd_ps(_mm512_set1_ps(sc[g * n + j - lo] * vscale), v, a);
+                    _mm512_storeu_ps(acc + g * D + i, a);
+                }
+            }
+        }
+        for (long g = 0; g < G; ++g)
+            for (long i = 0; i < D; i += 16)
+                st16(out + (b * Hq + h * G + g) * D + i, _mm512_loadu_ps(acc + g * D + i), 16);
+        delete[] sc;
+    }
+}
+
+extern "C" void segserve_decode_attention(const uint16_t* q, const void* kc, const void* vc,
+                                          const float* ks, const float* vs, const int32_t* ptab,
+                                          long wp, const int32_t* plen, const int32_t* rtab,
+                                          long wr, const int32_t* rlen, long B, long Hq, long Hkv,
+                                          long D, long bs, float scale, long window,
+                                          uint16_t* out) {
+    if (ks)
+        decode_attn<int8_t>(q, (const int8_t*)kc, (const int8_t*)vc, ks, vs, ptab, wp, plen,
+                            rtab, wr, rlen, B, Hq, Hkv, D, bs, scale, window, out);
+    else
+        decode_attn<uint16_t>(q, (const uint16_t*)kc, (const uint16_t*)vc, ks, vs, ptab, wp,
+                              plen, rtab, wr, rlen, B, Hq, Hkv, D, bs, scale, window, out);
 }
 """
 
@@ -217,8 +309,9 @@ def load() -> ctypes.CDLL | None:
     P = ctypes.c_void_p
     for name, args in (
         ("segserve_add_rms_norm_bf16", [P, L, P, L, P, P, P, L, L, ctypes.c_float]),
-        ("segserve_silu_mul_bf16", [P, L, P, L, L]),
         ("segserve_rope_write_kv_bf16", [P, L, P, L, P, L, P, P, L, L, L, L, P, P, P, P]),
+        ("segserve_decode_attention",
+         [P, P, P, P, P, P, L, P, P, L, P, L, L, L, L, L, ctypes.c_float, L, P]),
     ):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, args
@@ -313,14 +406,6 @@ def add_rms_norm(lib: ctypes.CDLL, x: torch.Tensor, residual: torch.Tensor | Non
     return out.view(x.shape), res_out.view(x.shape)
 
 
-def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
-    g2 = _rows2d(gate_up)
-    rows, two_i = g2.shape
-    out = torch.empty(rows, two_i // 2, dtype=torch.bfloat16)
-    lib.segserve_silu_mul_bf16(g2.data_ptr(), g2.stride(0), out.data_ptr(), rows, two_i // 2)
-    return out.view(*gate_up.shape[:-1], two_i // 2)
-
-
 def rope_write_kv_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
     """bf16 pools (no int8 scales), heads packed at head_dim stride, contiguous pools."""
@@ -351,3 +436,37 @@ def rope_write_kv(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.T
         v_cache.data_ptr(), slots.data_ptr(), q_out.data_ptr(),
     )
     return q_out
+
+
+# ----- decode attention ---------------------------------------------------------------------------
+def decode_attention_ok(q: torch.Tensor, k_cache: torch.Tensor, meta) -> bool:
+    """bf16 queries over a bf16 or int8 pool, head_dim a multiple of 16, int32 tables."""
+    tables = (meta.prompt_block_tables, meta.prompt_lens, meta.response_block_tables,
+              meta.response_lens)
+    return (
+        q.dtype == torch.bfloat16
+        and k_cache.dtype in (torch.bfloat16, torch.int8)
+        and q.shape[-1] % 16 == 0
+        and k_cache.is_contiguous()
+        and all(t.dtype == torch.int32 and t.device.type == "cpu" for t in tables)
+    )
+
+
+def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, meta, scale: float, sliding_window: int | None,
+                     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
+    """One query per sequence (``meta.is_decode``): ``[B, Hq, D]`` bf16, float32 inside."""
+    b, hq, d = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    ptab, rtab = meta.prompt_block_tables.contiguous(), meta.response_block_tables.contiguous()
+    plen, rlen = meta.prompt_lens.contiguous(), meta.response_lens.contiguous()
+    lib.segserve_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_scale.data_ptr() if k_scale is not None else None,
+        v_scale.data_ptr() if v_scale is not None else None,
+        ptab.data_ptr(), ptab.shape[1], plen.data_ptr(), rtab.data_ptr(), rtab.shape[1],
+        rlen.data_ptr(), b, hq, k_cache.shape[2], d, k_cache.shape[1], ctypes.c_float(scale),
+        sliding_window or 0, out.data_ptr(),
+    )
+    return out

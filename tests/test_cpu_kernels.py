@@ -211,6 +211,33 @@ def test_int8_attention_within_int8_tolerance_of_fp32(decode, window):
     torch.testing.assert_close(ref8, exact, rtol=0, atol=3e-2)
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_native_decode_attention_matches_reference(window):
+    """The C++ decode attention (bf16 queries over a bf16 or int8 pool, float32 inside) against
+    the reference computing in float32 on the same values: GQA, both segments, an empty
+    response, a sliding window, NaN in every unwritten slot (never read)."""
+    if cpu_native.load() is None:
+        pytest.skip("the native CPU kernels do not build or run here")
+    rng = random.Random(5)
+    torch.manual_seed(5)
+    seqs = [(rng.randint(1, 40), rng.randint(0, 30), 1) for _ in range(6)] + [(33, 0, 1)]
+    meta = layout(rng, seqs, 64)
+    heads, kv_heads, dim = 8, 2, 32
+    k = pool(meta, 64, kv_heads, dim, torch.bfloat16)
+    v = pool(meta, 64, kv_heads, dim, torch.bfloat16)
+    q = torch.randn(len(seqs), heads, dim).bfloat16()
+    assert cpu_native.decode_attention_ok(q, k, meta)
+    got = CPU.attention(q, k, v, meta, dim**-0.5, window)
+    want = REF.attention(q.float(), k.float(), v.float(), meta, dim**-0.5, window)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-3)
+    kq, ks = int8_pool(k.float(), meta)
+    vq, vs = int8_pool(v.float(), meta)
+    got8 = CPU.attention(q, kq, vq, meta, dim**-0.5, window, ks, vs)
+    want8 = REF.attention(q.float(), kq, vq, meta, dim**-0.5, window, ks, vs)
+    torch.testing.assert_close(got8.float(), want8, rtol=2**-7, atol=1e-3)
+
+
 def test_copy_blocks_copies_the_scales_too():
     torch.manual_seed(2)
     k = torch.randint(-127, 128, (3, 10, BLOCK, 2, 8), dtype=torch.int8)
