@@ -140,7 +140,6 @@ static inline __m512 round16(__m512 v) {  // v rounded to bf16, as float
 extern "C" void segserve_add_rms_norm_bf16(const uint16_t* x, long ldx, const uint16_t* res,
                                            long ldr, const uint16_t* w, uint16_t* out,
                                            uint16_t* res_out, long rows, long H, float eps) {
-    #pragma omp parallel for schedule(static) if (rows >= 16)
     for (long t = 0; t < rows; ++t) {
         const uint16_t* src = x + t * ldx;
         if (res) {
@@ -186,7 +185,6 @@ extern "C" void segserve_rope_write_kv_bf16(const uint16_t* q, long ldq, const u
                                             long Hq, long Hkv, long D, uint16_t* kc,
                                             uint16_t* vc, const int64_t* slots,
                                             uint16_t* q_out) {
-    #pragma omp parallel for schedule(static) if (rows >= 16)
     for (long t = 0; t < rows; ++t) {
         rope_row(q + t * ldq, cos + t * D, sin + t * D, Hq, D, q_out + t * Hq * D);
         const int64_t slot = slots[t];
@@ -211,7 +209,6 @@ static void decode_attn(const uint16_t* q, const T* kc, const T* vc, const float
                         const int32_t* rtab, long wr, const int32_t* rlen, long B, long Hq,
                         long Hkv, long D, long bs, float scale, long window, uint16_t* out) {
     const long G = Hq / Hkv;
-    #pragma omp parallel for schedule(dynamic) if (B * Hkv >= 4)
     for (long task = 0; task < B * Hkv; ++task) {
         const long b = task / Hkv, h = task % Hkv;
         const long P = plen[b], ctx = P + rlen[b];
