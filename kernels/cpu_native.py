@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 ENV = "SEGSERVE_CPU_NATIVE"  # "0" turns the kernel off
 BLOCK_N = 64  # output columns per packed block
+# Rows from which a linear call (a prefill chunk) unpacks the weight for oneDNN's blocked GEMM:
+# the kernel's 6-row tiles have no cache blocking for large products (at 512 rows it took 1.7x
+# oneDNN's time on a 2-core box), while one unpacking copy is small against such a product.
+GEMM_ROWS = 64
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -367,6 +371,8 @@ def linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
     if k != packed.shape[1] * 2:
         raise ValueError(f"linear: input has {k} features, the weight {packed.shape[1] * 2}")
     x2 = x.reshape(-1, k)
+    if x2.shape[0] >= GEMM_ROWS:
+        return torch.nn.functional.linear(x, unpack(packed), bias)
     if x2.dtype != torch.bfloat16:
         x2 = x2.to(torch.bfloat16)
     if x2.stride(-1) != 1 or x2.stride(0) % 2:  # rows are read 4 bytes at a time
