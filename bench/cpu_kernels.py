@@ -1,8 +1,8 @@
 """CPU kernel measurements for bench/offline.py (imported by it; not a program of its own):
 SlimAttention prefill against torch SDPA and the reference loop, linear layers on plain against
-pre-packed oneDNN weights, Inductor-compiled element-wise chains against eager, and KV bytes per
-token of each kv_dtype. Each figure is the median of interleaved repeats, so a neighbour's load
-on a shared machine hits every variant alike."""
+pre-packed oneDNN weights and cpu_native's bf16 kernel, Inductor-compiled element-wise chains
+against eager, and KV bytes per token of each kv_dtype. Each figure is the median of interleaved
+repeats, so a neighbour's load on a shared machine hits every variant alike."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from segserve.kernels import AttentionMetadata, cpu_fused, get_backend
+from segserve.kernels import AttentionMetadata, cpu_fused, cpu_native, get_backend
 from segserve.kernels.cpu_attention import slim_attention
 from segserve.kernels.quant import kv_bytes_per_token_head
 
@@ -69,33 +69,44 @@ def prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dtype: t
     return interleaved(fns, repeats)
 
 
-def linear_layers(model: torch.nn.Module, copies: int = 4, repeats: int = 5) -> list[tuple]:
-    """Per distinct linear shape of ``model``: (out, in, plain ms, plain GB/s, packed ms, packed
-    GB/s) for one token, cycling through ``copies`` weights so none stays in cache."""
-    cpu = get_backend("cpu")
-    seen, rows = set(), []
+def linear_layers(model: torch.nn.Module, rows: int = 1, copies: int = 4,
+                  repeats: int = 5) -> list[tuple]:
+    """Per distinct linear shape of ``model``: (out, in, then ms and GB/s of plain F.linear,
+    oneDNN pre-packed, and cpu_native's packed bf16 kernel) for ``rows`` tokens, cycling
+    through ``copies`` weights so none stays in cache. NaN where a variant cannot run."""
+    seen, out = set(), []
+    lib = cpu_native.load()
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if weight is None or weight.dim() != 2 or not hasattr(module, "pack"):
+        if weight is None or not hasattr(module, "pack"):
             continue
-        dense = weight.to_dense() if weight.layout == torch._mkldnn else weight
-        if tuple(dense.shape) in seen:
+        if weight.layout == torch._mkldnn:
+            dense = weight.to_dense()
+        elif cpu_native.is_packed(weight):
+            dense = cpu_native.unpack(weight)
+        else:
+            dense = weight
+        if dense.dim() != 2 or tuple(dense.shape) in seen:
             continue
         seen.add(tuple(dense.shape))
         plain = [dense.clone() for _ in range(copies)]
-        packed = [cpu.pack_linear_weight(w) for w in plain]
-        x = torch.randn(1, dense.shape[1]).to(dense.dtype)
+        x = torch.randn(rows, dense.shape[1]).to(dense.dtype)
         fns = {"plain": lambda x=x, ws=plain: [F.linear(x, w) for w in ws]}
-        if packed[0] is not None:
-            fns["packed"] = lambda x=x, ps=packed: [cpu.linear(x, p) for p in ps]
+        if dense.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in plain]
+            fns["onednn"] = lambda x=x, ps=packed: [
+                torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in ps]
+        if lib is not None and cpu_native.packable(dense):
+            ours = [cpu_native.pack(w) for w in plain]
+            fns["native"] = lambda x=x, ps=ours: [cpu_native.linear(lib, x, p) for p in ps]
         t = interleaved(fns, repeats)
         nbytes = dense.numel() * dense.element_size()
         row = [dense.shape[0], dense.shape[1]]
-        for name in ("plain", "packed"):
+        for name in ("plain", "onednn", "native"):
             per = t.get(name, float("nan")) / copies
             row += [per * 1e3, nbytes / per / 1e9]
-        rows.append(tuple(row))
-    return rows
+        out.append(tuple(row))
+    return out
 
 
 def elementwise(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int,

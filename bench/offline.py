@@ -31,10 +31,10 @@ What it prints, in order:
 
 On the CPU it adds (bench/cpu_kernels.py): SlimAttention prefill of ``--attn-len`` tokens
 (default 1,024) against torch SDPA and the reference loop, one layer's shapes; KV bytes per
-token, the model's dtype against int8; with ``--linear``, each linear shape's GEMV on plain
-against pre-packed oneDNN weights; with ``--elementwise``, Inductor-compiled element-wise
-chains against eager. Load average is printed at the start and the end: on a shared machine the
-numbers move with it.
+token, the model's dtype against int8; with ``--linear``, each linear shape at 1 and 16 rows on
+plain weights, pre-packed oneDNN weights and cpu_native's bf16 kernel; with ``--elementwise``,
+Inductor-compiled element-wise chains against eager. Load average is printed at the start and
+the end: on a shared machine the numbers move with it.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn-len", type=int, default=None,
                    help="CPU: SlimAttention vs SDPA prefill length (default 1024; 0 skips)")
     p.add_argument("--linear", action="store_true",
-                   help="CPU: time each linear shape on plain vs pre-packed oneDNN weights")
+                   help="CPU: time each linear shape: plain, oneDNN-packed, cpu_native kernel")
     p.add_argument("--elementwise", action="store_true",
                    help="CPU: time Inductor-compiled element-wise chains vs eager (compiles)")
     p.add_argument("--kernel-backend", default=None)
@@ -360,7 +360,8 @@ def run_cpu_figures(args: argparse.Namespace, core: EngineCore, dtype: torch.dty
         out["attn"] = cpu_kernels.prefill_attention(spec.num_heads, spec.num_kv_heads,
                                                     spec.head_dim, dtype, args.attn_len)
     if args.linear:
-        out["linear"] = cpu_kernels.linear_layers(core.runner.model)
+        out["linear"] = {rows: cpu_kernels.linear_layers(core.runner.model, rows)
+                         for rows in (1, 16)}
     if args.elementwise:
         out["elementwise"] = cpu_kernels.elementwise(
             spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
@@ -381,11 +382,14 @@ def print_cpu_figures(fig: dict, args: argparse.Namespace) -> None:
         for name in ("slim", "slim int8", "sdpa", "reference"):
             print(f"{name:>10} {a[name] * 1e3:>9.2f}  SlimAttention "
                   f"{ratio(a[name], a['slim'])} faster")
-    if "linear" in fig:
-        print("\n== linear layers, one token (plain F.linear vs pre-packed oneDNN) ==")
-        print(f"{'out x in':>14} {'plain ms':>9} {'GB/s':>6} {'packed ms':>10} {'GB/s':>6}")
-        for o, i, pm, pg, km, kg in fig["linear"]:
-            print(f"{f'{o} x {i}':>14} {pm:>9.3f} {pg:>6.1f} {km:>10.3f} {kg:>6.1f}")
+    for rows, table in fig.get("linear", {}).items():
+        print(f"\n== linear layers, {rows} token(s): plain F.linear, pre-packed oneDNN, "
+              f"cpu_native's bf16 kernel (ms, weight GB/s) ==")
+        print(f"{'out x in':>14} {'plain':>8} {'GB/s':>6} {'oneDNN':>8} {'GB/s':>6} "
+              f"{'native':>8} {'GB/s':>6}")
+        for o, i, pm, pg, dm, dg, nm, ng in table:
+            print(f"{f'{o} x {i}':>14} {pm:>8.3f} {pg:>6.1f} {dm:>8.3f} {dg:>6.1f} "
+                  f"{nm:>8.3f} {ng:>6.1f}")
     if "elementwise" in fig:
         print("\n== element-wise chains (us): eager vs Inductor-compiled ==")
         for op, rows, e, c in fig["elementwise"]:

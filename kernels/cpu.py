@@ -2,11 +2,16 @@
 
 * attention: batched decode and SlimAttention prefill (cpu_attention.py), over a pool of the
   model's dtype or int8 (kernels/quant.py);
-* linear layers on weights pre-packed once for oneDNN's brgemm (bf16/fp16): the unpacked path
-  re-lays out every weight on every call, so a decode GEMV reads each weight twice;
+* linear layers on weights pre-packed once: bf16 into our own column-block layout for the
+  AVX-512 BF16 kernel of cpu_native.py (where it builds: it reads the weights at the memory's
+  speed at decode sizes, which oneDNN does not), else for oneDNN's brgemm (bf16/fp16; the
+  unpacked path re-lays out every weight on every call, so a decode GEMV reads each weight
+  twice);
 * element-wise chains (add+RMSNorm, SiLU*mul, RoPE, RoPE+KV write) compiled by Inductor's C++
   backend where that is available and faster (cpu_fused.py), or IPEX's fused ops when it
-  imports.
+  imports; in bf16 below those sizes (decode steps), add+RMSNorm, RMSNorm and RoPE+KV write
+  are one C++ call each (cpu_native.py), where eager PyTorch spends 5-10 dispatched ops on a
+  few thousand elements.
 
 Every op is tested against ``reference`` on random inputs (tests/test_kernels.py,
 tests/test_cpu_kernels.py).
@@ -19,7 +24,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import cpu_fused
+from . import cpu_fused, cpu_native
 from .cpu_attention import decode_attention, mixed_attention
 from .interface import AttentionMetadata
 from .reference import ReferenceBackend
@@ -45,18 +50,28 @@ class CPUBackend(ReferenceBackend):
     name = "cpu"
     int8_kv = True
 
-    def __init__(self, fused: str | None = None, pack_weights: bool = True) -> None:
+    def __init__(
+        self, fused: str | None = None, pack_weights: bool = True, native: bool = True
+    ) -> None:
         """``fused``: ``auto`` (IPEX if it imports, else Inductor where it compiles), ``ipex``,
         ``inductor`` or ``eager`` for the element-wise ops (default: ``$SEGSERVE_CPU_FUSED`` or
-        ``auto``); ``pack_weights``: pre-pack linear weights for oneDNN."""
+        ``auto``); ``pack_weights``: pre-pack linear weights; ``native``: bf16 element-wise
+        chains at decode sizes in cpu_native.py's C++ (where it builds)."""
         self.fused = cpu_fused.make_fused_ops(fused)
         self.pack_weights = pack_weights
+        self.native_elementwise = native
 
     def describe(self) -> str:
-        return f"cpu (element-wise: {self.fused.name}, packed linear: {self.pack_weights})"
+        packed = "off"
+        if self.pack_weights:
+            packed = "cpu_native (bf16), oneDNN" if cpu_native.load() is not None else "oneDNN"
+        native = " + native bf16 decode ops" if self.native_elementwise else ""
+        return f"cpu (element-wise: {self.fused.name}{native}, packed linear: {packed})"
 
     # ----- linear layers ---------------------------------------------------------------------
     def pack_linear_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if self.pack_weights and cpu_native.packable(weight) and cpu_native.load() is not None:
+            return cpu_native.pack(weight)
         if (
             not self.pack_weights
             or weight.device.type != "cpu"
@@ -70,6 +85,8 @@ class CPUBackend(ReferenceBackend):
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if cpu_native.is_packed(weight):
+            return cpu_native.linear(cpu_native.load(), x, weight, bias)
         if weight.layout != torch._mkldnn:
             return F.linear(x, weight, bias)
         lead = x.shape[:-1]
@@ -80,15 +97,32 @@ class CPUBackend(ReferenceBackend):
         return out.view(*lead, out.shape[-1])
 
     # ----- element-wise ----------------------------------------------------------------------
+    def _native(self, x: torch.Tensor, min_compiled_rows: int):
+        """The native kernels for bf16 calls below the rows where the compiled chains win (all
+        sizes when nothing compiles): at decode sizes one C++ call replaces 5-10 eager ops."""
+        if not self.native_elementwise or not cpu_native.elementwise_ok(x):
+            return None
+        rows = x.numel() // x.shape[-1]
+        if rows >= min_compiled_rows and self.fused.name != "eager":
+            return None
+        return cpu_native.load()
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        lib = self._native(x, cpu_fused.INDUCTOR_MIN_ROWS)
+        if lib is not None and weight.dtype == torch.bfloat16:
+            return cpu_native.add_rms_norm(lib, x, None, weight, eps)[0]
         return self.fused.rms_norm(x, weight, eps)
 
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        lib = self._native(x, cpu_fused.INDUCTOR_MIN_ROWS)
+        if lib is not None and cpu_native.elementwise_ok(residual, weight):
+            return cpu_native.add_rms_norm(lib, x, residual, weight, eps)
         return self.fused.add_rms_norm(x, residual, weight, eps)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        # eager's vectorized exp beats a scalar C++ loop even at one row
         return self.fused.silu_mul(gate_up)
 
     def rope(
@@ -109,6 +143,11 @@ class CPUBackend(ReferenceBackend):
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        lib = self._native(q, cpu_fused.INDUCTOR_MIN_ROWS)
+        if (lib is not None and k_scale is None
+                and cpu_native.rope_write_kv_ok(q, k, v, k_cache, v_cache, slot_mapping)):
+            return cpu_native.rope_write_kv(lib, q, k, v, cos, sin, k_cache, v_cache,
+                                            slot_mapping)
         return self.fused.rope_write_kv(
             q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale
         )
@@ -125,6 +164,12 @@ class CPUBackend(ReferenceBackend):
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if (meta.is_decode and self.native_elementwise
+                and cpu_native.decode_attention_ok(q, k_cache, meta)):
+            lib = cpu_native.load()
+            if lib is not None:
+                return cpu_native.decode_attention(lib, q, k_cache, v_cache, meta, scale,
+                                                   sliding_window, k_scale, v_scale)
         if meta.is_decode:
             return decode_attention(
                 q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale

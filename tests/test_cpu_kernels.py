@@ -10,7 +10,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from segserve.kernels import AttentionMetadata, cpu_fused, get_backend
+from segserve.kernels import AttentionMetadata, cpu_fused, cpu_native, get_backend
+from segserve.kernels.cpu import CPUBackend
 from segserve.kernels.cpu_attention import slim_attention
 from segserve.kernels.quant import dequantize, quantize
 
@@ -210,6 +211,33 @@ def test_int8_attention_within_int8_tolerance_of_fp32(decode, window):
     torch.testing.assert_close(ref8, exact, rtol=0, atol=3e-2)
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_native_decode_attention_matches_reference(window):
+    """The C++ decode attention (bf16 queries over a bf16 or int8 pool, float32 inside) against
+    the reference computing in float32 on the same values: GQA, both segments, an empty
+    response, a sliding window, NaN in every unwritten slot (never read)."""
+    if cpu_native.load() is None:
+        pytest.skip("the native CPU kernels do not build or run here")
+    rng = random.Random(5)
+    torch.manual_seed(5)
+    seqs = [(rng.randint(1, 40), rng.randint(0, 30), 1) for _ in range(6)] + [(33, 0, 1)]
+    meta = layout(rng, seqs, 64)
+    heads, kv_heads, dim = 8, 2, 32
+    k = pool(meta, 64, kv_heads, dim, torch.bfloat16)
+    v = pool(meta, 64, kv_heads, dim, torch.bfloat16)
+    q = torch.randn(len(seqs), heads, dim).bfloat16()
+    assert cpu_native.decode_attention_ok(q, k, meta)
+    got = CPU.attention(q, k, v, meta, dim**-0.5, window)
+    want = REF.attention(q.float(), k.float(), v.float(), meta, dim**-0.5, window)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-3)
+    kq, ks = int8_pool(k.float(), meta)
+    vq, vs = int8_pool(v.float(), meta)
+    got8 = CPU.attention(q, kq, vq, meta, dim**-0.5, window, ks, vs)
+    want8 = REF.attention(q.float(), kq, vq, meta, dim**-0.5, window, ks, vs)
+    torch.testing.assert_close(got8.float(), want8, rtol=2**-7, atol=1e-3)
+
+
 def test_copy_blocks_copies_the_scales_too():
     torch.manual_seed(2)
     k = torch.randint(-127, 128, (3, 10, BLOCK, 2, 8), dtype=torch.int8)
@@ -235,6 +263,32 @@ def test_packed_bf16_linear_equals_f_linear():
         torch.testing.assert_close(CPU.linear(x, packed, b), F.linear(x, w, b),
                                    rtol=1e-2, atol=1e-2)
     assert CPU.pack_linear_weight(torch.randn(8, 8)) is None  # float32 stays on F.linear
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 16, 70])
+def test_cpu_native_linear_matches_float32_product(rows):
+    """The AVX-512 BF16 kernel against the float32 product of the same bf16 values: within one
+    bf16 rounding of the result (as F.linear), with and without bias, at odd row counts (every
+    tile remainder) and an odd number of input pairs."""
+    if cpu_native.load() is None:
+        pytest.skip("the bf16 GEMV kernel does not build or run here (no AVX-512 BF16 / compiler)")
+    torch.manual_seed(rows)
+    for n, k in ((64, 70), (192, 256)):
+        w, b = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
+        packed = CPU.pack_linear_weight(w)
+        assert cpu_native.is_packed(packed) and torch.equal(cpu_native.unpack(packed), w)
+        x = torch.randn(rows, k).bfloat16()
+        for bias in (None, b):
+            want = x.float() @ w.float().t() + (0 if bias is None else bias.float())
+            got = CPU.linear(x, packed, bias)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+            # fp32 accumulation, one rounding to bf16 (half an ulp: 2^-9 relative)
+            torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-3)
+    # a 3-D input keeps its leading dims; a non-contiguous one is handled
+    x = torch.randn(2, rows, 2 * k).bfloat16()[..., ::2]
+    torch.testing.assert_close(CPU.linear(x, packed), F.linear(x, w), rtol=1e-2, atol=1e-2)
+    assert not cpu_native.packable(torch.randn(65, 64).bfloat16())  # 64-column blocks only
+    assert not cpu_native.packable(torch.randn(64, 64))  # bf16 only
 
 
 def _elementwise_inputs(rows: int, dtype: torch.dtype):
@@ -303,6 +357,21 @@ def test_inductor_fused_ops_match_reference():
         assert op.compiled is not None and not op.failed
     _check_fused(ops, 3, torch.bfloat16, dict(rtol=0, atol=0))
     _check_fused(ops, 80, torch.float32, dict(rtol=0, atol=0))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 20])
+def test_native_elementwise_ops_match_reference_in_bf16(rows):
+    """The CPU backend's C++ element-wise chains (bf16, decode sizes; 20 rows runs them on
+    threads) against the reference ops: they round where the eager ops round, so only the
+    float32 sum in RMSNorm and exp's last bit may differ: within one bf16 ulp. Int8 pools
+    and float32 go to the other paths (exact)."""
+    if cpu_native.load() is None:
+        pytest.skip("the native CPU kernels do not build or run here")
+    backend = CPUBackend(fused="eager")
+    x = torch.zeros(rows, 48, dtype=torch.bfloat16)
+    assert backend._native(x, cpu_fused.INDUCTOR_MIN_ROWS) is not None
+    _check_fused(backend, rows, torch.bfloat16, dict(rtol=2**-7, atol=1e-6))
+    _check_fused(backend, rows, torch.float32, dict(rtol=0, atol=0))
 
 
 def test_fused_ops_choice_is_validated(monkeypatch):
