@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from live_helpers import wait_for as poll
 
 os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback test cluster
 
@@ -81,13 +82,8 @@ def _running_replicas() -> int:
     return app.deployments[DEPLOYMENT].replica_states.get("RUNNING", 0) if app else 0
 
 
-def _wait_for(pred, timeout: float = RECOVERY_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
+def wait_for(pred, timeout: float = RECOVERY_S):
+    return poll(pred, timeout, interval=0.2)
 
 
 def _complete(port: int, max_tokens: int = 4) -> tuple[int, dict]:
@@ -143,7 +139,7 @@ def _assert_opaque(error: dict, status: int) -> None:
 def _recovered(port: int, names_before: set[str], gone: str) -> None:
     """The service answers, and Serve has replaced the replica within RECOVERY_S."""
     assert _complete(port)[0] == 200
-    assert _wait_for(lambda: gone not in _replica_actors() and _running_replicas() == 2
+    assert wait_for(lambda: gone not in _replica_actors() and _running_replicas() == 2
                      and len(_replica_actors()) == 2), (names_before, _replica_actors())
     assert _complete(port)[0] == 200
 
@@ -169,7 +165,7 @@ def _look_normal(replica):
 
 
 def test_killing_a_replica_ends_its_stream_cleanly_retries_the_unstreamed_and_recovers(port):
-    assert _wait_for(lambda: _running_replicas() == 2)
+    assert wait_for(lambda: _running_replicas() == 2)
     actors = _replica_actors()
     with ThreadPoolExecutor(5) as pool:
         started = threading.Event()
@@ -183,7 +179,7 @@ def test_killing_a_replica_ends_its_stream_cleanly_retries_the_unstreamed_and_re
         _on(actors[other], _look_busy)
         time.sleep(1.5)  # the routers' stats refresh every 0.5 s
         short = [pool.submit(_stream, port, 8) for _ in range(4)]
-        assert _wait_for(lambda: _on(actors[victim], lambda r: len(r.engine._queues)) >= 2, 30)
+        assert wait_for(lambda: _on(actors[victim], lambda r: len(r.engine._queues)) >= 2, 30)
         ray.kill(actors[victim])
         out = long.result(timeout=120)
         results = [s.result(timeout=120) for s in short]
@@ -199,7 +195,7 @@ def test_killing_a_replica_ends_its_stream_cleanly_retries_the_unstreamed_and_re
 
 
 def test_a_dead_engine_loop_ends_its_stream_and_its_replica_is_skipped_and_replaced(port):
-    assert _wait_for(lambda: _running_replicas() == 2)
+    assert wait_for(lambda: _running_replicas() == 2)
     with ThreadPoolExecutor(1) as pool:
         started = threading.Event()
         stream = pool.submit(_stream, port, 400, started)
@@ -271,32 +267,32 @@ def _stream_paused_mid_way(port: int, pool: ThreadPoolExecutor, actors: dict, ma
 def test_replacing_replicas_drains_the_streams_under_way(port):
     """A redeploy (serve.run: a rolling update, here also down to one replica) stops the old
     replicas gracefully: the stream paused on one finishes after its replica began to stop."""
-    assert _wait_for(lambda: _running_replicas() == 2)
+    assert wait_for(lambda: _running_replicas() == 2)
     actors = _replica_actors()
     one = build_app({**CONFIG, "pools": [{**POOL, "num_replicas": 1}]})
     with ThreadPoolExecutor(2) as pool:
         stream, name = _stream_paused_mid_way(port, pool, actors, 100)
         update = pool.submit(serve.run, one, name=APP, route_prefix="/")  # waits till running
-        assert _wait_for(lambda: _draining(actors[name]), 120), "the replica never stopped"
+        assert wait_for(lambda: _draining(actors[name]), 120), "the replica never stopped"
         assert not stream.done()
         _open_gates(actors)
         out = stream.result(timeout=120)
         update.result(timeout=300)
     assert out == {"status": 200, "tokens": 100, "finish": "length", "errors": [],
                    "done": True}, out  # fmt: skip
-    assert _wait_for(lambda: not set(_replica_actors()) & set(actors), 120)
+    assert wait_for(lambda: not set(_replica_actors()) & set(actors), 120)
     assert _complete(port)[0] == 200
 
 
 def test_shutdown_drains_the_streams_under_way(port):
     """`segserve serve` on SIGTERM: deleting the apps drains them, then Serve stops. Last: it
     shuts this module's Serve down."""
-    assert _wait_for(lambda: _running_replicas() >= 1)
+    assert wait_for(lambda: _running_replicas() >= 1)
     actors = _replica_actors()
     with ThreadPoolExecutor(2) as pool:
         stream, name = _stream_paused_mid_way(port, pool, actors, 100)
         shutdown = pool.submit(drain_and_shutdown, 120)
-        assert _wait_for(lambda: _draining(actors[name]), 60), ("the replica never stopped",
+        assert wait_for(lambda: _draining(actors[name]), 60), ("the replica never stopped",
                                                                stream.done() and stream.result())
         assert not stream.done()
         _open_gates(actors)

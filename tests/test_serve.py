@@ -14,12 +14,12 @@ import json
 import os
 import socket
 import threading
-import time
 from types import SimpleNamespace
 
 import grpc
 import openai
 import pytest
+from live_helpers import free_port, wait_for
 
 # A loopback test cluster: nothing to protect, and no ~/.ray/auth_token written by the tests.
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -60,10 +60,6 @@ EVAL_POOL = {**MAIN["pools"][0], "name": "eval", "max_queue_len": 16}
 EVAL_MODEL = {**MAIN["models"][0], "name": "eval", "pools": ["eval"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +75,12 @@ def svc(tools_model):
              "max_model_len": 2048, "pools": ["cpu"]}  # fmt: skip
     main = {**MAIN, "models": [{**MAIN["models"][0], "pools": ["cpu"]}, tools, EVAL_MODEL],
             "pools": [*MAIN["pools"], EVAL_POOL]}  # fmt: skip
-    metrics_port = _free_port()
+    metrics_port = free_port()
     # Logical CPUs: one per replica (Serve's default for the ingresses, cpus_per_replica for
     # the engines) of the four apps below.
     ray.init(num_cpus=9, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=metrics_port)  # fmt: skip
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     serve.start(
         http_options=HTTPOptions(host="127.0.0.1", port=http_port),
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
@@ -133,14 +129,6 @@ def _post(svc, path: str, body: bytes | dict, headers: dict | None = None):
     return out
 
 
-def _wait_for(pred, timeout: float = 30.0):
-    """Poll until pred() is truthy: a bound on waiting for state to settle, not a speed test."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 # ----- the openai client ---------------------------------------------------------------------
@@ -479,7 +467,7 @@ def test_model_tokenizer_version_and_metrics_endpoints(svc, engine):
         done = values.get("segserve_time_to_first_token_seconds_count", 0) >= 1
         return values if done else None
 
-    values = _wait_for(scrape, timeout=30)
+    values = wait_for(scrape, timeout=30)
     assert values, "replica metrics never reached the ingress's /metrics"
     assert values["segserve_kv_blocks_total"] == 256
     assert values["segserve_requests_total"] >= 1
@@ -491,7 +479,7 @@ def test_model_tokenizer_version_and_metrics_endpoints(svc, engine):
     def secure_blocks() -> bool:
         return 'segserve_kv_blocks_total{model="demo"' in _get(svc, "/secure/metrics")[1]
 
-    assert _wait_for(secure_blocks, timeout=30)
+    assert wait_for(secure_blocks, timeout=30)
 
 
 def test_models_and_health(svc):
@@ -866,7 +854,7 @@ def test_overload_grpc_resource_exhausted(svc):
 
 
 def test_disconnect_mid_stream_frees_blocks(svc):
-    idle = _wait_for(lambda: svc.stats()["running_requests"] == 0 and svc.stats())
+    idle = wait_for(lambda: svc.stats()["running_requests"] == 0 and svc.stats())
     assert idle, "the replica never went idle"
     assert set(KV_GAUGES) | set(KV_COUNTERS) <= set(idle)  # everything we export exists
 
@@ -879,12 +867,12 @@ def test_disconnect_mid_stream_frees_blocks(svc):
     for _ in range(3):  # a few tokens arrive: the request holds blocks now
         assert resp.readline().startswith(b"data: ")
         resp.readline()
-    busy = _wait_for(lambda: svc.stats()["blocks_used"] > idle["blocks_used"])
+    busy = wait_for(lambda: svc.stats()["blocks_used"] > idle["blocks_used"])
     assert busy, "the streaming request never showed up in the KV metrics"
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
 
-    settled = _wait_for(lambda: svc.stats()["running_requests"] == 0 and svc.stats())
+    settled = wait_for(lambda: svc.stats()["running_requests"] == 0 and svc.stats())
     assert settled and settled["blocks_used"] == idle["blocks_used"], settled
 
 
@@ -908,7 +896,7 @@ def test_prometheus_metrics_exported(svc):
         have = all(any(ln.startswith(w) and 'model="demo"' in ln for ln in ours) for w in wanted)
         return text if have else None
 
-    text = _wait_for(scrape, timeout=60)
+    text = wait_for(scrape, timeout=60)
     assert text, "segserve metrics never showed up on Ray's metrics endpoint"
     total = [ln for ln in text.splitlines() if ln.startswith("ray_segserve_kv_blocks_total{")]
     assert any(ln.endswith(" 256.0") for ln in total), total  # the pool's size
@@ -971,7 +959,7 @@ def test_killing_the_replica_mid_stream_gives_an_opaque_503_and_the_service_reco
         seen.append((status, text))
         return status == 200
 
-    assert _wait_for(answered, timeout=60), seen[-3:]
+    assert wait_for(answered, timeout=60), seen[-3:]
     for status, text in seen[:-1]:  # while Serve replaces it: retryable, opaque
         assert status == 503 and not any(s in text for s in INTERNALS), (status, text)
 
@@ -1018,6 +1006,6 @@ def test_engine_in_ingress_streams_the_engines_tokens_and_frees_a_leavers_blocks
     assert resp.status == 200 and resp.readline().startswith(b"data: {")
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
-    left = _wait_for(lambda: (m := _one_metrics(svc)).get(("segserve_requests_total", "abort"))
+    left = wait_for(lambda: (m := _one_metrics(svc)).get(("segserve_requests_total", "abort"))
                      and m)  # fmt: skip
     assert left and left["segserve_kv_blocks_used", None] == 0, left

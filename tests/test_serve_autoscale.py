@@ -9,9 +9,9 @@ import json
 import os
 import socket
 import threading
-import time
 
 import pytest
+from live_helpers import wait_for as poll
 
 os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback test cluster
 os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
@@ -40,14 +40,9 @@ def _running_replicas() -> int:
     return app.deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
 
 
-def _wait_for(pred, timeout: float) -> bool:
+def wait_for(pred, timeout: float) -> bool:
     """A bound on how long the cluster may take to react, not a speed assertion."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.25)
-    return True
+    return bool(poll(pred, timeout, interval=0.25))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +79,7 @@ def test_waiting_requests_scale_up_then_idle_scales_down(port):
     for c in clients:
         c.start()
     try:
-        scaled_up = _wait_for(lambda: _running_replicas() == 2, timeout=120)
+        scaled_up = wait_for(lambda: _running_replicas() == 2, timeout=120)
     finally:
         stop.set()
         for c in clients:
@@ -93,4 +88,4 @@ def test_waiting_requests_scale_up_then_idle_scales_down(port):
     assert statuses and set(statuses) == {200}, set(statuses)
 
     # Idle now: KV drains, nothing waits, so the policy steps back to min_replicas.
-    assert _wait_for(lambda: _running_replicas() == 1, timeout=120), "never scaled back down"
+    assert wait_for(lambda: _running_replicas() == 1, timeout=120), "never scaled back down"

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from live_helpers import free_port, wait_for
 
 os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback test cluster (see test_serve.py)
 
@@ -59,16 +60,12 @@ SLOW_POOL = SLOW_CONFIG["pools"][0]
 LONG = 1900  # tokens a "slow" request asks for
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def svc():
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     serve.start(
         http_options=HTTPOptions(host="127.0.0.1", port=http_port),
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
@@ -101,14 +98,6 @@ MD = (("application", "segserve"),)
 SLOW_MD = (("application", "slow"),)
 
 
-def _wait_for(pred, timeout: float = 60.0):
-    """Poll until pred() is truthy: a bound on waiting for state to settle, not a speed test."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def _assert_idle(svc) -> None:
@@ -303,13 +292,13 @@ def _hang_up(conn: http.client.HTTPConnection) -> None:
 
 
 def _generating(svc, n: int = 1):
-    return _wait_for(lambda: svc.stats("slow")["running_requests"] >= n
+    return wait_for(lambda: svc.stats("slow")["running_requests"] >= n
                      and svc.stats("slow")["blocks_used"] > 0)  # fmt: skip
 
 
 def _assert_aborted(svc, before: dict[str, float], n: int = 1) -> None:
     """The clients' engine requests ended as "abort" (none ran to its end), and all is idle."""
-    got = _wait_for(lambda: svc.finished("slow", "abort") >= before["abort"] + n)
+    got = wait_for(lambda: svc.finished("slow", "abort") >= before["abort"] + n)
     assert got, (svc.finished("slow", "abort"), before, svc.stats("slow"))
     assert svc.finished("slow", "length") == before["length"]
     _assert_idle(svc)
@@ -333,10 +322,10 @@ def test_http_client_gone_before_the_first_byte(svc):
     blockers = [_open_http(svc, stream=True) for _ in range(SLOW_POOL["max_num_seqs"])]
     assert _generating(svc, SLOW_POOL["max_num_seqs"]), svc.stats("slow")
     victim = _open_http(svc, stream=True)
-    assert _wait_for(lambda: svc.stats("slow")["waiting_requests"] == 1), svc.stats("slow")
+    assert wait_for(lambda: svc.stats("slow")["waiting_requests"] == 1), svc.stats("slow")
     _hang_up(victim)
     # The queued request leaves the queue while the batch still runs: it was aborted there.
-    left = _wait_for(lambda: (s := svc.stats("slow"))["waiting_requests"] == 0 and s)
+    left = wait_for(lambda: (s := svc.stats("slow"))["waiting_requests"] == 0 and s)
     assert left and left["running_requests"] == SLOW_POOL["max_num_seqs"], left
     for conn in blockers:
         _hang_up(conn)

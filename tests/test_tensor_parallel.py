@@ -15,6 +15,7 @@ import threading
 
 import pytest
 from conftest import hf_beams, hf_greedy, make_model
+from live_helpers import free_port
 from segserve import LLM, SamplingParams
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -164,7 +165,6 @@ def test_serve_replica_group_answers_and_recovers_from_a_dead_rank(local_ray):
     from ray import serve
     from ray.serve.config import HTTPOptions
     from segserve.deploy.app import build_app
-    from test_serve import _free_port
 
     cfg = {"models": [{"name": "demo", "path": "demo", "dtype": "float32"}],
            "pools": [{"name": "cpu", "device": "cpu", "tensor_parallel_size": 2,
@@ -174,7 +174,7 @@ def test_serve_replica_group_answers_and_recovers_from_a_dead_rank(local_ray):
                 if a["name"].startswith("TPWorker:")}
 
     before = tp_workers()  # the other tests' groups
-    port = _free_port()
+    port = free_port()
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
     serve.run(build_app(cfg), name="tp", route_prefix="/")
     body = {"model": "demo", "prompt": [0, 5, 9, 33, 70], "max_tokens": 8, "temperature": 0}
