@@ -243,7 +243,7 @@ class LLMReplica:
         except QueueFull as e:
             status = "rejected"
             yield {"error": APIError(429, str(e)).to_dict()}
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away (or closed us)
             status = "abort"
             raise
         except EngineBroken:  # check_health fails too: Serve is replacing this replica
