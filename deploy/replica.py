@@ -257,11 +257,12 @@ class LLMReplica:
             logger.exception("request %s failed in the replica", request_id)
             yield {"error": _internal_error(request_id).to_dict()}
         finally:
-            if stream is not None:  # closed at once, not when collected: it aborts the request
-                await stream.aclose()
+            # Counted first: a cancelled call may be cancelled again inside the await below.
             self.metrics.finished(status)
             if later_tokens:
                 self.metrics.observe_tpot((last - first) / later_tokens)
+            if stream is not None:  # closed at once, not when collected: it aborts the request
+                await stream.aclose()
 
     def _stats(self) -> dict[str, float]:
         """The engine's stats, or the last complete ones. While the engine's first step runs
