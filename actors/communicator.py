@@ -58,26 +58,42 @@ class Communicator:
         return self.broadcast(t, src)
 
     def broadcast_object(self, obj: object = None, src: int = 0) -> object:
-        """A picklable object from ``src`` to every rank (two broadcasts: length, bytes), over
-        the host channel. The control path: rank 0 sends each step's inputs and commands this
-        way; on GPUs it never waits for the device's queue, so a follower gets step N+1's
-        inputs while step N still runs."""
+        """A picklable object from ``src`` to every rank, over the host channel: one broadcast
+        of a fixed ``CONTROL_BYTES`` buffer (length, then the pickle), and a second only for
+        the rest of a larger object. The control path: rank 0 sends each step's inputs and
+        commands this way; on GPUs it never waits for the device's queue, so a follower gets
+        step N+1's inputs while step N still runs."""
         if self.world_size == 1:
             return obj
+        room = CONTROL_BYTES - 8
+        buf = torch.zeros(CONTROL_BYTES, dtype=torch.uint8)
         if self.rank == src:
-            data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=5)), dtype=torch.uint8)
-            self.broadcast_cpu(torch.tensor([data.numel()], dtype=torch.int64), src)
-            self.broadcast_cpu(data, src)
+            data = pickle.dumps(obj, protocol=5)
+            head = len(data).to_bytes(8, "little") + data[:room]
+            buf[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+            self.broadcast_cpu(buf, src)
+            if len(data) > room:
+                rest = torch.frombuffer(bytearray(data[room:]), dtype=torch.uint8)
+                self.broadcast_cpu(rest, src)
             return obj
-        size = self.broadcast_cpu(torch.zeros(1, dtype=torch.int64), src)
-        data = self.broadcast_cpu(torch.empty(int(size.item()), dtype=torch.uint8), src)
-        return pickle.loads(data.numpy().tobytes())
+        self.broadcast_cpu(buf, src)
+        raw = buf.numpy().tobytes()
+        size = int.from_bytes(raw[:8], "little")
+        data = raw[8 : 8 + min(size, room)]
+        if size > room:
+            rest = torch.empty(size - room, dtype=torch.uint8)
+            self.broadcast_cpu(rest, src)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)
 
+
+# One control broadcast carries a message of up to this many bytes (a decode step's inputs at
+# small batch, a sampling plan); a larger one takes a second broadcast for the rest.
+CONTROL_BYTES = 16384
 
 # The control channel waits for rank 0's next message with no deadline: an idle replica group
 # may hear nothing for hours. A dead peer still ends the wait at once (its connection closes).
 CONTROL_TIMEOUT = timedelta(days=365)
-
 
 class TorchDistCommunicator(Communicator):
     """A replica group's channels over one TCP store (not the process-wide default group, so

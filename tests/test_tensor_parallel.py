@@ -229,11 +229,14 @@ def _idle_rank(rank: int, address: str, out) -> None:
     from segserve.actors.communicator import create_communicator
 
     comm = create_communicator("gloo", rank, 2, address, torch.device("cpu"), timeout_s=2.0)
+    big = list(range(20_000))  # past one control buffer: a second broadcast carries the rest
     if rank == 0:
         time.sleep(5)  # longer than the collective timeout: an idle group
         comm.broadcast_object(("step", 1))
+        comm.broadcast_object(big)
     else:
         out.put(comm.broadcast_object(None))
+        out.put(comm.broadcast_object(None) == big)
     t = torch.full((3,), float(rank + 1))
     comm.all_reduce(t)
     out.put(t.tolist())
@@ -249,6 +252,6 @@ def test_an_idle_group_outlives_the_collective_timeout():
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
     mp.start_processes(_idle_rank, args=(free_address(), out), nprocs=2, start_method="spawn")
-    got = [out.get() for _ in range(3)]
-    assert ("step", 1) in got
+    got = [out.get() for _ in range(4)]
+    assert ("step", 1) in got and True in got
     assert got.count([3.0, 3.0, 3.0]) == 2
