@@ -46,9 +46,6 @@ class Communicator:
         """``[world_size, *t.shape]``: every rank's ``t``, in rank order."""
         return t[None]
 
-    def barrier(self) -> None:
-        pass
-
     def close(self) -> None:
         pass
 
@@ -156,9 +153,6 @@ class TorchDistCommunicator(Communicator):
         self.pg._allgather_base(out, flat).wait()
         return out.view(self.world_size, *t.shape)
 
-    def barrier(self) -> None:
-        self.all_reduce(torch.zeros(1, device=self.device))
-
     def close(self) -> None:
         shutdown = getattr(self.pg, "shutdown", None)
         if shutdown is not None and self.name == "nccl":
@@ -184,9 +178,6 @@ class OneCCLAdapter(TorchDistCommunicator):
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         return self._ccl.all_gather(t.contiguous())
-
-    def barrier(self) -> None:
-        self._ccl.barrier()
 
     def close(self) -> None:
         self._ccl.close()

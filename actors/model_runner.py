@@ -267,12 +267,6 @@ class ModelRunner:
             x.max_q_len = max(x.max_q_len, item.num_tokens)
         return x
 
-    def prepare(
-        self, batch: list[ScheduledSeq]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        x = self.host_inputs(batch)
-        return (*self._device_inputs(x), x.sample_idx)
-
     def _device_inputs(
         self, x: StepInputs
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

@@ -69,9 +69,6 @@ class TPWorker:
         finally:
             self.comm.close()
 
-    def ready(self) -> bool:
-        return True
-
 
 def _process_main(config: dict, model_path: str, rank: int, world_size: int, address: str,
                   kvs_address: bytes | None) -> None:
