@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import pickle
 import socket
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -23,6 +24,23 @@ import torch
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("nccl", "xccl", "oneccl", "gloo")
+
+
+class ReplicaGroupFailed(RuntimeError):
+    """A rank of the replica group is gone, or a collective failed (a dead peer, a timeout):
+    the ranks' collectives no longer pair up, so the whole group is done."""
+
+
+@contextmanager
+def _collective(what: str):
+    """A backend's error inside a collective becomes :class:`ReplicaGroupFailed`, so callers
+    that fail single requests on ordinary errors (the sampler) let it through instead."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, ReplicaGroupFailed):
+            raise
+        raise ReplicaGroupFailed(f"{what} failed: {e}") from e
 
 
 class Communicator:
@@ -131,15 +149,18 @@ class TorchDistCommunicator(Communicator):
             raise ValueError(f"no torch.distributed backend {backend!r}")
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        self.pg.allreduce([t]).wait()
+        with _collective("all-reduce"):
+            self.pg.allreduce([t]).wait()
         return t
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        self.pg.broadcast([t], self._root(src)).wait()
+        with _collective("broadcast"):
+            self.pg.broadcast([t], self._root(src)).wait()
         return t
 
     def broadcast_cpu(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        self.control.broadcast([t], self._root(src)).wait()
+        with _collective("control broadcast"):
+            self.control.broadcast([t], self._root(src)).wait()
         return t
 
     def _root(self, src: int):
@@ -150,7 +171,8 @@ class TorchDistCommunicator(Communicator):
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         flat = t.contiguous().reshape(-1)
         out = torch.empty(self.world_size * flat.numel(), dtype=t.dtype, device=t.device)
-        self.pg._allgather_base(out, flat).wait()
+        with _collective("all-gather"):
+            self.pg._allgather_base(out, flat).wait()
         return out.view(self.world_size, *t.shape)
 
     def close(self) -> None:
@@ -171,13 +193,16 @@ class OneCCLAdapter(TorchDistCommunicator):
         self._ccl = OneCCLCommunicator(rank, world_size, kvs_address, timeout_s=timeout_s)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return self._ccl.all_reduce(t)
+        with _collective("oneCCL all-reduce"):
+            return self._ccl.all_reduce(t)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        return self._ccl.broadcast(t, src)
+        with _collective("oneCCL broadcast"):
+            return self._ccl.broadcast(t, src)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        return self._ccl.all_gather(t.contiguous())
+        with _collective("oneCCL all-gather"):
+            return self._ccl.all_gather(t.contiguous())
 
     def close(self) -> None:
         self._ccl.close()

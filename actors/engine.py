@@ -418,6 +418,8 @@ class EngineCore(TokenUpdates):
         for group in [g for g in groups if g.params.max_tokens == 0]:
             try:
                 results[group] = self._end_prefill_only(group)
+            except ReplicaGroupFailed:  # a collective failed: the group is done, not one request
+                raise
             except Exception:  # one request's failure must not wedge the others
                 logger.exception("ending prefill-only request %s failed", group.request_id)
                 results[group] = None
@@ -431,6 +433,8 @@ class EngineCore(TokenUpdates):
             if group.params.use_beam_search:
                 try:
                     results[group] = self._beam_update(group, step.logits, rows)
+                except ReplicaGroupFailed:
+                    raise
                 except Exception:  # one request's failure must not wedge the others
                     logger.exception("beam step failed for request %s", group.request_id)
                     results[group] = None

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .communicator import ReplicaGroupFailed
 from .outputs import CompletionOutput, Delta, RequestOutput
 from .sampler import beam_step, sample
 from .sequence import Sequence, SequenceGroup
@@ -29,6 +30,8 @@ class TokenUpdates:
     ) -> dict[SequenceGroup, list[Delta] | None]:
         try:
             chosen = step.presampled.to_host()
+        except ReplicaGroupFailed:
+            raise
         except Exception:
             logger.exception("reading sampled tokens failed")
             return dict.fromkeys(groups)
@@ -78,6 +81,8 @@ class TokenUpdates:
             picked = logits if row_ids == list(range(logits.shape[0])) else logits[row_ids]
             chosen = iter(sample(picked, seqs))
             choices = {g: [next(chosen) for _ in group_seqs] for g, group_seqs, _ in per_group}
+        except ReplicaGroupFailed:  # the ranks' collectives no longer pair up: no retry helps
+            raise
         except Exception:
             if len(groups) == 1:
                 logger.exception("sampling failed for request %s", groups[0].request_id)
@@ -86,6 +91,8 @@ class TokenUpdates:
             for g, group_seqs, group_rows in per_group:
                 try:
                     choices[g] = sample(logits[group_rows], group_seqs)
+                except ReplicaGroupFailed:
+                    raise
                 except Exception:
                     logger.exception("sampling failed for request %s", g.request_id)
                     choices[g] = None

@@ -22,14 +22,15 @@ from typing import Any
 
 import torch
 
-from .communicator import create_communicator, free_address, oneccl_rendezvous
+from .communicator import (  # noqa: F401 - ReplicaGroupFailed: callers import it from here
+    ReplicaGroupFailed,
+    create_communicator,
+    free_address,
+    oneccl_rendezvous,
+)
 from .config import EngineConfig
 
 logger = logging.getLogger(__name__)
-
-
-class ReplicaGroupFailed(RuntimeError):
-    """A rank of the replica group died or a collective failed: the replica cannot step."""
 
 
 def rank_device(config: EngineConfig, rank: int, launcher: str) -> torch.device:

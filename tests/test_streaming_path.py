@@ -68,7 +68,13 @@ def test_a_consumer_that_falls_behind_gets_every_ready_delta_in_one_item(expecte
     async def main() -> list[list]:
         items = engine.generate_ready(PROMPT, GREEDY, "late")
         first = await items.__anext__()  # the prefill's delta
-        while engine.core.has_work():  # the engine runs to the end before we ask again
+        # The engine runs to the end, and every later delta reaches the request's queue,
+        # before we ask again. (Waiting on has_work() alone races the loop's delivery of the
+        # last step, which lands on the event loop after the step's thread returns.)
+        queue = engine._queues["late"]
+        for _ in range(3000):
+            if queue.qsize() == len(expected) - 1:
+                break
             await asyncio.sleep(0.01)
         return [first, *[ready async for ready in items]]
 
