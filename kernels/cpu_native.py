@@ -10,7 +10,9 @@ hardware prefetcher follows across pages) and each 64-byte line is the ``vdpbf16
 16 columns x 2 k, so a k pair of an input row is broadcast and multiplied with 16 columns at
 once, no horizontal sums. Tiles of up to 6 input rows x 64 columns, float32 accumulation, one
 round-to-nearest-even to bf16 (as oneDNN). Single-thread CPU time on TinyLlama's shapes:
-1.5x oneDNN at 1 row, at the read bandwidth up to 4 rows, 1.15x at 16 rows.
+1.5x oneDNN at 1 row, at the read bandwidth up to 4 rows, 1.15x at 16 rows; from 64 to 2048
+rows (prefill) within 3% of oneDNN's packed GEMM, 1 or 2 threads, so there is one layout for
+both (each 64-column block, at most K * 128 bytes, stays in L2 while every row tile reads it).
 
 **Decode attention.** One task per (sequence, KV head): its G query heads against its keys read
 through both block tables (bf16, or int8 with their scales), float32 inside; replaces ~15
@@ -41,10 +43,7 @@ logger = logging.getLogger(__name__)
 
 ENV = "SEGSERVE_CPU_NATIVE"  # "0" turns the kernel off
 BLOCK_N = 64  # output columns per packed block
-# Rows from which a linear call (a prefill chunk) unpacks the weight for oneDNN's blocked GEMM:
-# the kernel's 6-row tiles have no cache blocking for large products (at 512 rows it took 1.7x
-# oneDNN's time on a 2-core box), while one unpacking copy is small against such a product.
-GEMM_ROWS = 64
+ATTENTION_PARALLEL_TASKS = 16  # (sequence, KV head) pairs from which decode attention splits
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -211,8 +210,10 @@ template <typename T>
 static void decode_attn(const uint16_t* q, const T* kc, const T* vc, const float* ks,
                         const float* vs, const int32_t* ptab, long wp, const int32_t* plen,
                         const int32_t* rtab, long wr, const int32_t* rlen, long B, long Hq,
-                        long Hkv, long D, long bs, float scale, long window, uint16_t* out) {
+                        long Hkv, long D, long bs, float scale, long window, uint16_t* out,
+                        int threads) {
     const long G = Hq / Hkv;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1)
     for (long task = 0; task < B * Hkv; ++task) {
         const long b = task / Hkv, h = task % Hkv;
         const long P = plen[b], ctx = P + rlen[b];
@@ -268,13 +269,14 @@ extern "C" void segserve_decode_attention(const uint16_t* q, const void* kc, con
                                           long wp, const int32_t* plen, const int32_t* rtab,
                                           long wr, const int32_t* rlen, long B, long Hq, long Hkv,
                                           long D, long bs, float scale, long window,
-                                          uint16_t* out) {
+                                          uint16_t* out, int threads) {
     if (ks)
         decode_attn<int8_t>(q, (const int8_t*)kc, (const int8_t*)vc, ks, vs, ptab, wp, plen,
-                            rtab, wr, rlen, B, Hq, Hkv, D, bs, scale, window, out);
+                            rtab, wr, rlen, B, Hq, Hkv, D, bs, scale, window, out, threads);
     else
         decode_attn<uint16_t>(q, (const uint16_t*)kc, (const uint16_t*)vc, ks, vs, ptab, wp,
-                              plen, rtab, wr, rlen, B, Hq, Hkv, D, bs, scale, window, out);
+                              plen, rtab, wr, rlen, B, Hq, Hkv, D, bs, scale, window, out,
+                              threads);
 }
 """
 
@@ -322,7 +324,7 @@ def load() -> ctypes.CDLL | None:
         ("segserve_add_rms_norm_bf16", [P, L, P, L, P, P, P, L, L, ctypes.c_float]),
         ("segserve_rope_write_kv_bf16", [P, L, P, L, P, L, P, P, L, L, L, L, P, P, P, P]),
         ("segserve_decode_attention",
-         [P, P, P, P, P, P, L, P, P, L, P, L, L, L, L, L, ctypes.c_float, L, P]),
+         [P, P, P, P, P, P, L, P, P, L, P, L, L, L, L, L, ctypes.c_float, L, P, ctypes.c_int]),
     ):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, args
@@ -353,12 +355,6 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(n // BLOCK_N, BLOCK_N, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``pack``."""
-    blocks, k2, bn, _ = packed.shape
-    return packed.permute(0, 2, 1, 3).reshape(blocks * bn, k2 * 2)
-
-
 def is_packed(weight: torch.Tensor) -> bool:
     return weight.dim() == 4 and weight.shape[2] == BLOCK_N and weight.shape[3] == 2
 
@@ -371,8 +367,6 @@ def linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
     if k != packed.shape[1] * 2:
         raise ValueError(f"linear: input has {k} features, the weight {packed.shape[1] * 2}")
     x2 = x.reshape(-1, k)
-    if x2.shape[0] >= GEMM_ROWS:
-        return torch.nn.functional.linear(x, unpack(packed), bias)
     if x2.dtype != torch.bfloat16:
         x2 = x2.to(torch.bfloat16)
     if x2.stride(-1) != 1 or x2.stride(0) % 2:  # rows are read 4 bytes at a time
@@ -465,6 +459,12 @@ def decode_attention_ok(q: torch.Tensor, k_cache: torch.Tensor, meta) -> bool:
     )
 
 
+def attention_threads(tasks: int) -> int:
+    """Threads for ``tasks`` (sequence, KV head) pairs: one below a batch's worth of work,
+    where a parallel region's start costs more than the split saves."""
+    return torch.get_num_threads() if tasks >= ATTENTION_PARALLEL_TASKS else 1
+
+
 def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, meta, scale: float, sliding_window: int | None,
                      k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
@@ -480,6 +480,6 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor,
         v_scale.data_ptr() if v_scale is not None else None,
         ptab.data_ptr(), ptab.shape[1], plen.data_ptr(), rtab.data_ptr(), rtab.shape[1],
         rlen.data_ptr(), b, hq, k_cache.shape[2], d, k_cache.shape[1], ctypes.c_float(scale),
-        sliding_window or 0, out.data_ptr(),
+        sliding_window or 0, out.data_ptr(), attention_threads(b * k_cache.shape[2]),
     )
     return out
