@@ -211,8 +211,9 @@ def test_int8_attention_within_int8_tolerance_of_fp32(decode, window):
     torch.testing.assert_close(ref8, exact, rtol=0, atol=3e-2)
 
 
+@pytest.mark.parametrize("batch", [7, 12])  # 14 (sequence, KV head) tasks: one thread; 24: split
 @pytest.mark.parametrize("window", [None, 6])
-def test_native_decode_attention_matches_reference(window):
+def test_native_decode_attention_matches_reference(window, batch):
     """The C++ decode attention (bf16 queries over a bf16 or int8 pool, float32 inside) against
     the reference computing in float32 on the same values: GQA, both segments, an empty
     response, a sliding window, NaN in every unwritten slot (never read)."""
@@ -220,9 +221,10 @@ def test_native_decode_attention_matches_reference(window):
         pytest.skip("the native CPU kernels do not build or run here")
     rng = random.Random(5)
     torch.manual_seed(5)
-    seqs = [(rng.randint(1, 40), rng.randint(0, 30), 1) for _ in range(6)] + [(33, 0, 1)]
+    seqs = [(rng.randint(1, 40), rng.randint(0, 30), 1) for _ in range(batch - 1)] + [(33, 0, 1)]
     meta = layout(rng, seqs, 64)
     heads, kv_heads, dim = 8, 2, 32
+    assert (batch * kv_heads >= cpu_native.ATTENTION_PARALLEL_TASKS) == (batch == 12)
     k = pool(meta, 64, kv_heads, dim, torch.bfloat16)
     v = pool(meta, 64, kv_heads, dim, torch.bfloat16)
     q = torch.randn(len(seqs), heads, dim).bfloat16()
@@ -265,7 +267,7 @@ def test_packed_bf16_linear_equals_f_linear():
     assert CPU.pack_linear_weight(torch.randn(8, 8)) is None  # float32 stays on F.linear
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 16, 70])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 16, 70, 257])
 def test_cpu_native_linear_matches_float32_product(rows):
     """The AVX-512 BF16 kernel against the float32 product of the same bf16 values: within one
     bf16 rounding of the result (as F.linear), with and without bias, at odd row counts (every
@@ -276,7 +278,9 @@ def test_cpu_native_linear_matches_float32_product(rows):
     for n, k in ((64, 70), (192, 256)):
         w, b = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
         packed = CPU.pack_linear_weight(w)
-        assert cpu_native.is_packed(packed) and torch.equal(cpu_native.unpack(packed), w)
+        # [N / 64, K / 2, 64, 2]: element [nb, kk, c, j] is w[nb * 64 + c, 2 * kk + j]
+        assert cpu_native.is_packed(packed)
+        assert torch.equal(packed.permute(0, 2, 1, 3).reshape(n, k), w)
         x = torch.randn(rows, k).bfloat16()
         for bias in (None, b):
             want = x.float() @ w.float().t() + (0 if bias is None else bias.float())
