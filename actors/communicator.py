@@ -123,11 +123,13 @@ class TorchDistCommunicator(Communicator):
                  device: torch.device, timeout_s: float) -> None:
         import torch.distributed as dist
 
-        super().__init__(rank, world_size, device)
         self.name = backend
         self._dist = dist
         if device.type == "cuda":
+            if device.index is None:  # plain "cuda": the current device (NCCL needs an index)
+                device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(device)
+        super().__init__(rank, world_size, device)
         host, port = address.removeprefix("tcp://").rsplit(":", 1)
         timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(host, int(port), world_size, is_master=rank == 0,

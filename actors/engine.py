@@ -91,6 +91,7 @@ class EngineCore(TokenUpdates):
         if device.type == "cpu" and config.cpu_threads is None:  # the ranks share the cores
             config = dataclasses.replace(config, cpu_threads=max(1, (os.cpu_count() or 1) // tp))
         if config.tp_launcher == "processes" and device.type == "cuda" \
+                and config.communicator != "gloo" \
                 and (device.index or 0) + tp > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size {tp} needs {tp} GPUs; this machine has "
                              f"{torch.cuda.device_count()}")

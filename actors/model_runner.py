@@ -170,7 +170,9 @@ class ModelRunner:
 
         self.decode: DecodeGraphs | None = None
         if getattr(self.backend, "graphable", False):
-            use_graphs = self.device.type == "cuda" and config.cuda_graphs
+            # A graph captures NCCL's collectives, never gloo's (they wait on the host).
+            use_graphs = (self.device.type == "cuda" and config.cuda_graphs
+                          and (self.comm.world_size == 1 or self.comm.name == "nccl"))
             self.decode = DecodeGraphs(
                 self._forward_logits, config.max_num_seqs,
                 -(-self.max_model_len // self.block_size), self.block_size, self.device,

@@ -35,13 +35,18 @@ logger = logging.getLogger(__name__)
 
 def rank_device(config: EngineConfig, rank: int, launcher: str) -> torch.device:
     """A rank's device: a Ray actor sees only its own GPU (index 0); a local process takes the
-    device ``rank`` places after rank 0's."""
+    device ``rank`` places after rank 0's. Over gloo, local ranks wrap around the devices there
+    are, so the sharded code runs on one GPU too (a correctness check: NCCL needs one GPU per
+    rank, and gloo stages every collective through the host)."""
     base = torch.device(config.device)
     if base.type == "cpu":
         return base
     if launcher == "ray":
         return torch.device(base.type, 0)
-    return torch.device(base.type, (base.index or 0) + rank)
+    index = (base.index or 0) + rank
+    if config.communicator == "gloo" and base.type == "cuda":
+        index %= torch.cuda.device_count()
+    return torch.device(base.type, index)
 
 
 class TPWorker:

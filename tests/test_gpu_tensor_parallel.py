@@ -9,12 +9,13 @@ import pytest
 import torch
 from conftest import hf_greedy, make_model
 from segserve import LLM, SamplingParams
-from test_tensor_parallel import PROMPTS, assert_logprobs_close, tokens
+from tp_helpers import PROMPTS, assert_logprobs_close, tokens
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,19 @@ def model(tmp_path_factory):
                                  mlp_bias=True)
 
 
+@two_gpus
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
 def test_nccl_tp2_equals_tp1(model, graphs):
+    _check_tp2_equals_tp1(model, "nccl", graphs)
+
+
+def test_gloo_tp2_sharing_one_gpu_equals_tp1(model):
+    """The sharded CUDA code (Triton kernels on shards, the vocabulary-parallel sampler on
+    device tensors, the control path) where there is one GPU: both ranks on it, over gloo."""
+    _check_tp2_equals_tp1(model, "gloo", graphs=True)  # gloo turns the graphs off itself
+
+
+def _check_tp2_equals_tp1(model, communicator: str, graphs: bool) -> None:
     path, hf = model
     kw = dict(device="cuda", dtype="float32", kernel_backend="triton", num_kv_blocks=256,
               max_num_seqs=8, max_num_batched_tokens=256, cuda_graphs=graphs)
@@ -40,8 +52,10 @@ def test_nccl_tp2_equals_tp1(model, graphs):
     a_beam = one.generate(PROMPTS[1], beam)
     del one
     torch.cuda.empty_cache()
-    with LLM(path, tensor_parallel_size=2, tp_launcher="processes", **kw) as two:
-        assert two.engine.runner.comm.name == "nccl"
+    with LLM(path, tensor_parallel_size=2, tp_launcher="processes", communicator=communicator,
+             **kw) as two:
+        assert two.engine.runner.comm.name == communicator
+        assert bool(two.engine.runner.decode.graphs) == (graphs and communicator == "nccl")
         b = two.generate(PROMPTS, params)
         b_beam = two.generate(PROMPTS[1], beam)
     assert tokens(a) == tokens(b)
