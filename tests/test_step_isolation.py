@@ -13,6 +13,8 @@ import pytest
 from segserve.actors import EngineConfig, EngineCore, SamplingParams
 from segserve.actors.async_engine import AsyncEngine, EngineBroken
 from segserve.actors.engine import StepFailed
+from segserve.actors.scheduler import Suspects
+from segserve.actors.sequence import Status
 from segserve.deploy.replica import LLMReplica
 
 POISON = 7  # a prompt holding this token id makes every step it is part of fail
@@ -110,6 +112,59 @@ def test_only_the_request_at_fault_fails_and_the_others_match_a_clean_run(tiny_m
     assert len(failed) <= math.ceil(math.log2(failed[0])) + 1
     _assert_pool_whole(core)
     assert not core.device_suspect  # innocent steps succeeded since
+
+
+class _Request:  # what Suspects reads of a request
+    def __init__(self, bad: bool) -> None:
+        self.bad, self.status = bad, Status.RUNNING
+
+
+@pytest.mark.parametrize("bad", [[3], [0, 7], [1, 2, 5], list(range(8))])
+def test_bisection_finds_every_bad_request_and_no_innocent_in_log2_steps(bad):
+    """Suspects alone, against a hand-made oracle: a step fails iff it holds a bad request."""
+    requests = [_Request(i in bad) for i in range(8)]
+    suspects, at_fault, steps = Suspects(), [], dict.fromkeys(requests, 0)
+    batch = requests
+    while batch:
+        for r in batch:
+            steps[r] += 1
+        if any(r.bad for r in batch):
+            for r in suspects.failed(batch):
+                r.status = Status.FINISHED  # the engine ends it
+                at_fault.append(r)
+        else:
+            suspects.succeeded(batch)
+        batch = suspects.next_cohort()
+    assert sorted(requests.index(r) for r in at_fault) == bad
+    assert max(steps.values()) <= math.log2(len(requests)) + 1
+    assert suspects.device_suspect == (len(bad) == len(requests))  # nothing ever succeeded
+
+
+def test_requests_arriving_while_isolating_wait_and_never_join_the_suspects(tiny_models):
+    path, _ = tiny_models["llama"]
+    core = _core(path)
+    failed = _poison(core)
+    inner, batches = core.runner.execute, []
+
+    def spy(batch, *args, **kwargs):
+        batches.append(({i.seq.group.request_id for i in batch}, bool(core.scheduler.suspects)))
+        return inner(batch, *args, **kwargs)
+
+    core.runner.execute = spy
+    first = {"a": [10, 11, 12], "poisoned": [5, POISON], "b": [20, 21, 22, 23], "c": [30, 31]}
+    for request_id, prompt in first.items():
+        core.add_request(prompt, GREEDY, request_id)
+    core.step()
+    assert failed == [4] and core.scheduler.suspects  # the batch failed: all four suspects
+    core.add_request([40, 41, 42], GREEDY, "newcomer")
+    ends = {}
+    while core.has_work():
+        ends.update((d.request_id, d.finish_reason) for d in core.step() if d.request_done)
+    assert ends == {"poisoned": "error", "a": "length", "b": "length", "c": "length",
+                    "newcomer": "length"}  # fmt: skip
+    isolating = [ids for ids, active in batches if active]
+    assert isolating and all(ids < set(first) for ids in isolating)  # only suspects, apart
+    _assert_pool_whole(core)
 
 
 def test_beams_and_a_shared_response_block_survive_a_failed_step(tiny_models):
