@@ -115,7 +115,9 @@ class AsyncEngine:
                     logger.error("%s; the replica reports unhealthy", self.broken)
                     return
                 continue
-            if not self.core.device_suspect:  # steps run again (see EngineCore._isolate)
+            # Requests failing alone one after another (EngineCore._isolate) are no success:
+            # the failed steps keep counting until a step succeeds.
+            if not self.core.device_suspect:
                 self._step_failures = 0
             self._deliver(deltas)
 

@@ -375,7 +375,7 @@ class EngineCore(TokenUpdates):
         groups = list(dict.fromkeys(item.seq.group for item in batch))
         suspects = self.scheduler.suspects
         ids = [g.request_id for g in groups]
-        if not suspects and suspects.device_suspect:
+        if not suspects and suspects.device_suspect:  # a new batch fails as well
             logger.exception("step failed for requests %s after others failed alone, one after "
                              "another: the device is at fault; failing every request", ids)
             for group in list(self.groups.values()):

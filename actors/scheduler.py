@@ -33,7 +33,7 @@ class Suspects:
     run alone in a later step: a batch that succeeds clears its requests, one that fails is
     halved again, and a request that fails alone is at fault. So a request takes part in at
     most log2(batch) + 1 failed steps, and a bad request costs the others a few steps' delay.
-    Their computed counts were not advanced, so re-running a step is simply scheduling it again.
+    A failed step advanced no computed count, so running it again is simply scheduling it.
     """
 
     def __init__(self) -> None:
