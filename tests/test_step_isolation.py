@@ -233,3 +233,33 @@ def test_a_device_that_fails_every_step_breaks_the_engine():
             await replica.check_health()
 
     asyncio.run(main())
+
+
+def test_through_a_replica_the_request_at_fault_is_a_500_and_the_others_complete():
+    replica = LLMReplica(dict(model="demo", device="cpu", dtype="float32", num_kv_blocks=64,
+                              max_model_len=256), "demo", "cpu")  # fmt: skip
+    failed = _poison(replica.engine.core)
+    sampling = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+    prompts = {"r1": [1, 2, 3, 4], "bad-1": [1, POISON, 3], "r2": [9, 8, 6], "r3": [20, 21]}
+
+    async def one(request_id):
+        return [i async for i in replica.generate(prompts[request_id], sampling, request_id)]
+
+    def tokens(items):
+        return [t for item in items for t in item["token_ids"]]
+
+    async def main():
+        alone = {r: tokens(await one(r)) for r in prompts if r != "bad-1"}
+        assert not failed
+        together = dict(zip(prompts, await asyncio.gather(*map(one, prompts)), strict=True))
+        assert failed[0] == len(prompts)  # the bad request shared its step with all the others
+        bad = together.pop("bad-1")
+        assert len(bad) == 1 and bad[0]["error"]["status"] == 500, bad
+        message = bad[0]["error"]["message"]
+        assert "bad-1" in message and "injected" not in message  # its id, no internals
+        assert {r: tokens(items) for r, items in together.items()} == alone
+        assert all(len(t) == 6 for t in alone.values())
+        await replica.check_health()
+        assert replica.engine.stats()["blocks_used"] == 0
+
+    asyncio.run(main())
