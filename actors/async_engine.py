@@ -34,9 +34,10 @@ class AsyncEngine:
     # How stale a stats snapshot may get while steps run back to back: metrics() walks every
     # live block, too costly to do after every step of a busy engine.
     STATS_INTERVAL_S = 0.25
-    # A step that raises (outside execute/sampling, which fail only their own requests) fails
-    # the requests in flight; this many in a row mean the fault persists: the engine stops and
-    # reports unhealthy, so Serve replaces the replica instead of it retrying forever.
+    # A step that raises (outside execute/sampling, which fail only their own requests; or
+    # StepFailed: model steps fail whatever the batch) fails the requests in flight; this many
+    # in a row mean the fault persists: the engine stops and reports unhealthy, so Serve
+    # replaces the replica instead of it retrying forever.
     MAX_CONSECUTIVE_STEP_FAILURES = 3
     # A step running longer than this means the device or the loop is stuck.
     STUCK_STEP_S = 120.0
@@ -114,7 +115,10 @@ class AsyncEngine:
                     logger.error("%s; the replica reports unhealthy", self.broken)
                     return
                 continue
-            self._step_failures = 0
+            # Requests failing alone one after another (EngineCore._isolate) are no success:
+            # the failed steps keep counting until a step succeeds.
+            if not self.core.device_suspect:
+                self._step_failures = 0
             self._deliver(deltas)
 
     def _deliver(self, deltas: list[Delta]) -> None:

@@ -56,6 +56,11 @@ class QueueFull(RuntimeError):
     """The engine's bounded waiting queue is full (the service answers 429)."""
 
 
+class StepFailed(RuntimeError):
+    """Model steps fail whatever the batch: the device, not a request, is at fault. Every
+    request has been ended with an error; the AsyncEngine counts this as a failed step."""
+
+
 class EngineCore(TokenUpdates):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -78,7 +83,7 @@ class EngineCore(TokenUpdates):
         self._rng = random.Random(config.seed)
         self.num_steps = 0
         self._inflight: _Step | None = None  # a decode step whose tokens are not read yet
-        self._failed: list[Delta] = []
+        self._failed: list[Delta] = []  # what a failed launch ended (see _isolate)
 
     def _start_runner(self, config: EngineConfig, path) -> ModelRunner:
         """This rank's runner; with tensor_parallel_size > 1, first the other ranks, and the
@@ -287,6 +292,11 @@ class EngineCore(TokenUpdates):
     def has_work(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_work() or self._inflight is not None
 
+    @property
+    def device_suspect(self) -> bool:
+        """Model steps have failed for request after request with none succeeding since."""
+        return self.scheduler.suspects.device_suspect
+
     # ----- one iteration ----------------------------------------------------------------------
     def step(self) -> list[Delta]:
         """One iteration. A decode step whose tokens can be chosen on the device is left in
@@ -300,7 +310,7 @@ class EngineCore(TokenUpdates):
             batch = self._lookahead(prev)
             if batch is not None:
                 self._inflight = self._launch(batch, prev)
-                if self._inflight is None:  # the launch failed and ended its requests
+                if self._inflight is None:  # the launch failed: its requests are suspects
                     deltas += self._failed
             deltas += self._complete(prev)
             if self._inflight is not None:
@@ -328,18 +338,18 @@ class EngineCore(TokenUpdates):
             source = (prev.presampled.tokens, [rows[id(item.seq)] for item in batch])
         on_decode_buffers = self.runner.is_decode_step(batch)
         scores: list[PromptScores] = []
+        copies = self.kv.take_pending_copies()
         try:
-            logits = self.runner.execute(batch, self.kv.take_pending_copies(), source, scores)
+            logits = self.runner.execute(batch, copies, source, scores)
             for sc in scores:
                 self._add_prompt_logprobs(sc)
         except Exception as e:  # a kernel failure must not take the whole engine down
             if self.tp_group is not None:  # the ranks' collectives may no longer pair up
                 self.check_group()
                 raise ReplicaGroupFailed(f"a replica-group step failed: {e}") from e
-            logger.exception("step failed; failing its requests")
-            groups = dict.fromkeys(item.seq.group for item in batch)
-            self._failed = [d for g in groups for d in self._end(g, "error")]
+            self._failed = self._isolate(batch, copies, e)
             return None
+        self.scheduler.suspects.succeeded(list(dict.fromkeys(item.seq.group for item in batch)))
         step = _Step(batch, [item for item in batch if item.samples], logits, on_decode_buffers)
         for item in batch:
             seq, group = item.seq, item.seq.group
@@ -355,6 +365,31 @@ class EngineCore(TokenUpdates):
                                                pending)
             step.presampled.start_copy()
         return step
+
+    def _isolate(self, batch: list[ScheduledSeq], copies: list[tuple[int, int]],
+                 error: Exception) -> list[Delta]:
+        """A failed step's requests are not failed together: the scheduler runs them again in
+        smaller batches until the request at fault fails alone (Suspects), and only that one
+        ends, with an error. Nothing of the step was kept (computed counts, prefix-cache
+        publication, sampling), so the retries recompute exactly what it would have. Called in
+        the ``except`` block: the log gets the traceback."""
+        groups = list(dict.fromkeys(item.seq.group for item in batch))
+        suspects = self.scheduler.suspects
+        ids = [g.request_id for g in groups]
+        if not suspects and suspects.device_suspect:  # a new batch fails as well
+            logger.exception("step failed for requests %s after others failed alone, one after "
+                             "another: the device is at fault; failing every request", ids)
+            for group in list(self.groups.values()):
+                self._end(group, "error")
+            raise StepFailed("the model step fails whatever the batch") from error
+        at_fault = suspects.failed(groups)
+        if at_fault:
+            logger.exception("step failed for request %s alone; it ends with an error", ids[0])
+        else:
+            logger.exception("step failed for requests %s; running them again in halves", ids)
+        deltas = [d for g in at_fault for d in self._end(g, "error")]
+        self.kv.requeue_copies(copies)
+        return deltas
 
     @staticmethod
     def _add_prompt_logprobs(sc: PromptScores) -> None:
@@ -388,7 +423,7 @@ class EngineCore(TokenUpdates):
         continues by one token, except those ``prev`` surely ends (max_tokens, max length).
         None when that is not the next step (requests waiting, a sequence not in ``prev``, no
         free block: the scheduler decides then)."""
-        if self._inbox or self.scheduler.waiting:
+        if self._inbox or self.scheduler.waiting or self.scheduler.suspects:
             return None
         live = [item.seq for item in prev.sampling
                 if not item.seq.finished and item.seq.group.status is Status.RUNNING]

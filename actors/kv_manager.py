@@ -269,6 +269,11 @@ class SegmentKVManager:
         copies, self.pending_copies = self.pending_copies, []
         return copies
 
+    def requeue_copies(self, copies: list[tuple[int, int]]) -> None:
+        """Copies a failed step may not have made, for its retry; those into a block freed
+        since (its request ended) are dropped, or they could overwrite the block's next owner."""
+        self.pending_copies[:0] = [(src, dst) for src, dst in copies if self.ref_count[dst] > 0]
+
     # ----- metrics --------------------------------------------------------------------------
     def metrics(self) -> KVMetrics:
         used = self.num_blocks - len(self.free) - len(self.evictable)

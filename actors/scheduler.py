@@ -6,6 +6,9 @@ by its first sequence, in chunks; its other sequences (samples, beams) then cont
 shared prompt segment. When the pool runs dry the most recently arrived running request is
 preempted: its blocks are freed and it is recomputed later (its prompt usually from the prefix
 cache). Nothing is ever dropped.
+
+When a model step fails, its requests become suspects (``Suspects``): they are re-run apart from
+the others, in halves of the failed batch, until the request at fault fails alone.
 """
 
 from __future__ import annotations
@@ -22,6 +25,67 @@ from .sequence import SequenceGroup, Status
 
 logger = logging.getLogger(__name__)
 
+
+class Suspects:
+    """Requests of a failed model step, to be re-run in smaller batches until the one at fault
+    is found. A step's failure cannot be pinned on one of its requests, so failing them all
+    would fail the innocent too. Instead the failed batch is split in halves (*cohorts*), each
+    run alone in a later step: a batch that succeeds clears its requests, one that fails is
+    halved again, and a request that fails alone is at fault. So a request takes part in at
+    most log2(batch) + 1 failed steps, and a bad request costs the others a few steps' delay.
+    A failed step advanced no computed count, so running it again is simply scheduling it.
+    """
+
+    def __init__(self) -> None:
+        self._cohorts: deque[list[SequenceGroup]] = deque()
+        self.failed_alone_in_a_row = 0  # requests that failed alone since a step last succeeded
+
+    def __bool__(self) -> bool:
+        return bool(self._cohorts)
+
+    @property
+    def device_suspect(self) -> bool:
+        """Two requests in a row failed alone with no step succeeding in between: the fault is
+        more likely the device's than theirs."""
+        return self.failed_alone_in_a_row >= 2
+
+    def next_cohort(self) -> list[SequenceGroup] | None:
+        """The requests to run apart in the next step (None: no suspects). A request that has
+        ended or was preempted since is dropped (preempted, it is recomputed as any other)."""
+        while self._cohorts:
+            cohort = [g for g in self._cohorts[0] if g.status is Status.RUNNING]
+            if cohort:
+                self._cohorts[0] = cohort
+                return cohort
+            self._cohorts.popleft()
+        return None
+
+    def succeeded(self, groups: list[SequenceGroup]) -> None:
+        self.failed_alone_in_a_row = 0
+        self._forget(groups)
+
+    def failed(self, groups: list[SequenceGroup]) -> list[SequenceGroup]:
+        """A step of ``groups`` failed: returns the request at fault when it ran alone, else
+        queues the two halves to run apart first."""
+        self._forget(groups)
+        if len(groups) == 1:
+            self.failed_alone_in_a_row += 1
+            return list(groups)
+        half = (len(groups) + 1) // 2
+        self._cohorts.extendleft([groups[half:], groups[:half]])  # the first half runs first
+        return []
+
+    def release(self, cohort: list[SequenceGroup]) -> None:
+        """Back to normal scheduling without a verdict (the cohort had nothing to compute)."""
+        self._forget(cohort)
+
+    def _forget(self, groups: list[SequenceGroup]) -> None:
+        if self._cohorts:
+            done = set(groups)
+            cohorts = ([g for g in c if g not in done] for c in self._cohorts)
+            self._cohorts = deque(c for c in cohorts if c)
+
+
 @dataclass
 class SchedulerOutput:
     batch: list[ScheduledSeq] = field(default_factory=list)
@@ -37,6 +101,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []  # kept in arrival order
+        self.suspects = Suspects()
 
     def add(self, group: SequenceGroup) -> None:
         group.status = Status.WAITING
@@ -108,9 +173,15 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            group = self.running[i]
+        # After a failed step its requests run apart (Suspects), one cohort a step; the others
+        # wait, so no failure of theirs can be pinned on an innocent request.
+        cohort = self.suspects.next_cohort()
+        serve = self.running if cohort is None else [g for g in self.running if g in cohort]
+        for group in list(serve):
+            if budget <= 0:
+                break
+            if group.status is not Status.RUNNING:
+                break  # preempted to make room for an earlier one, like everything after it
             try:
                 plan = self._plan(group, budget)
                 while True:
@@ -131,7 +202,10 @@ class Scheduler:
                 break
             out.batch += plan
             budget -= sum(item.num_tokens for item in plan)
-            i += 1
+        if cohort is not None:
+            if not out.batch and not out.preempted:
+                self.suspects.release(cohort)  # nothing of theirs to run: no verdict to wait for
+            return out  # admit nothing new while isolating a fault
         if out.preempted:
             return out  # memory is tight: admit nothing new this step
         num_seqs = self.num_running_seqs()
