@@ -53,18 +53,13 @@ _SOURCE = r"""
 // Packed weight: [N / 64][K / 2][64][2] bf16. One 64-wide column block is one contiguous stream
 // of K * 128 bytes; each 64-byte line holds 16 columns x 2 consecutive k, the operand layout of
 // vdpbf16ps, so a k pair of an input row is broadcast and multiplied with 16 columns at once.
-//
-// tile<MR>: MR rows x 64 columns over k pairs [k0, k1). Accumulators start at zero (first) or
-// from acc (float [MR][64]); they go back to acc, or (last) + bias, rounded to bf16, to out.
 template <int MR>
-static inline void tile(const uint16_t* x, long ldx, const uint16_t* wb, long k0, long k1,
-                        float* acc_buf, bool first, bool last, const uint16_t* bias,
-                        uint16_t* out, long ldo) {
+static inline void tile(const uint16_t* x, long ldx, const uint16_t* wb, long K2,
+                        const uint16_t* bias, uint16_t* out, long ldo) {
     __m512 acc[MR][4];
     for (int m = 0; m < MR; ++m)
-        for (int j = 0; j < 4; ++j)
-            acc[m][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + m * 64 + 16 * j);
-    for (long kk = k0; kk < k1; ++kk) {
+        for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (long kk = 0; kk < K2; ++kk) {
         const uint16_t* wk = wb + kk * 128;
         __m512bh wv[4];
         for (int j = 0; j < 4; ++j)
@@ -73,11 +68,6 @@ static inline void tile(const uint16_t* x, long ldx, const uint16_t* wb, long k0
             __m512bh xb = (__m512bh)_mm512_set1_epi32(*(const int32_t*)(x + m * ldx + 2 * kk));
             for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xb);
         }
-    }
-    if (!last) {
-        for (int m = 0; m < MR; ++m)
-            for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc_buf + m * 64 + 16 * j, acc[m][j]);
-        return;
     }
     for (int j = 0; j < 4; ++j) {
         __m512 b = _mm512_setzero_ps();
@@ -92,33 +82,6 @@ static inline void tile(const uint16_t* x, long ldx, const uint16_t* wb, long k0
     }
 }
 
-// Rows [0, M) of one column block over k pairs [k0, k1), in tiles of up to 6 rows.
-static inline void rows_pass(const uint16_t* x, long ldx, long M, const uint16_t* wb, long k0,
-                             long k1, float* acc_buf, bool first, bool last,
-                             const uint16_t* bias, uint16_t* out, long ldo) {
-    long m = 0;
-    for (; m + 6 <= M; m += 6)
-        tile<6>(x + m * ldx, ldx, wb, k0, k1, acc_buf + m * 64, first, last, bias,
-                out + m * ldo, ldo);
-    const uint16_t* xm = x + m * ldx;
-    float* am = acc_buf + m * 64;
-    uint16_t* om = out + m * ldo;
-    switch (M - m) {
-        case 5: tile<5>(xm, ldx, wb, k0, k1, am, first, last, bias, om, ldo); break;
-        case 4: tile<4>(xm, ldx, wb, k0, k1, am, first, last, bias, om, ldo); break;
-        case 3: tile<3>(xm, ldx, wb, k0, k1, am, first, last, bias, om, ldo); break;
-        case 2: tile<2>(xm, ldx, wb, k0, k1, am, first, last, bias, om, ldo); break;
-        case 1: tile<1>(xm, ldx, wb, k0, k1, am, first, last, bias, om, ldo); break;
-    }
-}
-
-// Up to this many rows, a column block is walked in chunks of K_CHUNK k pairs (16 KiB of
-// weights, L1-resident) with every row tile done per chunk, so the block is read from memory
-// once while all rows use it (the first tile's stream overlaps the others' multiplies). Past it
-// (prefill), each tile walks the whole block, which stays in L2 between tiles.
-#define CHUNKED_ROWS 48
-#define K_CHUNK 128
-
 // out[M, N] (row stride ldo) = x[M, K] (row stride ldx) @ W^T (+ bias[N]), W packed as above.
 extern "C" void segserve_linear_bf16(const uint16_t* x, long ldx, long M, const uint16_t* wp,
                                      long N, long K, const uint16_t* bias, uint16_t* out,
@@ -129,14 +92,14 @@ extern "C" void segserve_linear_bf16(const uint16_t* x, long ldx, long M, const 
         const uint16_t* wb = wp + nb * K2 * 128;
         const uint16_t* bb = bias ? bias + nb * 64 : nullptr;
         uint16_t* ob = out + nb * 64;
-        if (M <= 6 || M > CHUNKED_ROWS) {  // one tile reads the block once anyway; or prefill
-            rows_pass(x, ldx, M, wb, 0, K2, nullptr, true, true, bb, ob, ldo);
-            continue;
-        }
-        alignas(64) float acc[CHUNKED_ROWS * 64];
-        for (long k0 = 0; k0 < K2; k0 += K_CHUNK) {
-            const long k1 = k0 + K_CHUNK < K2 ? k0 + K_CHUNK : K2;
-            rows_pass(x, ldx, M, wb, k0, k1, acc, k0 == 0, k1 == K2, bb, ob, ldo);
+        long m = 0;
+        for (; m + 6 <= M; m += 6) tile<6>(x + m * ldx, ldx, wb, K2, bb, ob + m * ldo, ldo);
+        switch (M - m) {
+            case 5: tile<5>(x + m * ldx, ldx, wb, K2, bb, ob + m * ldo, ldo); break;
+            case 4: tile<4>(x + m * ldx, ldx, wb, K2, bb, ob + m * ldo, ldo); break;
+            case 3: tile<3>(x + m * ldx, ldx, wb, K2, bb, ob + m * ldo, ldo); break;
+            case 2: tile<2>(x + m * ldx, ldx, wb, K2, bb, ob + m * ldo, ldo); break;
+            case 1: tile<1>(x + m * ldx, ldx, wb, K2, bb, ob + m * ldo, ldo); break;
         }
     }
 }
