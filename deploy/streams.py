@@ -61,11 +61,13 @@ class _Prepared(Protocol):  # service.Prepared, without the import cycle
 
 async def _next(gen: Any, prep: _Prepared) -> dict[str, Any] | list[dict[str, Any]]:
     """The call's next item, by the request's deadline. On timeout the item's wait is
-    cancelled; the caller cancels the call, which aborts the engine request."""
+    cancelled; the caller cancels the call, which aborts the engine request. (A timeout scope,
+    not ``wait_for``: that wraps every item's wait in a task of its own.)"""
     if prep.deadline is None:
         return await gen.__anext__()
     try:
-        return await asyncio.wait_for(gen.__anext__(), max(prep.deadline - time.monotonic(), 0))
+        async with asyncio.timeout(max(prep.deadline - time.monotonic(), 0)):
+            return await gen.__anext__()
     except TimeoutError:
         raise APIError(504, f"the request timed out (request_timeout_s; request id "
                        f"{prep.request_id})") from None  # fmt: skip
