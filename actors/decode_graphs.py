@@ -215,7 +215,9 @@ class DecodeGraphs:
             self._step(rows)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: CUDA calls of other threads (NCCL's watchdog querying the events of
+            # the eager warm-up's collectives) must not invalidate this thread's capture.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = self._step(rows)
             pool = graph.pool()
             self.graphs[rows], self.outputs[rows] = graph, out
