@@ -102,8 +102,9 @@ class CPUBackend(ReferenceBackend):
         sizes when nothing compiles): at decode sizes one C++ call replaces 5-10 eager ops."""
         if not self.native_elementwise or not cpu_native.elementwise_ok(x):
             return None
-        rows = x.numel() // x.shape[-1]
-        if rows >= min_compiled_rows and self.fused.name != "eager":
+        # Tokens, as cpu_fused counts them (a [tokens, heads, dim] query is tokens rows, not
+        # tokens * heads: counting heads sent batches of 2-63 to eager RoPE, ~20 ops a layer).
+        if x.shape[0] >= min_compiled_rows and self.fused.name != "eager":
             return None
         return cpu_native.load()
 

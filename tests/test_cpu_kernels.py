@@ -378,6 +378,18 @@ def test_native_elementwise_ops_match_reference_in_bf16(rows):
     _check_fused(backend, rows, torch.float32, dict(rtol=0, atol=0))
 
 
+def test_native_ops_are_chosen_by_tokens_not_heads():
+    """A decode batch's query [tokens, heads, dim] takes the native kernels below the compiled
+    chains' row count in tokens (as cpu_fused counts), whatever its head count."""
+    if cpu_native.load() is None:
+        pytest.skip("the native CPU kernels do not build or run here")
+    backend = CPUBackend(fused="inductor")
+    rows = cpu_fused.INDUCTOR_MIN_ROWS
+    q = torch.zeros(rows - 1, 32, 64, dtype=torch.bfloat16)  # 63 tokens x 32 heads
+    assert backend._native(q, rows) is not None
+    assert backend._native(torch.zeros(rows, 32, 64, dtype=torch.bfloat16), rows) is None
+
+
 def test_fused_ops_choice_is_validated(monkeypatch):
     monkeypatch.setenv(cpu_fused.ENV, "eager")
     assert cpu_fused.make_fused_ops().name == "eager"
