@@ -17,6 +17,43 @@ from typing import Any
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 GRPC_SERVICER = "segserve.proto.servicer.add_SegServeServicer_to_server"
 
+# How Ray Serve takes requests in. "proxy": Serve's HTTP/gRPC proxy actor on the file's ports
+# relays every request to an ingress replica (a hop each way). "direct": Serve 2.60's direct
+# ingress: each ingress replica serves HTTP and gRPC itself, on ports Serve hands out per node
+# from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT (30000) / _MIN_GRPC_PORT (40000); the proxy stays
+# on the head node's ports as a fallback. "throughput": RAY_SERVE_THROUGHPUT_OPTIMIZED (direct
+# ingress, handles over gRPC, user code and router on the replica's main event loop, GC frozen
+# after start). Every Ray process reads these once, when it imports Serve, so they must be in
+# the environment before Ray starts: on a cluster, every node's `ray start` needs them.
+SERVE_MODES: dict[str, dict[str, str]] = {
+    "proxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+    "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+    "throughput": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                   "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}  # fmt: skip
+
+
+def set_serve_mode(mode: str) -> None:
+    """Put ``mode``'s variables in this process's environment, for the Ray it starts next."""
+    if mode not in SERVE_MODES:
+        raise ValueError(f"serve mode must be one of {', '.join(SERVE_MODES)}; got {mode!r}")
+    os.environ.update(SERVE_MODES[mode])
+
+
+def direct_ingress_targets(app: str) -> dict[str, tuple[str, int]]:
+    """{"HTTP": (ip, port), "gRPC": (ip, port)} of one ingress replica of ``app`` in direct
+    mode (empty until its servers run, or in proxy mode)."""
+    from ray import serve
+
+    details = serve.context._get_global_client().get_serve_details()
+    out = {}
+    for group in details.get("target_groups", []):
+        if group.get("app_name") == app and group["targets"]:
+            target = group["targets"][0]
+            protocol = group["protocol"]
+            out[getattr(protocol, "value", protocol)] = (target["ip"], target["port"])
+    return out
+
 
 def start(config_path: str | Path, address: str | None = None, blocking: bool = True,
           demo_fallback: bool = False) -> Any:
