@@ -257,6 +257,35 @@ def test_everything_on(rendered):
     assert grpc["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
 
 
+@pytest.mark.parametrize("graces, expected", [
+    ((None, None), "default"),  # ServiceConfig's default on both pools
+    ((120, 900.5), 931),  # the largest, rounded up, plus 30 s
+    ((0, None), "default"),  # an unset pool still has the default
+])
+def test_pods_wait_for_the_longest_drain(tmp, graces, expected):
+    """Kubernetes must not kill a pod while its replicas may still drain: every Ray pod's
+    terminationGracePeriodSeconds covers the largest graceful_shutdown_timeout_s plus 30 s."""
+    from segserve.deploy.config import PoolConfig
+
+    if expected == "default":
+        expected = PoolConfig.model_fields["graceful_shutdown_timeout_s"].default + 30
+    pools = [{"name": "gpu", "device": "gpu"}, {"name": "cpu", "device": "cpu"}]
+    for pool, grace in zip(pools, graces, strict=True):
+        if grace is not None:
+            pool["graceful_shutdown_timeout_s"] = grace
+    rs = one(render({"segserve": {"models": [{"name": "demo"}], "pools": pools}}, tmp),
+             "RayService")  # fmt: skip
+    templates = pod_templates(rs)
+    assert set(templates) == {"head", "gpu-workers", "cpu-workers"}
+    for group, template in templates.items():
+        assert template["spec"]["terminationGracePeriodSeconds"] == expected, group
+    serve_pools = {p["name"]: p for p in service_args(rs)["pools"]}
+    for pool in pools:  # the drain itself is what the pools say
+        if "graceful_shutdown_timeout_s" in pool:
+            grace = serve_pools[pool["name"]]["graceful_shutdown_timeout_s"]
+            assert grace == pool["graceful_shutdown_timeout_s"]
+
+
 def test_hostpath_model(rendered):
     rs = one(rendered("hostpath_gguf"), "RayService")
     for template in pod_templates(rs).values():

@@ -228,9 +228,24 @@ initContainers:
 {{- end -}}
 
 {{/* Pod-level settings shared by the head and the workers. Arguments: root context, group values. */}}
+{{/*
+How long Kubernetes waits after SIGTERM before it kills a pod: the longest drain a replica may
+take (the pools' graceful_shutdown_timeout_s; 600, ServiceConfig's default, where unset; the
+ingress drains as long as its longest pool) plus 30 s for Serve to stop the replicas and Ray to
+exit (`segserve serve` allows the same).
+*/}}
+{{- define "segserve.terminationGracePeriodSeconds" -}}
+{{- $grace := 0.0 -}}
+{{- range .Values.segserve.pools -}}
+  {{- $grace = maxf $grace (ternary .graceful_shutdown_timeout_s 600 (hasKey . "graceful_shutdown_timeout_s")) -}}
+{{- end -}}
+{{- int (ceil (addf $grace 30)) -}}
+{{- end -}}
+
 {{- define "segserve.podSpecCommon" -}}
 {{- $ctx := index . 0 -}}
 {{- $g := index . 1 -}}
+terminationGracePeriodSeconds: {{ include "segserve.terminationGracePeriodSeconds" $ctx }}
 securityContext:
   {{- toYaml $ctx.Values.podSecurityContext | nindent 2 }}
 {{- with $ctx.Values.imagePullSecrets }}
