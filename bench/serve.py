@@ -146,7 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-modes", type=_serve_modes, default=["proxy"],
                    help="how Serve takes requests in, comma-separated, each in a fresh cluster: "
                         "proxy (Serve's proxy actor), direct (the ingress replica serves HTTP "
-                        "and gRPC itself), throughput (RAY_SERVE_THROUGHPUT_OPTIMIZED); "
+                        "and gRPC itself), throughput (RAY_SERVE_THROUGHPUT_OPTIMIZED), "
+                        "haproxy (direct ingress behind HAProxy on the proxy's ports); "
                         "default: proxy")  # fmt: skip
     p.add_argument("--no-engine-again", dest="engine_again", action="store_false",
                    help="skip the engine-alone rerun after Serve (the noise floor)")
@@ -540,7 +541,12 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
     # A throwaway cluster that lives for this run only and is reached from this machine: token
     # auth (Ray 2.60's default for new clusters) would only add a ~/.ray/auth_token to manage.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from segserve.deploy.launch import GRPC_SERVICER, direct_ingress_targets, set_serve_mode
+    from segserve.deploy.launch import (
+        GRPC_SERVICER,
+        REPLICA_PORT_MODES,
+        direct_ingress_targets,
+        set_serve_mode,
+    )
 
     set_serve_mode(mode)
     import aiohttp
@@ -572,7 +578,7 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
         print(f"Serve ({mode}) up in {time.perf_counter() - t:.1f} s", flush=True)
 
         def addresses(app: str, prefix: str) -> tuple[str, str]:
-            if mode == "proxy":
+            if mode not in REPLICA_PORT_MODES:  # the proxy's (or HAProxy's) ports
                 return f"http://127.0.0.1:{args.http_port}{prefix}", f"127.0.0.1:{args.grpc_port}"
             # The replica's servers bind the HTTP options' host (loopback here), while the
             # target names the node's address; paths keep the application's route prefix.

