@@ -111,16 +111,24 @@ def start(config_path: str | Path, address: str | None = None, blocking: bool = 
         serve.run(build_app(service), name=app.name, route_prefix=app.route_prefix,
                   blocking=False)  # fmt: skip
     if blocking:
-        http_port, grpc_port = http.port, grpc.port
+        http_port, grpc_port, note = http.port, grpc.port, ""
         if address is None and serve_mode in REPLICA_PORT_MODES:
-            # One application's ingress replica: its own ports (the proxy's still answer).
+            # The first application's ingress replica: its own ports.
             ports = _wait_for_replica_ports(schema.applications[0].name)
             http_port, grpc_port = ports["HTTP"][1], ports["gRPC"][1]
-        print(_banner(http.host, http_port, grpc_port, services), flush=True)
+            note = _REPLICA_PORTS_NOTE.format(http=http.port, grpc=grpc.port)
+        print(_banner(http.host, http_port, grpc_port, services) + note, flush=True)
         _wait_forever()
         grace = max(p.graceful_shutdown_timeout_s for svc in services for p in svc.pools)
         drain_and_shutdown(grace + 30)
     return serve.status()
+
+
+_REPLICA_PORTS_NOTE = """
+
+These are the ingress replica's own ports (direct ingress, no proxy in the way). A replica that
+Serve replaces or redeploys gets new ones, and each ingress replica has its own; ports {http}
+(HTTP) and {grpc} (gRPC) keep answering through Serve's proxy on this node."""
 
 
 def _wait_for_replica_ports(app: str, timeout_s: float = 60.0) -> dict[str, tuple[str, int]]:

@@ -14,6 +14,8 @@ import json
 import os
 import socket
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
 import pytest
@@ -31,6 +33,7 @@ from segserve.deploy.launch import (  # noqa: E402
     GRPC_SERVICER,
     SERVE_MODES,
     direct_ingress_targets,
+    drain_and_shutdown,
     set_serve_mode,
 )
 from segserve.proto.client import SegServeClient  # noqa: E402
@@ -84,18 +87,26 @@ def engine():
     return LLM(model="demo", device="cpu", dtype="float32", num_kv_blocks=256, max_model_len=512)
 
 
-def _engine_stats(app: str) -> dict[str, float]:
-    """The engine's stats, read inside the replica that runs it."""
+def _engine_actor(app: str):
+    """The Serve replica actor that runs ``app``'s engine."""
     deployment = "Ingress" if app == "one" else "LLM:demo:cpu"
     (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")]  # fmt: skip
-    actor = ray.get_actor(name, namespace="serve")
+    return ray.get_actor(name, namespace="serve")
 
-    def stats(replica_actor) -> dict[str, float]:
+
+def _on_engine(app: str, fn):
+    """fn(the LLMReplica running ``app``'s engine), in its process."""
+
+    def call(replica_actor):
         user = replica_actor._replica_impl._user_callable_wrapper._callable  # Serve 2.60
-        return (user.replica if app == "one" else user)._stats()
+        return fn(user.replica if app == "one" else user)
 
-    return ray.get(actor.__ray_call__.remote(stats), timeout=30)
+    return ray.get(_engine_actor(app).__ray_call__.remote(call), timeout=30)
+
+
+def _engine_stats(app: str) -> dict[str, float]:
+    return _on_engine(app, lambda replica: replica._stats())
 
 
 def _sse(resp) -> list[dict]:
@@ -179,3 +190,59 @@ def test_disconnect_mid_stream_frees_blocks(svc, app):
     settled = wait_for(lambda: (s := _engine_stats(app))["running_requests"] == 0 and s)
     assert settled and settled["blocks_used"] == idle["blocks_used"], settled
     assert settled["steps"] - idle["steps"] < 400  # one token a step: it did not run on
+
+
+def test_shutdown_drains_a_stream_under_way(svc):
+    """`segserve serve` on SIGTERM (drain_and_shutdown) with direct ingress: the replica that
+    serves the client's connection is the one stopping, and it finishes the stream first. Last:
+    it shuts this module's Serve down."""
+    app, max_tokens = "one", 200
+
+    def gate_steps(replica) -> bool:  # each engine step waits for the gate
+        import threading as th
+
+        gate = replica.engine._test_gate = th.Event()
+        gate.set()
+        step = replica.engine.core.step
+        replica.engine.core.step = lambda: (gate.wait(), step())[1]
+        return True
+
+    _on_engine(app, gate_steps)
+    actor = _engine_actor(app)
+    started = threading.Event()
+
+    def stream() -> tuple[int, str | None]:
+        conn = http.client.HTTPConnection("127.0.0.1", svc[app]["http"], timeout=300)
+        body = {"model": "demo", "prompt": "a long story", "max_tokens": max_tokens,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        conn.request("POST", "/one/v1/completions", json.dumps(body),
+                     {"Content-Type": "application/json"})  # fmt: skip
+        tokens, finish = 0, None
+        for line in conn.getresponse():
+            if line.startswith(b"data: {"):
+                started.set()
+                event = json.loads(line[6:])
+                if event["choices"]:
+                    finish = event["choices"][0]["finish_reason"] or finish
+                elif event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+        conn.close()
+        return tokens, finish
+
+    def shutting_down() -> bool:
+        try:
+            return ray.get(actor.__ray_call__.remote(lambda a: a._replica_impl._shutting_down),
+                           timeout=30)  # fmt: skip
+        except ray.exceptions.RayActorError:
+            return False
+
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(stream)
+        assert started.wait(60), "the stream never started"
+        _on_engine(app, lambda replica: replica.engine._test_gate.clear())  # paused mid-way
+        shutdown = pool.submit(drain_and_shutdown, 120)
+        assert wait_for(shutting_down, timeout=60), "the replica never began to stop"
+        assert not running.done(), running.result()
+        _on_engine(app, lambda replica: replica.engine._test_gate.set())
+        assert running.result(timeout=120) == (max_tokens, "length")
+        shutdown.result(timeout=180)
