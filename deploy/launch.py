@@ -88,6 +88,10 @@ def start(config_path: str | Path, address: str | None = None, blocking: bool = 
                     for i, app in enumerate(raw["applications"])]
     if address is None:
         set_serve_mode(serve_mode)  # before Ray starts: each of its processes reads it once
+        if serve_mode in REPLICA_PORT_MODES:
+            # Serve holds a stopping ingress replica this long (30 s by default) for a load
+            # balancer in front to let go of it; clients call these replicas directly.
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -117,7 +121,7 @@ def start(config_path: str | Path, address: str | None = None, blocking: bool = 
             ports = _wait_for_replica_ports(schema.applications[0].name)
             http_port, grpc_port = ports["HTTP"][1], ports["gRPC"][1]
             note = _REPLICA_PORTS_NOTE.format(http=http.port, grpc=grpc.port)
-        print(_banner(http.host, http_port, grpc_port, services) + note, flush=True)
+        print(_banner(http.host, http_port, grpc_port, services, note), flush=True)
         _wait_forever()
         grace = max(p.graceful_shutdown_timeout_s for svc in services for p in svc.pools)
         drain_and_shutdown(grace + 30)
@@ -184,7 +188,7 @@ def _worker_env() -> dict[str, str]:
 QUESTION = "What is the capital of France?"
 
 
-def _banner(host: str, http_port: int, grpc_port: int, services: list) -> str:
+def _banner(host: str, http_port: int, grpc_port: int, services: list, note: str = "") -> str:
     model = services[0].models[0].name
     key = " --api-key $SEGSERVE_API_KEY" if services[0].ingress.api_key else ""
     hdr = ' -H "Authorization: Bearer $SEGSERVE_API_KEY"' if key else ""
@@ -205,7 +209,7 @@ Try (a chat request, through the model's chat template):
     '{body}'
   python -c "import os, openai; c = openai.OpenAI(base_url='http://{shown}:{http_port}/v1', \\
 api_key={oai_key}); print(c.chat.completions.create(model='{model}', temperature=0, \\
-messages=[{{'role': 'user', 'content': '{QUESTION}'}}]).choices[0].message.content)"
+messages=[{{'role': 'user', 'content': '{QUESTION}'}}]).choices[0].message.content)"{note}
 
 Ctrl-C stops it.""".strip("\n")
 
