@@ -55,6 +55,8 @@ def direct_ingress_targets(app: str) -> dict[str, tuple[str, int]]:
     mode (empty until its servers run, or in proxy mode)."""
     from ray import serve
 
+    # The controller's target groups (what a load balancer in front reads); Serve 2.60 has no
+    # public call for them outside its REST API, which needs the dashboard.
     details = serve.context._get_global_client().get_serve_details()
     out = {}
     for group in details.get("target_groups", []):
