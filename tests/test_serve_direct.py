@@ -167,25 +167,40 @@ def test_bad_request_is_a_4xx_on_the_replica_port(svc):
     conn.close()
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
 @pytest.mark.parametrize("app", APPS)
-def test_disconnect_mid_stream_frees_blocks(svc, app):
+def test_disconnect_mid_stream_frees_blocks(svc, app, transport):
     idle = wait_for(lambda: _engine_stats(app)["running_requests"] == 0 and _engine_stats(app))
     assert idle, "the engine never went idle"
-    conn = http.client.HTTPConnection("127.0.0.1", svc[app]["http"], timeout=60)
-    body = {"model": "demo", "prompt": "a long story " * 8, "max_tokens": 400,
-            "ignore_eos": True, "stream": True}  # fmt: skip
-    conn.request("POST", f"{APPS[app].rstrip('/')}/v1/completions", json.dumps(body),
-                 {"Content-Type": "application/json"})  # fmt: skip
-    resp = conn.getresponse()
-    assert resp.status == 200
-    for _ in range(3):  # a few tokens arrive: the request holds blocks now
-        assert resp.readline().startswith(b"data: ")
-        resp.readline()
+    if transport == "http":
+        conn = http.client.HTTPConnection("127.0.0.1", svc[app]["http"], timeout=60)
+        body = {"model": "demo", "prompt": "a long story " * 8, "max_tokens": 400,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        conn.request("POST", f"{APPS[app].rstrip('/')}/v1/completions", json.dumps(body),
+                     {"Content-Type": "application/json"})  # fmt: skip
+        resp = conn.getresponse()
+        assert resp.status == 200
+        for _ in range(3):  # a few tokens arrive: the request holds blocks now
+            assert resp.readline().startswith(b"data: ")
+            resp.readline()
+
+        def leave() -> None:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+    else:
+        client = SegServeClient(f"127.0.0.1:{svc[app]['grpc']}", application=app, timeout=60)
+        stream = client.generate_stream(prompt_token_ids=list(range(1, 40)), model="demo",
+                                        max_tokens=400, ignore_eos=True)  # fmt: skip
+        for _ in range(3):
+            next(stream)
+
+        def leave() -> None:
+            stream.close()  # cancels the call
+            client.close()
+
     busy = wait_for(lambda: _engine_stats(app)["blocks_used"] > idle["blocks_used"])
     assert busy, "the streaming request never showed up in the engine's stats"
-    conn.sock.shutdown(socket.SHUT_RDWR)
-    conn.close()
-
+    leave()
     # 400 tokens would take seconds; the engine must drop the request long before that.
     settled = wait_for(lambda: (s := _engine_stats(app))["running_requests"] == 0 and s)
     assert settled and settled["blocks_used"] == idle["blocks_used"], settled
