@@ -52,7 +52,8 @@ def set_serve_mode(mode: str) -> None:
 
 def direct_ingress_targets(app: str) -> dict[str, tuple[str, int]]:
     """{"HTTP": (ip, port), "gRPC": (ip, port)} of one ingress replica of ``app`` in direct
-    mode (empty until its servers run, or in proxy mode)."""
+    mode (empty until its servers run, or in proxy mode). While the application has no
+    running ingress replica, Serve lists its proxies instead: those are left out."""
     from ray import serve
 
     # The controller's target groups (what a load balancer in front reads); Serve 2.60 has no
@@ -60,10 +61,10 @@ def direct_ingress_targets(app: str) -> dict[str, tuple[str, int]]:
     details = serve.context._get_global_client().get_serve_details()
     out = {}
     for group in details.get("target_groups", []):
-        if group.get("app_name") == app and group["targets"]:
-            target = group["targets"][0]
+        replicas = [t for t in group["targets"] if t["name"].startswith("SERVE_REPLICA::")]
+        if group.get("app_name") == app and replicas:
             protocol = group["protocol"]
-            out[getattr(protocol, "value", protocol)] = (target["ip"], target["port"])
+            out[getattr(protocol, "value", protocol)] = (replicas[0]["ip"], replicas[0]["port"])
     return out
 
 
