@@ -29,7 +29,8 @@ The paths:
   a fresh local cluster started with that mode's environment (``deploy.launch.SERVE_MODES``).
   ``direct`` and ``throughput`` (Serve 2.60's direct ingress; the second adds
   ``RAY_SERVE_THROUGHPUT_OPTIMIZED``) have no proxy in the way: the clients call the ingress
-  replica's own HTTP and gRPC ports. Their paths are labelled with the mode.
+  replica's own HTTP and gRPC ports. ``haproxy``: the proxy's ports, served by HAProxy in
+  front of those. A path measured in a mode is labelled with it.
 
 The schedule: (a) concurrency 1, ``--num-sequential`` requests one after another; (b) for each
 of ``--rates``, ``--num-requests`` Poisson arrivals. Arrival times and prompts come from
