@@ -25,6 +25,12 @@ The paths:
 * **HTTP / gRPC, engine in ingress**: the same two, against a second application of the same
   service with ``ingress.engine_in_ingress`` (one deployment: the engine runs in the ingress
   replica, no replica hop). ``--layouts`` picks the layouts (default: both).
+* **Serve modes** (``--serve-modes``, default ``proxy``): each mode named runs every layout in
+  a fresh local cluster started with that mode's environment (``deploy.launch.SERVE_MODES``).
+  ``direct`` and ``throughput`` (Serve 2.60's direct ingress; the second adds
+  ``RAY_SERVE_THROUGHPUT_OPTIMIZED``) have no proxy in the way: the clients call the ingress
+  replica's own HTTP and gRPC ports. ``haproxy``: the proxy's ports, served by HAProxy in
+  front of those. A path measured in a mode is labelled with it.
 
 The schedule: (a) concurrency 1, ``--num-sequential`` requests one after another; (b) for each
 of ``--rates``, ``--num-requests`` Poisson arrivals. Arrival times and prompts come from
@@ -60,17 +66,18 @@ from typing import Any
 
 from segserve.actors.benchmark import kv_blocks_needed, percentile
 
-PATHS = ("engine", "http", "grpc", "http_one", "grpc_one", "engine_again")
 LABELS = {"engine": "engine alone", "http": "Serve HTTP", "grpc": "Serve gRPC",
           "http_one": "HTTP 1-depl.", "grpc_one": "gRPC 1-depl.",
           "engine_again": "engine again"}  # fmt: skip
 # First prompt token offset per path (see prompt_for). The rerun gets a fresh engine, so it can
-# use the engine's prompts.
+# use the engine's prompts; each Serve mode gets a fresh cluster, so its paths reuse the salts.
 SALT = {"engine": 0, "http": 1, "grpc": 2, "http_one": 3, "grpc_one": 4, "engine_again": 0}
 APP_NAME = "segserve"
 # layout -> (application name, route prefix, its paths)
 LAYOUTS = {"split": (APP_NAME, "", ("http", "grpc")),
            "engine-in-ingress": ("one", "/one", ("http_one", "grpc_one"))}  # fmt: skip
+# --serve-modes: how Ray Serve takes requests in (deploy.launch.SERVE_MODES). A path measured in
+# a mode other than "proxy" is named "<path>@<mode>".
 TTFT_TARGET_MS = 5.0
 TPOT_TARGET_RATIO = 1.03
 
@@ -94,6 +101,16 @@ def _layouts(text: str) -> list[str]:
     bad = [n for n in names if n not in LAYOUTS]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"layouts are {', '.join(LAYOUTS)}; got {text!r}")
+    return names
+
+
+def _serve_modes(text: str) -> list[str]:
+    from segserve.deploy.launch import SERVE_MODES
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names or any(n not in SERVE_MODES for n in names):
+        raise argparse.ArgumentTypeError(f"serve modes are {', '.join(SERVE_MODES)}; "
+                                         f"got {text!r}")  # fmt: skip
     return names
 
 
@@ -127,6 +144,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layouts", type=_layouts, default=list(LAYOUTS),
                    help="service layouts to measure, comma-separated: split (the engine in "
                         "its own deployment) and/or engine-in-ingress (default: both)")
+    p.add_argument("--serve-modes", type=_serve_modes, default=["proxy"],
+                   help="how Serve takes requests in, comma-separated, each in a fresh cluster: "
+                        "proxy (Serve's proxy actor), direct (the ingress replica serves HTTP "
+                        "and gRPC itself), throughput (RAY_SERVE_THROUGHPUT_OPTIMIZED), "
+                        "haproxy (direct ingress behind HAProxy on the proxy's ports); "
+                        "default: proxy")  # fmt: skip
     p.add_argument("--no-engine-again", dest="engine_again", action="store_false",
                    help="skip the engine-alone rerun after Serve (the noise floor)")
     p.add_argument("--ray-logs", action="store_true",
@@ -175,11 +198,18 @@ def make_phases(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], 
     return warm, phases
 
 
+def label(path: str, short: bool = False) -> str:
+    """"http_one@direct" -> "HTTP 1-depl. direct"."""
+    base, _, mode = path.partition("@")
+    text = (SHORT if short else LABELS)[base]
+    return f"{text} {mode}" if mode else text
+
+
 def prompt_for(path: str, body: list[int], vocab: int) -> list[int]:
     """The HTTP and gRPC runs share one replica and its prefix cache: with identical prompts the
     second path's prefills would mostly be cache hits. A path-specific first token changes every
     block hash (they are chained) and nothing else: same length, same work."""
-    return [(body[0] + SALT[path]) % vocab, *body[1:]]
+    return [(body[0] + SALT[path.split("@")[0]]) % vocab, *body[1:]]
 
 
 # ----- measurement -----------------------------------------------------------------------------
@@ -277,7 +307,7 @@ async def run_path(path: str, send: Send, warm: list[list[int]], phases: list[Ph
     for phase in phases:
         out[phase.name] = result = await run_phase(send, phase, path, vocab)
         s = result.summary(output_len)
-        print(f"  {LABELS[path]:<13} {phase.name:<10} TTFT p50 {s['ttft_p50_ms']:7.2f} ms, "
+        print(f"  {label(path):<24} {phase.name:<10} TTFT p50 {s['ttft_p50_ms']:7.2f} ms, "
               f"TPOT p50 {s['tpot_p50_ms']:6.2f} ms, {s['output_tokens_per_s']:7.1f} tok/s",
               flush=True)  # fmt: skip
     return out
@@ -505,17 +535,27 @@ async def _wait_ready(session: Any, base: str, stub: Any, app: str,
 
 
 def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Phase],
-                vocab: int) -> dict[str, dict[str, PhaseResult]]:
+                vocab: int, mode: str = "proxy") -> dict[str, dict[str, PhaseResult]]:
+    """Every layout's HTTP and gRPC paths through a fresh local cluster in Serve ``mode``
+    (its variables set before Ray starts; in a direct mode the clients call the ingress
+    replica's own ports instead of the proxy's)."""
     # A throwaway cluster that lives for this run only and is reached from this machine: token
     # auth (Ray 2.60's default for new clusters) would only add a ~/.ray/auth_token to manage.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from segserve.deploy.launch import (
+        GRPC_SERVICER,
+        REPLICA_PORT_MODES,
+        direct_ingress_targets,
+        set_serve_mode,
+    )
+
+    set_serve_mode(mode)
     import aiohttp
     import grpc
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
     from segserve.deploy.app import build_app
-    from segserve.deploy.launch import GRPC_SERVICER
     from segserve.proto import segserve_pb2_grpc
 
     _check_port_free(args.http_port)
@@ -536,25 +576,43 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
             app, prefix, _ = LAYOUTS[layout]
             serve.run(build_app(service_config(args, layout == "engine-in-ingress")), name=app,
                       route_prefix=prefix or "/")  # fmt: skip
-        print(f"Serve up in {time.perf_counter() - t:.1f} s", flush=True)
+        print(f"Serve ({mode}) up in {time.perf_counter() - t:.1f} s", flush=True)
+
+        def addresses(app: str, prefix: str) -> tuple[str, str]:
+            if mode not in REPLICA_PORT_MODES:  # the proxy's (or HAProxy's) ports
+                return f"http://127.0.0.1:{args.http_port}{prefix}", f"127.0.0.1:{args.grpc_port}"
+            # The replica's servers bind the HTTP options' host (loopback here), while the
+            # target names the node's address; paths keep the application's route prefix.
+            targets = wait_for(lambda: len(direct_ingress_targets(app)) == 2 and
+                               direct_ingress_targets(app))  # fmt: skip
+            if not targets:
+                raise RuntimeError(f"no direct ingress ports for {app} in 60 s")
+            return (f"http://127.0.0.1:{targets['HTTP'][1]}{prefix}",
+                    f"127.0.0.1:{targets['gRPC'][1]}")  # fmt: skip
 
         async def main() -> dict[str, dict[str, PhaseResult]]:
-            base = f"http://127.0.0.1:{args.http_port}"
             # limit=0: no client-side cap on connections, so a burst is never queued here.
             connector = aiohttp.TCPConnector(limit=0)
             timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
-            async with (aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-                        grpc.aio.insecure_channel(f"127.0.0.1:{args.grpc_port}") as channel):
-                stub = segserve_pb2_grpc.SegServeStub(channel)
-                senders = {}
+            suffix = "" if mode == "proxy" else f"@{mode}"
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+                senders, channels = {}, []
                 for layout in args.layouts:
                     app, prefix, (http, grpc_path) = LAYOUTS[layout]
-                    await _wait_ready(session, base + prefix, stub, app)
-                    senders[http] = http_sender(session, f"{base}{prefix}/v1/completions",
-                                                "demo", args.output_len)  # fmt: skip
-                    senders[grpc_path] = grpc_sender(stub, "demo", args.output_len, app)
-                return {path: await run_path(path, send, warm, phases, vocab, args.output_len)
-                        for path, send in senders.items()}  # fmt: skip
+                    base, target = addresses(app, prefix)
+                    channels.append(channel := grpc.aio.insecure_channel(target))
+                    stub = segserve_pb2_grpc.SegServeStub(channel)
+                    await _wait_ready(session, base, stub, app)
+                    senders[http + suffix] = http_sender(session, f"{base}/v1/completions",
+                                                         "demo", args.output_len)  # fmt: skip
+                    senders[grpc_path + suffix] = grpc_sender(stub, "demo", args.output_len, app)
+                try:
+                    return {path: await run_path(path, send, warm, phases, vocab,
+                                                 args.output_len)
+                            for path, send in senders.items()}  # fmt: skip
+                finally:
+                    for channel in channels:
+                        await channel.close()
 
         return asyncio.run(main())
     finally:
@@ -562,9 +620,16 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
         ray.shutdown()
 
 
+def wait_for(pred: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := pred()) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return value
+
+
 # ----- report ----------------------------------------------------------------------------------
 def format_phase(phase: Phase, summaries: dict[str, dict[str, float]], output_len: int) -> str:
-    head = (f"{'path':<13} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
+    head = (f"{'path':<24} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
             f"{'ITL p50':>8} {'ITL p99':>8} {'req/s':>7} {'tok/s':>8}")
     title = (f"{phase.name}: {len(phase.prompts)} requests"
              + (" one after another" if phase.rate is None else ", Poisson arrivals"))
@@ -572,7 +637,7 @@ def format_phase(phase: Phase, summaries: dict[str, dict[str, float]], output_le
     for path, s in summaries.items():
         note = f"  ({s['short_requests']} not {output_len} tokens!)" if s["short_requests"] else ""
         lines.append(
-            f"{LABELS[path]:<13} {s['ttft_p50_ms']:>9.2f} {s['ttft_p99_ms']:>9.2f} "
+            f"{label(path):<24} {s['ttft_p50_ms']:>9.2f} {s['ttft_p99_ms']:>9.2f} "
             f"{s['tpot_p50_ms']:>9.3f} {s['tpot_p99_ms']:>9.3f} {s['itl_p50_ms']:>8.3f} "
             f"{s['itl_p99_ms']:>8.3f} {s['requests_per_s']:>7.2f} "
             f"{s['output_tokens_per_s']:>8.1f}{note}"
@@ -590,7 +655,7 @@ def verdicts(phases: list[Phase], summaries: dict[str, dict[str, dict[str, float
     rows = []
     for phase in phases:
         eng = summaries["engine"][phase.name]
-        for path in [p for p in PATHS[1:] if p in summaries]:
+        for path in [p for p in summaries if p != "engine"]:
             s = summaries[path][phase.name]
             d_ttft = s["ttft_p50_ms"] - eng["ttft_p50_ms"]
             r_tpot = s["tpot_p50_ms"] / eng["tpot_p50_ms"]
@@ -602,7 +667,7 @@ def verdicts(phases: list[Phase], summaries: dict[str, dict[str, dict[str, float
 
 
 def format_verdicts(rows: list[dict]) -> str:
-    head = f"{'phase':<10} {'path':<12} {'TTFT +ms':>9} {'':<7} {'TPOT ratio':>10}"
+    head = f"{'phase':<10} {'path':<24} {'TTFT +ms':>9} {'':<7} {'TPOT ratio':>10}"
     lines = [f"Serve over the engine alone (medians); targets: TTFT +<= {TTFT_TARGET_MS:g} ms, "
              f"TPOT <= {TPOT_TARGET_RATIO:.2f}x", head, "-" * len(head)]  # fmt: skip
 
@@ -611,7 +676,7 @@ def format_verdicts(rows: list[dict]) -> str:
 
     for r in rows:
         noise = r["noise_floor"]
-        lines.append(f"{r['phase']:<10} {SHORT[r['path']]:<12} {r['ttft_added_ms']:>+9.2f} "
+        lines.append(f"{r['phase']:<10} {label(r['path'], True):<24} {r['ttft_added_ms']:>+9.2f} "
                      f"{verdict(r['ttft_pass'], noise):<7} {r['tpot_ratio']:>9.3f}x "
                      f"{verdict(r['tpot_pass'], noise):<7}".rstrip())  # fmt: skip
     return "\n".join(lines)
@@ -659,9 +724,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {"engine": bench_engine(args, core, warm, phases, vocab)}
     del core  # its KV pool and weights are not needed while Serve runs
     gc.collect()
-    print(f"Serve ({', '.join(args.layouts)}: HTTP, then gRPC){_load()} ...", flush=True)
-    results.update(bench_serve(args, warm, phases, vocab))
-    paths = [p for p in PATHS if p in results]
+    for mode in args.serve_modes:
+        print(f"Serve {mode} ({', '.join(args.layouts)}: HTTP, then gRPC){_load()} ...",
+              flush=True)  # fmt: skip
+        results.update(bench_serve(args, warm, phases, vocab, mode))
+    paths = list(results)
     if args.engine_again:
         print(f"engine alone again, a fresh engine{_load()} ...", flush=True)
         core = EngineCore(econfig)

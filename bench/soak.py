@@ -9,8 +9,11 @@
 beam search, gRPC unary and streams, cancels (a stream closed after its first event), and bad
 requests (which must be refused with a 4xx / INVALID_ARGUMENT). Then it waits for the replica
 to go idle and reports requests by kind and outcome, leaked KV blocks (blocks still used once
-idle: must be 0), the resident memory of every Serve process at the start and the end, and
-p50/p99 latency of the requests that completed. It exits 1 if anything unexpected happened
+idle: must be 0), the resident memory of every Serve process at the start and the end, sampled
+every ``--rss-every`` seconds in between (the series, its growth, and its least-squares slope
+over the run's second half: does it level off?), and p50/p99 latency of the requests that
+completed. ``--serve-mode direct`` runs Serve with direct ingress (the clients call the ingress
+replica's own ports; deploy.launch.SERVE_MODES). It exits 1 if anything unexpected happened
 (a 5xx, an error event, a leaked block, a bad request accepted).
 
 ``run_soak`` is the workload alone, against a service already running (tests/test_serve.py
@@ -26,6 +29,7 @@ import os
 import random
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -56,6 +60,75 @@ def serve_processes() -> dict[str, int]:
             actor = ray.get_actor(a["name"], namespace=a["namespace"])
             out[a["name"]] = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
     return out
+
+
+class RssSampler:
+    """Every ``every_s`` seconds (in a thread, so a busy event loop cannot delay it), the RSS of
+    each process of ``pids``: ``series[name]`` = [(seconds since start, MiB), ...]."""
+
+    def __init__(self, pids: dict[str, int], every_s: float) -> None:
+        self.pids, self.every_s = pids, every_s
+        self.series: dict[str, list[tuple[float, float]]] = {name: [] for name in pids}
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        t = round(time.monotonic() - self._t0, 1)
+        for name, pid in self.pids.items():
+            mib = _rss_mib(pid)
+            if mib is not None:
+                self.series[name].append((t, round(mib, 1)))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def __enter__(self) -> RssSampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, series in self.series.items():
+            if not series:
+                continue
+            start, end = series[0][1], series[-1][1]
+            half = [(t, m) for t, m in series if t >= series[-1][0] / 2]
+            out[name] = {"start": start, "end": end, "max": max(m for _, m in series),
+                         "growth_pct": round(100 * (end / start - 1), 2),
+                         "slope_last_half_mib_per_min": _slope_per_min(half),
+                         "series": series}  # fmt: skip
+        return out
+
+
+def _slope_per_min(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, MiB) points, in MiB per minute."""
+    if len(points) < 2:
+        return None
+    mt = statistics.fmean(t for t, _ in points)
+    mm = statistics.fmean(m for _, m in points)
+    var = sum((t - mt) ** 2 for t, _ in points)
+    cov = sum((t - mt) * (m - mm) for t, m in points)
+    return round(60 * cov / var, 3) if var else None
+
+
+def format_rss(rss: dict[str, dict[str, Any]]) -> str:
+    lines = ["RSS per Serve process (MiB): start -> end (growth), max, slope over the second "
+             "half; then the series (s: MiB)"]  # fmt: skip
+    for name, r in rss.items():
+        slope = r["slope_last_half_mib_per_min"]
+        lines.append(f"  {name}: {r['start']:.1f} -> {r['end']:.1f} ({r['growth_pct']:+.1f}%), "
+                     f"max {r['max']:.1f}, "
+                     + (f"{slope:+.2f} MiB/min" if slope is not None else "slope n/a"))
+        lines.append("    " + ", ".join(f"{t:g}: {m:.1f}" for t, m in r["series"]))
+    return "\n".join(lines)
 
 
 class _Outcomes:
@@ -211,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--rss-every", type=float, default=30.0,
+                   help="seconds between RSS samples of every Serve process")
+    p.add_argument("--serve-mode", default="proxy",
+                   choices=["proxy", "direct", "throughput", "haproxy"],
+                   help="how Serve takes requests in (deploy.launch.SERVE_MODES); direct and "
+                        "throughput: straight to the ingress replica's ports")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the report here")
     args = p.parse_args(argv)
 
@@ -219,8 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
     from segserve.deploy.app import build_app
-    from segserve.deploy.launch import GRPC_SERVICER
+    from segserve.deploy.launch import (
+        GRPC_SERVICER,
+        REPLICA_PORT_MODES,
+        direct_ingress_targets,
+        set_serve_mode,
+    )
     from segserve.deploy.router import deployment_name
+
+    set_serve_mode(args.serve_mode)  # before Ray starts: every Ray process reads it once
 
     config = {
         "models": [{"name": MODEL, "path": "demo", "dtype": "float32", "max_model_len": 512}],
@@ -235,19 +321,29 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(build_app(config), name="segserve", route_prefix="/")
         replica = serve.get_deployment_handle(deployment_name(MODEL, "cpu"), app_name="segserve")
         base, target = f"http://127.0.0.1:{args.http_port}", f"127.0.0.1:{args.grpc_port}"
+        if args.serve_mode in REPLICA_PORT_MODES:
+            deadline = time.monotonic() + 60
+            while len(ports := direct_ingress_targets("segserve")) < 2:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the ingress replica opened no direct ingress ports")
+                time.sleep(0.25)
+            # The replica's servers listen on the HTTP options' host (loopback here).
+            base = f"http://127.0.0.1:{ports['HTTP'][1]}"
+            target = f"127.0.0.1:{ports['gRPC'][1]}"
         # Warm up (first requests compile and allocate), then take the baseline RSS.
         asyncio.run(run_soak(base, target, "segserve", 5, args.concurrency, args.seed + 1))
-        pids = serve_processes()
-        rss_start = {name: _rss_mib(pid) for name, pid in pids.items()}
-        report = asyncio.run(run_soak(base, target, "segserve", args.duration, args.concurrency,
-                                      args.seed, lambda: replica.stats.remote().result()))
-        rss_end = {name: _rss_mib(pid) for name, pid in pids.items()}
+        with RssSampler(serve_processes(), args.rss_every) as rss:
+            report = asyncio.run(run_soak(base, target, "segserve", args.duration,
+                                          args.concurrency, args.seed,
+                                          lambda: replica.stats.remote().result()))  # fmt: skip
     finally:
         serve.shutdown()
         ray.shutdown()
-    report["rss_mib"] = {name: {"start": rss_start[name], "end": rss_end.get(name)}
-                         for name in rss_start}  # fmt: skip
-    print(json.dumps(report, indent=2))
+    report["serve_mode"] = args.serve_mode
+    report["load_avg"] = os.getloadavg()
+    report["rss_mib"] = rss.report()
+    print(json.dumps({k: v for k, v in report.items() if k != "rss_mib"}, indent=2))
+    print(format_rss(report["rss_mib"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

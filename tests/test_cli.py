@@ -7,6 +7,7 @@ never touch the user's cache.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -191,3 +192,25 @@ def test_module_runs_without_importing_ray():
         text=True,
     ).stdout
     assert "generate" in out and "bench-offline" in out
+
+
+def test_serve_mode_is_checked_and_sets_rays_environment(monkeypatch):
+    """`segserve serve --serve-mode` names one of launch.SERVE_MODES; the mode's variables go
+    into the environment that the Ray it starts inherits (Ray reads them once per process)."""
+    from segserve.deploy import launch
+    from segserve.deploy.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--serve-mode", "fast"])
+    assert build_parser().parse_args(["serve"]).serve_mode == launch.DEFAULT_SERVE_MODE
+    for name in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_THROUGHPUT_OPTIMIZED",
+                 "RAY_SERVE_ENABLE_HA_PROXY"):  # fmt: skip
+        monkeypatch.setenv(name, "1")  # a stale value from the shell must not leak through
+    launch.set_serve_mode("throughput")
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    launch.set_serve_mode("proxy")
+    assert all(os.environ[k] == "0" for k in launch.SERVE_MODES["haproxy"])
+    with pytest.raises(ValueError, match="serve mode"):
+        launch.set_serve_mode("fast")

@@ -21,6 +21,7 @@ from helm_chart import (
     rayservice_errors,
     render,
     render_notes,
+    serve_config,
     service_args,
     worker_groups,
 )
@@ -255,6 +256,55 @@ def test_everything_on(rendered):
     assert grpc["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["port"] == {
         "name": "grpc"}  # fmt: skip
     assert grpc["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+
+
+@pytest.mark.parametrize("graces, expected", [
+    ((None, None), "default"),  # ServiceConfig's default on both pools
+    ((120, 900.5), 931),  # the largest, rounded up, plus 30 s
+    ((0, None), "default"),  # an unset pool still has the default
+])
+def test_pods_wait_for_the_longest_drain(tmp, graces, expected):
+    """Kubernetes must not kill a pod while its replicas may still drain: every Ray pod's
+    terminationGracePeriodSeconds covers the largest graceful_shutdown_timeout_s plus 30 s."""
+    from segserve.deploy.config import PoolConfig
+
+    if expected == "default":
+        expected = PoolConfig.model_fields["graceful_shutdown_timeout_s"].default + 30
+    pools = [{"name": "gpu", "device": "gpu"}, {"name": "cpu", "device": "cpu"}]
+    for pool, grace in zip(pools, graces, strict=True):
+        if grace is not None:
+            pool["graceful_shutdown_timeout_s"] = grace
+    rs = one(render({"segserve": {"models": [{"name": "demo"}], "pools": pools}}, tmp),
+             "RayService")  # fmt: skip
+    templates = pod_templates(rs)
+    assert set(templates) == {"head", "gpu-workers", "cpu-workers"}
+    for group, template in templates.items():
+        assert template["spec"]["terminationGracePeriodSeconds"] == expected, group
+    serve_pools = {p["name"]: p for p in service_args(rs)["pools"]}
+    for pool in pools:  # the drain itself is what the pools say
+        if "graceful_shutdown_timeout_s" in pool:
+            grace = serve_pools[pool["name"]]["graceful_shutdown_timeout_s"]
+            assert grace == pool["graceful_shutdown_timeout_s"]
+
+
+@pytest.mark.parametrize("mode", ["proxy", "haproxy"])
+def test_serve_mode_env_reaches_every_ray_container(tmp, mode):
+    """Every Ray process reads the mode's variables once, at start: each head and worker
+    container carries exactly segserve serve's environment for that mode."""
+    from segserve.deploy.launch import SERVE_MODES
+
+    rs = one(render({"serve": {"mode": mode}}, tmp), "RayService")
+    want = {k: v for k, v in SERVE_MODES[mode].items() if v != "0"}  # Ray's defaults are off
+    names = set(SERVE_MODES["haproxy"]) | set(SERVE_MODES["proxy"])
+    for group, template in pod_templates(rs).items():
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+        assert {k: v for k, v in env.items() if k in names} == want, group
+    assert "mode" not in serve_config(rs)  # Serve's own file has no such key
+
+
+def test_unknown_serve_mode_is_refused(tmp):
+    proc = render({"serve": {"mode": "direct"}}, tmp, check=False)
+    assert proc.returncode != 0 and "mode" in proc.stderr, proc.stderr
 
 
 def test_hostpath_model(rendered):

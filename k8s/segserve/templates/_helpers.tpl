@@ -137,6 +137,15 @@ applications:
   value: "1"
 - name: TRANSFORMERS_OFFLINE
   value: "1"
+{{- if eq .Values.serve.mode "haproxy" }}
+# Serve's mode (segserve.deploy.launch.SERVE_MODES): read once by every Ray process at start.
+- name: RAY_SERVE_ENABLE_DIRECT_INGRESS
+  value: "1"
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "1"
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- end }}
 {{- if eq .Values.ray.authMode "disabled" }}
 # Ray 2.60 turns token auth on for new clusters unless told otherwise.
 - name: RAY_AUTH_MODE
@@ -228,9 +237,24 @@ initContainers:
 {{- end -}}
 
 {{/* Pod-level settings shared by the head and the workers. Arguments: root context, group values. */}}
+{{/*
+How long Kubernetes waits after SIGTERM before it kills a pod: the longest drain a replica may
+take (the pools' graceful_shutdown_timeout_s; 600, ServiceConfig's default, where unset; the
+ingress drains as long as its longest pool) plus 30 s for Serve to stop the replicas and Ray to
+exit (`segserve serve` allows the same).
+*/}}
+{{- define "segserve.terminationGracePeriodSeconds" -}}
+{{- $grace := 0.0 -}}
+{{- range .Values.segserve.pools -}}
+  {{- $grace = maxf $grace (ternary .graceful_shutdown_timeout_s 600 (hasKey . "graceful_shutdown_timeout_s")) -}}
+{{- end -}}
+{{- int (ceil (addf $grace 30)) -}}
+{{- end -}}
+
 {{- define "segserve.podSpecCommon" -}}
 {{- $ctx := index . 0 -}}
 {{- $g := index . 1 -}}
+terminationGracePeriodSeconds: {{ include "segserve.terminationGracePeriodSeconds" $ctx }}
 securityContext:
   {{- toYaml $ctx.Values.podSecurityContext | nindent 2 }}
 {{- with $ctx.Values.imagePullSecrets }}
