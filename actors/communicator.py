@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import pickle
 import socket
+import threading
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -24,6 +25,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("nccl", "xccl", "oneccl", "gloo")
+NCCL_CLOSE_TIMEOUT_S = 10.0
 
 
 class ReplicaGroupFailed(RuntimeError):
@@ -178,10 +180,20 @@ class TorchDistCommunicator(Communicator):
         return out.view(self.world_size, *t.shape)
 
     def close(self) -> None:
-        shutdown = getattr(self.pg, "shutdown", None)
-        if shutdown is not None and self.name == "nccl":
-            shutdown()
-        self.pg = self.control = None
+        pg, self.pg, self.control = self.pg, None, None
+        shutdown = getattr(pg, "shutdown", None)
+        if shutdown is None or self.name != "nccl":
+            return
+        # NCCL's shutdown is collective (every rank finalizes the communicator together), so it
+        # waits forever for a rank that has exited; the replica group's shutdown has every rank
+        # close at once, and this bound covers a rank that never will (it found rank 0 hanging
+        # at exit on two H200s). After it the communicator is left to the process's exit.
+        done = threading.Thread(target=shutdown, name="nccl-shutdown", daemon=True)
+        done.start()
+        done.join(NCCL_CLOSE_TIMEOUT_S)
+        if done.is_alive():
+            logger.warning("NCCL communicator of rank %d did not shut down within %.0f s; "
+                           "leaving it", self.rank, NCCL_CLOSE_TIMEOUT_S)
 
 
 class OneCCLAdapter(TorchDistCommunicator):

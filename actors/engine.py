@@ -127,8 +127,10 @@ class EngineCore(TokenUpdates):
         """Stop the other ranks of the replica group (nothing to do alone)."""
         if self.tp_group is not None:
             stop_followers(self.runner)
-            self.tp_group.stop()
+            # Close before joining the workers: each closes its communicator as it leaves its
+            # loop, and NCCL's close is collective (see TorchDistCommunicator.close).
             self.runner.comm.close()
+            self.tp_group.stop()
             self.tp_group = None
 
     @staticmethod
