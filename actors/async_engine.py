@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from .communicator import ReplicaGroupFailed
 from .config import EngineConfig
 from .engine import EngineCore, Prompt
 from .outputs import Delta
 from .sampling_params import SamplingParams
-from .tp_worker import ReplicaGroupFailed
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from segserve.models import load_spec, load_tokenizer, resolve_model_path
 
-from .communicator import create_communicator
+from .communicator import ReplicaGroupFailed, create_communicator
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_manager import NoFreeBlocks, SegmentKVManager
@@ -33,7 +33,7 @@ from .sequence import Sequence, SequenceGroup, Status
 from .structured import Grammars
 from .token_updates import TokenUpdates, _mark_done
 from .tp_group import stop_followers
-from .tp_worker import ReplicaGroup, ReplicaGroupFailed
+from .tp_worker import ReplicaGroup
 
 logger = logging.getLogger(__name__)
 

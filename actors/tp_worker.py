@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .communicator import (  # noqa: F401 - ReplicaGroupFailed: callers import it from here
+from .communicator import (
     ReplicaGroupFailed,
     create_communicator,
     free_address,

@@ -545,8 +545,8 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
     from segserve.deploy.launch import (
         GRPC_SERVICER,
         REPLICA_PORT_MODES,
-        direct_ingress_targets,
         set_serve_mode,
+        wait_for_replica_ports,
     )
 
     set_serve_mode(mode)
@@ -583,10 +583,7 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
                 return f"http://127.0.0.1:{args.http_port}{prefix}", f"127.0.0.1:{args.grpc_port}"
             # The replica's servers bind the HTTP options' host (loopback here), while the
             # target names the node's address; paths keep the application's route prefix.
-            targets = wait_for(lambda: len(direct_ingress_targets(app)) == 2 and
-                               direct_ingress_targets(app))  # fmt: skip
-            if not targets:
-                raise RuntimeError(f"no direct ingress ports for {app} in 60 s")
+            targets = wait_for_replica_ports(app)
             return (f"http://127.0.0.1:{targets['HTTP'][1]}{prefix}",
                     f"127.0.0.1:{targets['gRPC'][1]}")  # fmt: skip
 
@@ -618,13 +615,6 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def wait_for(pred: Callable[[], Any], timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := pred()) and time.monotonic() < deadline:
-        time.sleep(0.25)
-    return value
 
 
 # ----- report ----------------------------------------------------------------------------------

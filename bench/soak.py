@@ -278,6 +278,8 @@ async def run_soak(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from segserve.deploy.launch import SERVE_MODES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     p.add_argument("--concurrency", type=int, default=8)
@@ -286,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--rss-every", type=float, default=30.0,
                    help="seconds between RSS samples of every Serve process")
-    p.add_argument("--serve-mode", default="proxy",
-                   choices=["proxy", "direct", "throughput", "haproxy"],
+    p.add_argument("--serve-mode", default="proxy", choices=list(SERVE_MODES),
                    help="how Serve takes requests in (deploy.launch.SERVE_MODES); direct and "
                         "throughput: straight to the ingress replica's ports")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the report here")
@@ -301,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     from segserve.deploy.launch import (
         GRPC_SERVICER,
         REPLICA_PORT_MODES,
-        direct_ingress_targets,
         set_serve_mode,
+        wait_for_replica_ports,
     )
     from segserve.deploy.router import deployment_name
 
@@ -322,11 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         replica = serve.get_deployment_handle(deployment_name(MODEL, "cpu"), app_name="segserve")
         base, target = f"http://127.0.0.1:{args.http_port}", f"127.0.0.1:{args.grpc_port}"
         if args.serve_mode in REPLICA_PORT_MODES:
-            deadline = time.monotonic() + 60
-            while len(ports := direct_ingress_targets("segserve")) < 2:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the ingress replica opened no direct ingress ports")
-                time.sleep(0.25)
+            ports = wait_for_replica_ports("segserve")
             # The replica's servers listen on the HTTP options' host (loopback here).
             base = f"http://127.0.0.1:{ports['HTTP'][1]}"
             target = f"127.0.0.1:{ports['gRPC'][1]}"

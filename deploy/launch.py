@@ -121,7 +121,7 @@ def start(config_path: str | Path, address: str | None = None, blocking: bool = 
         http_port, grpc_port, note = http.port, grpc.port, ""
         if address is None and serve_mode in REPLICA_PORT_MODES:
             # The first application's ingress replica: its own ports.
-            ports = _wait_for_replica_ports(schema.applications[0].name)
+            ports = wait_for_replica_ports(schema.applications[0].name)
             http_port, grpc_port = ports["HTTP"][1], ports["gRPC"][1]
             note = _REPLICA_PORTS_NOTE.format(http=http.port, grpc=grpc.port)
         print(_banner(http.host, http_port, grpc_port, services, note), flush=True)
@@ -138,7 +138,9 @@ Serve replaces or redeploys gets new ones, and each ingress replica has its own;
 (HTTP) and {grpc} (gRPC) keep answering through Serve's proxy on this node."""
 
 
-def _wait_for_replica_ports(app: str, timeout_s: float = 60.0) -> dict[str, tuple[str, int]]:
+def wait_for_replica_ports(app: str, timeout_s: float = 60.0) -> dict[str, tuple[str, int]]:
+    """``direct_ingress_targets(app)`` once both of its servers (HTTP and gRPC) are up; a
+    RuntimeError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while len(ports := direct_ingress_targets(app)) < 2:
         if time.monotonic() > deadline:

@@ -32,9 +32,9 @@ from segserve.deploy.app import build_app  # noqa: E402
 from segserve.deploy.launch import (  # noqa: E402
     GRPC_SERVICER,
     SERVE_MODES,
-    direct_ingress_targets,
     drain_and_shutdown,
     set_serve_mode,
+    wait_for_replica_ports,
 )
 from segserve.proto.client import SegServeClient  # noqa: E402
 
@@ -67,9 +67,7 @@ def svc():
                                              grpc_servicer_functions=[GRPC_SERVICER]))
         serve.run(build_app(SPLIT), name="split", route_prefix=APPS["split"])
         serve.run(build_app(ONE), name="one", route_prefix=APPS["one"])
-        ports = {app: wait_for(lambda a=app: len(t := direct_ingress_targets(a)) == 2 and t,
-                               timeout=60) for app in APPS}  # fmt: skip
-        assert all(ports.values()), f"no direct ingress ports: {ports}"
+        ports = {app: wait_for_replica_ports(app) for app in APPS}
         yield {app: {"http": p["HTTP"][1], "grpc": p["gRPC"][1], "proxy": proxy_port}
                for app, p in ports.items()}  # fmt: skip
     finally:

@@ -112,7 +112,7 @@ def test_beam_search_equals_tp1_and_hf(pairs, models):
 
 def test_killed_worker_fails_cleanly(local_ray, models):
     """A dead rank surfaces as ReplicaGroupFailed within the collective timeout, not a hang."""
-    from segserve.actors.tp_worker import ReplicaGroupFailed
+    from segserve.actors.communicator import ReplicaGroupFailed
 
     path, _ = models["qwen2"]
     llm = LLM(path, tensor_parallel_size=2, num_kv_blocks=64, max_num_seqs=4,
