@@ -355,6 +355,12 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(n // BLOCK_N, BLOCK_N, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack`` (a copy), for tools that compare other GEMMs on the same weight."""
+    blocks, k2, bn, _ = packed.shape
+    return packed.permute(0, 2, 1, 3).reshape(blocks * bn, k2 * 2)
+
+
 def is_packed(weight: torch.Tensor) -> bool:
     return weight.dim() == 4 and weight.shape[2] == BLOCK_N and weight.shape[3] == 2
 

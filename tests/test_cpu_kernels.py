@@ -281,6 +281,7 @@ def test_cpu_native_linear_matches_float32_product(rows):
         # [N / 64, K / 2, 64, 2]: element [nb, kk, c, j] is w[nb * 64 + c, 2 * kk + j]
         assert cpu_native.is_packed(packed)
         assert torch.equal(packed.permute(0, 2, 1, 3).reshape(n, k), w)
+        assert torch.equal(cpu_native.unpack(packed), w)  # bench/cpu_kernels.py's inverse
         x = torch.randn(rows, k).bfloat16()
         for bias in (None, b):
             want = x.float() @ w.float().t() + (0 if bias is None else bias.float())

@@ -237,3 +237,24 @@ def test_an_idle_group_outlives_the_collective_timeout():
     got = [out.get() for _ in range(4)]
     assert ("step", 1) in got and True in got
     assert got.count([3.0, 3.0, 3.0]) == 2
+
+
+def test_four_ranks_equal_tp1_on_a_held_out_shape(tmp_path):
+    """TP=4 (ranks started by torch.multiprocessing, gloo; the GPU test's launcher) on a shape
+    the other tests don't use: 8 query / 4 KV heads (one per rank), a sliding window, and a
+    vocabulary of 299 (padded to 300). Greedy, seeded n=2 sampling, log-probs and beams equal
+    TP=1."""
+    make_model(tmp_path, "mistral", hidden_size=128, num_attention_heads=8,
+               num_key_value_heads=4, intermediate_size=160, vocab_size=299, sliding_window=8)
+    params = [SamplingParams(max_tokens=12, temperature=0.0, logprobs=3),
+              SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=3, n=2, logprobs=2)]
+    beams = SamplingParams(max_tokens=8, beam_width=3, temperature=0.0)
+    common = dict(num_kv_blocks=64, max_num_seqs=8, block_size=4, max_num_batched_tokens=64)
+    one = LLM(str(tmp_path), **common)
+    a, beam1 = one.generate(PROMPTS, params), one.generate(PROMPTS[1], beams)
+    one.shutdown()
+    with LLM(str(tmp_path), tensor_parallel_size=4, tp_launcher="processes", **common) as four:
+        b, beam4 = four.generate(PROMPTS, params), four.generate(PROMPTS[1], beams)
+    assert tokens(a) == tokens(b)
+    assert_logprobs_close(a, b)
+    assert tokens(beam1) == tokens(beam4)
