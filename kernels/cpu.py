@@ -123,7 +123,10 @@ class CPUBackend(ReferenceBackend):
         return self.fused.add_rms_norm(x, residual, weight, eps)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        # eager's vectorized exp beats a scalar C++ loop even at one row
+        # one call instead of split, silu, mul and their allocations (~50 us a layer at batch 1)
+        lib = self._native(gate_up, cpu_fused.SILU_MUL_MIN_ROWS)
+        if lib is not None:
+            return cpu_native.silu_mul(lib, gate_up)
         return self.fused.silu_mul(gate_up)
 
     def rope(

@@ -18,8 +18,9 @@ both (each 64-column block, at most K * 128 bytes, stays in L2 while every row t
 through both block tables (bf16, or int8 with their scales), float32 inside; replaces ~15
 dispatched ops per layer.
 
-**Element-wise.** add+RMSNorm, RMSNorm, RoPE+KV write for bf16 calls below the sizes where the
-Inductor-compiled chains win: one call each, rounding where the eager ops round.
+**Element-wise.** add+RMSNorm, RMSNorm, SiLU*mul (with a vectorized exp) and RoPE+KV write for
+bf16 calls below the sizes where the Inductor-compiled chains win: one call each, rounding where
+the eager ops round.
 
 Built once per machine by ``torch.utils.cpp_extension`` (cached under ``$TORCH_EXTENSIONS_DIR``)
 without torch's headers (~10 s), called through ctypes on raw pointers; its OpenMP is the libgomp
@@ -164,6 +165,44 @@ extern "C" void segserve_add_rms_norm_bf16(const uint16_t* x, long ldx, const ui
             const long n = H - i;
             __m512 y = round16(_mm512_mul_ps(ld16(src + i, n), inv));
             st16(out + t * H + i, _mm512_mul_ps(ld16(w + i, n), y), n);
+        }
+    }
+}
+
+// exp(x) to ~1 float ulp: n = round(x / ln2), r = x - n ln2 (two-part ln2, |r| <= 0.35),
+// exp(r) by its degree-7 Taylor polynomial, times 2^n (scalef: overflow -> inf, underflow -> 0).
+static inline __m512 exp16(__m512 x) {
+    // past +-104 the result is inf or 0 anyway; clamping keeps n * ln2 finite (no inf - inf)
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// out[t, :I] = bf16(silu(gate)) * up for gate_up[t] = [gate (I) | up (I)] (row stride ldg),
+// rounded where eager's F.silu(gate) * up rounds.
+extern "C" void segserve_silu_mul_bf16(const uint16_t* gate_up, long ldg, long rows, long I,
+                                       uint16_t* out) {
+    #pragma omp parallel for schedule(static) if (rows * I >= 65536)
+    for (long t = 0; t < rows; ++t) {
+        const uint16_t* g = gate_up + t * ldg;
+        for (long i = 0; i < I; i += 16) {
+            const long n = I - i;
+            const __m512 x = ld16(g + i, n);
+            const __m512 one = _mm512_set1_ps(1.0f);
+            const __m512 silu = round16(_mm512_div_ps(x, _mm512_add_ps(one, exp16(
+                _mm512_sub_ps(_mm512_setzero_ps(), x)))));
+            st16(out + t * I + i, _mm512_mul_ps(silu, ld16(g + I + i, n)), n);
         }
     }
 }
@@ -322,6 +361,7 @@ def load() -> ctypes.CDLL | None:
     P = ctypes.c_void_p
     for name, args in (
         ("segserve_add_rms_norm_bf16", [P, L, P, L, P, P, P, L, L, ctypes.c_float]),
+        ("segserve_silu_mul_bf16", [P, L, L, L, P]),
         ("segserve_rope_write_kv_bf16", [P, L, P, L, P, L, P, P, L, L, L, L, P, P, P, P]),
         ("segserve_decode_attention",
          [P, P, P, P, P, P, L, P, P, L, P, L, L, L, L, L, ctypes.c_float, L, P, ctypes.c_int]),
@@ -417,6 +457,17 @@ def add_rms_norm(lib: ctypes.CDLL, x: torch.Tensor, residual: torch.Tensor | Non
                                    weight.data_ptr(), out.data_ptr(), res_out.data_ptr(), rows, h,
                                    ctypes.c_float(eps))
     return out.view(x.shape), res_out.view(x.shape)
+
+
+def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` (bf16), rounded where eager rounds."""
+    g2 = _rows2d(gate_up)
+    rows, width = g2.shape
+    if width % 2:
+        raise ValueError(f"silu_mul: gate_up has an odd width {width}")
+    out = torch.empty(rows, width // 2, dtype=torch.bfloat16)
+    lib.segserve_silu_mul_bf16(g2.data_ptr(), g2.stride(0), rows, width // 2, out.data_ptr())
+    return out.view(*gate_up.shape[:-1], width // 2)
 
 
 def rope_write_kv_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
