@@ -9,9 +9,11 @@ by side, in one run, on one device.
 
 What it prints, in order:
 
-* **ceilings**: copy bandwidth (a large device copy, read + write counted), the bf16/fp16 matmul
-  rate (a large square product), the weight bytes a decode step must read, and so the floor of a
-  decode step (weights + the step's KV reads, over the bandwidth).
+* **ceilings**: read bandwidth (a large sum) and copy bandwidth (a large device copy, read +
+  write counted), each the median of samples taken before and after our decode steps (the step
+  is a median too), the bf16/fp16 matmul rate (a large square product), the weight bytes a
+  decode step must read, and so the floor of a decode step (weights + the step's KV reads, over
+  the bandwidth).
 * **our decode step** at each batch size: the median ``EngineCore.step()`` of steps that only
   decode (host work included), its ratio to the floor and the bandwidth it achieves.
 * **HF transformers**: eager ``generate`` and, on CUDA, static cache + ``torch.compile`` where it
@@ -207,18 +209,26 @@ def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
     return time.perf_counter() - t
 
 
-def measure_bandwidth(device: torch.device, mib: int, repeats: int = 5) -> tuple[float, float]:
-    """(read GB/s from a sum, copy GB/s counting read + write), best of ``repeats``. The tensor
-    is far larger than any cache, so this is DRAM/HBM bandwidth."""
+def measure_bandwidth(device: torch.device, mib: int,
+                      repeats: int = 9) -> tuple[list[float], list[float]]:
+    """Samples of (read GB/s from a sum, copy GB/s counting read + write). The tensor is far
+    larger than any cache, so this is DRAM/HBM bandwidth."""
     sync = synchronizer(device)
     n = mib * 2**20 // 4
     x = torch.randn(n, dtype=torch.float32, device=device)  # random: zeros can run faster
     y = torch.empty_like(x)
     y.copy_(x)
     nbytes = x.numel() * x.element_size()
-    read = min(timed(lambda: x.sum(), sync) for _ in range(repeats))
-    copy = min(timed(lambda: y.copy_(x), sync) for _ in range(repeats))
-    return nbytes / read / 1e9, 2 * nbytes / copy / 1e9
+    read = [nbytes / timed(lambda: x.sum(), sync) / 1e9 for _ in range(repeats)]
+    copy = [2 * nbytes / timed(lambda: y.copy_(x), sync) / 1e9 for _ in range(repeats)]
+    return read, copy
+
+
+def bandwidth_floor(read: list[float], copy: list[float]) -> tuple[float, float]:
+    """(GB/s the floors use, the read p50). Medians, not bests: the decode step is a median
+    too, and a shared host's bandwidth swings (25-49 GB/s for the same sum, seconds apart, on
+    this project's 2-core box), so a best-of-N would be a peak no sustained read sees."""
+    return max(statistics.median(read), statistics.median(copy)), statistics.median(read)
 
 
 def measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
@@ -526,20 +536,29 @@ def main(argv: list[str] | None = None) -> int:
         print(core.runner.cpu_placement)
 
     mib = args.bandwidth_mib or (512 if device.type == "cpu" else 4096)
-    read_bw, copy_bw = measure_bandwidth(device, mib)
-    bw = max(read_bw, copy_bw) * 1e9
+    reads, copies = measure_bandwidth(device, mib)
+    bw, read_bw = (v * 1e9 for v in bandwidth_floor(reads, copies))
     tflops = measure_matmul(device, dtype)
     wbytes = weight_bytes_per_step(core)
     kv_tok = kv_bytes_per_token(core)
     floor1 = wbytes / bw
-    print(f"copy bandwidth ({mib} MiB): read {read_bw:.0f} GB/s, copy {copy_bw:.0f} GB/s "
-          f"(read+write) -> {bw / 1e9:.0f} GB/s; {args.dtype} matmul {tflops:.1f} TFLOP/s")
+    print(f"bandwidth ({mib} MiB, p50 of {len(reads)}): read {read_bw / 1e9:.0f} GB/s (best "
+          f"{max(reads):.0f}), copy {statistics.median(copies):.0f} GB/s (read+write; best "
+          f"{max(copies):.0f}) -> {bw / 1e9:.0f} GB/s; {args.dtype} matmul {tflops:.1f} TFLOP/s")
     print(f"weights read per decode step {wbytes / 1e9:.3f} GB -> floor {floor1 * 1e3:.3f} ms; "
           f"KV {kv_tok / 1024:.0f} KiB per token", flush=True)
 
     ours = run_ours(core, prompts, warm, args.output_len)
     print("\nsegserve engine alone:")
     print(format_table([ours[b] for b in sizes]), flush=True)
+    # Sampled again after our steps: the floors use the p50 of both sets, which bracket them.
+    more_reads, more_copies = measure_bandwidth(device, mib)
+    reads, copies = reads + more_reads, copies + more_copies
+    bw, read_bw = (v * 1e9 for v in bandwidth_floor(reads, copies))
+    floor1 = wbytes / bw
+    print(f"bandwidth again after our steps: read p50 {statistics.median(more_reads):.0f} GB/s; "
+          f"the floors use the p50 of all {len(reads)}: read {read_bw / 1e9:.0f}, -> "
+          f"{bw / 1e9:.0f} GB/s, floor {floor1 * 1e3:.3f} ms", flush=True)
 
     prefill_s = beam = greedy_w = float("nan")
     beam_kv = (0, 0)
@@ -597,7 +616,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{ratio(step, floor):>11} {ratio(step, max(floor, compute)):>9} "
               f"{(wbytes + kv) / step / 1e9:>7.0f}")
     print(f"\n== batch-1 decode step (ms): floor {floor1 * 1e3:.3f}, ours "
-          f"{ours[1].decode_p50_s * 1e3:.3f} ({ratio(ours[1].decode_p50_s, floor1)} floor), "
+          f"{ours[1].decode_p50_s * 1e3:.3f} ({ratio(ours[1].decode_p50_s, floor1)} floor; "
+          f"{ratio(ours[1].decode_p50_s, wbytes / read_bw)} the read-bandwidth floor "
+          f"{wbytes / read_bw * 1e3:.3f}), "
           f"HF eager {hf['step'] * 1e3:.3f} (attn {hf['attn']}), HF static+compile "
           f"{hfc['step'] * 1e3:.3f}")
     print(f"\n== throughput (generated tok/s, prefill included), {args.input_len} in / "
