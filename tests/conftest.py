@@ -10,6 +10,10 @@ import functools
 import os
 
 import pytest
+
+# First, before transformers: importing segserve moves the checkout's root to the end of
+# sys.path, where its folders (kernels, models...) no longer shadow installed packages.
+import segserve  # noqa: F401
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
