@@ -64,13 +64,15 @@ class CPUBackend(ReferenceBackend):
     def describe(self) -> str:
         packed = "off"
         if self.pack_weights:
-            packed = "cpu_native (bf16), oneDNN" if cpu_native.load() is not None else "oneDNN"
+            isa = cpu_native.linear_isa()
+            packed = f"cpu_native ({isa}), oneDNN" if isa is not None else "oneDNN"
         native = " + native bf16 decode ops" if self.native_elementwise else ""
         return f"cpu (element-wise: {self.fused.name}{native}, packed linear: {packed})"
 
     # ----- linear layers ---------------------------------------------------------------------
     def pack_linear_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
-        if self.pack_weights and cpu_native.packable(weight) and cpu_native.load() is not None:
+        if (self.pack_weights and cpu_native.packable(weight)
+                and cpu_native.load_linear() is not None):
             return cpu_native.pack(weight)
         if (
             not self.pack_weights
@@ -86,7 +88,7 @@ class CPUBackend(ReferenceBackend):
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         if cpu_native.is_packed(weight):
-            return cpu_native.linear(cpu_native.load(), x, weight, bias)
+            return cpu_native.linear(cpu_native.load_linear(), x, weight, bias)
         if weight.layout != torch._mkldnn:
             return F.linear(x, weight, bias)
         lead = x.shape[:-1]

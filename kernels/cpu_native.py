@@ -319,63 +319,218 @@ extern "C" void segserve_decode_attention(const uint16_t* q, const void* kc, con
 }
 """
 
+# The linear layer alone for CPUs with AVX2 and FMA but no AVX-512 BF16 (AMD Zen 2/3, Intel
+# before Cooper Lake), where torch's bf16 matmul has no fast path (this project's CI box, a Zen 3:
+# 3 s for a 32-token TinyLlama prefill). Same packed layout and signature: a 256-bit load holds 8
+# columns x 2 k as 32-bit pairs, so (pair << 16) is the even k's bf16 as float and
+# (pair & 0xffff0000) the odd k's; float32 FMAs, one round-to-nearest-even at the end.
+_SOURCE_AVX2 = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline uint16_t rne(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+
+// acc[MR rows][NV * 8 columns] (row stride 64, float) += x[MR rows][k pairs kc..kc+kn) times the
+// block's columns c0..c0+8*NV. x: the rows as float (row stride K). Each k pair's weights are
+// converted once and used by every row.
+template <int MR, int NV>
+static inline void tile(const float* x, long K, const uint16_t* wb, long kc, long kn, int c0,
+                        float* acc_buf) {
+    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 acc[MR][NV];
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < NV; ++j) acc[m][j] = _mm256_loadu_ps(acc_buf + m * 64 + c0 + 8 * j);
+    for (long kk = kc; kk < kc + kn; ++kk) {
+        const uint16_t* wk = wb + kk * 128 + 2 * c0;
+        __m256 w0[NV], w1[NV];
+        for (int j = 0; j < NV; ++j) {
+            __m256i p = _mm256_loadu_si256((const __m256i*)(wk + 16 * j));
+            w0[j] = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
+            w1[j] = _mm256_castsi256_ps(_mm256_and_si256(p, odd));
+        }
+        for (int m = 0; m < MR; ++m) {
+            const __m256 x0 = _mm256_broadcast_ss(x + m * K + 2 * kk);
+            const __m256 x1 = _mm256_broadcast_ss(x + m * K + 2 * kk + 1);
+            for (int j = 0; j < NV; ++j) {
+                acc[m][j] = _mm256_fmadd_ps(w0[j], x0, acc[m][j]);
+                acc[m][j] = _mm256_fmadd_ps(w1[j], x1, acc[m][j]);
+            }
+        }
+    }
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < NV; ++j) _mm256_storeu_ps(acc_buf + m * 64 + c0 + 8 * j, acc[m][j]);
+}
+
+enum { ROW_GROUP = 64, K_CHUNK = 64 };  // 64 x 64 float partial sums, 16 KiB of weights per chunk
+
+// Rows [0, rows) (rows <= ROW_GROUP) of one 64-column block into acc_buf [rows][64]. One row:
+// all 64 columns per k pair (8 accumulators), the block streamed from memory once. More rows:
+// 16 columns x up to 4 rows per tile (8 accumulators), over k chunks whose weights (16 KiB) stay
+// in L1 while every row tile and column quarter reads them.
+static void block_rows(const float* x, long K, const uint16_t* wb, long K2, long rows,
+                       float* acc_buf) {
+    for (long i = 0; i < rows * 64; ++i) acc_buf[i] = 0.0f;
+    if (rows == 1) {
+        tile<1, 8>(x, K, wb, 0, K2, 0, acc_buf);
+        return;
+    }
+    for (long kc = 0; kc < K2; kc += K_CHUNK) {
+        const long kn = K2 - kc < K_CHUNK ? K2 - kc : K_CHUNK;
+        for (int c0 = 0; c0 < 64; c0 += 16) {
+            long m = 0;
+            for (; m + 4 <= rows; m += 4)
+                tile<4, 2>(x + m * K, K, wb, kc, kn, c0, acc_buf + m * 64);
+            switch (rows - m) {
+                case 3: tile<3, 2>(x + m * K, K, wb, kc, kn, c0, acc_buf + m * 64); break;
+                case 2: tile<2, 2>(x + m * K, K, wb, kc, kn, c0, acc_buf + m * 64); break;
+                case 1: tile<1, 2>(x + m * K, K, wb, kc, kn, c0, acc_buf + m * 64); break;
+            }
+        }
+    }
+}
+
+extern "C" void segserve_linear_bf16(const uint16_t* x, long ldx, long M, const uint16_t* wp,
+                                     long N, long K, const uint16_t* bias, uint16_t* out,
+                                     long ldo, int threads) {
+    const long K2 = K / 2, blocks = N / 64;
+    float* xf = (float*)malloc(sizeof(float) * M * K);
+    if (!xf) return;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (M * K > 65536)
+    for (long m = 0; m < M; ++m)
+        for (long k = 0; k < K; ++k) xf[m * K + k] = bf(x[m * ldx + k]);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (long nb = 0; nb < blocks; ++nb) {
+        const uint16_t* wb = wp + nb * K2 * 128;
+        float acc[ROW_GROUP * 64];
+        for (long r0 = 0; r0 < M; r0 += ROW_GROUP) {
+            const long rows = M - r0 < ROW_GROUP ? M - r0 : ROW_GROUP;
+            block_rows(xf + r0 * K, K, wb, K2, rows, acc);
+            for (long m = 0; m < rows; ++m)
+                for (int c = 0; c < 64; ++c) {
+                    const float b = bias ? bf(bias[nb * 64 + c]) : 0.0f;
+                    out[(r0 + m) * ldo + nb * 64 + c] = rne(acc[m * 64 + c] + b);
+                }
+        }
+    }
+    free(xf);
+}
+"""
+
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
-
-
-def cpu_has_avx512_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags and " avx512bw" in flags
+_CFLAGS_AVX2 = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 
 @functools.cache
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where it cannot run here (logged once)."""
-    if os.environ.get(ENV, "1") == "0":
-        return None
-    if not cpu_has_avx512_bf16():
-        logger.info("bf16 GEMV kernel: no AVX-512 BF16 on this CPU; linear layers use oneDNN")
-        return None
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_has_avx512_bf16() -> bool:
+    flags = _cpu_flags()
+    return " avx512_bf16" in flags and " avx512bw" in flags
+
+
+def cpu_has_avx2_fma() -> bool:
+    flags = _cpu_flags()
+    return " avx2" in flags and " fma" in flags
+
+
+_L, _P = ctypes.c_long, ctypes.c_void_p
+_SIGNATURES = {
+    "segserve_linear_bf16": [_P, _L, _L, _P, _L, _L, _P, _P, _L, ctypes.c_int],
+    "segserve_add_rms_norm_bf16": [_P, _L, _P, _L, _P, _P, _P, _L, _L, ctypes.c_float],
+    "segserve_silu_mul_bf16": [_P, _L, _L, _L, _P],
+    "segserve_rope_write_kv_bf16": [_P, _L, _P, _L, _P, _L, _P, _P, _L, _L, _L, _L, _P, _P,
+                                    _P, _P],
+    "segserve_decode_attention": [_P, _P, _P, _P, _P, _P, _L, _P, _P, _L, _P, _L, _L, _L, _L,
+                                  _L, ctypes.c_float, _L, _P, ctypes.c_int],
+}  # fmt: skip
+
+
+def _build(name: str, source: str, cflags: list[str], functions: list[str],
+           what: str) -> ctypes.CDLL | None:  # fmt: skip
+    """``source`` compiled once per machine as ``name`` and loaded, its ``functions`` typed; None
+    (logged) where there is no compiler or the build fails."""
     if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++") if c):
-        logger.warning("bf16 GEMV kernel: no C++ compiler; linear layers use oneDNN")
+        logger.warning("%s: no C++ compiler; %s", what, _FALLBACK)
         return None
     try:
         from torch.utils import cpp_extension
 
         path = cpp_extension.load_inline(
-            "segserve_cpu_native", [_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+            name, [source], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
             is_python_module=False, no_implicit_headers=True, verbose=False,
         )
-        lib = ctypes.CDLL(path if isinstance(path, str) else _built_path())
+        lib = ctypes.CDLL(path if isinstance(path, str) else _built_path(name))
     except Exception as e:  # noqa: BLE001 - a failed build must not stop the engine
-        logger.warning("bf16 GEMV kernel did not build (%s); linear layers use oneDNN",
-                       str(e)[:300])
+        logger.warning("%s did not build (%s); %s", what, str(e)[:300], _FALLBACK)
         return None
-    fn = lib.segserve_linear_bf16
-    fn.restype = None
-    L = ctypes.c_long
-    fn.argtypes = [ctypes.c_void_p, L, L, ctypes.c_void_p, L, L, ctypes.c_void_p,
-                   ctypes.c_void_p, L, ctypes.c_int]
-    P = ctypes.c_void_p
-    for name, args in (
-        ("segserve_add_rms_norm_bf16", [P, L, P, L, P, P, P, L, L, ctypes.c_float]),
-        ("segserve_silu_mul_bf16", [P, L, L, L, P]),
-        ("segserve_rope_write_kv_bf16", [P, L, P, L, P, L, P, P, L, L, L, L, P, P, P, P]),
-        ("segserve_decode_attention",
-         [P, P, P, P, P, P, L, P, P, L, P, L, L, L, L, L, ctypes.c_float, L, P, ctypes.c_int]),
-    ):
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = None, args
+    for fn_name in functions:
+        fn = getattr(lib, fn_name)
+        fn.restype, fn.argtypes = None, _SIGNATURES[fn_name]
     return lib
 
 
-def _built_path() -> str:
+_FALLBACK = "linear layers use oneDNN or torch"
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """Every AVX-512 BF16 kernel, compiled, or None where they cannot run here (logged once)."""
+    if os.environ.get(ENV, "1") == "0":
+        return None
+    if not cpu_has_avx512_bf16():
+        logger.info("native bf16 kernels: no AVX-512 BF16 on this CPU; element-wise ops and "
+                    "decode attention use torch")  # fmt: skip
+        return None
+    return _build("segserve_cpu_native", _SOURCE, _CFLAGS, list(_SIGNATURES),
+                  "AVX-512 BF16 kernels")  # fmt: skip
+
+
+@functools.cache
+def load_avx2() -> ctypes.CDLL | None:
+    """The AVX2 + FMA linear kernel alone, compiled, or None where it cannot run here."""
+    if os.environ.get(ENV, "1") == "0" or not cpu_has_avx2_fma():
+        return None
+    return _build("segserve_cpu_native_avx2", _SOURCE_AVX2, _CFLAGS_AVX2,
+                  ["segserve_linear_bf16"], "AVX2 bf16 linear kernel")  # fmt: skip
+
+
+def load_linear() -> ctypes.CDLL | None:
+    """The best library with ``segserve_linear_bf16`` for this CPU: AVX-512 BF16, else AVX2."""
+    return load() or load_avx2()
+
+
+def linear_isa() -> str | None:
+    """Which kernel ``load_linear`` gives: "avx512_bf16", "avx2" or None."""
+    if load() is not None:
+        return "avx512_bf16"
+    return "avx2" if load_avx2() is not None else None
+
+
+def _built_path(name: str) -> str:
     from torch.utils import cpp_extension
 
-    root = Path(cpp_extension._get_build_directory("segserve_cpu_native", verbose=False))
-    return str(next(root.glob("segserve_cpu_native*.so")))
+    root = Path(cpp_extension._get_build_directory(name, verbose=False))
+    return str(next(root.glob(f"{name}*.so")))
 
 
 def packable(weight: torch.Tensor) -> bool:

@@ -267,17 +267,23 @@ def test_packed_bf16_linear_equals_f_linear():
     assert CPU.pack_linear_weight(torch.randn(8, 8)) is None  # float32 stays on F.linear
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 16, 70, 257])
-def test_cpu_native_linear_matches_float32_product(rows):
-    """The AVX-512 BF16 kernel against the float32 product of the same bf16 values: within one
-    bf16 rounding of the result (as F.linear), with and without bias, at odd row counts (every
-    tile remainder) and an odd number of input pairs."""
-    if cpu_native.load() is None:
-        pytest.skip("the bf16 GEMV kernel does not build or run here (no AVX-512 BF16 / compiler)")
+LINEAR_KERNELS = {"avx512_bf16": cpu_native.load, "avx2": cpu_native.load_avx2}
+
+
+@pytest.mark.parametrize("isa", LINEAR_KERNELS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 16, 70, 257])
+def test_cpu_native_linear_matches_float32_product(rows, isa):
+    """Each bf16 linear kernel (AVX-512 BF16; AVX2 + FMA, which AVX-512 machines run too)
+    against the float32 product of the same bf16 values: within one bf16 rounding of the result
+    (as F.linear), with and without bias, at odd row counts (every tile remainder) and an odd
+    number of input pairs."""
+    lib = LINEAR_KERNELS[isa]()
+    if lib is None:
+        pytest.skip(f"the {isa} linear kernel does not build or run here (CPU or compiler)")
     torch.manual_seed(rows)
     for n, k in ((64, 70), (192, 256)):
         w, b = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
-        packed = CPU.pack_linear_weight(w)
+        packed = cpu_native.pack(w)
         # [N / 64, K / 2, 64, 2]: element [nb, kk, c, j] is w[nb * 64 + c, 2 * kk + j]
         assert cpu_native.is_packed(packed)
         assert torch.equal(packed.permute(0, 2, 1, 3).reshape(n, k), w)
@@ -285,10 +291,12 @@ def test_cpu_native_linear_matches_float32_product(rows):
         x = torch.randn(rows, k).bfloat16()
         for bias in (None, b):
             want = x.float() @ w.float().t() + (0 if bias is None else bias.float())
-            got = CPU.linear(x, packed, bias)
+            got = cpu_native.linear(lib, x, packed, bias)
             assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
             # fp32 accumulation, one rounding to bf16 (half an ulp: 2^-9 relative)
             torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-3)
+    # the backend packs for the best kernel here and uses it
+    assert cpu_native.is_packed(CPU.pack_linear_weight(w))
     # a 3-D input keeps its leading dims; a non-contiguous one is handled
     x = torch.randn(2, rows, 2 * k).bfloat16()[..., ::2]
     torch.testing.assert_close(CPU.linear(x, packed), F.linear(x, w), rtol=1e-2, atol=1e-2)
