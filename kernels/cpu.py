@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_fused, cpu_native
-from .cpu_attention import decode_attention, mixed_attention
+from .cpu_attention import decode_attention, mixed_attention, onednn_supports
 from .interface import AttentionMetadata
 from .reference import ReferenceBackend
 
@@ -34,16 +34,6 @@ logger = logging.getLogger(__name__)
 # Dtypes whose linear layers run on pre-packed oneDNN weights. float32 stays on MKL's sgemm, which
 # is as fast there and keeps float32 results bit-identical to HF's.
 PACKED_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _mkldnn_packing_available(dtype: torch.dtype) -> bool:
-    if not torch.backends.mkldnn.is_available():
-        return False
-    if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if dtype == torch.float16:
-        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return False
 
 
 class CPUBackend(ReferenceBackend):
@@ -66,7 +56,9 @@ class CPUBackend(ReferenceBackend):
         if self.pack_weights:
             isa = cpu_native.linear_isa()
             packed = f"cpu_native ({isa}), oneDNN" if isa is not None else "oneDNN"
-        native = " + native bf16 decode ops" if self.native_elementwise else ""
+        native = ""
+        if self.native_elementwise and cpu_native.load() is not None:
+            native = " + native bf16 decode ops"
         return f"cpu (element-wise: {self.fused.name}{native}, packed linear: {packed})"
 
     # ----- linear layers ---------------------------------------------------------------------
@@ -78,7 +70,7 @@ class CPUBackend(ReferenceBackend):
             not self.pack_weights
             or weight.device.type != "cpu"
             or weight.dtype not in PACKED_DTYPES
-            or not _mkldnn_packing_available(weight.dtype)
+            or not onednn_supports(weight.dtype)
         ):
             return None
         # batch_size=1: the layout oneDNN picks for a GEMV; it serves prefill's GEMMs as well.

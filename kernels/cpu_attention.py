@@ -16,7 +16,9 @@ applied only to the score columns that can hold hidden keys (the diagonal, and t
 start).
 
 Matmuls run in the activation dtype with float32 accumulation inside oneDNN/MKL, the scores and
-probabilities rounded to it, as HF's eager attention does; in float32 everything is float32.
+probabilities rounded to it, as HF's eager attention does; in float32 everything is float32. On
+a CPU where oneDNN has no kernel for that dtype (bf16 without AVX-512: AMD Zen 2/3), torch's
+fallback multiplies ~20x slower than float32, so SlimAttention computes in float32 there.
 """
 
 from __future__ import annotations
@@ -32,6 +34,26 @@ from .reference import gather_context
 
 # Fallback when the L2 size cannot be read (bytes per core).
 _DEFAULT_L2 = 1 << 20
+
+
+@functools.cache
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs ``dtype``'s matmuls (and packs its weights) on this CPU."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention's products run in: the activations', unless this CPU has no fast
+    matmul for it (then float32)."""
+    if dtype in (torch.bfloat16, torch.float16) and not onednn_supports(dtype):
+        return torch.float32
+    return dtype
 
 
 @functools.cache
@@ -74,7 +96,7 @@ def slim_attention(
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    dtype = q.dtype
+    dtype = matmul_dtype(q.dtype)
     out = torch.empty_like(q) if out is None else out
     cu = meta.cu_seqlens_q_host
     threads = torch.get_num_threads()
@@ -90,10 +112,11 @@ def slim_attention(
         ctx = k_h.shape[1]
         # [Hkv, q_len, G, D]: a block of queries times the G heads of a KV head is one
         # contiguous [rows * G, D] matrix, multiplied with that KV head's keys once.
-        q_h = q[start:end].view(q_len, num_kv_heads, group, head_dim).transpose(0, 1).contiguous()
+        q_h = q[start:end].view(q_len, num_kv_heads, group, head_dim).transpose(0, 1)
+        q_h = q_h.to(dtype).contiguous()
         out_h = out[start:end].view(q_len, num_kv_heads, group, head_dim).transpose(0, 1)
         first = ctx - q_len  # position of the sequence's first query
-        bq = block_q or query_block(num_heads, ctx, q.element_size(), threads)
+        bq = block_q or query_block(num_heads, ctx, q_h.element_size(), threads)
         for s in range(0, q_len, bq):
             e = min(s + bq, q_len)
             rows = e - s
