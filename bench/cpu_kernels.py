@@ -75,7 +75,7 @@ def linear_layers(model: torch.nn.Module, rows: int = 1, copies: int = 4,
     oneDNN pre-packed, and cpu_native's packed bf16 kernel) for ``rows`` tokens, cycling
     through ``copies`` weights so none stays in cache. NaN where a variant cannot run."""
     seen, out = set(), []
-    lib = cpu_native.load_linear()
+    lib = cpu_native.load()
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if weight is None or not hasattr(module, "pack"):

@@ -245,7 +245,7 @@ def measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
     if device.type == "cpu":
         a32, b32 = a.float(), b.float()
         products.append(lambda: a32 @ b32)
-        lib = cpu_native.load_linear() if dtype == torch.bfloat16 else None
+        lib = cpu_native.load() if dtype == torch.bfloat16 else None
         if lib is not None:
             packed = cpu_native.pack(b)
             products.append(lambda: cpu_native.linear(lib, a, packed))

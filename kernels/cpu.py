@@ -54,7 +54,7 @@ class CPUBackend(ReferenceBackend):
     def describe(self) -> str:
         packed = "off"
         if self.pack_weights:
-            isa = cpu_native.linear_isa()
+            isa = cpu_native.isa()
             packed = f"cpu_native ({isa}), oneDNN" if isa is not None else "oneDNN"
         native = ""
         if self.native_elementwise and cpu_native.load() is not None:
@@ -64,7 +64,7 @@ class CPUBackend(ReferenceBackend):
     # ----- linear layers ---------------------------------------------------------------------
     def pack_linear_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
         if (self.pack_weights and cpu_native.packable(weight)
-                and cpu_native.load_linear() is not None):
+                and cpu_native.load() is not None):
             return cpu_native.pack(weight)
         if (
             not self.pack_weights
@@ -80,7 +80,7 @@ class CPUBackend(ReferenceBackend):
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         if cpu_native.is_packed(weight):
-            return cpu_native.linear(cpu_native.load_linear(), x, weight, bias)
+            return cpu_native.linear(cpu_native.load(), x, weight, bias)
         if weight.layout != torch._mkldnn:
             return F.linear(x, weight, bias)
         lead = x.shape[:-1]

@@ -1,6 +1,6 @@
 """The CPU backend's native kernels (AVX-512 BF16, built at run time): bf16 linear layers, decode
-attention, and add+RMSNorm / RoPE+KV write at decode sizes. CPUs with AVX2 and FMA but no
-AVX-512 BF16 get the linear layer alone (``load_avx2``; ``load_linear`` picks the best).
+attention, and add+RMSNorm / RoPE+KV write at decode sizes; the same kernels in AVX2 + FMA for
+CPUs without AVX-512 BF16 (``load`` picks the build for this CPU).
 
 **Linear.** A decode step multiplies a few rows (one per sequence) by every weight, so it is bound
 by reading the weights (batch 1) or, on a machine with few cores, by the bf16 multiply rate
@@ -55,10 +55,59 @@ ENV = "SEGSERVE_CPU_NATIVE"  # "0" turns the kernel off
 BLOCK_N = 64  # output columns per packed block
 ATTENTION_PARALLEL_TASKS = 16  # (sequence, KV head) pairs from which decode attention splits
 
-_SOURCE = r"""
+# Scalar helpers and the RoPE+KV write (plain C++, vectorized by the compiler), in both builds.
+_COMMON = r"""
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
+
+static inline float bf(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t rne(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+// HF's rotate-half RoPE with the tables rounded to bf16 first; x [heads, D] at row stride.
+static inline void rope_row(const uint16_t* x, const float* c, const float* s, long heads,
+                            long D, uint16_t* out) {
+    const long half = D / 2;
+    for (long h = 0; h < heads; ++h)
+        for (long d = 0; d < D; ++d) {
+            float v = bf(x[h * D + d]);
+            float rot = d < half ? -bf(x[h * D + d + half]) : bf(x[h * D + d - half]);
+            float a = bf(rne(v * bf(rne(c[d])))), b = bf(rne(rot * bf(rne(s[d]))));
+            out[h * D + d] = rne(a + b);
+        }
+}
+
+// q_out = rope(q); the pool's slot gets rope(k) and v (slot < 0: padding, nothing written).
+extern "C" void segserve_rope_write_kv_bf16(const uint16_t* q, long ldq, const uint16_t* k,
+                                            long ldk, const uint16_t* v, long ldv,
+                                            const float* cos, const float* sin, long rows,
+                                            long Hq, long Hkv, long D, uint16_t* kc,
+                                            uint16_t* vc, const int64_t* slots,
+                                            uint16_t* q_out) {
+    for (long t = 0; t < rows; ++t) {
+        rope_row(q + t * ldq, cos + t * D, sin + t * D, Hq, D, q_out + t * Hq * D);
+        const int64_t slot = slots[t];
+        if (slot < 0) continue;
+        rope_row(k + t * ldk, cos + t * D, sin + t * D, Hkv, D, kc + slot * Hkv * D);
+        __builtin_memcpy(vc + slot * Hkv * D, v + t * ldv, Hkv * D * sizeof(uint16_t));
+    }
+}
+"""
+
+_SOURCE_AVX512 = _COMMON + r"""
 
 // Packed weight: [N / 64][K / 2][64][2] bf16. One 64-wide column block is one contiguous stream
 // of K * 128 bytes; each 64-byte line holds 16 columns x 2 consecutive k, the operand layout of
@@ -115,21 +164,6 @@ extern "C" void segserve_linear_bf16(const uint16_t* x, long ldx, long M, const 
 }
 
 // ----- element-wise chains at decode sizes (bf16), rounding where the eager ops round -----------
-static inline float bf(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    __builtin_memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t rne(float f) {
-    uint32_t u;
-    __builtin_memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // quiet NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 // 16 bf16 <-> 16 float, the last chunk of a row masked (n < 16).
 static inline __m512 ld16(const uint16_t* p, long n) {
     __m256i h = n >= 16 ? _mm256_loadu_si256((const __m256i*)p)
@@ -213,35 +247,6 @@ extern "C" void segserve_silu_mul_bf16(const uint16_t* gate_up, long ldg, long r
                 _mm512_sub_ps(_mm512_setzero_ps(), x)))));
             st16(out + t * I + i, _mm512_mul_ps(silu, ld16(g + I + i, n)), n);
         }
-    }
-}
-
-// HF's rotate-half RoPE with the tables rounded to bf16 first; x [heads, D] at row stride.
-static inline void rope_row(const uint16_t* x, const float* c, const float* s, long heads,
-                            long D, uint16_t* out) {
-    const long half = D / 2;
-    for (long h = 0; h < heads; ++h)
-        for (long d = 0; d < D; ++d) {
-            float v = bf(x[h * D + d]);
-            float rot = d < half ? -bf(x[h * D + d + half]) : bf(x[h * D + d - half]);
-            float a = bf(rne(v * bf(rne(c[d])))), b = bf(rne(rot * bf(rne(s[d]))));
-            out[h * D + d] = rne(a + b);
-        }
-}
-
-// q_out = rope(q); the pool's slot gets rope(k) and v (slot < 0: padding, nothing written).
-extern "C" void segserve_rope_write_kv_bf16(const uint16_t* q, long ldq, const uint16_t* k,
-                                            long ldk, const uint16_t* v, long ldv,
-                                            const float* cos, const float* sin, long rows,
-                                            long Hq, long Hkv, long D, uint16_t* kc,
-                                            uint16_t* vc, const int64_t* slots,
-                                            uint16_t* q_out) {
-    for (long t = 0; t < rows; ++t) {
-        rope_row(q + t * ldq, cos + t * D, sin + t * D, Hq, D, q_out + t * Hq * D);
-        const int64_t slot = slots[t];
-        if (slot < 0) continue;
-        rope_row(k + t * ldk, cos + t * D, sin + t * D, Hkv, D, kc + slot * Hkv * D);
-        __builtin_memcpy(vc + slot * Hkv * D, v + t * ldv, Hkv * D * sizeof(uint16_t));
     }
 }
 
@@ -333,27 +338,7 @@ extern "C" void segserve_decode_attention(const uint16_t* q, const void* kc, con
 # 3 s for a 32-token TinyLlama prefill). Same packed layout and signature: a 256-bit load holds 8
 # columns x 2 k as 32-bit pairs, so (pair << 16) is the even k's bf16 as float and
 # (pair & 0xffff0000) the odd k's; float32 FMAs, one round-to-nearest-even at the end.
-_SOURCE_AVX2 = r"""
-#include <immintrin.h>
-#include <omp.h>
-#include <stdint.h>
-#include <stdlib.h>
-
-static inline uint16_t rne(float f) {
-    uint32_t u;
-    __builtin_memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // quiet NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float bf(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    __builtin_memcpy(&f, &u, 4);
-    return f;
-}
-
+_SOURCE_AVX2 = _COMMON + r"""
 // acc[MR rows][NV * 8 columns] (row stride 64, float) += x[MR rows][k pairs kc..kc+kn) times the
 // block's columns c0..c0+8*NV. x: the rows as float (row stride K). Each k pair's weights are
 // converted once and used by every row.
@@ -438,6 +423,206 @@ extern "C" void segserve_linear_bf16(const uint16_t* x, long ldx, long M, const 
     }
     free(xf);
 }
+
+// ----- element-wise chains and decode attention: the AVX-512 kernels' algorithms, 8 lanes -------
+// 8 bf16 <-> 8 float, the last chunk of a row partial (n < 8). Rounding is exact RNE in integer
+// ops (no denormal flush, as torch's own conversion).
+static inline __m256 ld8(const uint16_t* p, long n) {
+    __m128i h;
+    if (n >= 8) {
+        h = _mm_loadu_si128((const __m128i*)p);
+    } else {
+        uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (long i = 0; i < n; ++i) tmp[i] = p[i];
+        h = _mm_loadu_si128((const __m128i*)tmp);
+    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline __m256i rne8(__m256 v) {  // 8 bf16 bit patterns in the low halves of 32-bit lanes
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    return _mm256_blendv_epi8(r, qnan, nan);
+}
+
+static inline __m256 round8(__m256 v) {  // v rounded to bf16, as float
+    return _mm256_castsi256_ps(_mm256_slli_epi32(rne8(v), 16));
+}
+
+static inline void st8(uint16_t* p, __m256 v, long n) {
+    const __m256i r = rne8(v);
+    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    if (n >= 8) {
+        _mm_storeu_si128((__m128i*)p, h);
+    } else {
+        uint16_t tmp[8];
+        _mm_storeu_si128((__m128i*)tmp, h);
+        for (long i = 0; i < n; ++i) p[i] = tmp[i];
+    }
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+extern "C" void segserve_add_rms_norm_bf16(const uint16_t* x, long ldx, const uint16_t* res,
+                                           long ldr, const uint16_t* w, uint16_t* out,
+                                           uint16_t* res_out, long rows, long H, float eps) {
+    for (long t = 0; t < rows; ++t) {
+        const uint16_t* src = x + t * ldx;
+        if (res) {
+            for (long i = 0; i < H; i += 8) {
+                const long n = H - i;
+                __m256 v = _mm256_add_ps(ld8(x + t * ldx + i, n), ld8(res + t * ldr + i, n));
+                st8(res_out + t * H + i, v, n);
+            }
+            src = res_out + t * H;
+        }
+        __m256 acc = _mm256_setzero_ps();
+        for (long i = 0; i < H; i += 8) {
+            __m256 r = ld8(src + i, H - i);
+            acc = _mm256_fmadd_ps(r, r, acc);
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / __builtin_sqrtf(hsum8(acc) / (float)H + eps));
+        for (long i = 0; i < H; i += 8) {
+            const long n = H - i;
+            __m256 y = round8(_mm256_mul_ps(ld8(src + i, n), inv));
+            st8(out + t * H + i, _mm256_mul_ps(ld8(w + i, n), y), n);
+        }
+    }
+}
+
+// 2^n for integer-valued float n in [-150, 150], as two factors inside the normal range.
+static inline __m256 pow2(__m256 n) {
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+    const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+    return _mm256_mul_ps(f1, f2);
+}
+
+// exp(x) as the AVX-512 exp16: clamp to +-104, n = round(x / ln2), two-part ln2, degree-7
+// polynomial, times 2^n (overflow -> inf, underflow -> 0 through the two factors).
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(104.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    return _mm256_mul_ps(p, pow2(n));
+}
+
+extern "C" void segserve_silu_mul_bf16(const uint16_t* gate_up, long ldg, long rows, long I,
+                                       uint16_t* out) {
+    #pragma omp parallel for schedule(static) if (rows * I >= 65536)
+    for (long t = 0; t < rows; ++t) {
+        const uint16_t* g = gate_up + t * ldg;
+        for (long i = 0; i < I; i += 8) {
+            const long n = I - i;
+            const __m256 x = ld8(g + i, n);
+            const __m256 one = _mm256_set1_ps(1.0f);
+            const __m256 silu = round8(_mm256_div_ps(x, _mm256_add_ps(one, exp8(
+                _mm256_sub_ps(_mm256_setzero_ps(), x)))));
+            st8(out + t * I + i, _mm256_mul_ps(silu, ld8(g + I + i, n)), n);
+        }
+    }
+}
+
+static inline __m256 ld_kv(const uint16_t* p) { return ld8(p, 8); }
+static inline __m256 ld_kv(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+// The AVX-512 decode_attn with 8 lanes (D % 8 == 0).
+template <typename T>
+static void decode_attn(const uint16_t* q, const T* kc, const T* vc, const float* ks,
+                        const float* vs, const int32_t* ptab, long wp, const int32_t* plen,
+                        const int32_t* rtab, long wr, const int32_t* rlen, long B, long Hq,
+                        long Hkv, long D, long bs, float scale, long window, uint16_t* out,
+                        int threads) {
+    const long G = Hq / Hkv;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1)
+    for (long task = 0; task < B * Hkv; ++task) {
+        const long b = task / Hkv, h = task % Hkv;
+        const long P = plen[b], ctx = P + rlen[b];
+        const long lo = window > 0 && ctx - window > 0 ? ctx - window : 0;
+        const long n = ctx - lo;
+        float* sc = new float[G * n + G * D];
+        float* acc = sc + G * n;
+        const uint16_t* qb = q + (b * Hq + h * G) * D;
+        for (long j = lo; j < ctx; ++j) {
+            const long slot = j < P ? (long)ptab[b * wp + j / bs] * bs + j % bs
+                                    : (long)rtab[b * wr + (j - P) / bs] * bs + (j - P) % bs;
+            const T* kr = kc + (slot * Hkv + h) * D;
+            const float kscale = ks ? ks[slot * Hkv + h] * scale : scale;
+            for (long g = 0; g < G; ++g) {
+                __m256 d = _mm256_setzero_ps();
+                for (long i = 0; i < D; i += 8)
+                    d = _mm256_fmadd_ps(ld8(qb + g * D + i, 8), ld_kv(kr + i), d);
+                sc[g * n + j - lo] = hsum8(d) * kscale;
+            }
+        }
+        for (long g = 0; g < G; ++g) {
+            float* row = sc + g * n;
+            float mx = -__builtin_inff(), sum = 0.0f;
+            for (long j = 0; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+            for (long j = 0; j < n; ++j) sum += (row[j] = __builtin_expf(row[j] - mx));
+            const float inv = 1.0f / sum;
+            for (long j = 0; j < n; ++j) row[j] *= inv;
+            for (long i = 0; i < D; ++i) acc[g * D + i] = 0.0f;
+        }
+        for (long j = lo; j < ctx; ++j) {
+            const long slot = j < P ? (long)ptab[b * wp + j / bs] * bs + j % bs
+                                    : (long)rtab[b * wr + (j - P) / bs] * bs + (j - P) % bs;
+            const T* vr = vc + (slot * Hkv + h) * D;
+            const float vscale = vs ? vs[slot * Hkv + h] : 1.0f;
+            for (long i = 0; i < D; i += 8) {
+                const __m256 v = ld_kv(vr + i);
+                for (long g = 0; g < G; ++g) {
+                    __m256 a = _mm256_loadu_ps(acc + g * D + i);
+                    a = _mm256_fmadd_ps(_mm256_set1_ps(sc[g * n + j - lo] * vscale), v, a);
+                    _mm256_storeu_ps(acc + g * D + i, a);
+                }
+            }
+        }
+        for (long g = 0; g < G; ++g)
+            for (long i = 0; i < D; i += 8)
+                st8(out + (b * Hq + h * G + g) * D + i, _mm256_loadu_ps(acc + g * D + i), 8);
+        delete[] sc;
+    }
+}
+
+extern "C" void segserve_decode_attention(const uint16_t* q, const void* kc, const void* vc,
+                                          const float* ks, const float* vs, const int32_t* ptab,
+                                          long wp, const int32_t* plen, const int32_t* rtab,
+                                          long wr, const int32_t* rlen, long B, long Hq, long Hkv,
+                                          long D, long bs, float scale, long window,
+                                          uint16_t* out, int threads) {
+    if (ks)
+        decode_attn<int8_t>(q, (const int8_t*)kc, (const int8_t*)vc, ks, vs, ptab, wp, plen,
+                            rtab, wr, rlen, B, Hq, Hkv, D, bs, scale, window, out, threads);
+    else
+        decode_attn<uint16_t>(q, (const uint16_t*)kc, (const uint16_t*)vc, ks, vs, ptab, wp,
+                              plen, rtab, wr, rlen, B, Hq, Hkv, D, bs, scale, window, out,
+                              threads);
+}
 """
 
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
@@ -502,35 +687,36 @@ _FALLBACK = "linear layers use oneDNN or torch"
 
 
 @functools.cache
-def load() -> ctypes.CDLL | None:
-    """Every AVX-512 BF16 kernel, compiled, or None where they cannot run here (logged once)."""
-    if os.environ.get(ENV, "1") == "0":
+def load_avx512() -> ctypes.CDLL | None:
+    """Every kernel for AVX-512 BF16, compiled, or None where it cannot run here."""
+    if os.environ.get(ENV, "1") == "0" or not cpu_has_avx512_bf16():
         return None
-    if not cpu_has_avx512_bf16():
-        logger.info("native bf16 kernels: no AVX-512 BF16 on this CPU; element-wise ops and "
-                    "decode attention use torch")  # fmt: skip
-        return None
-    return _build("segserve_cpu_native", _SOURCE, _CFLAGS, list(_SIGNATURES),
+    return _build("segserve_cpu_native", _SOURCE_AVX512, _CFLAGS, list(_SIGNATURES),
                   "AVX-512 BF16 kernels")  # fmt: skip
 
 
 @functools.cache
 def load_avx2() -> ctypes.CDLL | None:
-    """The AVX2 + FMA linear kernel alone, compiled, or None where it cannot run here."""
+    """Every kernel for AVX2 + FMA, compiled, or None where it cannot run here."""
     if os.environ.get(ENV, "1") == "0" or not cpu_has_avx2_fma():
         return None
-    return _build("segserve_cpu_native_avx2", _SOURCE_AVX2, _CFLAGS_AVX2,
-                  ["segserve_linear_bf16"], "AVX2 bf16 linear kernel")  # fmt: skip
+    return _build("segserve_cpu_native_avx2", _SOURCE_AVX2, _CFLAGS_AVX2, list(_SIGNATURES),
+                  "AVX2 kernels")  # fmt: skip
 
 
-def load_linear() -> ctypes.CDLL | None:
-    """The best library with ``segserve_linear_bf16`` for this CPU: AVX-512 BF16, else AVX2."""
-    return load() or load_avx2()
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The kernels for this CPU (AVX-512 BF16, else AVX2 + FMA), or None (logged once)."""
+    lib = load_avx512() or load_avx2()
+    if lib is None and os.environ.get(ENV, "1") != "0":
+        logger.info("native CPU kernels: no AVX-512 BF16 or AVX2 here, or no build; linear "
+                    "layers use oneDNN or torch, the element-wise ops torch")  # fmt: skip
+    return lib
 
 
-def linear_isa() -> str | None:
-    """Which kernel ``load_linear`` gives: "avx512_bf16", "avx2" or None."""
-    if load() is not None:
+def isa() -> str | None:
+    """Which kernels ``load`` gives: "avx512_bf16", "avx2" or None."""
+    if load_avx512() is not None:
         return "avx512_bf16"
     return "avx2" if load_avx2() is not None else None
 

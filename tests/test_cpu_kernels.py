@@ -15,6 +15,19 @@ from segserve.kernels.cpu import CPUBackend
 from segserve.kernels.cpu_attention import slim_attention
 from segserve.kernels.quant import dequantize, quantize
 
+NATIVE_BUILDS = {"avx512_bf16": cpu_native.load_avx512, "avx2": cpu_native.load_avx2}
+
+@pytest.fixture(params=["avx512_bf16", "avx2"])
+def native_build(request, monkeypatch):
+    """Each native kernel build this CPU runs (AVX-512 machines run the AVX2 one too), made the
+    one the CPU backend uses."""
+    lib = NATIVE_BUILDS[request.param]()
+    if lib is None:
+        pytest.skip(f"the {request.param} kernels do not build or run here (CPU or compiler)")
+    monkeypatch.setattr(cpu_native, "load", lambda: lib)
+    return lib
+
+
 REF = get_backend("reference")
 CPU = get_backend("cpu")
 BLOCK = 16
@@ -213,12 +226,10 @@ def test_int8_attention_within_int8_tolerance_of_fp32(decode, window):
 
 @pytest.mark.parametrize("batch", [7, 12])  # 14 (sequence, KV head) tasks: one thread; 24: split
 @pytest.mark.parametrize("window", [None, 6])
-def test_native_decode_attention_matches_reference(window, batch):
+def test_native_decode_attention_matches_reference(window, batch, native_build):
     """The C++ decode attention (bf16 queries over a bf16 or int8 pool, float32 inside) against
     the reference computing in float32 on the same values: GQA, both segments, an empty
     response, a sliding window, NaN in every unwritten slot (never read)."""
-    if cpu_native.load() is None:
-        pytest.skip("the native CPU kernels do not build or run here")
     rng = random.Random(5)
     torch.manual_seed(5)
     seqs = [(rng.randint(1, 40), rng.randint(0, 30), 1) for _ in range(batch - 1)] + [(33, 0, 1)]
@@ -267,19 +278,15 @@ def test_packed_bf16_linear_equals_f_linear():
     assert CPU.pack_linear_weight(torch.randn(8, 8)) is None  # float32 stays on F.linear
 
 
-LINEAR_KERNELS = {"avx512_bf16": cpu_native.load, "avx2": cpu_native.load_avx2}
 
 
-@pytest.mark.parametrize("isa", LINEAR_KERNELS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 16, 70, 257])
-def test_cpu_native_linear_matches_float32_product(rows, isa):
+def test_cpu_native_linear_matches_float32_product(rows, native_build):
     """Each bf16 linear kernel (AVX-512 BF16; AVX2 + FMA, which AVX-512 machines run too)
     against the float32 product of the same bf16 values: within one bf16 rounding of the result
     (as F.linear), with and without bias, at odd row counts (every tile remainder) and an odd
     number of input pairs."""
-    lib = LINEAR_KERNELS[isa]()
-    if lib is None:
-        pytest.skip(f"the {isa} linear kernel does not build or run here (CPU or compiler)")
+    lib = native_build
     torch.manual_seed(rows)
     for n, k in ((64, 70), (192, 256)):
         w, b = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
@@ -373,13 +380,11 @@ def test_inductor_fused_ops_match_reference():
 
 
 @pytest.mark.parametrize("rows", [1, 5, 20])
-def test_native_elementwise_ops_match_reference_in_bf16(rows):
+def test_native_elementwise_ops_match_reference_in_bf16(rows, native_build):
     """The CPU backend's C++ element-wise chains (bf16, decode sizes; 20 rows runs them on
     threads) against the reference ops: they round where the eager ops round, so only the
     float32 sum in RMSNorm and exp's last bit may differ: within one bf16 ulp. Int8 pools
     and float32 go to the other paths (exact)."""
-    if cpu_native.load() is None:
-        pytest.skip("the native CPU kernels do not build or run here")
     backend = CPUBackend(fused="eager")
     x = torch.zeros(rows, 48, dtype=torch.bfloat16)
     assert backend._native(x, cpu_fused.INDUCTOR_MIN_ROWS) is not None
@@ -387,15 +392,13 @@ def test_native_elementwise_ops_match_reference_in_bf16(rows):
     _check_fused(backend, rows, torch.float32, dict(rtol=0, atol=0))
 
 
-def test_native_silu_mul_over_the_whole_bf16_range():
+def test_native_silu_mul_over_the_whole_bf16_range(native_build):
     """The C++ SiLU*mul (its own vectorized exp) against eager on every finite bf16 gate value,
     +-inf, and odd widths (masked tails). Where the result is a normal float: at most one bf16
     ulp apart and equal on >= 99.9%. vcvtneps2bf16 flushes denormals (as in the other native
     ops), so elsewhere they need only agree within 2^-100. Exact at the extremes (silu(x) -> 0
     below -88, -> x above 88)."""
-    lib = cpu_native.load()
-    if lib is None:
-        pytest.skip("the native CPU kernels do not build or run here")
+    lib = native_build
     bits = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     gate = bits[torch.isfinite(bits)]
     gate = torch.cat([gate, torch.tensor([float("inf"), -float("inf")], dtype=torch.bfloat16)])
