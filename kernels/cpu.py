@@ -3,10 +3,10 @@
 * attention: batched decode and SlimAttention prefill (cpu_attention.py), over a pool of the
   model's dtype or int8 (kernels/quant.py);
 * linear layers on weights pre-packed once: bf16 into our own column-block layout for the
-  AVX-512 BF16 kernel of cpu_native.py (where it builds: it reads the weights at the memory's
-  speed at decode sizes, which oneDNN does not), else for oneDNN's brgemm (bf16/fp16; the
-  unpacked path re-lays out every weight on every call, so a decode GEMV reads each weight
-  twice);
+  AVX-512 BF16 or AVX2 kernel of cpu_native.py (where one builds: it reads the weights at the
+  memory's speed at decode sizes, which oneDNN does not, and AVX2 CPUs have no fast bf16 matmul
+  in torch at all), else for oneDNN's brgemm (bf16/fp16; the unpacked path re-lays out every
+  weight on every call, so a decode GEMV reads each weight twice);
 * element-wise chains (add+RMSNorm, SiLU*mul, RoPE, RoPE+KV write) compiled by Inductor's C++
   backend where that is available and faster (cpu_fused.py), or IPEX's fused ops when it
   imports; in bf16 below those sizes (decode steps), add+RMSNorm, RMSNorm and RoPE+KV write

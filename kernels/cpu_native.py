@@ -23,18 +23,21 @@ dispatched ops per layer.
 bf16 calls below the sizes where the Inductor-compiled chains win: one call each, rounding where
 the eager ops round.
 
-**AVX2 linear.** The same packed layout and signature, for CPUs whose torch has no fast bf16
-matmul (AMD Zen 2/3: a 32-token TinyLlama prefill took 3 s in torch): a 256-bit load is 8
-columns x 2 k, split into two float vectors by a shift and a mask, float32 FMAs. One row streams
-each 64-column block once (31-32 GB/s on a 2-core Zen 3, its read bandwidth); more rows run
-4-row x 16-column tiles over k chunks whose 16 KiB of weights stay in L1 (111-119 GFLOP/s at 16
-rows, 144-155 at 64, of a ~190 peak).
+**AVX2 + FMA build** (CPUs without AVX-512 BF16, such as AMD Zen 2/3, where torch has no fast
+bf16 matmul: a 32-token TinyLlama prefill took 3 s in torch there). The same five functions and
+packed layout. Linear: a 256-bit load is 8 columns x 2 k, split into two float vectors by a
+shift and a mask, float32 FMAs; one row streams each 64-column block once (31-32 GB/s on a
+2-core Zen 3, its read bandwidth); more rows run 4-row x 16-column tiles over k chunks whose 16
+KiB of weights stay in L1 (111-119 GFLOP/s at 16 rows, 144-155 at 64, of a ~190 peak). The
+element-wise ops and decode attention are the AVX-512 algorithms on 8 lanes, with an exact
+integer round-to-nearest-even (no denormal flush) and 2^n as two exponent factors in place of
+``scalef``. RoPE+KV write is plain C++ shared by both builds.
 
 Built once per machine by ``torch.utils.cpp_extension`` (cached under ``$TORCH_EXTENSIONS_DIR``)
 without torch's headers (~5-10 s), called through ctypes on raw pointers; its OpenMP is the
 libgomp torch has already loaded (same soname), so it shares torch's thread count and pool.
-Where there is no compiler, no AVX-512 BF16 (AVX2 for ``load_avx2``), the build fails, or
-``SEGSERVE_CPU_NATIVE=0``, the loader returns None and the backend keeps oneDNN and the torch
+Where there is no compiler, neither instruction set, the build fails, or
+``SEGSERVE_CPU_NATIVE=0``, ``load()`` returns None and the backend keeps oneDNN and the torch
 ops (one log line).
 """
 
