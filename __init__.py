@@ -13,7 +13,6 @@ __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
 
 
-
 def _demote_checkout_on_sys_path() -> None:
     """Move this checkout's root to the end of ``sys.path``.
 
