@@ -86,7 +86,8 @@ def svc(request):
                                             "MIN_DRAINING_PERIOD_S"]}  # fmt: skip
     set_serve_mode(mode)
     # An ingress replica being stopped stays up this long for load balancers to let it go
-    # (Serve's default: 30 s); nothing stands in front of these, so shutdown need not wait.
+    # (Serve's default: 30 s). HAProxy is told by the controller itself, and the tests' clients
+    # hold no replica's port across a shutdown, so 1 s is enough.
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
