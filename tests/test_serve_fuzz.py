@@ -299,7 +299,7 @@ def _generating(svc, n: int = 1):
 def _assert_aborted(svc, before: dict[str, float], n: int = 1) -> None:
     """The clients' engine requests ended as "abort" (none ran to its end), and all is idle."""
     got = wait_for(lambda: svc.finished("slow", "abort") >= before["abort"] + n)
-    assert got, (svc.finished("slow", "abort"), before, svc.stats("slow"))
+    assert got, (_finished(svc), before, svc.stats("slow"))
     assert svc.finished("slow", "length") == before["length"]
     _assert_idle(svc)
 
