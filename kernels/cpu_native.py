@@ -28,10 +28,12 @@ bf16 matmul: a 32-token TinyLlama prefill took 3 s in torch there). The same fiv
 packed layout. Linear: a 256-bit load is 8 columns x 2 k, split into two float vectors by a
 shift and a mask, float32 FMAs; one row streams each 64-column block once (31-32 GB/s on a
 2-core Zen 3, its read bandwidth); more rows run 4-row x 16-column tiles over k chunks whose 16
-KiB of weights stay in L1 (111-119 GFLOP/s at 16 rows, 144-155 at 64, of a ~190 peak). The
-element-wise ops and decode attention are the AVX-512 algorithms on 8 lanes, with an exact
-integer round-to-nearest-even (no denormal flush) and 2^n as two exponent factors in place of
-``scalef``. RoPE+KV write is plain C++ shared by both builds.
+KiB of weights stay in L1 (111-119 GFLOP/s at 16 rows, 144-155 at 64, of a ~190 peak).
+
+add+RMSNorm, SiLU*mul and decode attention are written once (``native/vector_ops.h``) against a
+small vector vocabulary each build defines: 16 lanes, or 8 with an exact integer
+round-to-nearest-even (no denormal flush) and 2^n as two exponent factors in place of
+``scalef``. RoPE+KV write is plain C++ shared by both builds (``native/common.h``).
 
 Built once per machine by ``torch.utils.cpp_extension`` (cached under ``$TORCH_EXTENSIONS_DIR``)
 without torch's headers (~5-10 s), called through ctypes on raw pointers; its OpenMP is the
@@ -58,16 +60,14 @@ ENV = "SEGSERVE_CPU_NATIVE"  # "0" turns the kernel off
 BLOCK_N = 64  # output columns per packed block
 ATTENTION_PARALLEL_TASKS = 16  # (sequence, KV head) pairs from which decode attention splits
 
-# The C++ (kernels/native/): common.h first, then the instruction set's file, as one source.
+# The C++ (kernels/native/), as one source: common.h, the instruction set's file (its linear
+# kernel and vector vocabulary), then vector_ops.h (the other kernels, written once in it).
 _NATIVE_DIR = Path(__file__).with_name("native")
 
 
 def _source(isa_file: str) -> str:
-    return "\n".join((_NATIVE_DIR / name).read_text() for name in ("common.h", isa_file))
-
-
-_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
-_CFLAGS_AVX2 = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+    parts = ("common.h", isa_file, "vector_ops.h")
+    return "\n".join((_NATIVE_DIR / name).read_text() for name in parts)
 
 
 @functools.cache
@@ -100,9 +100,11 @@ _SIGNATURES = {
 }  # fmt: skip
 
 
-def _build(name: str, source: str, cflags: list[str], functions: list[str],
-           what: str) -> ctypes.CDLL | None:  # fmt: skip
-    """``source`` compiled once per machine as ``name`` and loaded, its ``functions`` typed; None
+_FALLBACK = "linear layers use oneDNN or torch"
+
+
+def _build(name: str, source: str, cflags: list[str], what: str) -> ctypes.CDLL | None:
+    """``source`` compiled once per machine as ``name`` and loaded, its functions typed; None
     (logged) where there is no compiler or the build fails."""
     if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++") if c):
         logger.warning("%s: no C++ compiler; %s", what, _FALLBACK)
@@ -118,48 +120,46 @@ def _build(name: str, source: str, cflags: list[str], functions: list[str],
     except Exception as e:  # noqa: BLE001 - a failed build must not stop the engine
         logger.warning("%s did not build (%s); %s", what, str(e)[:300], _FALLBACK)
         return None
-    for fn_name in functions:
+    for fn_name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, fn_name)
-        fn.restype, fn.argtypes = None, _SIGNATURES[fn_name]
+        fn.restype, fn.argtypes = None, argtypes
     return lib
 
 
-_FALLBACK = "linear layers use oneDNN or torch"
+# The builds, best first: extension name, instruction-set file, compiler flags, CPU check.
+BUILDS = {
+    "avx512_bf16": ("segserve_cpu_native", "avx512.cpp",
+                    ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
+                    cpu_has_avx512_bf16),
+    "avx2": ("segserve_cpu_native_avx2", "avx2.cpp", ["-O3", "-mavx2", "-mfma", "-fopenmp"],
+             cpu_has_avx2_fma),
+}  # fmt: skip
 
 
 @functools.cache
-def load_avx512() -> ctypes.CDLL | None:
-    """Every kernel for AVX-512 BF16, compiled, or None where it cannot run here."""
-    if os.environ.get(ENV, "1") == "0" or not cpu_has_avx512_bf16():
+def load_build(isa_name: str) -> ctypes.CDLL | None:
+    """One build's kernels (a key of ``BUILDS``), compiled, or None where it cannot run here."""
+    name, isa_file, cflags, runs_here = BUILDS[isa_name]
+    if os.environ.get(ENV, "1") == "0" or not runs_here():
         return None
-    return _build("segserve_cpu_native", _source("avx512.cpp"), _CFLAGS, list(_SIGNATURES),
-                  "AVX-512 BF16 kernels")  # fmt: skip
+    return _build(name, _source(isa_file), cflags, f"{isa_name} kernels")
 
 
-@functools.cache
-def load_avx2() -> ctypes.CDLL | None:
-    """Every kernel for AVX2 + FMA, compiled, or None where it cannot run here."""
-    if os.environ.get(ENV, "1") == "0" or not cpu_has_avx2_fma():
-        return None
-    return _build("segserve_cpu_native_avx2", _source("avx2.cpp"), _CFLAGS_AVX2, list(_SIGNATURES),
-                  "AVX2 kernels")  # fmt: skip
+def isa() -> str | None:
+    """Which build ``load`` gives: the first of ``BUILDS`` that runs here, or None."""
+    return next((k for k in BUILDS if load_build(k) is not None), None)
 
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The kernels for this CPU (AVX-512 BF16, else AVX2 + FMA), or None (logged once)."""
-    lib = load_avx512() or load_avx2()
-    if lib is None and os.environ.get(ENV, "1") != "0":
-        logger.info("native CPU kernels: no AVX-512 BF16 or AVX2 here, or no build; linear "
-                    "layers use oneDNN or torch, the element-wise ops torch")  # fmt: skip
-    return lib
-
-
-def isa() -> str | None:
-    """Which kernels ``load`` gives: "avx512_bf16", "avx2" or None."""
-    if load_avx512() is not None:
-        return "avx512_bf16"
-    return "avx2" if load_avx2() is not None else None
+    best = isa()
+    if best is None:
+        if os.environ.get(ENV, "1") != "0":
+            logger.info("native CPU kernels: no AVX-512 BF16 or AVX2 here, or no build; linear "
+                        "layers use oneDNN or torch, the element-wise ops torch")  # fmt: skip
+        return None
+    return load_build(best)
 
 
 def _built_path(name: str) -> str:

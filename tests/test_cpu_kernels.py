@@ -15,13 +15,12 @@ from segserve.kernels.cpu import CPUBackend
 from segserve.kernels.cpu_attention import slim_attention
 from segserve.kernels.quant import dequantize, quantize
 
-NATIVE_BUILDS = {"avx512_bf16": cpu_native.load_avx512, "avx2": cpu_native.load_avx2}
 
-@pytest.fixture(params=["avx512_bf16", "avx2"])
+@pytest.fixture(params=list(cpu_native.BUILDS))
 def native_build(request, monkeypatch):
     """Each native kernel build this CPU runs (AVX-512 machines run the AVX2 one too), made the
     one the CPU backend uses."""
-    lib = NATIVE_BUILDS[request.param]()
+    lib = cpu_native.load_build(request.param)
     if lib is None:
         pytest.skip(f"the {request.param} kernels do not build or run here (CPU or compiler)")
     monkeypatch.setattr(cpu_native, "load", lambda: lib)
