@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from segserve.kernels import AttentionMetadata, cpu_fused, cpu_native, get_backend
-from segserve.kernels.cpu_attention import slim_attention
+from segserve.kernels.cpu_attention import onednn_supports, slim_attention
 from segserve.kernels.quant import kv_bytes_per_token_head
 
 
@@ -92,7 +92,7 @@ def linear_layers(model: torch.nn.Module, rows: int = 1, copies: int = 4,
         plain = [dense.clone() for _ in range(copies)]
         x = torch.randn(rows, dense.shape[1]).to(dense.dtype)
         fns = {"plain": lambda x=x, ws=plain: [F.linear(x, w) for w in ws]}
-        if dense.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
+        if dense.dtype in (torch.bfloat16, torch.float16) and onednn_supports(dense.dtype):
             packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in plain]
             fns["onednn"] = lambda x=x, ps=packed: [
                 torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in ps]
