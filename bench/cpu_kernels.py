@@ -33,9 +33,10 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 def prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                       length: int, block_size: int = 16, repeats: int = 5) -> dict[str, float]:
     """One layer's attention for a ``length``-token prompt (no cached prefix), seconds each:
-    SlimAttention over the paged pool (and over an int8 pool), torch SDPA (causal, GQA) on
-    dense tensors, and the reference backend's per-sequence loop (the CPU backend's prefill
-    before SlimAttention)."""
+    SlimAttention over the paged pool as the engine runs it (cpu_native's kernel where it
+    builds; also over an int8 pool), SlimAttention in torch ops (the path without the kernel),
+    torch SDPA (causal, GQA) on dense tensors, and the reference backend's per-sequence loop
+    (the CPU backend's prefill before SlimAttention)."""
     torch.manual_seed(0)
     blocks = -(-length // block_size)
     table = torch.randperm(blocks * 2)[:blocks].to(torch.int32)
@@ -59,9 +60,11 @@ def prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dtype: t
     ref.write_kv(k, v, k8, v8, slots, ks, vs)
     scale = head_dim**-0.5
     qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
+    lib = cpu_native.load()  # the engine's SlimAttention: native where it builds
     fns = {
-        "slim": lambda: slim_attention(q, k_cache, v_cache, meta, scale),
-        "slim int8": lambda: slim_attention(q, k8, v8, meta, scale, None, ks, vs),
+        "slim": lambda: slim_attention(q, k_cache, v_cache, meta, scale, lib=lib),
+        "slim int8": lambda: slim_attention(q, k8, v8, meta, scale, None, ks, vs, lib=lib),
+        "slim torch": lambda: slim_attention(q, k_cache, v_cache, meta, scale),
         "sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
                                                        enable_gqa=True),
         "reference": lambda: ref.attention(q, k_cache, v_cache, meta, scale),

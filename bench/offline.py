@@ -32,11 +32,11 @@ What it prints, in order:
   against the 64-bit ``hash()`` it replaced, and a whole prompt's admission-time hit check.
 
 On the CPU it adds (bench/cpu_kernels.py): SlimAttention prefill of ``--attn-len`` tokens
-(default 1,024) against torch SDPA and the reference loop, one layer's shapes; KV bytes per
-token, the model's dtype against int8; with ``--linear``, each linear shape at 1 and 16 rows on
-plain weights, pre-packed oneDNN weights and cpu_native's bf16 kernel; with ``--elementwise``,
-Inductor-compiled element-wise chains against eager. Load average is printed at the start and
-the end: on a shared machine the numbers move with it.
+(default 1,024) as the engine runs it, in torch ops, against torch SDPA and the reference loop,
+one layer's shapes; KV bytes per token, the model's dtype against int8; with ``--linear``, each
+linear shape at 1 and 16 rows on plain weights, pre-packed oneDNN weights and cpu_native's bf16
+kernel; with ``--elementwise``, Inductor-compiled element-wise chains against eager. Load
+average is printed at the start and the end: on a shared machine the numbers move with it.
 """
 
 from __future__ import annotations
@@ -403,7 +403,7 @@ def print_cpu_figures(fig: dict, args: argparse.Namespace) -> None:
     if "attn" in fig:
         a = fig["attn"]
         print(f"\n== prefill attention, {args.attn_len} tokens, one layer (ms) ==")
-        for name in ("slim", "slim int8", "sdpa", "reference"):
+        for name in ("slim", "slim int8", "slim torch", "sdpa", "reference"):
             print(f"{name:>10} {a[name] * 1e3:>9.2f}  SlimAttention "
                   f"{ratio(a[name], a['slim'])} faster")
     for rows, table in fig.get("linear", {}).items():

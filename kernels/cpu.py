@@ -162,14 +162,15 @@ class CPUBackend(ReferenceBackend):
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if (meta.is_decode and self.native_elementwise
-                and cpu_native.decode_attention_ok(q, k_cache, meta)):
+        lib = None
+        if self.native_elementwise and cpu_native.attention_ok(q, k_cache, meta):
             lib = cpu_native.load()
+        if meta.is_decode:
             if lib is not None:
                 return cpu_native.decode_attention(lib, q, k_cache, v_cache, meta, scale,
                                                    sliding_window, k_scale, v_scale)
-        if meta.is_decode:
             return decode_attention(
                 q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale
             )
-        return mixed_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
+        return mixed_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale,
+                               lib)

@@ -23,12 +23,14 @@ fallback multiplies ~20x slower than float32, so SlimAttention computes in float
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from . import cpu_native
 from .interface import AttentionMetadata
 from .reference import gather_context
 
@@ -77,6 +79,14 @@ def query_block(num_heads: int, num_keys: int, elem: int, threads: int) -> int:
     return int(min(max(rows // 16 * 16, 32), 256))
 
 
+def native_strip_tokens(group: int, context: int) -> int:
+    """Query tokens per strip of the native SlimAttention: the strip's score rows (tokens x the
+    ``group`` heads of a KV head) against the whole context fill half an L2, between 16 and 64
+    rows. At 1k tokens, GQA 8 and 512 KiB: 8 tokens."""
+    rows = l2_cache_bytes() // 2 // (4 * max(context, 1))
+    return max(int(min(max(rows, 16), 64)) // group, 1)
+
+
 def slim_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -89,16 +99,31 @@ def slim_attention(
     block_q: int | None = None,
     seqs: Sequence[int] | None = None,
     out: torch.Tensor | None = None,
+    lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """SlimAttention over both segments of every sequence (see the module doc), or only of the
     rows ``seqs``, written into ``out`` when given; ``block_q`` overrides the L2-sized query
-    block."""
+    block. With ``lib`` (cpu_native's kernels) and inputs it takes, each sequence is one native
+    call instead (float32 inside, ``native/vector_ops.h``)."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     dtype = matmul_dtype(q.dtype)
     out = torch.empty_like(q) if out is None else out
     cu = meta.cu_seqlens_q_host
+    if lib is not None and cpu_native.attention_ok(q, k_cache, meta):
+        for i in range(meta.num_seqs) if seqs is None else seqs:
+            if cu[i + 1] == cu[i]:
+                continue
+            context = meta.prompt_lens_host[i] + meta.response_lens_host[i]
+            tokens = block_q or native_strip_tokens(group, context)
+            rows = out[cu[i]:cu[i + 1]]
+            dst = rows if rows.is_contiguous() else torch.empty_like(rows)
+            cpu_native.prefill_attention(lib, q[cu[i]:cu[i + 1]], k_cache, v_cache, meta, i,
+                                         scale, sliding_window, k_scale, v_scale, tokens, dst)
+            if dst is not rows:
+                rows.copy_(dst)
+        return out
     threads = torch.get_num_threads()
     zero = torch.zeros((), dtype=dtype)  # baddbmm's ignored input (beta=0)
     for i in range(meta.num_seqs) if seqs is None else seqs:
@@ -163,22 +188,29 @@ def mixed_attention(
     sliding_window: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """A step mixing decode rows with prefill chunks (continuous batching): the decode rows in
-    one batched product (``decode_attention`` on their sub-batch), the others by SlimAttention;
-    a python iteration per decode row would cost more than its arithmetic."""
+    one batched product (``decode_attention`` on their sub-batch), the others by SlimAttention
+    (native with ``lib``); a python iteration per decode row would cost more than its
+    arithmetic."""
     split = meta.scratch.get("mixed_split")
     if split is None:
         split = meta.scratch["mixed_split"] = _split_decode_rows(meta)
     decode_rows, tokens, sub_meta, other_rows = split
     if sub_meta is None:  # fewer than two decode rows: nothing to batch
-        return slim_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
+        return slim_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale,
+                              lib=lib)
     out = torch.empty_like(q)
-    out[tokens] = decode_attention(
-        q[tokens], k_cache, v_cache, sub_meta, scale, sliding_window, k_scale, v_scale
-    )
+    if lib is not None:
+        out[tokens] = cpu_native.decode_attention(lib, q[tokens], k_cache, v_cache, sub_meta,
+                                                  scale, sliding_window, k_scale, v_scale)
+    else:
+        out[tokens] = decode_attention(
+            q[tokens], k_cache, v_cache, sub_meta, scale, sliding_window, k_scale, v_scale
+        )
     return slim_attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale,
-                          seqs=other_rows, out=out)
+                          seqs=other_rows, out=out, lib=lib)
 
 
 def _split_decode_rows(meta: AttentionMetadata):

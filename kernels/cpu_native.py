@@ -97,6 +97,8 @@ _SIGNATURES = {
                                     _P, _P],
     "segserve_decode_attention": [_P, _P, _P, _P, _P, _P, _L, _P, _P, _L, _P, _L, _L, _L, _L,
                                   _L, ctypes.c_float, _L, _P, ctypes.c_int],
+    "segserve_prefill_attention": [_P, _P, _P, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _L,
+                                   ctypes.c_float, _L, _L, _P, ctypes.c_int],
 }  # fmt: skip
 
 
@@ -293,9 +295,10 @@ def rope_write_kv(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return q_out
 
 
-# ----- decode attention ---------------------------------------------------------------------------
-def decode_attention_ok(q: torch.Tensor, k_cache: torch.Tensor, meta) -> bool:
-    """bf16 queries over a bf16 or int8 pool, head_dim a multiple of 16, int32 tables."""
+# ----- attention: decode, and SlimAttention's prefill ---------------------------------------------
+def attention_ok(q: torch.Tensor, k_cache: torch.Tensor, meta) -> bool:
+    """Whether the native decode and prefill attention take these: bf16 queries over a bf16 or
+    int8 pool, head_dim a multiple of 16, int32 tables."""
     tables = (meta.prompt_block_tables, meta.prompt_lens, meta.response_block_tables,
               meta.response_lens)
     return (
@@ -331,3 +334,25 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor,
         sliding_window or 0, out.data_ptr(), attention_threads(b * k_cache.shape[2]),
     )
     return out
+
+
+def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, meta, i: int, scale: float,
+                      sliding_window: int | None, k_scale: torch.Tensor | None,
+                      v_scale: torch.Tensor | None, tokens_per_strip: int,
+                      out: torch.Tensor) -> None:
+    """Sequence ``i``'s queries ``q`` (its rows, ``[q_len, Hq, D]`` bf16: the last q_len
+    positions of its context) against its context, into ``out`` (same shape): SlimAttention's
+    strips of ``tokens_per_strip`` queries, float32 inside (``native/vector_ops.h``)."""
+    q_len, hq, d = q.shape
+    q = q.contiguous()
+    ptab = meta.prompt_block_tables[i].contiguous()
+    rtab = meta.response_block_tables[i].contiguous()
+    lib.segserve_prefill_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_scale.data_ptr() if k_scale is not None else None,
+        v_scale.data_ptr() if v_scale is not None else None,
+        ptab.data_ptr(), meta.prompt_lens_host[i], rtab.data_ptr(), meta.response_lens_host[i],
+        q_len, hq, k_cache.shape[2], d, k_cache.shape[1], ctypes.c_float(scale),
+        sliding_window or 0, tokens_per_strip, out.data_ptr(), torch.get_num_threads(),
+    )

@@ -119,6 +119,41 @@ def test_slim_attention_matches_reference(prefix, q_len, window):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+NATIVE_SLIM = [(prefix, q_len, window, heads, dim)
+               for prefix, q_len in ((0, 1), (17, 64), (300, 1000), (0, 1000), (300, 1))
+               for window in (None, 100) for heads, dim in ((8, 32), (6, 48))]  # fmt: skip
+
+
+@pytest.mark.parametrize("prefix,q_len,window,heads,dim", NATIVE_SLIM)
+def test_native_slim_attention_matches_reference(prefix, q_len, window, heads, dim,
+                                                 native_build):
+    """The C++ SlimAttention (bf16 queries over a bf16 or int8 pool, float32 inside) against the
+    reference in float32 on the same values: prompt-segment and response-segment queries after
+    a prefix, GQA 4 and 3 (score rows not a multiple of the tile), head_dim 32 and 48 (a
+    half-width tail on AVX-512), default and 5-token strips, NaN in every unwritten slot."""
+    rng = random.Random(prefix * 7 + q_len + heads)
+    torch.manual_seed(prefix + q_len + dim)
+    kv_heads = 2
+    seqs = [(prefix + q_len, 0, q_len), (prefix, q_len, q_len)] if prefix else [(q_len, 0, q_len)]
+    num_blocks = 2 * (-(-(prefix + q_len) // BLOCK) + 2)
+    meta = layout(rng, seqs, num_blocks)
+    k = pool(meta, num_blocks, kv_heads, dim, torch.bfloat16)
+    v = pool(meta, num_blocks, kv_heads, dim, torch.bfloat16)
+    q = torch.randn(len(seqs) * q_len, heads, dim).bfloat16()
+    assert cpu_native.attention_ok(q, k, meta)
+    scale = dim**-0.5
+    want = REF.attention(q.float(), k.float(), v.float(), meta, scale, window)
+    for strip in (None, 5):
+        got = slim_attention(q, k, v, meta, scale, window, block_q=strip, lib=native_build)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-3)
+    kq, ks = int8_pool(k.float(), meta)
+    vq, vs = int8_pool(v.float(), meta)
+    want8 = REF.attention(q.float(), kq, vq, meta, scale, window, ks, vs)
+    got8 = slim_attention(q, kq, vq, meta, scale, window, ks, vs, lib=native_build)
+    torch.testing.assert_close(got8.float(), want8, rtol=2**-7, atol=1e-3)
+
+
 def test_slim_attention_bf16_and_mixed_batch():
     """bf16 (products in bf16, as HF eager) within bf16 tolerance, in a mixed batch of prefill
     chunks and decode rows, GQA 4."""
@@ -238,7 +273,7 @@ def test_native_decode_attention_matches_reference(window, batch, native_build):
     k = pool(meta, 64, kv_heads, dim, torch.bfloat16)
     v = pool(meta, 64, kv_heads, dim, torch.bfloat16)
     q = torch.randn(len(seqs), heads, dim).bfloat16()
-    assert cpu_native.decode_attention_ok(q, k, meta)
+    assert cpu_native.attention_ok(q, k, meta)
     got = CPU.attention(q, k, v, meta, dim**-0.5, window)
     want = REF.attention(q.float(), k.float(), v.float(), meta, dim**-0.5, window)
     assert got.dtype == torch.bfloat16

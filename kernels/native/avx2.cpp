@@ -104,6 +104,17 @@ static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }    
 static inline vf vfnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a * b
 static inline vf vloadf(const float* p) { return _mm256_loadu_ps(p); }
 static inline void vstoref(float* p, vf v) { _mm256_storeu_ps(p, v); }
+// 2^n as float from big = n + 1.5 * 2^23 (vexp_nonpositive): n is big's low mantissa bits.
+static inline vf vpow2_bits(vf big) {
+    const __m256i n = _mm256_sub_epi32(_mm256_castps_si256(big), _mm256_set1_epi32(0x4b400000));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+}
+static inline float vhmax(vf v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
 static inline float vsum(vf v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

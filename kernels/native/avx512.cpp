@@ -70,6 +70,12 @@ static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }    
 static inline vf vfnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
 static inline vf vloadf(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vstoref(float* p, vf v) { _mm512_storeu_ps(p, v); }
+// 2^n as float from big = n + 1.5 * 2^23 (vexp_nonpositive): n is big's low mantissa bits.
+static inline vf vpow2_bits(vf big) {
+    const __m512i n = _mm512_sub_epi32(_mm512_castps_si512(big), _mm512_set1_epi32(0x4b400000));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
+}
+static inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
 static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
 static inline vf vrint(vf x) {  // to the nearest integer
     return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
