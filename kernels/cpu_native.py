@@ -201,14 +201,13 @@ def is_packed(weight: torch.Tensor) -> bool:
 def linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for bf16 ``x`` and ``packed = pack(weight)``."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    n = packed.shape[0] * BLOCK_N
+    k, n = x.shape[-1], packed.shape[0] * BLOCK_N
     if k != packed.shape[1] * 2:
         raise ValueError(f"linear: input has {k} features, the weight {packed.shape[1] * 2}")
-    x2 = x.reshape(-1, k)
+    x2 = _rows2d(x)
     if x2.dtype != torch.bfloat16:
         x2 = x2.to(torch.bfloat16)
-    if x2.stride(-1) != 1 or x2.stride(0) % 2:  # rows are read 4 bytes at a time
+    if x2.stride(0) % 2:  # rows are read 4 bytes at a time
         x2 = x2.contiguous()
     out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
     if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
@@ -218,18 +217,30 @@ def linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
         bias.data_ptr() if bias is not None else None, out.data_ptr(), n,
         torch.get_num_threads(),
     )
-    return out.view(*lead, n)
+    return _like(out, x)
 
 
 # ----- element-wise chains at decode sizes ------------------------------------------------------
+# The wrappers below run ~100 times a decode step: a 2-D input is taken as it is and the output
+# viewed back only when the input was not 2-D (a reshape or view costs 1.5-4 us, the kernel of an
+# add+RMSNorm at batch 1 about 2).
 def _rows2d(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` (2-D) in ``x``'s leading shape."""
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
+
+
 def elementwise_ok(x: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether the element-wise kernels take these tensors: bf16 on the CPU."""
-    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (x, *others))
+    if x.dtype != torch.bfloat16 or not x.is_cpu:
+        return False
+    return all(t.dtype == torch.bfloat16 and t.is_cpu for t in others)
 
 
 def add_rms_norm(lib: ctypes.CDLL, x: torch.Tensor, residual: torch.Tensor | None,
@@ -242,14 +253,14 @@ def add_rms_norm(lib: ctypes.CDLL, x: torch.Tensor, residual: torch.Tensor | Non
     weight = weight.contiguous()
     if residual is None:
         lib.segserve_add_rms_norm_bf16(x2.data_ptr(), x2.stride(0), None, 0, weight.data_ptr(),
-                                       out.data_ptr(), None, rows, h, ctypes.c_float(eps))
-        return out.view(x.shape), x
+                                       out.data_ptr(), None, rows, h, eps)
+        return _like(out, x), x
     r2 = _rows2d(residual)
     res_out = torch.empty(rows, h, dtype=torch.bfloat16)
     lib.segserve_add_rms_norm_bf16(x2.data_ptr(), x2.stride(0), r2.data_ptr(), r2.stride(0),
                                    weight.data_ptr(), out.data_ptr(), res_out.data_ptr(), rows, h,
-                                   ctypes.c_float(eps))
-    return out.view(x.shape), res_out.view(x.shape)
+                                   eps)
+    return _like(out, x), _like(res_out, x)
 
 
 def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
@@ -260,7 +271,7 @@ def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"silu_mul: gate_up has an odd width {width}")
     out = torch.empty(rows, width // 2, dtype=torch.bfloat16)
     lib.segserve_silu_mul_bf16(g2.data_ptr(), g2.stride(0), rows, width // 2, out.data_ptr())
-    return out.view(*gate_up.shape[:-1], width // 2)
+    return _like(out, gate_up)
 
 
 def rope_write_kv_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
