@@ -15,10 +15,19 @@ dense one. The query heads of a KV head share one product (GQA without repeating
 applied only to the score columns that can hold hidden keys (the diagonal, and the window's
 start).
 
-Matmuls run in the activation dtype with float32 accumulation inside oneDNN/MKL, the scores and
-probabilities rounded to it, as HF's eager attention does; in float32 everything is float32. On
-a CPU where oneDNN has no kernel for that dtype (bf16 without AVX-512: AMD Zen 2/3), torch's
-fallback multiplies ~20x slower than float32, so SlimAttention computes in float32 there.
+**Native** (bf16 activations, where cpu_native builds: the CPU backend's default): each sequence
+is one C++ call (``native/vector_ops.h``) doing the same split in float32 micro-tiles. Per KV
+head its keys are read once into float32 panels (K transposed, V; dequantized for int8); a strip
+of queries (their G heads as rows, ``native_strip_tokens``: score rows x context fill half an
+L2) computes its full score rows, a plain softmax with a vectorized exp, then P V over key
+chunks held in L1. 1k-token TinyLlama prefill, 2-core Zen 3: 32-36 ms against torch SDPA's
+55-66 and this module's torch-op path's 58-63.
+
+**Torch ops** (float32 models, or no native build): matmuls in the activation dtype with float32
+accumulation inside oneDNN/MKL, scores and probabilities rounded to it, as HF's eager attention
+does; in float32 everything is float32. On a CPU where oneDNN has no kernel for that dtype (bf16
+without AVX-512: AMD Zen 2/3), torch's fallback multiplies ~20x slower than float32, so this
+path computes in float32 there.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The CPU backend's native kernels (AVX-512 BF16, built at run time): bf16 linear layers, decode
-attention, and add+RMSNorm / RoPE+KV write at decode sizes; the same kernels in AVX2 + FMA for
-CPUs without AVX-512 BF16 (``load`` picks the build for this CPU).
+and prefill attention, and add+RMSNorm / RoPE+KV write at decode sizes; the same kernels in AVX2 +
+FMA for CPUs without AVX-512 BF16 (``load`` picks the build for this CPU).
 
 **Linear.** A decode step multiplies a few rows (one per sequence) by every weight, so it is bound
 by reading the weights (batch 1) or, on a machine with few cores, by the bf16 multiply rate
@@ -19,12 +19,17 @@ both (each 64-column block, at most K * 128 bytes, stays in L2 while every row t
 through both block tables (bf16, or int8 with their scales), float32 inside; replaces ~15
 dispatched ops per layer.
 
+**Prefill attention (SlimAttention).** One call per sequence: per KV head, K^T and V read once
+into float32 panels, then query strips in parallel, each its full score rows in 4 x 3-vector
+micro-tiles (at the FMA peak in L1), a plain softmax with a cheaper exp for x <= 0, and P V in
+4 x 2-vector tiles over 64-key chunks; see cpu_attention.py for the measurements.
+
 **Element-wise.** add+RMSNorm, RMSNorm, SiLU*mul (with a vectorized exp) and RoPE+KV write for
 bf16 calls below the sizes where the Inductor-compiled chains win: one call each, rounding where
 the eager ops round.
 
 **AVX2 + FMA build** (CPUs without AVX-512 BF16, such as AMD Zen 2/3, where torch has no fast
-bf16 matmul: a 32-token TinyLlama prefill took 3 s in torch there). The same five functions and
+bf16 matmul: a 32-token TinyLlama prefill took 3 s in torch there). The same functions and
 packed layout. Linear: a 256-bit load is 8 columns x 2 k, split into two float vectors by a
 shift and a mask, float32 FMAs; one row streams each 64-column block once (31-32 GB/s on a
 2-core Zen 3, its read bandwidth); more rows run 4-row x 16-column tiles over k chunks whose 16
