@@ -314,7 +314,7 @@ def test_packed_bf16_linear_equals_f_linear():
 
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 16, 70, 257])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 9, 11, 13, 16, 70, 257])
 def test_cpu_native_linear_matches_float32_product(rows, native_build):
     """Each bf16 linear kernel (AVX-512 BF16; AVX2 + FMA, which AVX-512 machines run too)
     against the float32 product of the same bf16 values: within one bf16 rounding of the result
