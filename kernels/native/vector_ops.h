@@ -67,81 +67,21 @@ extern "C" void segserve_silu_mul_bf16(const uint16_t* gate_up, long ldg, long r
     }
 }
 
-// ----- decode attention: one query per sequence, over both segments' blocks ---------------------
-// out[b, h*G + g] = softmax(q . K^T * scale) V over the sequence's keys (prompt blocks, then
-// response blocks; a sliding window keeps the last `window`), float32 inside. T: bf16 pool
-// (uint16_t, scales null) or int8 (scales per (slot, head)). D % VW == 0.
-template <typename T>
-static void decode_attn(const uint16_t* q, const T* kc, const T* vc, const float* ks,
-                        const float* vs, const int32_t* ptab, long wp, const int32_t* plen,
-                        const int32_t* rtab, long wr, const int32_t* rlen, long B, long Hq,
-                        long Hkv, long D, long bs, float scale, long window, uint16_t* out,
-                        int threads) {
-    const long G = Hq / Hkv;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1)
-    for (long task = 0; task < B * Hkv; ++task) {
-        const long b = task / Hkv, h = task % Hkv;
-        const long P = plen[b], ctx = P + rlen[b];
-        const long lo = window > 0 && ctx - window > 0 ? ctx - window : 0;
-        const long n = ctx - lo;
-        float* sc = new float[G * n + G * D];
-        float* acc = sc + G * n;
-        const uint16_t* qb = q + (b * Hq + h * G) * D;
-        for (long j = lo; j < ctx; ++j) {
-            const long slot = j < P ? (long)ptab[b * wp + j / bs] * bs + j % bs
-                                    : (long)rtab[b * wr + (j - P) / bs] * bs + (j - P) % bs;
-            const T* kr = kc + (slot * Hkv + h) * D;
-            const float kscale = ks ? ks[slot * Hkv + h] * scale : scale;
-            for (long g = 0; g < G; ++g) {
-                vf d = vzero();
-                for (long i = 0; i < D; i += VW)
-                    d = vfma(vload(qb + g * D + i, VW), ld_kv(kr + i), d);
-                sc[g * n + j - lo] = vsum(d) * kscale;
-            }
-        }
-        for (long g = 0; g < G; ++g) {
-            float* row = sc + g * n;
-            float mx = -__builtin_inff(), sum = 0.0f;
-            for (long j = 0; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
-            for (long j = 0; j < n; ++j) sum += (row[j] = __builtin_expf(row[j] - mx));
-            const float inv = 1.0f / sum;
-            for (long j = 0; j < n; ++j) row[j] *= inv;
-            for (long i = 0; i < D; ++i) acc[g * D + i] = 0.0f;
-        }
-        for (long j = lo; j < ctx; ++j) {
-            const long slot = j < P ? (long)ptab[b * wp + j / bs] * bs + j % bs
-                                    : (long)rtab[b * wr + (j - P) / bs] * bs + (j - P) % bs;
-            const T* vr = vc + (slot * Hkv + h) * D;
-            const float vscale = vs ? vs[slot * Hkv + h] : 1.0f;
-            for (long i = 0; i < D; i += VW) {
-                const vf v = ld_kv(vr + i);
-                for (long g = 0; g < G; ++g) {
-                    vf a = vloadf(acc + g * D + i);
-                    a = vfma(vset1(sc[g * n + j - lo] * vscale), v, a);
-                    vstoref(acc + g * D + i, a);
-                }
-            }
-        }
-        for (long g = 0; g < G; ++g)
-            for (long i = 0; i < D; i += VW)
-                vstore(out + (b * Hq + h * G + g) * D + i, vloadf(acc + g * D + i), VW);
-        delete[] sc;
+// ----- attention over the paged pool ------------------------------------------------------------
+// f(j, slot) for the context positions lo + j in [lo, ctx): the prompt segment's P positions
+// through ptab, then the response segment's through rtab; one division per block, not per key.
+template <typename F>
+static inline void for_each_slot(const int32_t* ptab, long P, const int32_t* rtab, long ctx,
+                                 long lo, long bs, F f) {
+    for (long pos = lo; pos < ctx;) {
+        const bool prompt = pos < P;
+        const long seg_pos = prompt ? pos : pos - P, seg_end = prompt ? P : ctx - P;
+        const long off = seg_pos % bs;
+        const long run = bs - off < seg_end - seg_pos ? bs - off : seg_end - seg_pos;
+        const long base = (long)(prompt ? ptab : rtab)[seg_pos / bs] * bs + off;
+        for (long r = 0; r < run; ++r) f(pos - lo + r, base + r);
+        pos += run;
     }
-}
-
-extern "C" void segserve_decode_attention(const uint16_t* q, const void* kc, const void* vc,
-                                          const float* ks, const float* vs, const int32_t* ptab,
-                                          long wp, const int32_t* plen, const int32_t* rtab,
-                                          long wr, const int32_t* rlen, long B, long Hq, long Hkv,
-                                          long D, long bs, float scale, long window,
-                                          uint16_t* out, int threads) {
-    if (ks)
-        decode_attn<int8_t>(q, (const int8_t*)kc, (const int8_t*)vc, ks, vs, ptab, wp, plen,
-                            rtab, wr, rlen, B, Hq, Hkv, D, bs, scale, window, out, threads);
-    else
-        decode_attn<uint16_t>(q, (const uint16_t*)kc, (const uint16_t*)vc, ks, vs, ptab, wp,
-                              plen, rtab, wr, rlen, B, Hq, Hkv, D, bs, scale, window, out,
-                              threads);
 }
 
 // ----- prefill attention (SlimAttention): one sequence's queries against its whole context ------
@@ -239,14 +179,14 @@ static void prefill_attn(const uint16_t* q, const T* kc, const T* vc, const floa
         #pragma omp parallel num_threads(threads) if(threads > 1)
         {
             #pragma omp for schedule(static)
-            for (long j = 0; j < ldk; ++j) {
-                const long pos = k0 + j;
-                if (pos >= ctx) {  // padding columns: finite zeros
-                    for (long d = 0; d < D; ++d) kt[d * ldk + j] = 0.0f;
-                    continue;
-                }
-                const long slot = pos < P ? (long)ptab[pos / bs] * bs + pos % bs
-                                          : (long)rtab[(pos - P) / bs] * bs + (pos - P) % bs;
+            for (long j = nk; j < ldk; ++j)  // padding columns: finite zeros
+                for (long d = 0; d < D; ++d) kt[d * ldk + j] = 0.0f;
+            // the keys a block at a time (contiguous slots), the blocks split over the threads
+            #pragma omp for schedule(static)
+            for (long j0 = 0; j0 < nk; j0 += bs) {
+              const long j1 = j0 + bs < nk ? j0 + bs : nk;
+              for_each_slot(ptab, P, rtab, k0 + j1, k0 + j0, bs, [&](long jj, long slot) {
+                const long j = j0 + jj;
                 const T* kr = kc + (slot * Hkv + h) * D;
                 const T* vr = vc + (slot * Hkv + h) * D;
                 const float kscale = ks ? ks[slot * Hkv + h] : 1.0f;
@@ -257,6 +197,7 @@ static void prefill_attn(const uint16_t* q, const T* kc, const T* vc, const floa
                     for (int l = 0; l < VW; ++l) kt[(d + l) * ldk + j] = tmp[l];
                     vstoref(vp + j * D + d, vmul(ld_kv(vr + d), vset1(vscale)));
                 }
+              });
             }
             // Per thread: the strip's queries, scores and output, float32.
             const long lds_max = round_up(nk, QK_NR);  // no strip sees more keys
@@ -353,4 +294,106 @@ extern "C" void segserve_prefill_attention(const uint16_t* q, const void* kc, co
     else
         prefill_attn<uint16_t>(q, (const uint16_t*)kc, (const uint16_t*)vc, ks, vs, ptab, P,
                                rtab, R, q_len, Hq, Hkv, D, bs, scale, window, tq, out, threads);
+}
+
+// ----- decode attention: one query per sequence, over both segments' blocks ---------------------
+// out[b, h*G + g] = softmax(q . K^T * scale) V over the sequence's keys (prompt blocks, then
+// response blocks; a sliding window keeps the last `window`), float32 inside. T: bf16 pool
+// (uint16_t, scales null) or int8 (scales per (slot, head)). D % VW == 0. One task per
+// (sequence, KV head): its keys and values are read once into float buffers (int8 dequantized),
+// the G heads' scores go 8 keys at a time (8 dot-product accumulators over D, summed across
+// lanes together by vsum8), a softmax per head, then P V in the prefill's PV_MR x 2-vector tiles,
+// so no per-key horizontal sum and no accumulator round trip through memory.
+template <typename T>
+static void decode_attn(const uint16_t* q, const T* kc, const T* vc, const float* ks,
+                        const float* vs, const int32_t* ptab, long wp, const int32_t* plen,
+                        const int32_t* rtab, long wr, const int32_t* rlen, long B, long Hq,
+                        long Hkv, long D, long bs, float scale, long window, uint16_t* out,
+                        int threads) {
+    const long G = Hq / Hkv, Gp = round_up(G, PV_MR);
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1)
+    for (long task = 0; task < B * Hkv; ++task) {
+        const long b = task / Hkv, h = task % Hkv;
+        const long P = plen[b], ctx = P + rlen[b];
+        const long lo = window > 0 && ctx - window > 0 ? ctx - window : 0;
+        const long n = ctx - lo, np = round_up(n, 8);
+        // keys [np][D], values [n][D], scores [Gp][np], queries [G][D], output [Gp][D], 1/sum [G]
+        float* kf = (float*)malloc(sizeof(float) * (np * D + n * D + Gp * np + G * D + Gp * D + G));
+        if (!kf) continue;
+        float* vb = kf + np * D;
+        float* sc = vb + n * D;
+        float* qf = sc + Gp * np;
+        float* os = qf + G * D;
+        float* inv = os + Gp * D;
+        for_each_slot(ptab + b * wp, P, rtab + b * wr, ctx, lo, bs, [&](long j, long slot) {
+            const vf kscale = vset1(ks ? ks[slot * Hkv + h] : 1.0f);
+            const vf vscale = vset1(vs ? vs[slot * Hkv + h] : 1.0f);
+            const T* kr = kc + (slot * Hkv + h) * D;
+            const T* vr = vc + (slot * Hkv + h) * D;
+            for (long d = 0; d < D; d += VW) {
+                vstoref(kf + j * D + d, vmul(ld_kv(kr + d), kscale));
+                vstoref(vb + j * D + d, vmul(ld_kv(vr + d), vscale));
+            }
+        });
+        for (long i = n * D; i < np * D; ++i) kf[i] = 0.0f;  // padding keys: finite, unused
+        const uint16_t* qb = q + (b * Hq + h * G) * D;
+        for (long i = 0; i < G * D; i += VW) vstoref(qf + i, vmul(vload(qb + i, VW), vset1(scale)));
+        for (long g = 0; g < G; ++g) {
+            float* row = sc + g * np;
+            for (long j0 = 0; j0 < np; j0 += 8) {
+                vf acc[8];
+                for (int t = 0; t < 8; ++t) acc[t] = vzero();
+                for (long d = 0; d < D; d += VW) {
+                    const vf qv = vloadf(qf + g * D + d);
+                    for (int t = 0; t < 8; ++t)
+                        acc[t] = vfma(qv, vloadf(kf + (j0 + t) * D + d), acc[t]);
+                }
+                vsum8(acc, row + j0);
+            }
+            vf vm = vset1(-__builtin_inff());
+            long j = 0;
+            for (; j + VW <= n; j += VW) vm = vmax(vm, vloadf(row + j));
+            float mx = vhmax(vm);
+            for (; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+            const vf vmx = vset1(mx);
+            vf sum = vzero();
+            for (j = 0; j + VW <= n; j += VW) {
+                const vf e = vexp_nonpositive(vsub(vloadf(row + j), vmx));
+                vstoref(row + j, e);
+                sum = vadd(sum, e);
+            }
+            float tail = 0.0f;
+            for (; j < n; ++j) tail += (row[j] = __builtin_expf(row[j] - mx));
+            inv[g] = 1.0f / (vsum(sum) + tail);
+        }
+        for (long i = G * np; i < Gp * np; ++i) sc[i] = 0.0f;  // padding heads
+        for (long i = 0; i < Gp * D; ++i) os[i] = 0.0f;
+        for (long g = 0; g < Gp; g += PV_MR) {
+            long c0 = 0;
+            for (; c0 + 2 * VW <= D; c0 += 2 * VW)
+                pv_tile<2>(sc + g * np, np, vb, D, 0, n, c0, os + g * D);
+            if (c0 < D) pv_tile<1>(sc + g * np, np, vb, D, 0, n, c0, os + g * D);
+        }
+        for (long g = 0; g < G; ++g) {
+            const vf iv = vset1(inv[g]);
+            for (long d = 0; d < D; d += VW)
+                vstore(out + (b * Hq + h * G + g) * D + d, vmul(vloadf(os + g * D + d), iv), VW);
+        }
+        free(kf);
+    }
+}
+
+extern "C" void segserve_decode_attention(const uint16_t* q, const void* kc, const void* vc,
+                                          const float* ks, const float* vs, const int32_t* ptab,
+                                          long wp, const int32_t* plen, const int32_t* rtab,
+                                          long wr, const int32_t* rlen, long B, long Hq, long Hkv,
+                                          long D, long bs, float scale, long window,
+                                          uint16_t* out, int threads) {
+    if (ks)
+        decode_attn<int8_t>(q, (const int8_t*)kc, (const int8_t*)vc, ks, vs, ptab, wp, plen,
+                            rtab, wr, rlen, B, Hq, Hkv, D, bs, scale, window, out, threads);
+    else
+        decode_attn<uint16_t>(q, (const uint16_t*)kc, (const uint16_t*)vc, ks, vs, ptab, wp,
+                              plen, rtab, wr, rlen, B, Hq, Hkv, D, bs, scale, window, out,
+                              threads);
 }
