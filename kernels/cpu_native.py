@@ -16,8 +16,9 @@ rows (prefill) within 3% of oneDNN's packed GEMM, 1 or 2 threads, so there is on
 both (each 64-column block, at most K * 128 bytes, stays in L2 while every row tile reads it).
 
 **Decode attention.** One task per (sequence, KV head): its G query heads against its keys read
-through both block tables (bf16, or int8 with their scales), float32 inside; replaces ~15
-dispatched ops per layer.
+through both block tables (bf16, or int8 with their scales) once into float buffers, scores 8
+keys at a time with one cross-lane sum tree, P V in register tiles, float32 inside; replaces ~15
+dispatched ops per layer (1k context, batch 1, 2-core Zen 3: 0.16-0.21 ms a layer).
 
 **Prefill attention (SlimAttention).** One call per sequence: per KV head, K^T and V read once
 into float32 panels, then query strips in parallel, each its full score rows in 4 x 3-vector
