@@ -12,7 +12,8 @@ to go idle and reports requests by kind and outcome, leaked KV blocks (blocks st
 idle: must be 0), the resident memory of every Serve process at the start and the end, sampled
 every ``--rss-every`` seconds in between (the series, its growth, and its least-squares slope
 over the run's second half: does it level off?), and p50/p99 latency of the requests that
-completed. ``--serve-mode direct`` runs Serve with direct ingress (the clients call the ingress
+completed. ``--warmup`` seconds of the same load come first, outside the baseline (default 5:
+the first requests compile and allocate). ``--serve-mode direct`` runs Serve with direct ingress (the clients call the ingress
 replica's own ports; deploy.launch.SERVE_MODES). It exits 1 if anything unexpected happened
 (a 5xx, an error event, a leaked block, a bad request accepted).
 
@@ -291,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-mode", default="proxy", choices=list(SERVE_MODES),
                    help="how Serve takes requests in (deploy.launch.SERVE_MODES); direct and "
                         "throughput: straight to the ingress replica's ports")  # fmt: skip
+    p.add_argument("--warmup", type=float, default=5.0,
+                   help="seconds of the same load before the RSS baseline (first requests "
+                        "compile and allocate; Serve's proxy grows for its first minutes)")
     p.add_argument("--json", default=None, help="also write the report here")
     args = p.parse_args(argv)
 
@@ -328,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             base = f"http://127.0.0.1:{ports['HTTP'][1]}"
             target = f"127.0.0.1:{ports['gRPC'][1]}"
         # Warm up (first requests compile and allocate), then take the baseline RSS.
-        asyncio.run(run_soak(base, target, "segserve", 5, args.concurrency, args.seed + 1))
+        asyncio.run(run_soak(base, target, "segserve", args.warmup, args.concurrency,
+                             args.seed + 1))
         with RssSampler(serve_processes(), args.rss_every) as rss:
             report = asyncio.run(run_soak(base, target, "segserve", args.duration,
                                           args.concurrency, args.seed,
@@ -337,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
     report["serve_mode"] = args.serve_mode
+    report["warmup_s"] = args.warmup
     report["load_avg"] = os.getloadavg()
     report["rss_mib"] = rss.report()
     print(json.dumps({k: v for k, v in report.items() if k != "rss_mib"}, indent=2))
