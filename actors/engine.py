@@ -38,6 +38,9 @@ from .tp_worker import ReplicaGroup
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+# After a failed collective: how long to look for the dead rank, whose peers' sockets can fail
+# before Ray or the OS reports it, so that the error names it.
+GROUP_DEATH_WAIT_S = 5.0
 
 
 @dataclass
@@ -305,6 +308,27 @@ class EngineCore(TokenUpdates):
         flight: the next call first launches the step after it (its input ids taken from the
         device), then reads this one's tokens while the GPU works, so host bookkeeping
         overlaps device time. Its deltas therefore come back one call later."""
+        try:
+            return self._step()
+        except ReplicaGroupFailed as e:
+            self._raise_naming_the_rank(e)
+            raise
+
+    def _raise_naming_the_rank(self, error: ReplicaGroupFailed) -> None:
+        """A failed collective usually means a rank died, and its peers' sockets can notice
+        before Ray or the OS reports the death: look for the rank for a few seconds and, once
+        it is found, raise the error that names it (the operator's first question)."""
+        deadline = time.monotonic() + GROUP_DEATH_WAIT_S
+        while True:
+            try:
+                self.check_group()
+            except ReplicaGroupFailed as named:
+                raise named from error
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
+
+    def _step(self) -> list[Delta]:
         self.check_group(every_s=0.05)
         deltas = self._drain_inbox()
         if self._inflight is not None:
