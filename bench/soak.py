@@ -13,9 +13,10 @@ idle: must be 0), the resident memory of every Serve process at the start and th
 every ``--rss-every`` seconds in between (the series, its growth, and its least-squares slope
 over the run's second half: does it level off?), and p50/p99 latency of the requests that
 completed. ``--warmup`` seconds of the same load come first, outside the baseline (default 5:
-the first requests compile and allocate). ``--serve-mode direct`` runs Serve with direct ingress (the clients call the ingress
-replica's own ports; deploy.launch.SERVE_MODES). It exits 1 if anything unexpected happened
-(a 5xx, an error event, a leaked block, a bad request accepted).
+the first requests compile and allocate). ``--serve-mode direct`` runs Serve with direct
+ingress (the clients call the ingress replica's own ports; deploy.launch.SERVE_MODES). It exits
+1 if anything unexpected happened (a 5xx, an error event, a leaked block, a bad request
+accepted).
 
 ``run_soak`` is the workload alone, against a service already running (tests/test_serve.py
 runs it briefly against its own Serve instance).
