@@ -109,15 +109,8 @@ static inline vf vpow2_bits(vf big) {
     const __m256i n = _mm256_sub_epi32(_mm256_castps_si256(big), _mm256_set1_epi32(0x4b400000));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
 }
-// out[0..8) = the lane sums of a[0..8), by a tree of horizontal adds (no per-vector reduction).
-static inline void vsum8(const __m256* a, float* out) {
-    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    // each 128-bit half holds the four vectors' sums over that half's lanes
-    const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
-    const __m256 hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
-    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
-}
+// out[0..8) = the lane sums of a[0..8) (common.h's tree).
+static inline void vsum8(const __m256* a, float* out) { sum8_m256(a, out); }
 static inline float vhmax(vf v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));

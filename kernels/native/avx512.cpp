@@ -75,17 +75,13 @@ static inline vf vpow2_bits(vf big) {
     const __m512i n = _mm512_sub_epi32(_mm512_castps_si512(big), _mm512_set1_epi32(0x4b400000));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
 }
-// out[0..8) = the lane sums of a[0..8): halves added to 8 lanes, then a tree of horizontal adds.
+// out[0..8) = the lane sums of a[0..8): halves added to 8 lanes, then common.h's tree.
 static inline void vsum8(const __m512* a, float* out) {
     __m256 h[8];
     for (int i = 0; i < 8; ++i)
         h[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]),
                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[i]), 1)));
-    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
-    const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
-    const __m256 hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
-    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
+    sum8_m256(h, out);
 }
 static inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
 static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }

@@ -1,6 +1,6 @@
 // segserve's native CPU kernels, shared part (kernels/cpu_native.py builds it in front of
-// avx512.cpp or avx2.cpp): bf16 <-> float helpers and the RoPE+KV write, plain C++ that the
-// compiler vectorizes for either instruction set.
+// avx512.cpp or avx2.cpp): bf16 <-> float helpers, the RoPE+KV write (plain C++ that the
+// compiler vectorizes for either instruction set) and the 8-vector lane-sum tree.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -48,4 +48,15 @@ extern "C" void segserve_rope_write_kv_bf16(const uint16_t* q, long ldq, const u
         rope_row(k + t * ldk, cos + t * D, sin + t * D, Hkv, D, kc + slot * Hkv * D);
         __builtin_memcpy(vc + slot * Hkv * D, v + t * ldv, Hkv * D * sizeof(uint16_t));
     }
+}
+
+// out[0..8) = the lane sums of eight 8-float vectors, by a tree of horizontal adds (no reduction
+// per vector); both builds' vsum8 end here (AVX-512 implies AVX2).
+static inline void sum8_m256(const __m256* a, float* out) {
+    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    // each 128-bit half holds the four vectors' sums over that half's lanes
+    const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+    const __m256 hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
 }
