@@ -435,8 +435,8 @@ def bench_grammar(args: argparse.Namespace, core: Any, vocab: int) -> dict[str, 
     of the measured window. ``grammar_ms_per_step``: the time spent in the grammar's own code
     (bitmask fill and apply, matchers accepting tokens), per step: the cost without the noise."""
     from segserve import SamplingParams
-    from segserve.actors import engine as engine_module
     from segserve.actors import structured
+    from segserve.actors import token_updates  # it calls structured.accept per token
 
     batch, steps = args.grammar_batch, args.grammar_steps
     rng = random.Random(args.seed + 99)
@@ -457,9 +457,9 @@ def bench_grammar(args: argparse.Namespace, core: Any, vocab: int) -> dict[str, 
                 in_grammar[0] += time.perf_counter() - t
         return wrapper
 
-    real_apply, real_accept = structured.grammar_bitmask, engine_module.accept
+    real_apply, real_accept = structured.grammar_bitmask, token_updates.accept
     structured.grammar_bitmask = timed(real_apply)
-    engine_module.accept = timed(real_accept)
+    token_updates.accept = timed(real_accept)
 
     def step_times(constrained: int) -> list[float]:
         for i, p in enumerate(prompts):
@@ -483,7 +483,7 @@ def bench_grammar(args: argparse.Namespace, core: Any, vocab: int) -> dict[str, 
             base += step_times(0)
             half += step_times(batch // 2)
     finally:
-        structured.grammar_bitmask, engine_module.accept = real_apply, real_accept
+        structured.grammar_bitmask, token_updates.accept = real_apply, real_accept
     b, h = statistics.median(base), statistics.median(half)
     # in_grammar covers every step of the constrained runs (prefill and drain too)
     per_step = in_grammar[0] / (5 * (n + 1))
