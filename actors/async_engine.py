@@ -1,7 +1,9 @@
 """AsyncEngine: the async front of EngineCore, what a Serve replica wraps.
 
-``generate`` streams Deltas; one background task steps the core in a worker thread so the event
-loop stays free for I/O. The worker thread is the only place engine state changes while serving.
+``generate`` streams Deltas; one background task runs the core in a worker thread, which steps
+back to back while there is work and hands each step's deltas to the event loop, so the loop stays
+free for I/O and never delays a step. The worker thread is the only place engine state changes
+while serving.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ class EngineBroken(RuntimeError):
 
 
 class AsyncEngine:
-    """Async front of EngineCore: ``generate`` streams Deltas; one background task steps the
-    core in a worker thread so the event loop stays free for I/O."""
+    """Async front of EngineCore: ``generate`` streams Deltas; one background task runs the
+    core's steps in a worker thread (see the module's docstring)."""
 
     # How stale a stats snapshot may get while steps run back to back: metrics() walks every
     # live block, too costly to do after every step of a busy engine.
@@ -90,15 +92,19 @@ class AsyncEngine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            # The worker thread steps back to back while there is work, handing each step's
+            # deltas to this loop without waiting for it: a loop busy with the streams (Serve's
+            # sends, SSE framing) delays their delivery, never the next step.
+            halt = threading.Event()
+            # Set before the thread starts: stats() must not read live state from now on.
             self._stepping, self._step_started = True, time.monotonic()
-            step = loop.run_in_executor(None, self._step)
+            steps = loop.run_in_executor(None, self._steps, loop, halt)
             try:
-                deltas = await asyncio.shield(step)
+                await asyncio.shield(steps)
             except asyncio.CancelledError:
-                # The step's thread runs on: its deltas still reach their streams (a request
-                # that arrived meanwhile may be among them), and a restarted loop's first
-                # step waits for it (_step_lock).
-                step.add_done_callback(self._deliver_late)
+                # The thread finishes its step (its deltas still reach their streams) and stops;
+                # a restarted loop's first step waits for it (_step_lock).
+                halt.set()
                 raise
             except ReplicaGroupFailed as e:  # a rank is gone: nothing to retry
                 self.broken = str(e)
@@ -114,22 +120,12 @@ class AsyncEngine:
                     self.broken = f"the engine step failed {self._step_failures} times in a row"
                     logger.error("%s; the replica reports unhealthy", self.broken)
                     return
-                continue
-            # Requests failing alone one after another (EngineCore._isolate) are no success:
-            # the failed steps keep counting until a step succeeds.
-            if not self.core.device_suspect:
-                self._step_failures = 0
-            self._deliver(deltas)
 
     def _deliver(self, deltas: list[Delta]) -> None:
         for d in deltas:
             q = self._queues.get(d.request_id)
             if q is not None:
                 q.put_nowait(d)
-
-    def _deliver_late(self, step: asyncio.Future) -> None:
-        if not step.cancelled() and step.exception() is None:
-            self._deliver(step.result())
 
     def _fail_all(self) -> None:
         """End every stream with an error and abort its request (the core drops what it can
@@ -138,19 +134,34 @@ class AsyncEngine:
             q.put_nowait(Delta(request_id, 0, [], "", "error", request_done=True))
             self.core.abort(request_id)
 
-    def _step(self) -> list[Delta]:
-        """Runs in a worker thread: the only place engine state changes while serving. The
-        lock keeps a step of a cancelled loop and one of its restart from overlapping."""
+    def _steps(self, loop: asyncio.AbstractEventLoop, halt: threading.Event) -> None:
+        """Runs in a worker thread, the only place engine state changes while serving: steps
+        until the engine has no work or ``halt`` is set, each step's deltas handed to ``loop``.
+        A step that raises ends the run (``_run`` counts and handles it). The lock keeps the
+        steps of a cancelled loop and those of its restart from overlapping."""
         with self._step_lock:
             self._stepping = True
             try:
-                deltas = self.core.step()
-                now = time.monotonic()
-                if now - self._stats_time >= self.STATS_INTERVAL_S or not self.core.has_work():
-                    self._stats, self._stats_time = self.core.stats(), now
+                while not halt.is_set():
+                    self._step_started = time.monotonic()
+                    deltas = self.core.step()
+                    # Requests failing alone one after another (EngineCore._isolate) are no
+                    # success: the failed steps keep counting until a step succeeds.
+                    if not self.core.device_suspect:
+                        self._step_failures = 0
+                    busy = self.core.has_work()
+                    now = time.monotonic()
+                    if now - self._stats_time >= self.STATS_INTERVAL_S or not busy:
+                        self._stats, self._stats_time = self.core.stats(), now
+                    if deltas:
+                        try:
+                            loop.call_soon_threadsafe(self._deliver, deltas)
+                        except RuntimeError:  # the loop has closed: no stream is left to read
+                            return
+                    if not busy:
+                        return
             finally:
                 self._stepping = False
-        return deltas
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None

@@ -435,8 +435,10 @@ def bench_grammar(args: argparse.Namespace, core: Any, vocab: int) -> dict[str, 
     of the measured window. ``grammar_ms_per_step``: the time spent in the grammar's own code
     (bitmask fill and apply, matchers accepting tokens), per step: the cost without the noise."""
     from segserve import SamplingParams
-    from segserve.actors import structured
-    from segserve.actors import token_updates  # it calls structured.accept per token
+    from segserve.actors import (
+        structured,
+        token_updates,  # it calls structured.accept per token
+    )
 
     batch, steps = args.grammar_batch, args.grammar_steps
     rng = random.Random(args.seed + 99)

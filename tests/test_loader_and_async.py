@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import torch
 from conftest import hf_greedy, make_model
@@ -99,3 +100,24 @@ def test_async_beam_search_streams_the_final_beams_once(tiny_models):
     deltas = asyncio.run(main())
     assert [d.token_ids for d in deltas] == [c.token_ids for c in want]
     assert [d.request_done for d in deltas] == [False, False, True]
+
+
+def test_the_engine_steps_on_while_the_event_loop_is_busy(tiny_models):
+    """Steps run back to back in the worker thread and never wait for the event loop: a loop
+    held by other work (Serve's sends, SSE framing) finds several steps' deltas ready when it
+    comes back, and the stream is still exactly the offline one."""
+    path, _ = tiny_models["llama"]
+    engine = AsyncEngine(EngineConfig(model=path, block_size=4))
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    want = LLM(path, block_size=4).generate([PROMPT], params)[0].outputs[0].token_ids
+
+    async def main():
+        batches = engine.generate_ready(PROMPT, params)
+        first = await batches.__anext__()
+        time.sleep(1.0)  # blocks the loop (not an await): only the worker thread can step
+        rest = [ready async for ready in batches]
+        return first, rest
+
+    first, rest = asyncio.run(main())
+    assert len(rest[0]) > 1, "no step ran while the loop was blocked"
+    assert [t for ready in [first, *rest] for d in ready for t in d.token_ids] == want
