@@ -57,8 +57,9 @@ class LocalReplicaHandle:
     def options(self, **_: Any) -> LocalReplicaHandle:
         return self
 
-    def remote(self, prompt_ids: list[int], sampling: dict[str, Any],
-               request_id: str) -> LocalCall:  # fmt: skip
+    def remote(self, prompt_ids: list[int], sampling: dict[str, Any], request_id: str,
+               caller: Any = None) -> LocalCall:  # fmt: skip
+        # ``caller`` is this very process: it cannot die while the call runs
         return LocalCall(self.replica.generate(prompt_ids, sampling, request_id))
 
 

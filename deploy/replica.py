@@ -24,6 +24,7 @@ from ..actors.config import EngineConfig
 from ..actors.engine import QueueFull
 from ..actors.outputs import Delta
 from ..actors.sampling_params import SamplingParams
+from .caller_watch import Caller, CallerWatch
 from .errors import APIError, engine_error_param
 from .metrics import (
     HISTOGRAMS,
@@ -166,6 +167,7 @@ class LLMReplica:
         self.max_model_len = self.engine.core.max_model_len
         self.metrics = ReplicaMetrics(model, pool)
         self._metrics_task: asyncio.Task | None = None
+        self.callers = CallerWatch()
         self._last_stats = self.engine.core.stats()  # the engine is idle: safe to read
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -193,13 +195,18 @@ class LLMReplica:
             await asyncio.sleep(self.METRICS_PERIOD_S)
 
     async def generate(
-        self, prompt_ids: list[int], sampling: dict[str, Any], request_id: str
-    ) -> AsyncIterator[dict[str, Any]]:
+        self, prompt_ids: list[int], sampling: dict[str, Any], request_id: str,
+        caller: Caller | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
         """Stream one request: a dict per engine delta, or a single ``{"error": ...}``.
 
         Cancelling the stream (the client went away) closes the engine iterator, which aborts
-        the request and frees its KV blocks."""
+        the request and frees its KV blocks. ``caller``: the ingress replica that made the call
+        (caller_watch.py): if it dies, the call is cancelled the same way."""
         self._ensure_metrics_loop()
+        task = asyncio.current_task()
+        if caller is not None and task is not None:
+            self.callers.add(caller, task)
         start = time.perf_counter()
         first = last = None
         later_tokens = 0  # tokens after the first delta's, for TPOT
@@ -257,6 +264,8 @@ class LLMReplica:
             logger.exception("request %s failed in the replica", request_id)
             yield {"error": _internal_error(request_id).to_dict()}
         finally:
+            if caller is not None and task is not None:
+                self.callers.discard(caller, task)
             # Counted first: a cancelled call may be cancelled again inside the await below.
             self.metrics.finished(status)
             if later_tokens:

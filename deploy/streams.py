@@ -19,6 +19,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from . import routing_view
+from .caller_watch import calling_actor
 from .errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -134,8 +135,10 @@ async def open_stream(handle: Any, prep: _Prepared, retries: int = 1) -> Replica
     prep.pool.in_flight += 1
     try:
         # Serve may refuse at .remote() already (its handle queue is full: backpressure).
-        gen = handle.options(stream=True).generate.remote(
-            prep.prompt_ids, prep.sampling, prep.request_id)
+        args = (prep.prompt_ids, prep.sampling, prep.request_id)
+        caller = calling_actor()  # so that the replica ends the call if this replica dies
+        call = handle.options(stream=True).generate
+        gen = call.remote(*args, caller) if caller is not None else call.remote(*args)
         first = await _next(gen, prep)
     except (asyncio.CancelledError, APIError):  # the client went away, or the deadline passed
         prep.pool.in_flight -= 1

@@ -264,6 +264,35 @@ def _stream_paused_mid_way(port: int, pool: ThreadPoolExecutor, actors: dict, ma
     return stream, name
 
 
+def _ingress_name() -> str | None:
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{APP}#Ingress#")]  # fmt: skip
+    return names[0] if len(names) == 1 else None
+
+
+def test_killing_the_ingress_mid_stream_aborts_its_engine_request_and_recovers(port):
+    """The ingress (not the engine's replica) dies mid-stream: its client's stream is cut
+    (Serve's proxy ends it unfinished: no [DONE]), the replica call it owned is cancelled, so the
+    engine aborts the request and frees its blocks instead of generating to the end, and Serve
+    replaces the ingress within 60 s."""
+    assert wait_for(lambda: _running_replicas() == 2)
+    actors = _replica_actors()
+    aborts = lambda: sum(_on(a, lambda r: r.metrics.request_counts["abort"], 0)  # noqa: E731
+                         for a in actors.values())  # fmt: skip
+    before = aborts()
+    name = _ingress_name()
+    with ThreadPoolExecutor(1) as pool:
+        # Paused mid-way: the request cannot finish by itself while the kill propagates.
+        stream, replica = _stream_paused_mid_way(port, pool, actors, 400)
+        ray.kill(ray.get_actor(name, namespace="serve"))
+        out = stream.result(timeout=120)
+        assert wait_for(lambda: aborts() == before + 1), "the engine request was not aborted"
+        _open_gates(actors)
+    assert not out["done"] and out["finish"] is None, out
+    assert wait_for(lambda: _on(actors[replica], lambda r: r.engine.stats()["blocks_used"]) == 0)
+    assert wait_for(lambda: _ingress_name() not in (None, name) and _complete(port)[0] == 200)
+
+
 def test_replacing_replicas_drains_the_streams_under_way(port):
     """A redeploy (serve.run: a rolling update, here also down to one replica) stops the old
     replicas gracefully: the stream paused on one finishes after its replica began to stop."""
