@@ -14,6 +14,7 @@ from ray.exceptions import ActorDiedError
 from segserve.actors import SamplingParams
 from segserve.actors.async_engine import AsyncEngine, EngineBroken
 from segserve.actors.engine import QueueFull
+from segserve.deploy.caller_watch import CallerWatch
 from segserve.deploy.errors import APIError
 from segserve.deploy.replica import LLMReplica
 from segserve.deploy.streams import open_stream, replica_error
@@ -465,5 +466,51 @@ def test_a_unary_request_whose_replica_dies_mid_way_starts_again_elsewhere():
             await ServiceCore.feed_all(core, [prep], await core.open_streams([prep]),
                                        lambda pos, item: None, lambda: None)  # fmt: skip
         assert info.value.status == 503 and handle.calls == 2 and prep.pool.in_flight == 0
+
+    asyncio.run(main())
+
+
+class _Caller:
+    """A caller's actor handle: ``__ray_ready__.remote()`` answers, or fails as a dead actor's."""
+
+    def __init__(self) -> None:
+        self.dead = False
+        self.__ray_ready__ = self
+
+    def remote(self):
+        async def ready():
+            if self.dead:
+                raise ActorDiedError()
+            return True
+
+        return ready()
+
+
+def test_a_dead_callers_calls_are_aborted_and_a_live_callers_go_on(monkeypatch):
+    """Ray runs an actor call to its end when its caller dies: the replica pings the ingress
+    replicas it has calls from (CallerWatch) and cancels the calls of one that is gone, which
+    aborts their engine requests; a live caller's calls are left alone."""
+    monkeypatch.setattr(CallerWatch, "PERIOD_S", 0.05)
+    victim = LLMReplica(ENGINE, "demo", "cpu")
+    sampling = {"max_tokens": 200, "temperature": 0.0, "ignore_eos": True}
+    alive, doomed = _Caller(), _Caller()
+
+    async def consume(request_id, caller):
+        return [i async for i in victim.generate([1, 2, 3], sampling, request_id, caller)]
+
+    async def main():
+        kept = asyncio.create_task(consume("req-kept", ("actor-a", alive)))
+        cut = asyncio.create_task(consume("req-cut", ("actor-b", doomed)))
+        while len(victim.engine._queues) < 2:
+            await asyncio.sleep(0.01)
+        doomed.dead = True
+        with pytest.raises(asyncio.CancelledError):
+            await cut
+        items = await kept
+        assert sum(len(i["token_ids"]) for i in items) == 200
+        while victim.engine.core.has_work():  # the abort drains
+            await asyncio.sleep(0.01)
+        assert victim.engine.stats()["blocks_used"] == 0
+        assert victim.metrics.request_counts == {"abort": 1, "length": 1}
 
     asyncio.run(main())
