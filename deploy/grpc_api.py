@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from .errors import APIError, internal_error
 from .protocol import ChatCompletionRequest
 from .responses import ChoiceState, ReplyReader, finish_reason
-from .service import Prepared, ServiceCore, validation_error
+from .service import OFF_LOOP_TEXT_CHARS, Prepared, ServiceCore, validation_error
 from .tool_parsers import ToolCall
 
 _SCALARS = (
@@ -262,8 +262,16 @@ async def generate(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
         return fail(grpc_context, internal_error(e, "gRPC Generate"), pb.GenerateResponse())
 
 
+async def _prepare(core: ServiceCore, request: Any, grpc_context: Any) -> list[Prepared]:
+    """``prepare``, off the event loop when there is much text or a chat template
+    (service.OFF_LOOP_TEXT_CHARS)."""
+    text = (OFF_LOOP_TEXT_CHARS if request.messages
+            else len(request.prompt) + sum(len(p) for p in request.prompts))  # fmt: skip
+    return await core.prepare_off_loop(lambda: prepare(core, request, grpc_context), text)
+
+
 async def _generate(pb: Any, core: ServiceCore, request: Any, grpc_context: Any) -> Any:
-    preps = prepare(core, request, grpc_context)
+    preps = await _prepare(core, request, grpc_context)
     per_prompt = await core.collect(preps)
     choices = []
     for pos, (prep, states) in enumerate(zip(preps, per_prompt, strict=True)):
@@ -283,7 +291,7 @@ async def _generate(pb: Any, core: ServiceCore, request: Any, grpc_context: Any)
 async def generate_stream(core: ServiceCore, request: Any, grpc_context: Any) -> AsyncIterator:
     pb = _pb()
     try:
-        preps = prepare(core, request, grpc_context)
+        preps = await _prepare(core, request, grpc_context)
         stream = await core.open_streams(preps)
     except APIError as e:
         # A streaming method's status only reaches the client through an exception: Serve's

@@ -4,9 +4,12 @@ request field through parse -> prepare -> engine -> render, against the engine i
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from segserve import LLM, SamplingParams
 from segserve.deploy.protocol import ChatCompletionRequest, CompletionRequest
+from segserve.deploy.service import OFF_LOOP_TEXT_CHARS
 from service_harness import InProcessService
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -377,3 +380,32 @@ def test_tokenize_and_detokenize(svc, llm):
     assert (status, err["error"]["param"]) == (400, "prompt")
     status, err = _utility(utility_api.tokenize, svc.core, b"{oops")
     assert status == 400
+
+
+async def test_long_text_and_chats_are_prepared_off_the_event_loop(svc, llm, monkeypatch):
+    """A long text prompt is tokenized, and a chat templated, in the ingress's tokenizer thread
+    (the event loop serves the other streams meanwhile); short text stays on the loop. The
+    answers are the engine's either way."""
+    threads = []
+    real = svc.core.tokenize
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(svc.core, "tokenize", spy)
+    long = "the " * (OFF_LOOP_TEXT_CHARS // 4 + 1)  # ~250 of the demo tokenizer's tokens
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": long, **GREEDY})
+    assert status == 200 and body["choices"][0]["text"] == greedy(llm, long)
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": "Hi", **GREEDY})
+    assert status == 200 and body["choices"][0]["text"] == greedy(llm, "Hi")
+    status, body = await svc.post("/v1/chat/completions", {"model": "demo", "messages": MESSAGES,
+                                                           **GREEDY})  # fmt: skip
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == greedy(llm, chat_ids(llm, MESSAGES))
+    tokenizer_thread = "segserve-tokenizer"
+    assert [t.startswith(tokenizer_thread) for t in threads] == [True, False, True], threads
+    # a bad request found in the thread is still the client's 400
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": long,
+                                                      "max_tokens": 10_000})  # fmt: skip
+    assert status == 400 and body["error"]["param"] == "max_tokens", body
