@@ -76,8 +76,10 @@ class CallerWatch:
     async def _watch(self) -> None:
         while self._calls:
             await asyncio.sleep(self.PERIOD_S)
-            for actor_id, handle in list(self._handles.items()):
-                if actor_id in self._calls and not await _exists(handle):
+            callers = list(self._handles.items())  # pinged together: one busy one delays none
+            alive = await asyncio.gather(*(_exists(handle) for _, handle in callers))
+            for (actor_id, _), exists in zip(callers, alive, strict=True):
+                if not exists and actor_id in self._calls:
                     tasks = self._calls.pop(actor_id, set())
                     self._handles.pop(actor_id, None)
                     logger.warning("caller %s is gone: cancelling its %d call(s)", actor_id,
