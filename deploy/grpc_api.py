@@ -265,6 +265,7 @@ async def generate(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
 async def _prepare(core: ServiceCore, request: Any, grpc_context: Any) -> list[Prepared]:
     """``prepare``, off the event loop when there is much text or a chat template
     (service.OFF_LOOP_TEXT_CHARS)."""
+    check_decoded(request)  # bytes that did not parse have no fields to measure
     text = (OFF_LOOP_TEXT_CHARS if request.messages
             else len(request.prompt) + sum(len(p) for p in request.prompts))  # fmt: skip
     return await core.prepare_off_loop(lambda: prepare(core, request, grpc_context), text)
