@@ -147,7 +147,8 @@ class IngressConfig(_Strict):
         description="one model on one pool only: run the engine inside the ingress replica, "
         "one deployment sized and scaled as the pool (its num_replicas or autoscaling; the "
         "ingress's num_replicas is not used). Saves a Ray hop per request and per streamed "
-        "token; a replica's /metrics then shows its own engine only",
+        "token; a replica's /metrics then shows its own engine only. A replica that dies "
+        "takes its requests with it: nothing retries them on another",
     )
     api_key_cache_salt: str | None = Field(
         None, min_length=1, max_length=128,

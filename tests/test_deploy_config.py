@@ -91,15 +91,16 @@ def test_hetero_yaml():
 # ----- build_app -------------------------------------------------------------------------------
 def test_build_local():
     _, cfg = load("local")
-    # local.yaml runs the engine in the ingress replica: one deployment, the pool's options
-    assert cfg.ingress.engine_in_ingress
-    one = build_app(cfg)._bound_deployment
+    # local.yaml keeps the engine in its own deployment (a dying replica is a retryable 503)
+    assert not cfg.ingress.engine_in_ingress
+    # With engine_in_ingress: one deployment, the pool's options
+    one_cfg = cfg.model_copy(update={"ingress": cfg.ingress.model_copy(
+        update={"engine_in_ingress": True})})  # fmt: skip
+    one = build_app(one_cfg)._bound_deployment
     assert (one.name, one.init_args[1], one.num_replicas) == ("Ingress", {}, 1)
     assert one.ray_actor_options == {"num_cpus": 1.0}
     assert one.max_ongoing_requests == 1024 and one.max_queued_requests == -1
     # The same service in two layers
-    split = cfg.ingress.model_copy(update={"engine_in_ingress": False})
-    cfg = cfg.model_copy(update={"ingress": split})
     app = build_app(cfg)
     assert isinstance(app, Application)
     ingress, deps = deployments(app)
