@@ -241,6 +241,7 @@ def filter_rows(
     probs = sorted_vals.softmax(-1)
     # keep the smallest best-first prefix whose mass reaches top_p (the first token always stays)
     drop_sorted = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    drop_sorted[:, 0] = False  # a top_p below float32's range (1e-300) reads as 0 here
     drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
     out = logits.masked_fill((logits < kth) | drop, neg)
     probs = out.softmax(-1)

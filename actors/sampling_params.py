@@ -21,6 +21,10 @@ def _in(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], bool]:
     return lambda v: _num(v) and (lo < v if lo_open else lo <= v) and v <= hi
 
 
+# Below this a temperature is greedy: dividing float32 logits by it overflows to inf (and
+# inf - inf to NaN) long before it changes which token wins; vLLM draws the same line.
+GREEDY_TEMPERATURE = 1e-5
+
 # (field, predicate, what a valid value is). Predicates check the type first, so a wrongly
 # typed value is reported as a bad value of its field, never as a TypeError.
 _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
@@ -212,7 +216,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def num_sequences(self) -> int:

@@ -153,6 +153,24 @@ def test_greedy_picks_the_argmax_after_penalties():
     assert tok == 0
 
 
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 1e-6])
+def test_a_vanishing_temperature_is_greedy_not_nan(temperature):
+    # logits / 1e-40 overflow float32 to inf, and softmax(inf - inf) is NaN: the row once
+    # "sampled" token 0 (end of text) whatever its logits
+    logits = torch.tensor([[3.0, 2.0, 0.0, 5.0]])
+    seqs = [make_seq(SamplingParams(temperature=temperature), seed=s) for s in range(4)]
+    assert [tok for tok, _, _ in sample(logits.repeat(4, 1), seqs)] == [3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-45])
+def test_a_top_p_below_float32_keeps_the_best_token(top_p):
+    # 1e-300 is a valid top_p in (0, 1] but rounds to 0.0 in float32
+    assert kept(filter_logits(ROW.clone(), 0, top_p, 0.0)) == {1}
+    logits = torch.tensor([[3.0, 2.0, 0.0, 5.0]])
+    ((tok, _, _),) = sample(logits, [make_seq(SamplingParams(top_p=top_p), seed=1)])
+    assert tok == 3
+
 def test_sample_leaves_the_callers_logits_untouched():
     logits = torch.tensor([[3.0, 2.0, 0.0, 1.0]])
     seq = make_seq(
