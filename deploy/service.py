@@ -309,6 +309,12 @@ class ServiceCore:
     async def open_streams(self, preps: list[Prepared]) -> MergedStream:
         """Start every prompt's request and wait for each one's first item (see streams.py).
         The caller must ``close()`` the result when done with it."""
+        limit = min((p.pool.pool.max_queue_len for p in preps), default=0)
+        if len(preps) > limit:
+            # More prompts than a replica's queue holds would always come back 429, which
+            # tells the client to retry what can never fit.
+            raise APIError(400, f"a request may hold at most {limit} prompts (the pool's "
+                           f"max_queue_len); this one holds {len(preps)}", "prompt")
         return await open_streams(self.handles, preps)
 
     def logprob_entries(self, model: str, wire: list[tuple],

@@ -245,6 +245,16 @@ async def test_a_bad_prompt_in_a_batch_fails_the_request_and_leaves_nothing_runn
     assert engine.stats()["running_requests"] == 0 and engine.stats()["waiting_requests"] == 0
 
 
+
+async def test_more_prompts_than_the_queue_holds_is_a_400_not_a_retryable_429(svc):
+    # max_queue_len is 256 (the default): a 429 would send the client back to retry forever
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": [[5]] * 257,
+                                                      "max_tokens": 1})
+    assert (status, body["error"]["param"]) == (400, "prompt")
+    assert "at most 256 prompts" in body["error"]["message"]
+    stats = svc.engine("demo").stats()
+    assert stats["running_requests"] == 0 and stats["waiting_requests"] == 0
+
 async def test_best_of_keeps_the_most_likely(svc, llm):
     req = {"model": "demo", "prompt": BATCH[:2], "n": 2, "best_of": 4, "seed": 3,
            "max_tokens": 6, "temperature": 1.0}  # fmt: skip
