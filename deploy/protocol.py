@@ -86,7 +86,7 @@ def _structured_outputs(obj: dict[str, Any]) -> dict[str, Any]:
 class _Schema(BaseModel):
     """Every object of a request: strict types, null = default, unknown fields ignored."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
     _where: ClassVar[str] = ""  # the object's JSON path prefix, for the unknown-field warning
     _warn_extra: ClassVar[bool] = True
 

@@ -301,6 +301,8 @@ async def test_unknown_fields_are_ignored(svc, llm):
 
 BAD = [
     ("/v1/completions", {"prompt": "hi", "temperature": 3}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "temperature": float("nan")}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": float("inf")}, "top_p"),
     ("/v1/completions", {"prompt": "hi", "top_k": 2.5}, "top_k"),
     ("/v1/completions", {"prompt": "hi", "stop": [1]}, "stop.0"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 10_000}, "max_tokens"),
@@ -333,6 +335,13 @@ async def test_every_400_names_its_param(svc, path, fields, param):
     status, body = await svc.post(path, {"model": "demo", **fields})
     assert status in (400, 404), body
     assert body["error"]["param"] == param, body
+
+
+async def test_nan_and_infinity_are_named_as_such(svc):
+    # Python's json (and so many clients) writes NaN and Infinity; "must be <= 2" misleads
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": "hi",
+                                                      "temperature": float("nan")})
+    assert status == 400 and "finite number" in body["error"]["message"], body
 
 
 # ----- models, tokenize, detokenize, version ----------------------------------------------------
