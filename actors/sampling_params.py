@@ -171,7 +171,9 @@ class SamplingParams:
             except (TypeError, ValueError):  # e.g. a string where a number belongs
                 ok = False
             if not ok:
-                raise ValueError(f"invalid sampling parameter {name}={value!r}: {why}")
+                shown = repr(value)  # a client's 100 KB value is not echoed back whole
+                shown = shown if len(shown) <= 80 else shown[:80] + "..."
+                raise ValueError(f"invalid sampling parameter {name}={shown}: {why}")
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
         self.bad_words = list(self.bad_words)

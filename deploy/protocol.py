@@ -65,6 +65,8 @@ def _response_format(fmt: dict[str, Any]) -> dict[str, Any] | None:
 
 
 # vLLM's structured_outputs object: the constraint keys, and options with no effect here
+# A request's own prefix-cache salt (HTTP cache_salt, gRPC SamplingOptions.cache_salt).
+CACHE_SALT_MAX_CHARS = 128
 _STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 _STRUCTURED_OPTIONS = frozenset({"disable_fallback", "disable_any_whitespace",
                                  "disable_additional_properties", "whitespace_pattern",
@@ -168,7 +170,7 @@ class _Request(_Schema):
     beam_width: int | None = None  # > 1: beam search returning every beam, best first
     device: DevicePreference = "auto"  # which pool may serve it
     # Prefix-cache isolation (vLLM's name): only requests with the same salt share cached blocks.
-    cache_salt: str | None = Field(None, min_length=1, max_length=128)
+    cache_salt: str | None = Field(None, min_length=1, max_length=CACHE_SALT_MAX_CHARS)
 
     _SAMPLING: ClassVar[tuple[str, ...]] = (
         "n", "max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty",

@@ -26,6 +26,7 @@ from ..actors.sampling_params import SamplingParams
 from ..models.loader import load_spec, load_tokenizer, resolve_model_path
 from .config import ModelConfig, ServiceConfig
 from .errors import APIError, engine_error_param
+from .protocol import CACHE_SALT_MAX_CHARS
 from .responses import ChoiceState
 from .router import PoolRouter, PoolState
 from .streams import MergedStream, ReplicaGone, open_streams
@@ -178,6 +179,9 @@ class ServiceCore:
         """The salt a request's prefix-cache keys are seeded with. Under a key's salt the
         request's own one only subdivides it, so no request can name its way into another
         key's cache; without one the key space is ``r:`` + the request's salt."""
+        if requested is not None and len(requested) > CACHE_SALT_MAX_CHARS:
+            raise APIError(400, f"cache_salt must be at most {CACHE_SALT_MAX_CHARS} characters",
+                           "cache_salt")  # fmt: skip
         if key_salt is None:
             return None if requested is None else "r:" + requested
         return "k:" + key_salt + ("" if requested is None else "/" + requested)

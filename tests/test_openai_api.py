@@ -428,3 +428,21 @@ async def test_long_text_and_chats_are_prepared_off_the_event_loop(svc, llm, mon
     status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": long,
                                                       "max_tokens": 10_000})  # fmt: skip
     assert status == 400 and body["error"]["param"] == "max_tokens", body
+
+
+def test_an_over_long_cache_salt_is_refused_for_grpc_too():
+    # HTTP's schema caps the field; gRPC's message reaches ServiceCore.cache_salt as sent
+    from segserve.deploy.errors import APIError
+    from segserve.deploy.service import ServiceCore
+
+    assert ServiceCore.cache_salt("s" * 128, None) == "r:" + "s" * 128
+    with pytest.raises(APIError) as e:
+        ServiceCore.cache_salt("s" * 100_000, "tenant")
+    assert (e.value.status, e.value.param) == (400, "cache_salt")
+    assert len(e.value.message) < 100  # the value is not echoed back
+
+
+def test_a_refused_sampling_value_is_not_echoed_back_whole():
+    with pytest.raises(ValueError) as e:
+        SamplingParams(stop_token_ids=[-1] * 50_000)
+    assert "stop_token_ids" in str(e.value) and len(str(e.value)) < 200
