@@ -23,6 +23,12 @@ from .router import ROUTING_STATS_PERIOD_S, deployment_name
 AUTOSCALING_POLICY = "segserve.deploy.autoscaling:KVPressurePolicy"
 REQUEST_ROUTER = "segserve.deploy.router:KVHeadroomRouter"
 HEALTH_CHECK_PERIOD_S = 2.0
+# A replica that does not answer its check in this long (a hung process: SIGSTOP, a stuck
+# driver) fails it; Serve's default, 30 s, times its three failures to 90 s before the
+# replacement starts. Our checks read the engine's state and never wait on a step.
+HEALTH_CHECK_TIMEOUT_S = 10.0
+HEALTH_CHECKS = {"health_check_period_s": HEALTH_CHECK_PERIOD_S,
+                 "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S}
 
 
 def replica_options(pool: PoolConfig) -> dict[str, Any]:
@@ -50,8 +56,8 @@ def replica_options(pool: PoolConfig) -> dict[str, Any]:
         # running requests (streams too) up to this long before killing it.
         "graceful_shutdown_timeout_s": pool.graceful_shutdown_timeout_s,
         # check_health fails once the engine cannot step; Serve replaces the replica after
-        # three failed checks in a row, so the period bounds how long that takes.
-        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        # three failed checks in a row, so period and timeout bound how long that takes.
+        **HEALTH_CHECKS,
     })
     a = pool.autoscaling
     if a is None:
@@ -124,4 +130,5 @@ def build_app(config: ServiceConfig) -> Application:
         max_ongoing_requests=ingress.max_ongoing_requests,
         # The ingress relays its replicas' streams: it drains as long as they do.
         graceful_shutdown_timeout_s=max(p.graceful_shutdown_timeout_s for p in config.pools),
+        **HEALTH_CHECKS,
     ).bind(config.model_dump(), handles)

@@ -38,6 +38,11 @@ SERVE_MODES: dict[str, dict[str, str]] = {
     "haproxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                 "RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }  # fmt: skip
+# Every mode: a replica that fails its health checks is killed at once. Serve's default stops
+# it gracefully, which waits graceful_shutdown_timeout_s (600 s) for a process that may be
+# hung (SIGSTOP, a stuck driver): its requests hang that long, and its CPUs or GPU stay taken,
+# so the replacement cannot even be scheduled. A broken replica's streams have failed anyway.
+RECOVERY_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
 # The modes whose clients call an ingress replica's own ports (the others keep the file's).
 REPLICA_PORT_MODES = ("direct", "throughput")
 DEFAULT_SERVE_MODE = "proxy"
@@ -48,6 +53,8 @@ def set_serve_mode(mode: str) -> None:
     if mode not in SERVE_MODES:
         raise ValueError(f"serve mode must be one of {', '.join(SERVE_MODES)}; got {mode!r}")
     os.environ.update(SERVE_MODES[mode])
+    for key, value in RECOVERY_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def direct_ingress_targets(app: str) -> dict[str, tuple[str, int]]:

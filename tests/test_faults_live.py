@@ -28,7 +28,7 @@ import ray  # noqa: E402
 from ray import cloudpickle, serve  # noqa: E402
 from ray.serve.config import HTTPOptions  # noqa: E402
 from segserve.deploy.app import build_app  # noqa: E402
-from segserve.deploy.launch import drain_and_shutdown  # noqa: E402
+from segserve.deploy.launch import RECOVERY_ENV, drain_and_shutdown  # noqa: E402
 from segserve.deploy.router import deployment_name  # noqa: E402
 
 APP = "faults"
@@ -50,6 +50,7 @@ def port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    os.environ.update(RECOVERY_ENV)  # as `segserve serve` and the chart start Ray
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
     serve.run(build_app(CONFIG), name=APP, route_prefix="/")
@@ -291,6 +292,37 @@ def test_killing_the_ingress_mid_stream_aborts_its_engine_request_and_recovers(p
     assert not out["done"] and out["finish"] is None, out
     assert wait_for(lambda: _on(actors[replica], lambda r: r.engine.stats()["blocks_used"]) == 0)
     assert wait_for(lambda: _ingress_name() not in (None, name) and _complete(port)[0] == 200)
+
+
+def test_a_hung_replica_process_fails_its_stream_and_is_replaced_within_60_s(port):
+    """The replica's whole process stops (SIGSTOP: a stuck driver, a paused VM). It answers
+    nothing, health checks included: Serve must kill it (not wait its 120 s grace period on
+    it), its stream must end with a clean error, and the service answer within 60 s."""
+    import signal
+
+    assert wait_for(lambda: _running_replicas() == 2)
+    actors = _replica_actors()
+    with ThreadPoolExecutor(1) as pool:
+        started = threading.Event()
+        stream = pool.submit(_stream, port, 400, started)
+        assert started.wait(60), "the stream never started"
+        (victim,) = [n for n, a in actors.items() if _on(a, lambda r: len(r.engine._queues))]
+        pid = _on(actors[victim], lambda r: os.getpid())
+        stopped_at = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            out = stream.result(timeout=120)
+            ended_after = time.monotonic() - stopped_at
+            assert wait_for(lambda: victim not in _replica_actors()), "the hung replica stayed"
+        finally:
+            try:  # never leave a stopped process behind
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert out["status"] == 200 and out["done"] and out["finish"] is None, out
+    _assert_opaque(out["errors"][0], 503)
+    assert ended_after < RECOVERY_S, ended_after
+    _recovered(port, set(actors), victim)
 
 
 def test_replacing_replicas_drains_the_streams_under_way(port):

@@ -137,6 +137,10 @@ applications:
   value: "1"
 - name: TRANSFORMERS_OFFLINE
   value: "1"
+# A replica failing its health checks is killed at once, not drained for its grace period
+# (segserve.deploy.launch.RECOVERY_ENV): a hung one would hold its GPU that long.
+- name: RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS
+  value: "1"
 {{- if eq .Values.serve.mode "haproxy" }}
 # Serve's mode (segserve.deploy.launch.SERVE_MODES): read once by every Ray process at start.
 - name: RAY_SERVE_ENABLE_DIRECT_INGRESS
