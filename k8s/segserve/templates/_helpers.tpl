@@ -141,6 +141,9 @@ applications:
 # (segserve.deploy.launch.RECOVERY_ENV): a hung one would hold its GPU that long.
 - name: RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS
   value: "1"
+# and a hung proxy is found in ~36 s, not ~60 s
+- name: RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S
+  value: "2"
 {{- if eq .Values.serve.mode "haproxy" }}
 # Serve's mode (segserve.deploy.launch.SERVE_MODES): read once by every Ray process at start.
 - name: RAY_SERVE_ENABLE_DIRECT_INGRESS
