@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -58,6 +59,8 @@ class AsyncEngine:
         self._step_failures = 0
         self._step_started = 0.0
         self.broken: str | None = None  # why the engine stopped for good
+        # One thread: compiles serialize on the grammar cache's lock anyway.
+        self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="segserve-grammar")
 
     def _ensure_loop(self) -> None:
         if self.broken is not None:
@@ -183,7 +186,14 @@ class AsyncEngine:
         one step's deltas of an n > 1 request, or several steps' when the consumer fell behind.
         A consumer with a fixed cost per item (a stream hop) pays it once for all of them."""
         self._ensure_loop()
-        group = self.core.make_request(prompt, params, request_id)
+        if params is not None and params.structured is not None:
+            # Compiling a grammar walks the vocabulary and can take seconds (xgrammar releases
+            # the GIL meanwhile): not on this loop, which serves every other stream and the
+            # health check. make_request touches no engine state.
+            group = await asyncio.get_running_loop().run_in_executor(
+                self._grammar_thread, self.core.make_request, prompt, params, request_id)
+        else:
+            group = self.core.make_request(prompt, params, request_id)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[group.request_id] = queue
         try:

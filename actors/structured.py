@@ -60,6 +60,30 @@ def _check_json_schema(schema: Any) -> None:
                          f"{e.message}") from None
 
 
+# A JSON schema may nest objects and arrays this deep (JSON levels: an object property is two).
+# Compiling grows steeply with depth: 900 levels of nested arrays took xgrammar 39 s here.
+MAX_SCHEMA_DEPTH = 64
+
+
+def _json_depth(value: Any) -> int:
+    """How deep dicts and lists nest in ``value`` (a scalar is 0), without recursing."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if not isinstance(node, dict | list):
+            continue
+        items = node.values() if isinstance(node, dict) else node
+        deepest = max(deepest, depth)
+        if depth > MAX_SCHEMA_DEPTH:  # deep enough to refuse: no need to walk the rest
+            break
+        todo.extend((child, depth + 1) for child in items)
+    return deepest
+
+
+def _too_deep() -> ValueError:
+    return ValueError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+
+
 def _control_free_strings(schema: Any) -> Any:
     """The schema with every length-bounded string as a pattern. xgrammar (0.2.8) compiles
     ``minLength``/``maxLength`` to a class that admits raw control characters, which no JSON
@@ -108,6 +132,8 @@ class Grammars:
     def compile(self, spec: dict[str, Any]) -> Any:
         """The compiled grammar of ``spec`` (SamplingParams.structured); ValueError naming
         what is wrong with it."""
+        if _json_depth(spec.get("json")) > MAX_SCHEMA_DEPTH:  # before anything recurses on it
+            raise _too_deep()
         key = json.dumps(spec, sort_keys=True)
         with self._lock:
             hit = self._cache.get(key)
@@ -134,6 +160,10 @@ class Grammars:
                         schema = json.loads(value)
                     except ValueError as e:
                         raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+                    except RecursionError:  # nested far too deep for json itself
+                        raise _too_deep() from None
+                    if _json_depth(schema) > MAX_SCHEMA_DEPTH:
+                        raise _too_deep()
                 _check_json_schema(schema)
                 return compiler.compile_json_schema(json.dumps(_control_free_strings(schema)),
                                                     any_whitespace=False)

@@ -53,35 +53,31 @@ class CallerWatch:
     PERIOD_S = 2.0
 
     def __init__(self) -> None:
-        self._calls: dict[str, set[asyncio.Task]] = {}
-        self._handles: dict[str, Any] = {}
+        self._callers: dict[str, tuple[Any, set[asyncio.Task]]] = {}  # id: (handle, its calls)
         self._task: asyncio.Task | None = None
 
     def add(self, caller: Caller, task: asyncio.Task) -> None:
         actor_id, handle = caller
-        self._calls.setdefault(actor_id, set()).add(task)
-        self._handles[actor_id] = handle
+        self._callers.setdefault(actor_id, (handle, set()))[1].add(task)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._watch())
 
     def discard(self, caller: Caller, task: asyncio.Task) -> None:
-        actor_id = caller[0]
-        tasks = self._calls.get(actor_id)
-        if tasks is not None:
-            tasks.discard(task)
-            if not tasks:
-                del self._calls[actor_id]
-                self._handles.pop(actor_id, None)
+        entry = self._callers.get(caller[0])
+        if entry is not None:
+            entry[1].discard(task)
+            if not entry[1]:
+                del self._callers[caller[0]]
 
     async def _watch(self) -> None:
-        while self._calls:
+        while self._callers:
             await asyncio.sleep(self.PERIOD_S)
-            callers = list(self._handles.items())  # pinged together: one busy one delays none
+            callers = [(actor_id, handle) for actor_id, (handle, _) in self._callers.items()]
+            # pinged together: one busy caller delays none of the others
             alive = await asyncio.gather(*(_exists(handle) for _, handle in callers))
             for (actor_id, _), exists in zip(callers, alive, strict=True):
-                if not exists and actor_id in self._calls:
-                    tasks = self._calls.pop(actor_id, set())
-                    self._handles.pop(actor_id, None)
+                if not exists and actor_id in self._callers:
+                    _, tasks = self._callers.pop(actor_id)
                     logger.warning("caller %s is gone: cancelling its %d call(s)", actor_id,
                                    len(tasks))  # fmt: skip
                     for task in tasks:

@@ -347,7 +347,7 @@ class ToolCallIn(_Schema):
         # (as vLLM hands them over). Text that is not JSON goes as it is.
         try:
             args: Any = json.loads(self.function.arguments)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
             args = self.function.arguments
         return {"id": self.id, "type": self.type,
                 "function": {"name": self.function.name, "arguments": args}}  # fmt: skip

@@ -176,7 +176,7 @@ class HermesToolParser(_MarkedCalls):
         body, rest = (text[:j], text[j + len(self.end):]) if j != -1 else (text, "")
         try:
             call = self.call_from(json.loads(body))
-        except ValueError:
+        except (ValueError, RecursionError):  # a model can nest brackets past json's depth
             call = None
         if call is None:  # not a call after all: the text is content
             return [self.start + body + (self.end if j != -1 else "")], rest
@@ -208,7 +208,7 @@ class MistralToolParser(_MarkedCalls):
                 args, end = _DECODER.raw_decode(tail)
                 end += len(head) + len(sep)
                 calls = [self.call_from({"name": name, "arguments": args})]
-        except ValueError:
+        except (ValueError, RecursionError):
             return [], None
         if any(c is None for c in calls):
             return ([self.start + text], "") if final else ([], None)
@@ -253,7 +253,7 @@ class Llama3JsonToolParser(ToolParser):
             try:
                 obj, end = _DECODER.raw_decode(s)
                 call = self.call_from(obj, ("parameters", "arguments"))
-            except ValueError:
+            except (ValueError, RecursionError):
                 if not final:
                     return out
                 call, end = None, len(s)
@@ -295,7 +295,7 @@ class ForcedCallParser(ToolParser):
     def _finish(self) -> list[Event]:
         try:
             value = json.loads(self._text)
-        except ValueError:
+        except (ValueError, RecursionError):  # a model can nest brackets past json's depth
             return [self._text] if self._text else []
         if self.function is not None:
             return [self.new_call(self.function, value)]

@@ -43,8 +43,9 @@ def _parse(raw: bytes, schema: type) -> Any:
 def tokenize(core: ServiceCore, raw: bytes) -> dict[str, Any]:
     """vLLM's /tokenize: a prompt, or messages rendered as a chat request would render them."""
     try:
-        is_chat = isinstance(json.loads(raw), dict) and "messages" in json.loads(raw)
-    except ValueError:
+        parsed = json.loads(raw)
+        is_chat = isinstance(parsed, dict) and "messages" in parsed
+    except (ValueError, RecursionError):
         is_chat = False  # the schema's parse reports the JSON error
     body = _parse(raw, TokenizeChatRequest if is_chat else TokenizeRequest)
     served = core.served_model(body.model)

@@ -181,3 +181,53 @@ async def test_logits_constraints_equal_the_engine(svc, llm):
         assert body["choices"][0]["text"] == want.text, extra
         if "min_tokens" in extra:
             assert len(want.token_ids) == 6 and want.token_ids[-1] == 1  # EOS right after 5
+
+
+async def test_a_grammar_compiles_off_the_replicas_event_loop(svc, monkeypatch):
+    """A compile walks the vocabulary and can take seconds: on the loop it would stall every
+    other stream of the replica and its health check (a 450-level array schema took 39 s)."""
+    import threading
+    import time
+
+    grammars = svc.engine("demo").core.grammars
+    compile_, threads = grammars.compile, []
+
+    def slow_compile(spec):
+        threads.append(threading.current_thread().name)
+        time.sleep(1.0)  # a long compile (xgrammar's releases the GIL too)
+        return compile_(spec)
+
+    monkeypatch.setattr(grammars, "compile", slow_compile)
+    ticks = []
+
+    async def tick():
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    status, body = await svc.post("/v1/completions", {
+        "model": "demo", "prompt": "Yes or no?", "structured_outputs": {"choice": ["yes", "no"]},
+        "max_tokens": 4})  # fmt: skip
+    ticker.cancel()
+    assert status == 200 and body["choices"][0]["text"] in ("yes", "no"), body
+    assert threads and threads[0].startswith("segserve-grammar"), threads
+    assert max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) < 0.5
+
+
+def _nested_arrays(depth: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+@pytest.mark.parametrize("schema", [
+    "[" * 5000 + "]" * 5000,  # JSON text too deep for json.loads itself (gRPC sends text)
+    json.dumps(_nested_arrays(500)),  # parses, but compiling it would take seconds
+    _nested_arrays(100),  # an object (the HTTP body's parser allows ~200 levels)
+], ids=["text-too-deep-to-parse", "text", "object"])
+async def test_a_schema_nested_too_deep_is_a_400(svc, schema):
+    status, body = await svc.post("/v1/completions", {
+        "model": "demo", "prompt": "x", "structured_outputs": {"json": schema}, "max_tokens": 2})
+    assert status == 400 and "nests deeper than 64 levels" in body["error"]["message"], body

@@ -311,3 +311,25 @@ async def test_demo_model_with_tool_choice_none_is_served(svc):
         "model": "demo", "messages": ASK, "tools": [WEATHER_TOOL], "tool_choice": "none",
         "max_tokens": 2})  # fmt: skip
     assert status == 200
+
+
+async def test_arguments_nested_past_jsons_depth_are_text_not_a_500(svc):
+    # Found by the gRPC fuzzer: json.loads raised RecursionError (not ValueError) on a history
+    # call's arguments, and the request failed INTERNAL. They go to the template as text.
+    deep = "[" * 1100 + "]" * 1100  # past the interpreter's 1,000 frames
+    history = [*HISTORY_OPENAI[:2], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "abcdefgh1", "type": "function",
+         "function": {"name": "get_weather", "arguments": deep}}]}, *HISTORY_OPENAI[3:]]
+    status, body = await svc.post("/v1/chat/completions", {
+        "model": sorted(FAMILIES)[0], "messages": history, "tools": [WEATHER_TOOL],
+        "max_tokens": 1})  # fmt: skip
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("parser", sorted(PARSERS))
+def test_a_reply_nested_past_jsons_depth_is_content(parser):
+    # a model's reply (random weights, a long max_tokens) can open brackets past json's depth
+    for text in ("[" * 5000, "<tool_call>" + "[" * 5000 + "</tool_call>",
+                 '[{"name": "f", "arguments": ' + "[" * 5000 + "]" * 5000 + "}]"):
+        content, calls = parse_tool_calls(PARSERS[parser](), text)
+        assert calls == [] and content, (parser, text[:40])
