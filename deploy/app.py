@@ -25,7 +25,8 @@ REQUEST_ROUTER = "segserve.deploy.router:KVHeadroomRouter"
 HEALTH_CHECK_PERIOD_S = 2.0
 # A replica that does not answer its check in this long (a hung process: SIGSTOP, a stuck
 # driver) fails it; Serve's default, 30 s, times its three failures to 90 s before the
-# replacement starts. Our checks read the engine's state and never wait on a step.
+# replacement starts. Our checks read the engine's state and never wait on a step (an idle
+# engine's device probe has its own bound, AsyncEngine.PROBE_TIMEOUT_S, also 10 s).
 HEALTH_CHECK_TIMEOUT_S = 10.0
 HEALTH_CHECKS = {"health_check_period_s": HEALTH_CHECK_PERIOD_S,
                  "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S}
