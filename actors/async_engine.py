@@ -230,6 +230,17 @@ class AsyncEngine:
             raise EngineBroken("the engine loop has stopped")
         if self._stepping and time.monotonic() - self._step_started > self.STUCK_STEP_S:
             raise EngineBroken(f"an engine step has run for over {self.STUCK_STEP_S:.0f} s")
+        group = self.core.tp_group
+        if self._stepping and group is not None:
+            # The step thread checks the group between steps only; one waiting in a collective
+            # for a rank that died or stopped (SIGSTOP: not dead, so only STUCK_STEP_S would
+            # end it) is found here, from the health check.
+            try:
+                group.check()
+            except ReplicaGroupFailed as e:
+                self.broken = str(e)
+                logger.error("%s; the replica reports unhealthy", self.broken)
+                raise EngineBroken(self.broken) from e
 
     async def probe(self) -> None:
         """``check_health``, and on an idle engine a tiny op on its device: a device that

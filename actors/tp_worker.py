@@ -76,6 +76,23 @@ class TPWorker:
             self.comm.close()
 
 
+def _whereabouts(_: Any) -> tuple[int, str]:
+    """(pid, node id) of the worker it runs in (through ``__ray_call__``)."""
+    import ray
+
+    return os.getpid(), ray.get_runtime_context().get_node_id()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the local process is stopped (SIGSTOP, a debugger): alive, but it will never
+    reach its next collective, so the ranks waiting there would wait out their timeout."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except (OSError, IndexError):  # gone (the liveness checks report that), or no /proc
+        return False
+
+
 def _process_main(config: dict, model_path: str, rank: int, world_size: int, address: str,
                   kvs_address: bytes | None) -> None:
     TPWorker(config, model_path, rank, world_size, address, kvs_address, "processes").run()
@@ -94,6 +111,8 @@ class ReplicaGroup:
         self._procs: list = []
         self._actors: list = []
         self._runs: list = []
+        self._local_pids: dict[int, int] = {}  # rank: pid, the workers on this node
+        self._where: list = []  # Ray workers' (pid, node id), until they answer
         self._pg = None
         args = (dataclasses.asdict(config), str(model_path))
         if self.launcher == "processes":
@@ -139,10 +158,19 @@ class ReplicaGroup:
 
     def follow(self) -> None:
         """After every rank built its runner: start the workers' follow loops (Ray)."""
+        self._local_pids = {rank: p.pid for rank, p in enumerate(self._procs, start=1)}
+        # Ray workers: asked, not waited for (check() reads the answers once they are in).
+        self._where = [a.__ray_call__.remote(_whereabouts) for a in self._actors]
         self._runs = [a.run.remote() for a in self._actors]
 
     def check(self) -> None:
-        """Raises ReplicaGroupFailed if a worker is gone."""
+        """Raises ReplicaGroupFailed if a worker is gone, or stopped on this node. Thread-safe:
+        the health check calls it while a step waits in a collective."""
+        if self._where:
+            self._locate_workers()
+        for rank, pid in self._local_pids.items():
+            if _stopped(pid):
+                raise ReplicaGroupFailed(f"tensor-parallel rank {rank} is stopped (pid {pid})")
         for rank, p in enumerate(self._procs, start=1):
             if not p.is_alive():
                 raise ReplicaGroupFailed(f"tensor-parallel rank {rank} exited "
@@ -160,6 +188,18 @@ class ReplicaGroup:
                     why = f"died ({type(e).__name__})"
                 raise ReplicaGroupFailed(f"tensor-parallel rank {rank} {why}")
 
+    def _locate_workers(self) -> None:
+        import ray
+
+        ready, _ = ray.wait(self._where, num_returns=len(self._where), timeout=0)
+        if len(ready) < len(self._where):
+            return
+        here = ray.get_runtime_context().get_node_id()
+        where, self._where = ray.get(self._where), []
+        self._local_pids = {rank: pid for rank, (pid, node) in enumerate(where, start=1)
+                            if node == here}  # fmt: skip
+        logger.info("replica group ranks on this node (rank: pid): %s", self._local_pids)
+
     def stop(self, timeout_s: float = 10.0) -> None:
         for p in self._procs:
             p.join(timeout_s)
@@ -172,7 +212,7 @@ class ReplicaGroup:
                 ray.kill(a)
             if self._pg is not None:
                 ray.util.remove_placement_group(self._pg)
-        self._procs, self._actors, self._runs = [], [], []
+        self._procs, self._actors, self._runs, self._local_pids, self._where = [], [], [], {}, []
 
     def kill(self, rank: int) -> None:
         """Tests: take one worker down the hard way."""

@@ -137,6 +137,60 @@ def test_killed_worker_fails_cleanly(local_ray, models):
     llm.shutdown()
 
 
+def test_a_stopped_rank_fails_the_health_check_while_a_step_waits_on_it(local_ray, models):
+    """A SIGSTOPped rank is alive, so no dead-rank check sees it, and rank 0 waits in a
+    collective (measured under Serve: 137 s, until STUCK_STEP_S). The health check, which runs
+    while the step waits, finds the stopped process and reports the engine broken."""
+    import asyncio
+    import signal
+    import time
+
+    from segserve.actors.async_engine import AsyncEngine, EngineBroken
+    from segserve.actors.config import EngineConfig
+
+    path, _ = models["llama"]
+    engine = AsyncEngine(EngineConfig(model=path, tensor_parallel_size=2, num_kv_blocks=64,
+                                      max_num_seqs=4, collective_timeout_s=60))  # fmt: skip
+    group = engine.core.tp_group
+    deadline = time.monotonic() + 30
+    while not group._local_pids and time.monotonic() < deadline:  # the workers' answers
+        group.check()
+        time.sleep(0.05)
+    ((rank, pid),) = group._local_pids.items()  # the worker, on this node
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert rank == 1 and b"TPWorker" in f.read()
+    started = threading.Event()
+
+    async def generate() -> None:
+        params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        async for _ in engine.generate(PROMPTS[0], params):
+            started.set()
+
+    def run() -> None:
+        try:
+            asyncio.run(generate())
+        except Exception:  # noqa: BLE001 - the group fails once the rank is killed below
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert started.wait(60)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline, broken = time.monotonic() + 30, None
+        while broken is None and time.monotonic() < deadline:
+            try:
+                engine.check_health()
+            except EngineBroken as e:
+                broken = e
+            time.sleep(0.2)
+        assert broken is not None and "rank 1 is stopped" in str(broken), broken
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    t.join(120)
+    engine.core.shutdown()
+
+
 def test_serve_replica_group_answers_and_recovers_from_a_dead_rank(local_ray):
     """tensor_parallel_size 2 under Serve: the replica and its TPWorker share the replica's
     placement group; the answer equals the TP=1 engine's; killing the worker fails the replica's
