@@ -185,7 +185,7 @@ async def test_logits_constraints_equal_the_engine(svc, llm):
 
 async def test_a_grammar_compiles_off_the_replicas_event_loop(svc, monkeypatch):
     """A compile walks the vocabulary and can take seconds: on the loop it would stall every
-    other stream of the replica and its health check (a 450-level array schema took 39 s)."""
+    other stream of the replica and its health check (a 900-level array schema took 39 s)."""
     import threading
     import time
 
