@@ -237,6 +237,7 @@ class AsyncEngine:
             # end it) is found here, from the health check.
             try:
                 group.check()
+                group.check_not_stopped()
             except ReplicaGroupFailed as e:
                 self.broken = str(e)
                 logger.error("%s; the replica reports unhealthy", self.broken)

@@ -163,14 +163,18 @@ class ReplicaGroup:
         self._where = [a.__ray_call__.remote(_whereabouts) for a in self._actors]
         self._runs = [a.run.remote() for a in self._actors]
 
-    def check(self) -> None:
-        """Raises ReplicaGroupFailed if a worker is gone, or stopped on this node. Thread-safe:
-        the health check calls it while a step waits in a collective."""
+    def check_not_stopped(self) -> None:
+        """Raises ReplicaGroupFailed if a worker on this node is stopped. For the health check,
+        while a step waits in a collective (between steps a stopped rank does no harm yet, so
+        the step loop does not pay for reading /proc)."""
         if self._where:
             self._locate_workers()
         for rank, pid in self._local_pids.items():
             if _stopped(pid):
                 raise ReplicaGroupFailed(f"tensor-parallel rank {rank} is stopped (pid {pid})")
+
+    def check(self) -> None:
+        """Raises ReplicaGroupFailed if a worker is gone. Thread-safe."""
         for rank, p in enumerate(self._procs, start=1):
             if not p.is_alive():
                 raise ReplicaGroupFailed(f"tensor-parallel rank {rank} exited "

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from .errors import APIError, internal_error
 from .protocol import ChatCompletionRequest
 from .responses import ChoiceState, ReplyReader, finish_reason
-from .service import OFF_LOOP_TEXT_CHARS, Prepared, ServiceCore, validation_error
+from .service import Prepared, ServiceCore, validation_error
 from .tool_parsers import ToolCall
 
 _SCALARS = (
@@ -264,11 +264,11 @@ async def generate(core: ServiceCore, request: Any, grpc_context: Any) -> Any:
 
 async def _prepare(core: ServiceCore, request: Any, grpc_context: Any) -> list[Prepared]:
     """``prepare``, off the event loop when there is much text or a chat template
-    (service.OFF_LOOP_TEXT_CHARS)."""
+    (ServiceCore.prepare_off_loop)."""
     check_decoded(request)  # bytes that did not parse have no fields to measure
-    text = (OFF_LOOP_TEXT_CHARS if request.messages
-            else len(request.prompt) + sum(len(p) for p in request.prompts))  # fmt: skip
-    return await core.prepare_off_loop(lambda: prepare(core, request, grpc_context), text)
+    text = len(request.prompt) + sum(len(p) for p in request.prompts)
+    return await core.prepare_off_loop(lambda: prepare(core, request, grpc_context), text,
+                                       chat=bool(request.messages))  # fmt: skip
 
 
 async def _generate(pb: Any, core: ServiceCore, request: Any, grpc_context: Any) -> Any:

@@ -29,7 +29,7 @@ from .responses import (
     prompt_logprobs_body,
     usage_body,
 )
-from .service import OFF_LOOP_TEXT_CHARS, Prepared, ServiceCore, validation_error
+from .service import Prepared, ServiceCore, validation_error
 from .streams import MergedStream
 
 
@@ -39,7 +39,7 @@ class Endpoint:
     shape: ResponseShape
     # The request as prepared prompts (the service core's prepare(), once per prompt).
     prepare: Callable[[ServiceCore, Any], list[Prepared]]
-    # How much text preparing it tokenizes (service.OFF_LOOP_TEXT_CHARS)
+    # How much prompt text preparing it tokenizes (ServiceCore.prepare_off_loop)
     text_chars: Callable[[Any], int]
     # The text every choice of a prompt starts with (echo), given that prompt prepared.
     echo: Callable[[ServiceCore, Any, Prepared], str]
@@ -81,13 +81,9 @@ def _completion_text(body: CompletionRequest) -> int:
     return sum(len(p) for p in body.prompts() if isinstance(p, str))
 
 
-def _chat_text(_: ChatCompletionRequest) -> int:
-    return OFF_LOOP_TEXT_CHARS  # a chat template to render (Jinja): always off the loop
-
-
 COMPLETIONS = Endpoint(CompletionRequest, COMPLETION, _prepare_completion, _completion_text,
                        _echo_completion, lambda body: body.logprobs is not None)  # fmt: skip
-CHAT_COMPLETIONS = Endpoint(ChatCompletionRequest, CHAT, _prepare_chat, _chat_text,
+CHAT_COMPLETIONS = Endpoint(ChatCompletionRequest, CHAT, _prepare_chat, lambda _: 0,
                             lambda core, body, prep: body.echo_prefix(),
                             lambda body: bool(body.logprobs))  # fmt: skip
 
@@ -204,7 +200,8 @@ async def serve_openai(core: ServiceCore, endpoint: Endpoint, request: Request) 
     body = await parse(request, endpoint.schema)
     body.cache_salt = core.cache_salt(body.cache_salt, key_salt)
     preps = await core.prepare_off_loop(lambda: endpoint.prepare(core, body),
-                                        endpoint.text_chars(body))  # fmt: skip
+                                        endpoint.text_chars(body),
+                                        chat=isinstance(body, ChatCompletionRequest))  # fmt: skip
     response = _Response(core, endpoint, body, preps)
     try:
         stream = await core.open_streams(preps)

@@ -156,11 +156,12 @@ class ServiceCore:
         # "Already borrowed").
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="segserve-tokenizer")
 
-    async def prepare_off_loop(self, prepare: Callable[[], list[Prepared]],
-                               text_chars: int) -> list[Prepared]:  # fmt: skip
+    async def prepare_off_loop(self, prepare: Callable[[], list[Prepared]], text_chars: int,
+                               chat: bool = False) -> list[Prepared]:  # fmt: skip
         """``prepare()`` (which calls :meth:`prepare` per prompt), in the tokenizer thread when
-        the request has ``text_chars`` >= OFF_LOOP_TEXT_CHARS of text to tokenize or template."""
-        if text_chars < OFF_LOOP_TEXT_CHARS:
+        the request has ``text_chars`` >= OFF_LOOP_TEXT_CHARS of text to tokenize, or is a
+        ``chat`` (a chat template to render: Jinja, always off the loop)."""
+        if text_chars < OFF_LOOP_TEXT_CHARS and not chat:
             return prepare()
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, prepare)
 

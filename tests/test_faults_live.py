@@ -145,6 +145,16 @@ def _recovered(port: int, names_before: set[str], gone: str) -> None:
     assert _complete(port)[0] == 200
 
 
+def _streaming(port: int, pool: ThreadPoolExecutor, actors: dict, max_tokens: int):
+    """Start a stream; once it has begun: its future, and the name of the replica running it."""
+    started = threading.Event()
+    stream = pool.submit(_stream, port, max_tokens, started)
+    assert started.wait(60), "the stream never started"
+    busy = [n for n, a in actors.items() if _on(a, lambda r: len(r.engine._queues))]
+    assert len(busy) == 1, busy
+    return stream, busy[0]
+
+
 # ----- the tests ------------------------------------------------------------------------------
 def _hang_steps(replica):
     import threading as th
@@ -169,12 +179,8 @@ def test_killing_a_replica_ends_its_stream_cleanly_retries_the_unstreamed_and_re
     assert wait_for(lambda: _running_replicas() == 2)
     actors = _replica_actors()
     with ThreadPoolExecutor(5) as pool:
-        started = threading.Event()
-        long = pool.submit(_stream, port, 400, started)
-        assert started.wait(60), "the stream never started"
-        busy = [n for n, a in actors.items() if _on(a, lambda r: len(r.engine._queues))]
-        assert len(busy) == 1, busy
-        (victim,), (other,) = busy, set(actors) - set(busy)
+        long, victim = _streaming(port, pool, actors, 400)
+        (other,) = set(actors) - {victim}
         # The victim hangs mid-stream; new requests go to it and wait there, unstreamed.
         _on(actors[victim], _hang_steps)
         _on(actors[other], _look_busy)
@@ -257,11 +263,8 @@ def _draining(actor) -> bool:
 def _stream_paused_mid_way(port: int, pool: ThreadPoolExecutor, actors: dict, max_tokens: int):
     for a in actors.values():
         _on(a, _gate_steps)
-    started = threading.Event()
-    stream = pool.submit(_stream, port, max_tokens, started)
-    assert started.wait(60), "the stream never started"
+    stream, name = _streaming(port, pool, actors, max_tokens)
     _close_gates(actors)
-    (name,) = [n for n, a in actors.items() if _on(a, lambda r: len(r.engine._queues))]
     return stream, name
 
 
@@ -303,10 +306,7 @@ def test_a_hung_replica_process_fails_its_stream_and_is_replaced_within_60_s(por
     assert wait_for(lambda: _running_replicas() == 2)
     actors = _replica_actors()
     with ThreadPoolExecutor(1) as pool:
-        started = threading.Event()
-        stream = pool.submit(_stream, port, 400, started)
-        assert started.wait(60), "the stream never started"
-        (victim,) = [n for n, a in actors.items() if _on(a, lambda r: len(r.engine._queues))]
+        stream, victim = _streaming(port, pool, actors, 400)
         pid = _on(actors[victim], lambda r: os.getpid())
         stopped_at = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
