@@ -27,6 +27,9 @@ The paths:
   replica, no replica hop). ``--layouts`` picks the layouts (default: both).
 * **Serve modes** (``--serve-modes``, default ``proxy``): each mode named runs every layout in
   a fresh local cluster started with that mode's environment (``deploy.launch.SERVE_MODES``).
+  ``proxy`` (the service's default) and ``serve-defaults`` go through Serve's proxy actor, the
+  first with Serve's throughput settings (handles over gRPC, our code on the replicas' main
+  loops), the second with Serve's own defaults.
   ``direct`` and ``throughput`` (Serve 2.60's direct ingress; the second adds
   ``RAY_SERVE_THROUGHPUT_OPTIMIZED``) have no proxy in the way: the clients call the ingress
   replica's own HTTP and gRPC ports. ``haproxy``: the proxy's ports, served by HAProxy in
@@ -146,8 +149,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "its own deployment) and/or engine-in-ingress (default: both)")
     p.add_argument("--serve-modes", type=_serve_modes, default=["proxy"],
                    help="how Serve takes requests in, comma-separated, each in a fresh cluster: "
-                        "proxy (Serve's proxy actor), direct (the ingress replica serves HTTP "
-                        "and gRPC itself), throughput (RAY_SERVE_THROUGHPUT_OPTIMIZED), "
+                        "proxy (Serve's proxy actor, with Serve's throughput settings), "
+                        "serve-defaults (the same proxy with Serve's own defaults), direct "
+                        "(the ingress replica serves HTTP and gRPC itself), throughput "
+                        "(direct, with RAY_SERVE_THROUGHPUT_OPTIMIZED), "
                         "haproxy (direct ingress behind HAProxy on the proxy's ports); "
                         "default: proxy")  # fmt: skip
     p.add_argument("--no-engine-again", dest="engine_again", action="store_false",

@@ -210,7 +210,14 @@ def test_serve_mode_is_checked_and_sets_rays_environment(monkeypatch):
     assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    launch.set_serve_mode("serve-defaults")
+    assert all(os.environ[k] == "0" for k in launch.SERVE_MODES["haproxy"]
+               if k != "RAY_SERVE_LOG_TO_STDERR")  # fmt: skip
+    # The default: Serve's throughput settings behind its proxy, whose ports stay put. Direct
+    # ingress must be named off: THROUGHPUT_OPTIMIZED turns it on by default.
     launch.set_serve_mode("proxy")
-    assert all(os.environ[k] == "0" for k in launch.SERVE_MODES["haproxy"])
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert os.environ["RAY_SERVE_LOG_TO_STDERR"] == "1"
     with pytest.raises(ValueError, match="serve mode"):
         launch.set_serve_mode("fast")

@@ -294,8 +294,7 @@ def test_serve_mode_env_reaches_every_ray_container(tmp, mode):
     from segserve.deploy.launch import RECOVERY_ENV, SERVE_MODES
 
     rs = one(render({"serve": {"mode": mode}}, tmp), "RayService")
-    want = {k: v for k, v in SERVE_MODES[mode].items() if v != "0"}  # Ray's defaults are off
-    want.update(RECOVERY_ENV)
+    want = {**SERVE_MODES[mode], **RECOVERY_ENV}
     names = set(SERVE_MODES["haproxy"]) | set(SERVE_MODES["proxy"]) | set(RECOVERY_ENV)
     for group, template in pod_templates(rs).items():
         env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}

@@ -20,6 +20,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.config import HTTPOptions  # noqa: E402
 from segserve.deploy.app import build_app  # noqa: E402
+from segserve.deploy.launch import DEFAULT_SERVE_MODE, set_serve_mode  # noqa: E402
 from segserve.deploy.router import deployment_name  # noqa: E402
 
 CONFIG = {
@@ -50,6 +51,7 @@ def port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    set_serve_mode(DEFAULT_SERVE_MODE)  # as `segserve serve` starts Ray (RECOVERY_ENV too)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
     serve.run(build_app(CONFIG), name="segserve", route_prefix="/")

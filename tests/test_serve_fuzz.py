@@ -32,7 +32,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.config import HTTPOptions, gRPCOptions  # noqa: E402
 from segserve.deploy.app import build_app  # noqa: E402
-from segserve.deploy.launch import GRPC_SERVICER  # noqa: E402
+from segserve.deploy.launch import DEFAULT_SERVE_MODE, GRPC_SERVICER, set_serve_mode  # noqa: E402
 from segserve.deploy.router import deployment_name  # noqa: E402
 from segserve.proto import segserve_pb2_grpc  # noqa: E402
 from segserve.proto.client import generate_request  # noqa: E402
@@ -64,6 +64,7 @@ LONG = 1900  # tokens a "slow" request asks for
 
 @pytest.fixture(scope="module")
 def svc():
+    set_serve_mode(DEFAULT_SERVE_MODE)  # as `segserve serve` starts Ray (RECOVERY_ENV too)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     http_port, grpc_port = free_port(), free_port()
     serve.start(

@@ -24,6 +24,9 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def local_ray():
+    from segserve.deploy.launch import DEFAULT_SERVE_MODE, set_serve_mode
+
+    set_serve_mode(DEFAULT_SERVE_MODE)  # as `segserve serve` starts Ray (RECOVERY_ENV too)
     ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)  # 4 groups of 2
     yield
     ray.shutdown()

@@ -144,13 +144,24 @@ applications:
 # and a hung proxy is found in ~36 s, not ~60 s
 - name: RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S
   value: "2"
-{{- if eq .Values.serve.mode "haproxy" }}
 # Serve's mode (segserve.deploy.launch.SERVE_MODES): read once by every Ray process at start.
-- name: RAY_SERVE_ENABLE_DIRECT_INGRESS
-  value: "1"
+# proxy: Serve's proxy on these ports, with its throughput settings (handles over gRPC, our code
+# on each replica's main loop); direct ingress named off, as THROUGHPUT_OPTIMIZED turns it on.
 - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
   value: "1"
+{{- if eq .Values.serve.mode "haproxy" }}
+- name: RAY_SERVE_ENABLE_DIRECT_INGRESS
+  value: "1"
 - name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+- name: RAY_SERVE_LOG_TO_STDERR
+  value: "0"
+{{- else }}
+- name: RAY_SERVE_ENABLE_DIRECT_INGRESS
+  value: "0"
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "0"
+- name: RAY_SERVE_LOG_TO_STDERR
   value: "1"
 {{- end }}
 {{- if eq .Values.ray.authMode "disabled" }}
