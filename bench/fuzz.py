@@ -434,9 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
     from segserve.deploy.app import build_app
-    from segserve.deploy.launch import GRPC_SERVICER
+    from segserve.deploy.launch import DEFAULT_SERVE_MODE, GRPC_SERVICER, set_serve_mode
     from segserve.deploy.router import deployment_name
 
+    set_serve_mode(DEFAULT_SERVE_MODE)  # as `segserve serve` starts Ray
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options=HTTPOptions(host="127.0.0.1", port=args.http_port),

@@ -280,7 +280,7 @@ async def run_soak(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from segserve.deploy.launch import SERVE_MODES
+    from segserve.deploy.launch import DEFAULT_SERVE_MODE, SERVE_MODES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--rss-every", type=float, default=30.0,
                    help="seconds between RSS samples of every Serve process")
-    p.add_argument("--serve-mode", default="proxy", choices=list(SERVE_MODES),
+    p.add_argument("--serve-mode", default=DEFAULT_SERVE_MODE, choices=list(SERVE_MODES),
                    help="how Serve takes requests in (deploy.launch.SERVE_MODES); direct and "
                         "throughput: straight to the ingress replica's ports")  # fmt: skip
     p.add_argument("--warmup", type=float, default=5.0,
