@@ -22,8 +22,9 @@ GRPC_SERVICER = "segserve.proto.servicer.add_SegServeServicer_to_server"
 # RAY_SERVE_THROUGHPUT_OPTIMIZED: handle calls over gRPC (proxy -> ingress -> replica), our code
 # and the router on each replica's main event loop (no second loop in a thread, so no thread
 # hop per stream item), the GC frozen after start; replica logs still go to stderr (the
-# terminal of `segserve serve`). Measured on a 16-core host, this took the proxy path from +21
-# ms TTFT / 2.05x TPOT to +13 ms / 1.2x over the engine alone (docs/architecture.md).
+# terminal of `segserve serve`). On a 16-core host, in one run, it took the proxy path (HTTP,
+# engine in its own deployment) from +12.4 ms TTFT / 1.46x TPOT over the engine alone to +10.7
+# ms / 1.13x (docs/architecture.md has the runs).
 # "serve-defaults": the same proxy with Serve's own defaults (our code on a second event loop,
 # streams as Ray objects): slower, kept as the reference and an escape hatch. "direct": Serve
 # 2.60's direct ingress: each ingress replica serves HTTP and gRPC itself, on ports Serve hands
