@@ -198,12 +198,11 @@ class ReplicaGroup:
         ready, _ = ray.wait(self._where, num_returns=len(self._where), timeout=0)
         if len(ready) < len(self._where):
             return
+        refs, self._where = self._where, []  # asked once, whatever the answer
         try:
-            where = ray.get(self._where)
+            where = ray.get(refs)
         except Exception:  # a worker died first: the run futures' check names it
-            self._where = []
             return
-        self._where = []
         here = ray.get_runtime_context().get_node_id()
         self._local_pids = {rank: pid for rank, (pid, node) in enumerate(where, start=1)
                             if node == here}  # fmt: skip

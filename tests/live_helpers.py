@@ -1,5 +1,5 @@
-"""Small helpers of the tests that run a real Ray Serve: a free loopback port, and waiting for
-state to settle."""
+"""Small helpers of the tests that run a real Ray Serve: starting Ray as `segserve serve`
+does, a free loopback port, and waiting for state to settle."""
 
 from __future__ import annotations
 
@@ -7,6 +7,17 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Any
+
+
+def start_ray(num_cpus: int, **init_kwargs: Any) -> None:
+    """A local Ray in the service's default serve mode (its RECOVERY_ENV too), as `segserve
+    serve` starts it, so the live tests run what users run. The mode is environment that
+    every Ray process reads once, so it goes in before ``ray.init``."""
+    import ray
+    from segserve.deploy.launch import DEFAULT_SERVE_MODE, set_serve_mode
+
+    set_serve_mode(DEFAULT_SERVE_MODE)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **init_kwargs)
 
 
 def free_port() -> int:

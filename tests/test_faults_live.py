@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from live_helpers import start_ray
 from live_helpers import wait_for as poll
 
 os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback test cluster
@@ -28,11 +29,7 @@ import ray  # noqa: E402
 from ray import cloudpickle, serve  # noqa: E402
 from ray.serve.config import HTTPOptions  # noqa: E402
 from segserve.deploy.app import build_app  # noqa: E402
-from segserve.deploy.launch import (  # noqa: E402
-    DEFAULT_SERVE_MODE,
-    drain_and_shutdown,
-    set_serve_mode,
-)
+from segserve.deploy.launch import drain_and_shutdown  # noqa: E402
 from segserve.deploy.router import deployment_name  # noqa: E402
 
 APP = "faults"
@@ -54,8 +51,7 @@ def port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    set_serve_mode(DEFAULT_SERVE_MODE)  # as `segserve serve` starts Ray (RECOVERY_ENV too)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    start_ray(num_cpus=8)
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
     serve.run(build_app(CONFIG), name=APP, route_prefix="/")
     yield port

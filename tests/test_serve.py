@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import grpc
 import openai
 import pytest
-from live_helpers import free_port, wait_for
+from live_helpers import free_port, start_ray, wait_for
 
 # A loopback test cluster: nothing to protect, and no ~/.ray/auth_token written by the tests.
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -30,7 +30,7 @@ from ray import serve  # noqa: E402
 from ray.serve.config import HTTPOptions, gRPCOptions  # noqa: E402
 from segserve import LLM, SamplingParams  # noqa: E402
 from segserve.deploy.app import build_app  # noqa: E402
-from segserve.deploy.launch import DEFAULT_SERVE_MODE, GRPC_SERVICER, set_serve_mode  # noqa: E402
+from segserve.deploy.launch import GRPC_SERVICER  # noqa: E402
 from segserve.deploy.replica import KV_COUNTERS, KV_GAUGES  # noqa: E402
 from segserve.deploy.router import deployment_name  # noqa: E402
 from segserve.proto.client import SegServeClient  # noqa: E402
@@ -78,9 +78,7 @@ def svc(tools_model):
     metrics_port = free_port()
     # Logical CPUs: one per replica (Serve's default for the ingresses, cpus_per_replica for
     # the engines) of the four apps below.
-    set_serve_mode(DEFAULT_SERVE_MODE)  # as `segserve serve` starts Ray (RECOVERY_ENV too)
-    ray.init(num_cpus=9, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=metrics_port)  # fmt: skip
+    start_ray(num_cpus=9, _metrics_export_port=metrics_port)
     http_port, grpc_port = free_port(), free_port()
     serve.start(
         http_options=HTTPOptions(host="127.0.0.1", port=http_port),

@@ -11,6 +11,7 @@ import socket
 import threading
 
 import pytest
+from live_helpers import start_ray
 from live_helpers import wait_for as poll
 
 os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback test cluster
@@ -20,7 +21,6 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.config import HTTPOptions  # noqa: E402
 from segserve.deploy.app import build_app  # noqa: E402
-from segserve.deploy.launch import DEFAULT_SERVE_MODE, set_serve_mode  # noqa: E402
 from segserve.deploy.router import deployment_name  # noqa: E402
 
 CONFIG = {
@@ -51,8 +51,7 @@ def port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    set_serve_mode(DEFAULT_SERVE_MODE)  # as `segserve serve` starts Ray (RECOVERY_ENV too)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    start_ray(num_cpus=8)
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
     serve.run(build_app(CONFIG), name="segserve", route_prefix="/")
     yield port

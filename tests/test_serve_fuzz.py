@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-from live_helpers import free_port, wait_for
+from live_helpers import free_port, start_ray, wait_for
 
 os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback test cluster (see test_serve.py)
 
@@ -32,7 +32,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.config import HTTPOptions, gRPCOptions  # noqa: E402
 from segserve.deploy.app import build_app  # noqa: E402
-from segserve.deploy.launch import DEFAULT_SERVE_MODE, GRPC_SERVICER, set_serve_mode  # noqa: E402
+from segserve.deploy.launch import GRPC_SERVICER  # noqa: E402
 from segserve.deploy.router import deployment_name  # noqa: E402
 from segserve.proto import segserve_pb2_grpc  # noqa: E402
 from segserve.proto.client import generate_request  # noqa: E402
@@ -64,8 +64,7 @@ LONG = 1900  # tokens a "slow" request asks for
 
 @pytest.fixture(scope="module")
 def svc():
-    set_serve_mode(DEFAULT_SERVE_MODE)  # as `segserve serve` starts Ray (RECOVERY_ENV too)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    start_ray(num_cpus=8)
     http_port, grpc_port = free_port(), free_port()
     serve.start(
         http_options=HTTPOptions(host="127.0.0.1", port=http_port),

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 from conftest import hf_beams, hf_greedy, make_model
-from live_helpers import free_port
+from live_helpers import free_port, start_ray
 from segserve import LLM, SamplingParams
 from tp_helpers import PROMPTS, assert_logprobs_close, tokens
 
@@ -24,10 +24,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from segserve.deploy.launch import DEFAULT_SERVE_MODE, set_serve_mode
-
-    set_serve_mode(DEFAULT_SERVE_MODE)  # as `segserve serve` starts Ray (RECOVERY_ENV too)
-    ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)  # 4 groups of 2
+    start_ray(num_cpus=12)  # 4 groups of 2
     yield
     ray.shutdown()
 
