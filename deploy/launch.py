@@ -70,6 +70,14 @@ def set_serve_mode(mode: str) -> None:
         os.environ.setdefault(key, value)
 
 
+def serve_uses_grpc() -> bool:
+    """Whether Serve in this process sends handle calls over gRPC (on in the throughput-optimized
+    modes) rather than as Ray actor calls. Serve reads it from the environment once, at import."""
+    from ray.serve._private import constants  # Serve 2.60 has no public accessor
+
+    return bool(constants.RAY_SERVE_USE_GRPC_BY_DEFAULT)
+
+
 def direct_ingress_targets(app: str) -> dict[str, tuple[str, int]]:
     """{"HTTP": (ip, port), "gRPC": (ip, port)} of one ingress replica of ``app`` in direct
     mode (empty until its servers run, or in proxy mode). While the application has no
@@ -103,18 +111,20 @@ def start(config_path: str | Path, address: str | None = None, blocking: bool = 
     # Ray is first imported: Ray reads it once, and a stale "disabled" would skip making the
     # token that the GCS then demands.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if address is None:
+        # Before anything imports Serve (reading the file does): Serve reads its variables
+        # once per process, this one included.
+        set_serve_mode(serve_mode)
+        if serve_mode in REPLICA_PORT_MODES:
+            # Serve holds a stopping ingress replica this long (30 s by default) for a load
+            # balancer in front to let go of it; clients call these replicas directly.
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     from .config import load_serve_file, parse_service_config
 
     raw, services = load_serve_file(config_path)
     if _fetch_named_models(raw, services, demo_fallback):
         services = [parse_service_config(app["args"], f"applications.{i}.args")
                     for i, app in enumerate(raw["applications"])]
-    if address is None:
-        set_serve_mode(serve_mode)  # before Ray starts: each of its processes reads it once
-        if serve_mode in REPLICA_PORT_MODES:
-            # Serve holds a stopping ingress replica this long (30 s by default) for a load
-            # balancer in front to let go of it; clients call these replicas directly.
-            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions

@@ -26,6 +26,7 @@ from ..actors.sampling_params import SamplingParams
 from ..models.loader import load_spec, load_tokenizer, resolve_model_path
 from .config import ModelConfig, ServiceConfig
 from .errors import APIError, engine_error_param
+from .launch import serve_uses_grpc
 from .protocol import CACHE_SALT_MAX_CHARS
 from .responses import ChoiceState
 from .router import PoolRouter, PoolState
@@ -139,7 +140,11 @@ class ServiceCore:
         self.config = config
         # .options() initializes a handle: its request router then follows the replicas from
         # the start, so /metrics and the pool spill check see them before the first request.
-        self.handles = {name: h.options(stream=True) for name, h in handles.items()}
+        # The transport is chosen here, in the replica, from the cluster's serve mode: a
+        # handle keeps the options of the process that made it (the driver, which may have
+        # imported Serve before its mode was set, or run in another shell).
+        transport = {"_by_reference": not serve_uses_grpc()}
+        self.handles = {name: h.options(stream=True, **transport) for name, h in handles.items()}
         self.router = PoolRouter(config, app_name)
         self.models: dict[str, ServedModel] = {}
         for m in config.models:
