@@ -297,6 +297,38 @@ def test_killing_the_ingress_mid_stream_aborts_its_engine_request_and_recovers(p
     assert wait_for(lambda: _ingress_name() not in (None, name) and _complete(port)[0] == 200)
 
 
+def test_a_stopped_ingress_does_not_stall_the_engine_replica_serving_it(port):
+    """The ingress process stops (SIGSTOP: a paused VM, a long GC) with a stream in flight.
+    The engine replica serving that stream must go on answering its health checks: a stalled
+    one is killed by Serve as well, with every other request on it. (A Ray actor-call stream
+    blocks the callee's event loop until its caller takes the items; the ingress's calls to
+    the engine go over gRPC instead, where a slow reader only holds back its own stream.)
+    Resumed within the ingress's own health-check window, the stream then finishes."""
+    import signal
+
+    assert wait_for(lambda: _running_replicas() == 2)
+    actors = _replica_actors()
+    ingress = ray.get_actor(_ingress_name(), namespace="serve")
+    pid = ray.get(ingress.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+    health = []
+    with ThreadPoolExecutor(1) as pool:
+        stream, replica = _streaming(port, pool, actors, 400)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                time.sleep(1.5)
+                try:
+                    ray.get(actors[replica].check_health.remote(), timeout=3)
+                    health.append("ok")
+                except ray.exceptions.GetTimeoutError:
+                    health.append("stalled")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        out = stream.result(timeout=120)
+    assert health == ["ok"] * 3, health
+    assert out["done"] and out["finish"] == "length" and out["tokens"] == 400, out
+
+
 def test_a_hung_replica_process_fails_its_stream_and_is_replaced_within_60_s(port):
     """The replica's whole process stops (SIGSTOP: a stuck driver, a paused VM). It answers
     nothing, health checks included: Serve must kill it (not wait its 120 s grace period on
