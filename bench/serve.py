@@ -647,15 +647,25 @@ SHORT = {"http": "HTTP", "grpc": "gRPC", "http_one": "HTTP 1-depl.", "grpc_one":
 
 
 def verdicts(phases: list[Phase], summaries: dict[str, dict[str, dict[str, float]]]) -> list[dict]:
-    """Each Serve path against the engine alone, per phase; the engine's rerun is compared the
-    same way but is no verdict: its difference is what noise alone gives."""
+    """Each Serve path against the engine alone, per phase: against the better of its two runs
+    where it ran again (a first run can pay one-off costs, such as Triton compiling kernels for
+    shapes the warm-up missed, that the later processes find cached), so the verdict never
+    credits Serve with the engine's bad luck. The rerun is compared with the first run the same
+    way but is no verdict: its difference is what noise alone gives."""
+    engine_runs = [summaries[p] for p in ("engine", "engine_again") if p in summaries]
     rows = []
     for phase in phases:
-        eng = summaries["engine"][phase.name]
+        best_ttft = min(run[phase.name]["ttft_p50_ms"] for run in engine_runs)
+        best_tpot = min(run[phase.name]["tpot_p50_ms"] for run in engine_runs)
         for path in [p for p in summaries if p != "engine"]:
             s = summaries[path][phase.name]
-            d_ttft = s["ttft_p50_ms"] - eng["ttft_p50_ms"]
-            r_tpot = s["tpot_p50_ms"] / eng["tpot_p50_ms"]
+            if path == "engine_again":  # the noise floor: the rerun against the first run
+                first = summaries["engine"][phase.name]
+                d_ttft = s["ttft_p50_ms"] - first["ttft_p50_ms"]
+                r_tpot = s["tpot_p50_ms"] / first["tpot_p50_ms"]
+            else:
+                d_ttft = s["ttft_p50_ms"] - best_ttft
+                r_tpot = s["tpot_p50_ms"] / best_tpot
             rows.append({"phase": phase.name, "path": path, "ttft_added_ms": d_ttft,
                          "ttft_pass": d_ttft <= TTFT_TARGET_MS, "tpot_ratio": r_tpot,
                          "tpot_pass": r_tpot <= TPOT_TARGET_RATIO,
@@ -665,8 +675,9 @@ def verdicts(phases: list[Phase], summaries: dict[str, dict[str, dict[str, float
 
 def format_verdicts(rows: list[dict]) -> str:
     head = f"{'phase':<10} {'path':<24} {'TTFT +ms':>9} {'':<7} {'TPOT ratio':>10}"
-    lines = [f"Serve over the engine alone (medians); targets: TTFT +<= {TTFT_TARGET_MS:g} ms, "
-             f"TPOT <= {TPOT_TARGET_RATIO:.2f}x", head, "-" * len(head)]  # fmt: skip
+    lines = [f"Serve over the engine alone (medians; the better of the engine's runs); targets: "
+             f"TTFT +<= {TTFT_TARGET_MS:g} ms, TPOT <= {TPOT_TARGET_RATIO:.2f}x", head,
+             "-" * len(head)]  # fmt: skip
 
     def verdict(ok: bool, noise: bool) -> str:
         return "(noise)" if noise else "PASS" if ok else "FAIL"
