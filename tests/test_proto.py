@@ -526,3 +526,100 @@ def test_cli_http_batch_and_tools(capsys, http_server):
 def test_cli_tool_and_batch_misuse(capsys, argv, message):
     rc, out, err = run_cli(capsys, ["--http", "http://127.0.0.1:9", *argv])
     assert rc == 1 and out == "" and err.startswith(f"error: {message}")
+
+
+# ----- the proxy's streaming handlers (proto/servicer.py) ------------------------------------
+class _FakeContext:
+    """What Serve's handler sees of an RPC: its peer and status, and the RPC's end."""
+
+    def __init__(self) -> None:
+        self.codes: list[Any] = []
+        self._done: list[Any] = []
+
+    def peer(self) -> str:
+        return "ipv4:10.0.0.1:5555"
+
+    def set_code(self, code: Any) -> None:
+        self.codes.append(code)
+
+    def add_done_callback(self, fn: Any) -> None:
+        self._done.append(fn)
+
+    def end(self) -> None:  # gRPC ends the RPC (the client cancelled) and runs the callbacks
+        for fn in self._done:
+            fn(self)
+
+
+def test_a_stream_cancelled_while_its_item_is_written_cancels_the_replica_call():
+    """Serve's proxy handler (faked: it awaits the replica between items, and after a cancel reads
+    the peer and sets the status, as Serve 2.60's does) runs under _cancellable_streams. The RPC
+    ends while the consumer holds an item (gRPC writing it), and the generator is never resumed:
+    the replica call still sees the cancel, and the handler's late calls on the ended context
+    do nothing (peer() answers from the copy taken at the start)."""
+    import asyncio
+    import enum
+
+    from segserve.proto.servicer import _cancellable_streams
+
+    Kind = enum.Enum("Kind", "UNARY_UNARY UNARY_STREAM")
+    seen: dict[str, Any] = {}
+
+    def serve_factory(*, service_method: str, streaming_type: Any) -> Any:
+        async def unary_stream(request: Any, context: Any):
+            try:
+                for i in range(1000):
+                    await asyncio.sleep(0.001)  # the replica's next item
+                    yield f"item {i}"
+            except asyncio.CancelledError:
+                seen["replica_call_cancelled"] = True
+            seen["peer_after_end"] = context.peer()
+            seen["set_code_after_end"] = context.set_code("CANCELLED")
+
+        return unary_stream
+
+    factory = _cancellable_streams(serve_factory)
+    assert _cancellable_streams(factory) is factory  # registering twice wraps once
+    unary = factory(service_method="/m", streaming_type=Kind.UNARY_UNARY)
+    assert ".serve_factory.<locals>." in unary.__qualname__  # only streams are wrapped
+
+    async def main() -> list[str]:
+        context = _FakeContext()
+        stream = factory(service_method="/m", streaming_type=Kind.UNARY_STREAM)("req", context)
+        got = [await stream.__anext__() for _ in range(3)]
+        context.end()  # the client went away while item 3 was being written
+        await asyncio.sleep(0.05)
+        # Checked here, while ``stream`` is still suspended: asyncio.run's teardown would
+        # cancel a leftover generator itself.
+        assert seen == {"replica_call_cancelled": True, "peer_after_end": "ipv4:10.0.0.1:5555",
+                        "set_code_after_end": None}  # fmt: skip
+        assert context.codes == []  # nothing reached the ended RPC
+        del stream
+        return got
+
+    assert asyncio.run(main()) == ["item 0", "item 1", "item 2"]
+
+
+def test_a_stream_that_ends_normally_passes_every_item_and_the_status():
+    import asyncio
+    import enum
+
+    from segserve.proto.servicer import _cancellable_streams
+
+    Kind = enum.Enum("Kind", "UNARY_STREAM")
+
+    def serve_factory(*, service_method: str, streaming_type: Any) -> Any:
+        async def unary_stream(request: Any, context: Any):
+            for i in range(5):
+                yield i
+            context.set_code("OK")
+
+        return unary_stream
+
+    async def main() -> tuple[list[int], list[Any]]:
+        context = _FakeContext()
+        stream = _cancellable_streams(serve_factory)(service_method="/m",
+                                                     streaming_type=Kind.UNARY_STREAM)
+        items = [i async for i in stream("req", context)]
+        return items, context.codes
+
+    assert asyncio.run(main()) == ([0, 1, 2, 3, 4], ["OK"])
