@@ -111,7 +111,9 @@ def _cancellable_streams(factory: Callable[..., Any]) -> Callable[..., Any]:
 
         async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
             guarded = _EndedAware(context)
-            items: asyncio.Queue[Any] = asyncio.Queue()  # unbounded: the pump never waits on it
+            # Unbounded, so the pump never waits to put: a cancel landing there would be lost
+            # again. A slow reader's items (a stream's tokens) wait here, not in the replica.
+            items: asyncio.Queue[Any] = asyncio.Queue()
             end = object()
 
             async def pump() -> None:
