@@ -54,8 +54,12 @@ SERVE_MODES: dict[str, dict[str, str]] = {
 # so the replacement cannot even be scheduled. A broken replica's streams have failed anyway.
 # And Serve checks its proxies every 2 s, not 10: three missed checks of a hung proxy then take
 # ~36 s, not ~60 s, before Serve starts another (measured: the service answered after 66 s).
+# And Serve's HTTP proxy answers a request whose ingress replica died before responding with
+# our 503 body, not a bare 500 (deploy/proxy_errors.py).
 RECOVERY_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
-                "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2"}
+                "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2",
+                "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH":
+                    "segserve.deploy.proxy_errors.proxy_middlewares"}  # fmt: skip
 # The modes whose clients call an ingress replica's own ports (the others keep the file's).
 REPLICA_PORT_MODES = ("direct", "throughput")
 DEFAULT_SERVE_MODE = "proxy"

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from ..proto.servicer import replica_gone
 from . import routing_view
 from .caller_watch import calling_actor
 from .errors import APIError
@@ -45,8 +46,7 @@ def replica_error(e: BaseException, request_id: str) -> APIError:
         return APIError(503, f"no replica is available, retry later (request id {request_id})")
     if isinstance(e, REPLICA_GONE):
         logger.warning("request %s: its replica went away: %r", request_id, e)
-        return ReplicaGone(503, "the replica serving this request became unavailable; retry "
-                           f"(request id {request_id})")  # fmt: skip
+        return ReplicaGone(503, replica_gone(request_id))
     logger.error("request %s: replica call failed", request_id, exc_info=e)
     return APIError(500, f"internal error (request id {request_id})")
 

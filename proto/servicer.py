@@ -8,13 +8,14 @@ with UNKNOWN and the exception's class in the details; the service answers INVAL
 naming the message type (deploy/grpc_api.py).
 
 Serve calls it in its own gRPC servers (the proxy, a direct-ingress replica) with their server,
-so it also mends one thing there: a client's cancel of a stream always reaches the replica call
-(``_cancellable_streams``).
+so it also mends two things there (``_mend_serve_handlers``): a client's cancel of a stream
+always reaches the replica call, and Serve's own errors carry no internals.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,19 +69,60 @@ class _LenientServer:
         return getattr(self._server, name)
 
 
-class _EndedAware:
-    """An RPC's context, for Serve's handler running in a task of its own (below): once the RPC
-    has ended, calls on it do nothing (``peer()`` answers from a copy taken at the start).
-    gRPC frees an ended call's state, and Serve's handler still reads the peer for its access
-    log and sets the status: on a freed call that segfaults the proxy."""
+def replica_gone(request_id: str) -> str:
+    """What a client is told when the replica holding its request died (HTTP 503, gRPC
+    UNAVAILABLE): retry. Here, the lowest layer that says it (deploy imports proto)."""
+    return f"the replica serving this request became unavailable; retry (request id {request_id})"
+
+
+class _ServeContext:
+    """An RPC's context as Serve's handler sees it, with two mends.
+
+    Serve's own error status for a failed call to the ingress replica (INTERNAL, its details
+    ``str()`` of Ray's exception: actor id, pid, node address) becomes the service's: for a
+    replica that died, UNAVAILABLE (retry) naming the request id, otherwise INTERNAL naming it;
+    Serve's log has the exception under that id. The ingress's own statuses name their request
+    or error id already and pass as they are. So that there is an id to name, a call without a
+    ``request_id`` in its metadata gets one here, which Serve then uses.
+
+    Once the RPC has ended, calls on the context do nothing (``peer()`` answers from a copy taken
+    at the start): gRPC frees an ended call's state, and Serve's streaming handler, run in a task
+    of its own (``_mend_serve_handlers``), still reads the peer for its access log and sets the
+    status after a cancel; on a freed call that segfaults the proxy."""
 
     def __init__(self, context: Any) -> None:
         self._context = context
         self._peer = context.peer()
+        metadata = tuple(context.invocation_metadata() or ())
+        ids = [v for k, v in metadata if k == "request_id"]
+        self.request_id = ids[0] if ids else uuid.uuid4().hex
+        self._metadata = metadata if ids else (*metadata, ("request_id", self.request_id))
+        self._code: Any = None
         self.ended = False
 
     def peer(self) -> str:
         return self._peer
+
+    def invocation_metadata(self) -> tuple:
+        return self._metadata
+
+    def set_code(self, code: Any) -> None:
+        self._code = code
+        if not self.ended:
+            self._context.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        import grpc
+
+        ours = "(request id " in (details or "") or "(error id " in (details or "")
+        if self._code == grpc.StatusCode.INTERNAL and not ours:
+            if "actor" in (details or "").lower():  # RayActorError, ActorUnavailableError
+                self.set_code(grpc.StatusCode.UNAVAILABLE)
+                details = replica_gone(self.request_id)
+            else:
+                details = f"internal error (request id {self.request_id})"
+        if not self.ended:
+            self._context.set_details(details)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._context, name)
@@ -93,24 +135,32 @@ class _EndedAware:
         return call
 
 
-def _cancellable_streams(factory: Callable[..., Any]) -> Callable[..., Any]:
-    """Serve's handler factory, with server-streaming handlers that pass a client's cancel on.
+def _mend_serve_handlers(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """Serve's handler factory, with handlers that see a ``_ServeContext``, and server-streaming
+    handlers that pass a client's cancel on.
 
     Serve 2.60's gRPC proxy cancels the replica call only when the cancel lands while it awaits
     the replica's next item; one that lands while an item is being written to the client (most
     of a stream's life) is swallowed, and the request runs to its end. Here Serve's handler runs
     in a task of its own that only ever awaits the replica, and the RPC's end (a cancel, a
     deadline, or done) cancels that task, so the cancel always lands where Serve passes it on."""
-    if getattr(factory, "cancellable_streams", False):
+    if getattr(factory, "mended", False):
         return factory
 
     def make(*, service_method: str, streaming_type: Any) -> Any:
         handler = factory(service_method=service_method, streaming_type=streaming_type)
-        if getattr(streaming_type, "name", "") != "UNARY_STREAM":
+        kind = getattr(streaming_type, "name", "")
+        if kind == "UNARY_UNARY":
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                return await handler(request, _ServeContext(context))
+
+            return unary_unary
+        if kind != "UNARY_STREAM":  # client streams: our service has none
             return handler
 
         async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            guarded = _EndedAware(context)
+            guarded = _ServeContext(context)
             # Unbounded, so the pump never waits to put: a cancel landing there would be lost
             # again. A slow reader's items (a stream's tokens) wait here, not in the replica.
             items: asyncio.Queue[Any] = asyncio.Queue()
@@ -141,7 +191,7 @@ def _cancellable_streams(factory: Callable[..., Any]) -> Callable[..., Any]:
 
         return unary_stream
 
-    make.cancellable_streams = True  # type: ignore[attr-defined]
+    make.mended = True  # type: ignore[attr-defined]
     return make
 
 
@@ -149,5 +199,5 @@ def add_SegServeServicer_to_server(servicer: Any, server: Any) -> None:  # noqa:
     from . import segserve_pb2_grpc
 
     if hasattr(server, "service_handler_factory"):  # Serve's proxy (or direct-ingress) server
-        server.service_handler_factory = _cancellable_streams(server.service_handler_factory)
+        server.service_handler_factory = _mend_serve_handlers(server.service_handler_factory)
     segserve_pb2_grpc.add_SegServeServicer_to_server(servicer, _LenientServer(server))

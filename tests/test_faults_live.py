@@ -297,6 +297,32 @@ def test_killing_the_ingress_mid_stream_aborts_its_engine_request_and_recovers(p
     assert wait_for(lambda: _ingress_name() not in (None, name) and _complete(port)[0] == 200)
 
 
+def test_killing_the_ingress_during_a_unary_call_gives_a_clean_503(port):
+    """The ingress dies while a unary request waits on the engine, before any response: Serve's
+    proxy alone sends nothing and uvicorn answers a bare 500. deploy/proxy_errors.py, installed
+    in the proxy, answers the OpenAI-style 503 instead (retryable), naming the request id and
+    nothing of Ray's exception. The engine request is aborted."""
+    assert wait_for(lambda: _running_replicas() == 2)
+    actors = _replica_actors()
+    for a in actors.values():
+        _on(a, _gate_steps)
+    _close_gates(actors)  # the request waits in the engine until the ingress is gone
+    name = _ingress_name()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(_complete, port, 50)
+            assert wait_for(lambda: any(_on(a, lambda r: len(r.engine._queues))
+                                        for a in actors.values())), "the request never arrived"
+            ray.kill(ray.get_actor(name, namespace="serve"))
+            status, body = call.result(timeout=120)
+    finally:
+        _open_gates(actors)
+    assert status == 503, (status, body)
+    _assert_opaque(body["error"], 503)
+    assert body["error"]["type"] == "service_unavailable", body
+    assert wait_for(lambda: _ingress_name() not in (None, name) and _complete(port)[0] == 200)
+
+
 def test_a_stopped_ingress_does_not_stall_the_engine_replica_serving_it(port):
     """The ingress process stops (SIGSTOP: a paused VM, a long GC) with a stream in flight.
     The engine replica serving that stream must go on answering its health checks: a stalled

@@ -532,15 +532,23 @@ def test_cli_tool_and_batch_misuse(capsys, argv, message):
 class _FakeContext:
     """What Serve's handler sees of an RPC: its peer and status, and the RPC's end."""
 
-    def __init__(self) -> None:
+    def __init__(self, metadata: tuple = (("application", "segserve"),)) -> None:
         self.codes: list[Any] = []
+        self.details: list[str] = []
+        self.metadata = metadata
         self._done: list[Any] = []
 
     def peer(self) -> str:
         return "ipv4:10.0.0.1:5555"
 
+    def invocation_metadata(self) -> tuple:
+        return self.metadata
+
     def set_code(self, code: Any) -> None:
         self.codes.append(code)
+
+    def set_details(self, details: str) -> None:
+        self.details.append(details)
 
     def add_done_callback(self, fn: Any) -> None:
         self._done.append(fn)
@@ -552,16 +560,16 @@ class _FakeContext:
 
 def test_a_stream_cancelled_while_its_item_is_written_cancels_the_replica_call():
     """Serve's proxy handler (faked: it awaits the replica between items, and after a cancel reads
-    the peer and sets the status, as Serve 2.60's does) runs under _cancellable_streams. The RPC
+    the peer and sets the status, as Serve 2.60's does) runs under _mend_serve_handlers. The RPC
     ends while the consumer holds an item (gRPC writing it), and the generator is never resumed:
     the replica call still sees the cancel, and the handler's late calls on the ended context
     do nothing (peer() answers from the copy taken at the start)."""
     import asyncio
     import enum
 
-    from segserve.proto.servicer import _cancellable_streams
+    from segserve.proto.servicer import _mend_serve_handlers
 
-    Kind = enum.Enum("Kind", "UNARY_UNARY UNARY_STREAM")
+    Kind = enum.Enum("Kind", "UNARY_STREAM")
     seen: dict[str, Any] = {}
 
     def serve_factory(*, service_method: str, streaming_type: Any) -> Any:
@@ -577,10 +585,8 @@ def test_a_stream_cancelled_while_its_item_is_written_cancels_the_replica_call()
 
         return unary_stream
 
-    factory = _cancellable_streams(serve_factory)
-    assert _cancellable_streams(factory) is factory  # registering twice wraps once
-    unary = factory(service_method="/m", streaming_type=Kind.UNARY_UNARY)
-    assert ".serve_factory.<locals>." in unary.__qualname__  # only streams are wrapped
+    factory = _mend_serve_handlers(serve_factory)
+    assert _mend_serve_handlers(factory) is factory  # registering twice wraps once
 
     async def main() -> list[str]:
         context = _FakeContext()
@@ -603,7 +609,7 @@ def test_a_stream_that_ends_normally_passes_every_item_and_the_status():
     import asyncio
     import enum
 
-    from segserve.proto.servicer import _cancellable_streams
+    from segserve.proto.servicer import _mend_serve_handlers
 
     Kind = enum.Enum("Kind", "UNARY_STREAM")
 
@@ -617,9 +623,63 @@ def test_a_stream_that_ends_normally_passes_every_item_and_the_status():
 
     async def main() -> tuple[list[int], list[Any]]:
         context = _FakeContext()
-        stream = _cancellable_streams(serve_factory)(service_method="/m",
+        stream = _mend_serve_handlers(serve_factory)(service_method="/m",
                                                      streaming_type=Kind.UNARY_STREAM)
         items = [i async for i in stream("req", context)]
         return items, context.codes
 
     assert asyncio.run(main()) == ([0, 1, 2, 3, 4], ["OK"])
+
+
+RAY_ACTOR_DIED = ("The actor died unexpectedly before finishing this task.\n\tclass_name: "
+                  "ServeReplica:segserve:Ingress\n\tactor_id: 5a1f00d\n\tpid: 4242\n\tip: "
+                  "10.0.0.7")  # fmt: skip
+
+
+@pytest.mark.parametrize("metadata", [(("application", "segserve"),),
+                                      (("application", "segserve"), ("request_id", "r-17"))])
+def test_serve_s_own_errors_reach_the_client_without_internals(metadata):
+    """Serve's proxy, when the ingress replica's call fails, sets INTERNAL with str() of Ray's
+    exception (actor id, pid, node address). Through _mend_serve_handlers the client gets
+    UNAVAILABLE naming the request id for a replica that died, and an opaque INTERNAL for
+    anything else; the ingress's own statuses pass as they are."""
+    import asyncio
+    import enum
+
+    from segserve.proto.servicer import _mend_serve_handlers
+
+    Kind = enum.Enum("Kind", "UNARY_UNARY")
+    StatusCode = grpc.StatusCode
+
+    def serve_factory(*, service_method: str, streaming_type: Any) -> Any:
+        async def unary_unary(request: Any, context: Any) -> bytes:
+            ids = [v for k, v in context.invocation_metadata() if k == "request_id"]
+            code, details = request
+            context.set_code(code)
+            context.set_details(details.replace("ID", ids[0]))  # Serve names its request id
+            return b""
+
+        return unary_unary
+
+    def call(code: Any, details: str) -> _FakeContext:
+        context = _FakeContext(metadata)
+        handler = _mend_serve_handlers(serve_factory)(service_method="/m",
+                                                      streaming_type=Kind.UNARY_UNARY)
+        asyncio.run(handler((code, details), context))
+        return context
+
+    died = call(StatusCode.INTERNAL, RAY_ACTOR_DIED)
+    assert died.codes[-1] == StatusCode.UNAVAILABLE
+    assert "became unavailable; retry (request id " in died.details[-1]
+    assert not any(s in died.details[-1] for s in ("actor", "4242", "10.0.0.7"))
+    if len(metadata) == 2:  # the client's own request id is the one named
+        assert "(request id r-17)" in died.details[-1]
+    other = call(StatusCode.INTERNAL, "Traceback (most recent call last): ... KeyError: 'x'")
+    assert other.codes[-1] == StatusCode.INTERNAL
+    assert other.details[-1].startswith("internal error (request id ") and "Key" not in \
+        other.details[-1]
+    ours = call(StatusCode.INTERNAL, "internal error (request id ID)")  # the ingress's own
+    assert ours.codes == [StatusCode.INTERNAL] and "Traceback" not in ours.details[-1]
+    bad = call(StatusCode.INVALID_ARGUMENT, "model 'actor' does not exist")
+    assert bad.codes == [StatusCode.INVALID_ARGUMENT]
+    assert bad.details == ["model 'actor' does not exist"]

@@ -144,6 +144,10 @@ applications:
 # and a hung proxy is found in ~36 s, not ~60 s
 - name: RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S
   value: "2"
+# and the HTTP proxy answers a request whose ingress replica died with our 503 body, not a
+# bare 500 (segserve/deploy/proxy_errors.py)
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: segserve.deploy.proxy_errors.proxy_middlewares
 # Serve's mode (segserve.deploy.launch.SERVE_MODES): read once by every Ray process at start.
 # proxy: Serve's proxy on these ports, with its throughput settings (handles over gRPC, our code
 # on each replica's main loop); direct ingress named off, as THROUGHPUT_OPTIMIZED turns it on.
