@@ -6,8 +6,9 @@ ingress replica holding a request dies before the response starts (with the engi
 ingress, that is the engine's replica), Serve 2.60's proxy sends nothing (its
 ``send_http_response_on_exception`` answers only 408, 429 and 503) and uvicorn answers a bare
 ``500 Internal Server Error``: not retryable, and not the OpenAI error body every other error
-has. Here that becomes a 503 with the body, naming the request id; the proxy's own log keeps
-Ray's exception under the same id.
+has. Here that becomes a 503 with the body, naming the request id: the client's
+``x-request-id``, else one put there now, which Serve then uses as the request's id (its logs,
+the proxy's warning with Ray's exception among them, name it).
 """
 
 from __future__ import annotations
