@@ -37,16 +37,21 @@ GRPC_SERVICER = "segserve.proto.servicer.add_SegServeServicer_to_server"
 # cluster, every node's `ray start` needs them. Each mode names every variable, so none is left
 # to what the environment had.
 _OFF = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
-        "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_LOG_TO_STDERR": "1"}  # fmt: skip
+        "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_LOG_TO_STDERR": "1",
+        "RAY_SERVE_PROXY_USE_GRPC": "0"}  # fmt: skip
 SERVE_MODES: dict[str, dict[str, str]] = {
-    # THROUGHPUT_OPTIMIZED turns direct ingress on unless told otherwise
-    "proxy": {**_OFF, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    # THROUGHPUT_OPTIMIZED turns direct ingress on unless told otherwise. It does not make the
+    # proxy call the ingress over gRPC (Serve 2.60 reads PROXY_USE_GRPC before it applies the
+    # flag), so that is named here: over an actor call, a proxy that died or hung is invisible
+    # to the ingress, and a gRPC stream it carried ran to its end.
+    "proxy": {**_OFF, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_PROXY_USE_GRPC": "1"},
     "serve-defaults": _OFF,
     "direct": {**_OFF, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
     "throughput": {**_OFF, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_LOG_TO_STDERR": "0"},
     "haproxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-                "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LOG_TO_STDERR": "0"},
+                "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LOG_TO_STDERR": "0",
+                "RAY_SERVE_PROXY_USE_GRPC": "0"},
 }  # fmt: skip
 # Every mode: a replica that fails its health checks is killed at once. Serve's default stops
 # it gracefully, which waits graceful_shutdown_timeout_s (600 s) for a process that may be

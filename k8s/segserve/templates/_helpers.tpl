@@ -160,12 +160,18 @@ applications:
   value: "1"
 - name: RAY_SERVE_LOG_TO_STDERR
   value: "0"
+- name: RAY_SERVE_PROXY_USE_GRPC
+  value: "0"
 {{- else }}
 - name: RAY_SERVE_ENABLE_DIRECT_INGRESS
   value: "0"
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "0"
 - name: RAY_SERVE_LOG_TO_STDERR
+  value: "1"
+# the proxy calls the ingress over gRPC too (the flag above does not set this): a proxy that
+# dies then ends its streams' engine requests
+- name: RAY_SERVE_PROXY_USE_GRPC
   value: "1"
 {{- end }}
 {{- if eq .Values.ray.authMode "disabled" }}
