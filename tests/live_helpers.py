@@ -10,7 +10,7 @@ from typing import Any
 
 
 def start_ray(num_cpus: int, **init_kwargs: Any) -> None:
-    """A local Ray in the service's default serve mode (its RECOVERY_ENV too), as `segserve
+    """A local Ray in the service's default serve mode (its EVERY_MODE_ENV too), as `segserve
     serve` starts it, so the live tests run what users run. The mode is environment that
     every Ray process reads once, so it goes in before ``ray.init``."""
     import ray

@@ -291,11 +291,11 @@ def test_pods_wait_for_the_longest_drain(tmp, graces, expected):
 def test_serve_mode_env_reaches_every_ray_container(tmp, mode):
     """Every Ray process reads the mode's variables once, at start: each head and worker
     container carries exactly segserve serve's environment for that mode."""
-    from segserve.deploy.launch import RECOVERY_ENV, SERVE_MODES
+    from segserve.deploy.launch import EVERY_MODE_ENV, SERVE_MODES
 
     rs = one(render({"serve": {"mode": mode}}, tmp), "RayService")
-    want = {**SERVE_MODES[mode], **RECOVERY_ENV}
-    names = set(SERVE_MODES["haproxy"]) | set(SERVE_MODES["proxy"]) | set(RECOVERY_ENV)
+    want = {**SERVE_MODES[mode], **EVERY_MODE_ENV}
+    names = set(SERVE_MODES["haproxy"]) | set(SERVE_MODES["proxy"]) | set(EVERY_MODE_ENV)
     for group, template in pod_templates(rs).items():
         env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
         assert {k: v for k, v in env.items() if k in names} == want, group

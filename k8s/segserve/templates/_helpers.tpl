@@ -138,7 +138,7 @@ applications:
 - name: TRANSFORMERS_OFFLINE
   value: "1"
 # A replica failing its health checks is killed at once, not drained for its grace period
-# (segserve.deploy.launch.RECOVERY_ENV): a hung one would hold its GPU that long.
+# (segserve.deploy.launch.EVERY_MODE_ENV): a hung one would hold its GPU that long.
 - name: RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS
   value: "1"
 # and a hung proxy is found in ~36 s, not ~60 s
@@ -148,6 +148,9 @@ applications:
 # bare 500 (segserve/deploy/proxy_errors.py)
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
   value: segserve.deploy.proxy_errors.proxy_middlewares
+# and a replica takes gRPC handle calls as large as the proxy takes (Serve's replica default: 4 MiB)
+- name: RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH
+  value: "2147483647"
 # Serve's mode (segserve.deploy.launch.SERVE_MODES): read once by every Ray process at start.
 # proxy: Serve's proxy on these ports, with its throughput settings (handles over gRPC, our code
 # on each replica's main loop); direct ingress named off, as THROUGHPUT_OPTIMIZED turns it on.
