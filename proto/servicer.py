@@ -114,9 +114,11 @@ class _ServeContext:
     def set_details(self, details: str) -> None:
         import grpc
 
-        ours = "(request id " in (details or "") or "(error id " in (details or "")
+        details = details or ""
+        # Ours are one line naming an id; Ray's exceptions span lines (and may quote ours).
+        ours = "\n" not in details and ("(request id " in details or "(error id " in details)
         if self._code == grpc.StatusCode.INTERNAL and not ours:
-            if "actor" in (details or "").lower():  # RayActorError, ActorUnavailableError
+            if "actor" in details.lower():  # RayActorError, ActorUnavailableError
                 self.set_code(grpc.StatusCode.UNAVAILABLE)
                 details = replica_gone(self.request_id)
             else:

@@ -678,6 +678,8 @@ def test_serve_s_own_errors_reach_the_client_without_internals(metadata):
     assert other.codes[-1] == StatusCode.INTERNAL
     assert other.details[-1].startswith("internal error (request id ") and "Key" not in \
         other.details[-1]
+    quoted = call(StatusCode.INTERNAL, "Traceback ...\nAPIError: internal error (request id ID)")
+    assert "Traceback" not in quoted.details[-1]  # a traceback quoting ours is still Ray's
     ours = call(StatusCode.INTERNAL, "internal error (request id ID)")  # the ingress's own
     assert ours.codes == [StatusCode.INTERNAL] and "Traceback" not in ours.details[-1]
     bad = call(StatusCode.INVALID_ARGUMENT, "model 'actor' does not exist")
