@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from ..proto.servicer import replica_gone
+from ..proto.servicer import opaque_internal, replica_gone
 from . import routing_view
 from .caller_watch import calling_actor
 from .errors import APIError
@@ -48,7 +48,7 @@ def replica_error(e: BaseException, request_id: str) -> APIError:
         logger.warning("request %s: its replica went away: %r", request_id, e)
         return ReplicaGone(503, replica_gone(request_id))
     logger.error("request %s: replica call failed", request_id, exc_info=e)
-    return APIError(500, f"internal error (request id {request_id})")
+    return APIError(500, opaque_internal(request_id))
 
 
 class _Prepared(Protocol):  # service.Prepared, without the import cycle

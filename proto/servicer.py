@@ -75,6 +75,12 @@ def replica_gone(request_id: str) -> str:
     return f"the replica serving this request became unavailable; retry (request id {request_id})"
 
 
+def opaque_internal(request_id: str) -> str:
+    """What a client is told of a failure whose cause stays in the log (HTTP 500, gRPC
+    INTERNAL): only the request id to quote."""
+    return f"internal error (request id {request_id})"
+
+
 class _ServeContext:
     """An RPC's context as Serve's handler sees it, with two mends.
 
@@ -122,7 +128,7 @@ class _ServeContext:
                 self.set_code(grpc.StatusCode.UNAVAILABLE)
                 details = replica_gone(self.request_id)
             else:
-                details = f"internal error (request id {self.request_id})"
+                details = opaque_internal(self.request_id)
         if not self.ended:
             self._context.set_details(details)
 
