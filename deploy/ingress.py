@@ -25,6 +25,7 @@ from .errors import APIError, internal_error
 from .local_handle import LocalReplicaHandle, LocalRoutingView
 from .openai_api import CHAT_COMPLETIONS, COMPLETIONS, serve_openai
 from .openapi import openapi_schema, set_served_models
+from .proxy_middleware import skip_serves_body_fetch
 from .replica import LLMReplica
 from .router import deployment_name
 from .service import ServiceCore, validation_error
@@ -70,6 +71,7 @@ class Ingress:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any]) -> None:
         context = serve.get_replica_context()
         cfg = ServiceConfig.model_validate(config)
+        skip_serves_body_fetch()  # the body our proxy middleware inlined: no call back for it
         self.replica: LLMReplica | None = None
         if cfg.ingress.engine_in_ingress:
             model, pool = cfg.single_pool()

@@ -60,13 +60,13 @@ SERVE_MODES: dict[str, dict[str, str]] = {
 # And Serve checks its proxies every 2 s, not 10: three missed checks of a hung proxy then take
 # ~36 s, not ~60 s, before Serve starts another (measured: the service answered after 66 s).
 # Serve's HTTP proxy answers a request whose ingress replica died before responding with our
-# 503 body, not a bare 500 (deploy/proxy_errors.py). And a replica takes gRPC handle calls as
+# 503 body, not a bare 500 (deploy/proxy_middleware.py). And a replica takes gRPC handle calls as
 # large as the proxy takes from clients (Serve's replica default is gRPC's 4 MiB, its proxy's
 # 2 GiB): over gRPC a larger request or response failed where an actor call carries it.
 EVERY_MODE_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
                   "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2",
                   "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH":
-                      "segserve.deploy.proxy_errors.proxy_middlewares",
+                      "segserve.deploy.proxy_middleware.proxy_middlewares",
                   "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}  # fmt: skip
 # The modes whose clients call an ingress replica's own ports (the others keep the file's).
 REPLICA_PORT_MODES = ("direct", "throughput")

@@ -299,7 +299,7 @@ def test_killing_the_ingress_mid_stream_aborts_its_engine_request_and_recovers(p
 
 def test_killing_the_ingress_during_a_unary_call_gives_a_clean_503(port):
     """The ingress dies while a unary request waits on the engine, before any response: Serve's
-    proxy alone sends nothing and uvicorn answers a bare 500. deploy/proxy_errors.py, installed
+    proxy alone sends nothing and uvicorn answers a bare 500. deploy/proxy_middleware.py, installed
     in the proxy, answers the OpenAI-style 503 instead (retryable), naming the request id and
     nothing of Ray's exception. The engine request is aborted."""
     assert wait_for(lambda: _running_replicas() == 2)

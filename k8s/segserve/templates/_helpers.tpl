@@ -145,9 +145,9 @@ applications:
 - name: RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S
   value: "2"
 # and the HTTP proxy answers a request whose ingress replica died with our 503 body, not a
-# bare 500 (segserve/deploy/proxy_errors.py)
+# bare 500 (segserve/deploy/proxy_middleware.py)
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
-  value: segserve.deploy.proxy_errors.proxy_middlewares
+  value: segserve.deploy.proxy_middleware.proxy_middlewares
 # and a replica takes gRPC handle calls as large as the proxy takes (Serve's replica default: 4 MiB)
 - name: RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH
   value: "2147483647"
