@@ -67,6 +67,10 @@ def _response_format(fmt: dict[str, Any]) -> dict[str, Any] | None:
 # vLLM's structured_outputs object: the constraint keys, and options with no effect here
 # A request's own prefix-cache salt (HTTP cache_salt, gRPC SamplingOptions.cache_salt).
 CACHE_SALT_MAX_CHARS = 128
+# The deepest JSON a history's call arguments go to the chat template as: deeper is text. Not
+# left to Python's recursion limit, which the process may have raised (torch's compiler makes
+# it 2,000): json.loads then parses what the template's renderer cannot, and the request fails.
+MAX_TEMPLATE_JSON_DEPTH = 64
 _STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 _STRUCTURED_OPTIONS = frozenset({"disable_fallback", "disable_any_whitespace",
                                  "disable_additional_properties", "whitespace_pattern",
@@ -349,8 +353,23 @@ class ToolCallIn(_Schema):
             args: Any = json.loads(self.function.arguments)
         except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
             args = self.function.arguments
+        if json_depth(args) > MAX_TEMPLATE_JSON_DEPTH:
+            args = self.function.arguments
         return {"id": self.id, "type": self.type,
                 "function": {"name": self.function.name, "arguments": args}}  # fmt: skip
+
+
+def json_depth(value: Any) -> int:
+    """How deep a parsed JSON value nests (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) \
+            else None  # fmt: skip
+        if children is not None:
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 class ChatMessage(_Schema):

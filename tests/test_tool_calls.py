@@ -326,6 +326,32 @@ async def test_arguments_nested_past_jsons_depth_are_text_not_a_500(svc):
     assert status == 200, body
 
 
+def test_history_arguments_too_deep_for_the_template_are_text_whatever_the_recursion_limit():
+    """torch's compiler raises the recursion limit to 2,000 in the process that compiles: then
+    json.loads parses 1,100 levels, and the template's renderer failed on them (a 400 found in
+    CI). The depth bound, not the interpreter's limit, decides."""
+    import sys
+
+    from segserve.deploy.protocol import MAX_TEMPLATE_JSON_DEPTH, ToolCallIn, json_depth
+
+    assert [json_depth(v) for v in (1, "[", [], {"a": [1, {"b": []}]}, [[[]]])] == [0, 0, 1, 4, 3]
+    deep = "[" * 1100 + "]" * 1100
+    at_bound = "[" * MAX_TEMPLATE_JSON_DEPTH + "]" * MAX_TEMPLATE_JSON_DEPTH
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(5000)
+    try:
+        def template_args(arguments: str) -> object:
+            call = ToolCallIn.model_validate({"id": "abcdefgh1", "function": {
+                "name": "get_weather", "arguments": arguments}})  # fmt: skip
+            return call.as_template_input()["function"]["arguments"]
+
+        assert template_args(deep) == deep
+        assert json_depth(template_args(at_bound)) == MAX_TEMPLATE_JSON_DEPTH
+        assert template_args('{"city": "Paris"}') == {"city": "Paris"}
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 @pytest.mark.parametrize("parser", sorted(PARSERS))
 def test_a_reply_nested_past_jsons_depth_is_content(parser):
     # a model's reply (random weights, a long max_tokens) can open brackets past json's depth
