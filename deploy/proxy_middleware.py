@@ -42,7 +42,18 @@ REQUEST_ID_HEADER = b"x-request-id"
 # cross twice (in the scope, then Serve's fetch), so it takes Serve's path alone. 0 turns it off
 # (read in the proxy's process, so it belongs in the environment of the node's `ray start`).
 BODY_SCOPE_KEY = "segserve.body"
-MAX_INLINE_BODY = int(os.environ.get("SEGSERVE_PROXY_INLINE_BODY_MAX", 1 << 20))
+_INLINE_MAX_ENV = "SEGSERVE_PROXY_INLINE_BODY_MAX"
+
+
+def _inline_body_max() -> int:
+    raw = os.environ.get(_INLINE_MAX_ENV, str(1 << 20))
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise ValueError(f"{_INLINE_MAX_ENV} must be a byte count (0: off), not {raw!r}") from None
+
+
+MAX_INLINE_BODY = _inline_body_max()
 
 
 class ReplicaGoneAs503:
