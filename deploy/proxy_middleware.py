@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Message, Receive, Send], Awaitable[None]]
 # Serve takes a request's id from this header (its SERVE_HTTP_REQUEST_ID_HEADER).
 REQUEST_ID_HEADER = b"x-request-id"
 # Where InlineBody leaves the body in the scope, and the largest it inlines: a bigger body would
@@ -59,7 +60,7 @@ MAX_INLINE_BODY = _inline_body_max()
 class ReplicaGoneAs503:
     """ASGI middleware: a request that ended with no response gets the 503 of a vanished replica."""
 
-    def __init__(self, app: Callable[[Message, Receive, Send], Awaitable[None]]) -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
@@ -97,7 +98,7 @@ async def _send_replica_gone(send: Send, request_id: str) -> None:
 class InlineBody:
     """Proxy side: a body of declared length up to ``MAX_INLINE_BODY`` travels in the scope."""
 
-    def __init__(self, app: Callable[[Message, Receive, Send], Awaitable[None]]) -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
