@@ -65,18 +65,20 @@ def _check_json_schema(schema: Any) -> None:
 MAX_SCHEMA_DEPTH = 64
 
 
-def _json_depth(value: Any) -> int:
-    """How deep dicts and lists nest in ``value`` (a scalar is 0), without recursing."""
+def json_depth(value: Any, stop_past: int | None = None) -> int:
+    """How deep dicts and lists nest in a parsed JSON ``value`` (a scalar is 0), without
+    recursing (a raised recursion limit lets ``json.loads`` build values deeper than any
+    recursive walk survives). With ``stop_past``, the walk stops once it is deeper than that."""
     deepest, todo = 0, [(value, 1)]
     while todo:
         node, depth = todo.pop()
         if not isinstance(node, dict | list):
             continue
-        items = node.values() if isinstance(node, dict) else node
         deepest = max(deepest, depth)
-        if depth > MAX_SCHEMA_DEPTH:  # deep enough to refuse: no need to walk the rest
+        if stop_past is not None and depth > stop_past:  # deep enough: skip the rest
             break
-        todo.extend((child, depth + 1) for child in items)
+        children = node.values() if isinstance(node, dict) else node
+        todo.extend((child, depth + 1) for child in children)
     return deepest
 
 
@@ -132,7 +134,8 @@ class Grammars:
     def compile(self, spec: dict[str, Any]) -> Any:
         """The compiled grammar of ``spec`` (SamplingParams.structured); ValueError naming
         what is wrong with it."""
-        if _json_depth(spec.get("json")) > MAX_SCHEMA_DEPTH:  # before anything recurses on it
+        # Before anything recurses on it.
+        if json_depth(spec.get("json"), MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
             raise _too_deep()
         key = json.dumps(spec, sort_keys=True)
         with self._lock:
@@ -162,7 +165,7 @@ class Grammars:
                         raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
                     except RecursionError:  # nested far too deep for json itself
                         raise _too_deep() from None
-                    if _json_depth(schema) > MAX_SCHEMA_DEPTH:
+                    if json_depth(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
                         raise _too_deep()
                 _check_json_schema(schema)
                 return compiler.compile_json_schema(json.dumps(_control_free_strings(schema)),

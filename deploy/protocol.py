@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from ..actors.structured import json_depth
 from .errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -353,23 +354,10 @@ class ToolCallIn(_Schema):
             args: Any = json.loads(self.function.arguments)
         except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
             args = self.function.arguments
-        if json_depth(args) > MAX_TEMPLATE_JSON_DEPTH:
+        if json_depth(args, MAX_TEMPLATE_JSON_DEPTH) > MAX_TEMPLATE_JSON_DEPTH:
             args = self.function.arguments
         return {"id": self.id, "type": self.type,
                 "function": {"name": self.function.name, "arguments": args}}  # fmt: skip
-
-
-def json_depth(value: Any) -> int:
-    """How deep a parsed JSON value nests (a scalar: 0), without recursion."""
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) \
-            else None  # fmt: skip
-        if children is not None:
-            deepest = max(deepest, depth + 1)
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
 
 
 class ChatMessage(_Schema):

@@ -332,7 +332,8 @@ def test_history_arguments_too_deep_for_the_template_are_text_whatever_the_recur
     CI). The depth bound, not the interpreter's limit, decides."""
     import sys
 
-    from segserve.deploy.protocol import MAX_TEMPLATE_JSON_DEPTH, ToolCallIn, json_depth
+    from segserve.actors.structured import json_depth
+    from segserve.deploy.protocol import MAX_TEMPLATE_JSON_DEPTH, ToolCallIn
 
     assert [json_depth(v) for v in (1, "[", [], {"a": [1, {"b": []}]}, [[[]]])] == [0, 0, 1, 4, 3]
     deep = "[" * 1100 + "]" * 1100
