@@ -220,7 +220,8 @@ class EngineCore(TokenUpdates):
         the problem, e.g. an invalid JSON schema)."""
         p, vocab = group.params, self.spec.vocab_size
         for name, ids in (("logit_bias", list(p.logit_bias or ())),
-                          ("allowed_token_ids", p.allowed_token_ids or [])):
+                          ("allowed_token_ids", p.allowed_token_ids or []),
+                          ("stop_token_ids", p.stop_token_ids)):
             bad = [t for t in ids if t >= vocab]
             if bad:
                 raise ValueError(f"invalid sampling parameter {name}: token id {bad[0]} is "
@@ -237,13 +238,14 @@ class EngineCore(TokenUpdates):
                 raise ValueError(f"invalid sampling parameter structured: {e}") from None
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
-        """Each word's token ids as it would start the text and after a space (vLLM's rule)."""
-        out: list[list[int]] = []
-        for word in words:
-            plain = list(self.tokenizer(word.lstrip(), add_special_tokens=False).input_ids)
-            spaced = list(self.tokenizer(" " + word.lstrip(), add_special_tokens=False).input_ids)
-            out += [ids for ids in (plain, spaced) if ids and ids not in out]
-        return out
+        """Each word's token ids as it would start the text and after a space (vLLM's rule),
+        each distinct sequence once, tokenized in one batch call."""
+        texts = [w.lstrip() for w in words] + [" " + w.lstrip() for w in words]
+        encoded = self.tokenizer(texts, add_special_tokens=False).input_ids
+        n = len(words)
+        distinct = dict.fromkeys(tuple(ids) for pair in zip(encoded[:n], encoded[n:], strict=True)
+                                 for ids in pair if ids)  # fmt: skip
+        return [list(ids) for ids in distinct]
 
     def _new_seq(self, group: SequenceGroup, index: int) -> Sequence:
         seq = Sequence(group, index=index)

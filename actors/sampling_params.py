@@ -25,6 +25,23 @@ def _in(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], bool]:
 # inf - inf to NaN) long before it changes which token wins; vLLM draws the same line.
 GREEDY_TEMPERATURE = 1e-5
 
+# How long a request's lists may be. Each is read on every decoding step of the request (or,
+# for bad_words, tokenized on the replica's event loop), so an unbounded one slows every other
+# request in the batch: 500,000 allowed_token_ids took a concurrent stream's token gap from 4 to
+# 78 ms, 45,000 bad_words blocked the replica past its health checks. OpenAI allows 4 stop
+# strings; these leave room for generated lists and stay cheap per step.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024  # per stop string: each is searched for in the text as it grows
+MAX_TOKEN_ID_LIST = 16384  # stop_token_ids, allowed_token_ids, logit_bias entries
+MAX_BAD_WORDS = 1024
+# top_k past the vocabulary means "off"; past int64 it cannot reach the device at all.
+MAX_TOP_K = 2**31 - 1
+
+
+def _bounded(v: Any, most: int) -> bool:
+    return isinstance(v, list | tuple | dict) and len(v) <= most
+
+
 # (field, predicate, what a valid value is). Predicates check the type first, so a wrongly
 # typed value is reported as a bad value of its field, never as a TypeError.
 _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
@@ -33,7 +50,8 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("max_tokens", lambda v: _int(v) and v >= 0, "must be an integer >= 0"),
     ("min_tokens", lambda v: _int(v) and v >= 0, "must be an integer >= 0"),
     ("temperature", _in(0.0, 100.0), "must be a number in [0, 100]"),
-    ("top_k", lambda v: _int(v) and v >= 0, "must be -1, 0 or an integer >= 1"),
+    ("top_k", lambda v: _int(v) and 0 <= v <= MAX_TOP_K,
+     f"must be -1, 0 or an integer in [1, {MAX_TOP_K}]"),
     ("top_p", _in(0.0, 1.0, lo_open=True), "must be a number in (0, 1]"),
     ("min_p", _in(0.0, 1.0), "must be a number in [0, 1]"),
     ("repetition_penalty", _in(0.0, 10.0, lo_open=True), "must be a number in (0, 10]"),
@@ -42,13 +60,15 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", lambda v: v is None or _int(v), "must be an integer"),
     (
         "stop",
-        lambda v: isinstance(v, list | tuple) and all(isinstance(s, str) and s for s in v),
-        "must be a string or a list of non-empty strings",
+        lambda v: _bounded(v, MAX_STOP_STRINGS) and all(
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in v),
+        f"must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings of at "
+        f"most {MAX_STOP_CHARS} characters",
     ),
     (
         "stop_token_ids",
-        lambda v: isinstance(v, list | tuple) and all(_int(t) and t >= 0 for t in v),
-        "must be a list of non-negative integers",
+        lambda v: _bounded(v, MAX_TOKEN_ID_LIST) and all(_int(t) and t >= 0 for t in v),
+        f"must be a list of at most {MAX_TOKEN_ID_LIST} non-negative integers",
     ),
     (
         "logprobs",
@@ -62,20 +82,20 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ),
     (
         "logit_bias",
-        lambda v: v is None or (isinstance(v, dict) and all(
+        lambda v: v is None or (isinstance(v, dict) and len(v) <= MAX_TOKEN_ID_LIST and all(
             _int(k) and k >= 0 and _num(b) and -100 <= b <= 100 for k, b in v.items())),
-        "must map token ids to numbers in [-100, 100]",
+        f"must map at most {MAX_TOKEN_ID_LIST} token ids to numbers in [-100, 100]",
     ),
     (
         "allowed_token_ids",
-        lambda v: v is None or (isinstance(v, list | tuple) and len(v) > 0
+        lambda v: v is None or (isinstance(v, list | tuple) and 0 < len(v) <= MAX_TOKEN_ID_LIST
                                 and all(_int(t) and t >= 0 for t in v)),
-        "must be a non-empty list of non-negative integers",
+        f"must be a non-empty list of at most {MAX_TOKEN_ID_LIST} non-negative integers",
     ),
     (
         "bad_words",
-        lambda v: isinstance(v, list | tuple) and all(isinstance(w, str) and w for w in v),
-        "must be a list of non-empty strings",
+        lambda v: _bounded(v, MAX_BAD_WORDS) and all(isinstance(w, str) and w for w in v),
+        f"must be a list of at most {MAX_BAD_WORDS} non-empty strings",
     ),
     ("structured", lambda v: v is None or _structured_ok(v), "must be one of {json: schema "
      "(dict or JSON text), json_object: true, regex: str, choice: [str, ...], grammar: str}"),
@@ -160,7 +180,8 @@ class SamplingParams:
             self.bad_words = []
         if isinstance(self.logit_bias, dict):
             # JSON object keys are strings ("50256"); token ids are ints
-            self.logit_bias = {int(k) if isinstance(k, str) and k.isdigit() else k: v
+            self.logit_bias = {int(k) if isinstance(k, str) and k.isascii() and k.isdigit()
+                               and len(k) <= 10 else k: v
                                for k, v in self.logit_bias.items()}
         if self.top_k == -1:
             self.top_k = 0

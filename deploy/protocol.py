@@ -31,13 +31,22 @@ logger = logging.getLogger(__name__)
 
 DevicePreference = Literal["auto", "gpu", "cpu"]
 
+# Unknown field names warned about, once each. Clients choose the names, so the set is
+# bounded: past it, no more warnings (a client sending 20,000 invented keys per request would
+# otherwise grow it, and the log, without end).
 _warned_fields: set[str] = set()
+MAX_WARNED_FIELDS = 256
 
 
 def _warn_unknown(name: str) -> None:
-    if name not in _warned_fields:
-        _warned_fields.add(name)
-        logger.warning("ignoring unknown request field %r (logged once per field name)", name)
+    if name in _warned_fields or len(_warned_fields) > MAX_WARNED_FIELDS:
+        return
+    _warned_fields.add(name)
+    if len(_warned_fields) > MAX_WARNED_FIELDS:
+        logger.warning("ignoring unknown request fields; %d names logged, no more will be",
+                       MAX_WARNED_FIELDS)  # fmt: skip
+        return
+    logger.warning("ignoring unknown request field %r (logged once per field name)", name[:80])
 
 
 def _not_supported(param: str, what: str | None = None) -> APIError:
@@ -187,9 +196,11 @@ class _Request(_Schema):
     def _logit_bias(self) -> dict[int, float]:
         out = {}
         for key, bias in (self.logit_bias or {}).items():
-            if not key.isdigit():
-                raise APIError(400, f"logit_bias keys are token ids, not {key!r}",
-                               f"logit_bias.{key}")  # fmt: skip
+            # ASCII digits only: str.isdigit() also takes "²" and "٣", and int() of a key of
+            # thousands of digits raises.
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise APIError(400, f"logit_bias keys are token ids, not {key[:40]!r}",
+                               f"logit_bias.{key[:40]}")  # fmt: skip
             if not -100 <= bias <= 100:
                 raise APIError(400, "logit_bias values must lie in [-100, 100]",
                                f"logit_bias.{key}")  # fmt: skip

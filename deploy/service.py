@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -34,6 +34,7 @@ from .streams import MergedStream, ReplicaGone, open_streams
 from .tool_parsers import PARSERS, ForcedCallParser, ToolParser, detect_tool_parser
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # A request with more prompt text than this is prepared (tokenized, its chat template applied)
@@ -96,6 +97,10 @@ class ServedModel:
     max_model_len: int
     vocab_size: int
     tool_parser: type[ToolParser] | None = None
+    # Text longer than this cannot fit max_model_len tokens (None: no tokenizer). Checked
+    # before tokenizing: a 10 MB prompt otherwise held the one tokenizer thread for seconds
+    # (every other request's prompt waits behind it) and the ingress's memory grew by GBs.
+    max_prompt_chars: int | None = None
 
     @classmethod
     def load(cls, config: ModelConfig) -> ServedModel:
@@ -104,8 +109,9 @@ class ServedModel:
         parser = config.tool_parser
         if parser == "auto":
             parser = detect_tool_parser(getattr(tok, "chat_template", None)) or "none"
-        return cls(config, tok, config.max_model_len or spec.max_position_embeddings,
-                   spec.vocab_size, PARSERS.get(parser))  # fmt: skip
+        max_len = config.max_model_len or spec.max_position_embeddings
+        return cls(config, tok, max_len, spec.vocab_size, PARSERS.get(parser),
+                   None if tok is None else max_len * longest_token_chars(tok) * 4)  # fmt: skip
 
     def special_texts(self, keep: tuple[str, ...]) -> tuple[str, ...]:
         """The text of every special token but ``keep``: what a reply decoded with special
@@ -115,6 +121,15 @@ class ServedModel:
             return ()
         texts = {t.content for t in tok.added_tokens_decoder.values() if t.special}
         return tuple(sorted(texts - set(keep), key=len, reverse=True))
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters of text one token can stand for: its vocabulary's longest entry
+    (a byte-level BPE entry has a character per byte; a byte-fallback entry like "<0x0A>"
+    overstates, which only loosens the bound). So a text of c characters needs at least
+    c / this many tokens, give or take a normalizer that drops characters (hence the x4 slack
+    where it is used)."""
+    return max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
 
 
 @dataclass(frozen=True)
@@ -161,11 +176,11 @@ class ServiceCore:
         # "Already borrowed").
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="segserve-tokenizer")
 
-    async def prepare_off_loop(self, prepare: Callable[[], list[Prepared]], text_chars: int,
-                               chat: bool = False) -> list[Prepared]:  # fmt: skip
-        """``prepare()`` (which calls :meth:`prepare` per prompt), in the tokenizer thread when
-        the request has ``text_chars`` >= OFF_LOOP_TEXT_CHARS of text to tokenize, or is a
-        ``chat`` (a chat template to render: Jinja, always off the loop)."""
+    async def prepare_off_loop(self, prepare: Callable[[], T], text_chars: int,
+                               chat: bool = False) -> T:  # fmt: skip
+        """``prepare()`` (which calls :meth:`prepare` per prompt, or :meth:`tokenize`), in the
+        tokenizer thread when the request has ``text_chars`` >= OFF_LOOP_TEXT_CHARS of text to
+        tokenize, or is a ``chat`` (a chat template to render: Jinja, always off the loop)."""
         if text_chars < OFF_LOOP_TEXT_CHARS and not chat:
             return prepare()
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, prepare)
@@ -233,7 +248,8 @@ class ServiceCore:
             if markers:  # the parser reads special tokens: decode them
                 sampling = {**sampling, "skip_special_tokens": False}
         prompt_ids, prompt_text = self.tokenize(served, prompt, messages, template_kwargs,
-                                                add_special_tokens)  # fmt: skip
+                                                add_special_tokens,
+                                                truncating=truncate_prompt_tokens is not None)
         input_param = "messages" if messages is not None else "prompt"
         if truncate_prompt_tokens is not None:
             keep = served.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
@@ -271,19 +287,27 @@ class ServiceCore:
         self, served: ServedModel, prompt: str | list[int] | None = None,
         messages: list[dict[str, Any]] | None = None,
         template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool | None = None,
+        truncating: bool = False,
     ) -> tuple[list[int], str | None]:  # fmt: skip
         """A prompt's token ids (and its text, when it is text). Special tokens: added to text
-        by default, not to chat (the template holds those it wants)."""
+        by default, not to chat (the template holds those it wants). Text too long for the
+        context is refused untokenized, unless ``truncating`` (truncate_prompt_tokens): then
+        only its end is tokenized, as only the end is kept."""
         if messages is not None:
             kwargs = {"add_generation_prompt": True, **(template_kwargs or {})}
-            return self._render_chat(served, messages, kwargs, bool(add_special_tokens)), None
+            text = self._render_chat(served, messages, kwargs)
+            text = self._fit(served, text, truncating, "messages")
+            # The template already holds the special tokens (BOS) it wants.
+            return list(served.tokenizer(text, add_special_tokens=bool(add_special_tokens))
+                        .input_ids), None  # fmt: skip
         tok = served.tokenizer
         if isinstance(prompt, str):
             if tok is None:
                 raise APIError(400, f"model {served.config.name!r} has no tokenizer; send token "
                                "ids", "prompt")  # fmt: skip
             add = True if add_special_tokens is None else add_special_tokens
-            return list(tok(prompt, add_special_tokens=add).input_ids), prompt
+            text = self._fit(served, prompt, truncating, "prompt")
+            return list(tok(text, add_special_tokens=add).input_ids), prompt
         ids = list(prompt or [])
         self.check_token_ids(served, ids, "prompt")
         return ids, None
@@ -296,10 +320,23 @@ class ServiceCore:
                            f"[0, {served.vocab_size})", param)  # fmt: skip
 
     @staticmethod
+    def _fit(served: ServedModel, text: str, truncating: bool, param: str) -> str:
+        """``text``, or its end when it is longer than any context's worth of tokens and the
+        request truncates (the tail still holds 4x more tokens than can be kept); too long
+        and not truncating: a 400, before any tokenizing."""
+        limit = served.max_prompt_chars
+        if limit is None or len(text) <= limit:
+            return text
+        if truncating:
+            return text[-limit:]
+        raise APIError(400, f"the {param} is {len(text)} characters: far more than the model's "
+                       f"maximum context length of {served.max_model_len} tokens holds (at most "
+                       f"{limit} characters; or set truncate_prompt_tokens)", param)
+
+    @staticmethod
     def _render_chat(
         served: ServedModel, messages: list[dict[str, Any]], template_kwargs: dict[str, Any],
-        add_special_tokens: bool,
-    ) -> list[int]:  # fmt: skip
+    ) -> str:  # fmt: skip
         tok = served.tokenizer
         if not messages:
             raise APIError(400, "messages must not be empty", "messages")
@@ -312,8 +349,7 @@ class ServiceCore:
         except Exception as e:  # a template may raise on roles or fields it does not know
             raise APIError(400, f"the chat template rejected the messages: {e}",
                            "messages") from e  # fmt: skip
-        # The template already holds the special tokens (BOS) it wants.
-        return list(tok(text, add_special_tokens=add_special_tokens).input_ids)
+        return text
 
     # ----- the replica streams --------------------------------------------------------------
     async def open_streams(self, preps: list[Prepared]) -> MergedStream:

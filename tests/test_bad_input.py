@@ -99,6 +99,16 @@ BAD_PARAMS = [
     ("n", dict(n=3, beam_width=2)),  # beam search returns beam_width beams
     ("stop", dict(stop=["x"], beam_width=2)),  # not with beam search
     ("logprobs", dict(logprobs=1, beam_width=2)),
+    # Lists read on every step (bad_words: tokenized on the event loop) are bounded: past the
+    # bound one request slowed every other one's steps, or blocked its replica.
+    ("top_k", dict(top_k=2**63)),
+    ("stop", dict(stop=[f"s{i}" for i in range(65)])),
+    ("stop", dict(stop=["x" * 1025])),
+    ("stop_token_ids", dict(stop_token_ids=[5] * 16385)),
+    ("allowed_token_ids", dict(allowed_token_ids=[5] * 16385)),
+    ("logit_bias", dict(logit_bias={i: 1.0 for i in range(16385)})),
+    ("logit_bias", dict(logit_bias={"\u00b2": 1.0})),  # a digit to str.isdigit(), not int()
+    ("bad_words", dict(bad_words=[f"w{i}" for i in range(1025)])),
 ]
 
 
@@ -206,6 +216,31 @@ def test_text_prompt_whose_tokens_are_outside_the_model_vocab_is_rejected(llm, s
     assert max(llm.tokenizer("a\u00a0b").input_ids) >= 256  # the tokenizer is larger
     with pytest.raises(ValueError, match="vocabulary"):
         llm.generate("a\u00a0b", GOOD_PARAMS)
+
+
+def test_list_bounds_are_inclusive():
+    SamplingParams(stop=[f"s{i}" for i in range(64)], stop_token_ids=[5] * 16384,
+                   allowed_token_ids=[5] * 16384, bad_words=["w"] * 1024, top_k=2**31 - 1)
+
+
+def test_stop_token_ids_outside_the_vocab_are_rejected(llm, serves):
+    # min_tokens masks the stop ids on the device: an id past the vocabulary was an IndexError
+    # there (a 500), not a 400.
+    with pytest.raises(ValueError, match="stop_token_ids: token id 1000000000 is outside"):
+        llm.generate([GOOD_PROMPT], SamplingParams(max_tokens=4, min_tokens=2,
+                                                   stop_token_ids=[1000000000]))
+
+
+def test_bad_words_are_tokenized_once_per_distinct_sequence(llm):
+    engine, tok = llm.engine, llm.tokenizer
+    words = ["ab", "ab", " ab", "c d"]
+    expect: list[list[int]] = []
+    for w in words:  # vLLM's rule, one word at a time: the word, and the word after a space
+        for text in (w.lstrip(), " " + w.lstrip()):
+            ids = tok(text, add_special_tokens=False).input_ids
+            if ids and ids not in expect:
+                expect.append(ids)
+    assert engine._bad_words_ids(words) == expect
 
 
 def test_prompt_plus_max_tokens_over_max_model_len(llm, serves):

@@ -314,6 +314,12 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "beam_width": 2, "stop": ["x"]}, "stop"),
     ("/v1/completions", {"prompt": "hi", "min_tokens": 30}, "min_tokens"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"100000": 1}}, "logit_bias"),
+    # digits to str.isdigit(), not to int(): were a 500
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"\u00b2": 1}}, "logit_bias.\u00b2"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logit_bias": {"9" * 5000: 1}},
+     "logit_bias." + "9" * 40),
+    ("/v1/completions", {"prompt": "hi", "top_k": 2**63}, "top_k"),
+    ("/v1/completions", {"prompt": "hi", "bad_words": ["w"] * 1025}, "bad_words"),
     ("/v1/completions", {"prompt": "hi", "allowed_token_ids": [100000]}, "allowed_token_ids"),
     ("/v1/completions", {"prompt": "hi", "guided_regex": "[a-"}, "guided_regex"),
     ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {
@@ -428,6 +434,51 @@ async def test_long_text_and_chats_are_prepared_off_the_event_loop(svc, llm, mon
     status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": long,
                                                       "max_tokens": 10_000})  # fmt: skip
     assert status == 400 and body["error"]["param"] == "max_tokens", body
+
+
+async def test_text_longer_than_any_context_is_refused_before_tokenizing(svc, llm, monkeypatch):
+    """Past max_model_len x the longest token's characters (x4), no text fits the context:
+    refused untokenized (a 10 MB prompt held the tokenizer thread for seconds). With
+    truncate_prompt_tokens only the end is tokenized, and the kept tokens are the ones the
+    whole text's tokens end with."""
+    limit = svc.core.models["demo"].max_prompt_chars
+    longest = max(len(t) for t in llm.tokenizer.get_vocab())
+    assert limit == 512 * longest * 4
+    calls = []
+    real = svc.core.models["demo"].tokenizer.__class__.__call__
+
+    def counting(self, text, *args, **kwargs):
+        calls.append(len(text))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(svc.core.models["demo"].tokenizer.__class__, "__call__", counting)
+    huge = "ab " * (limit // 3 + 1)
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": huge, **GREEDY})
+    assert (status, body["error"]["param"]) == (400, "prompt") and not calls, body
+    status, body = await svc.post("/v1/chat/completions", {
+        "model": "demo", "messages": [{"role": "user", "content": huge}], **GREEDY})
+    assert (status, body["error"]["param"]) == (400, "messages") and not calls, body
+    # at the bound: tokenized (and then too long in tokens, as before)
+    status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": huge[:limit],
+                                                      **GREEDY})  # fmt: skip
+    assert status == 400 and "maximum context length" in body["error"]["message"] and calls
+    status, body = await svc.post("/v1/completions", {
+        "model": "demo", "prompt": huge, "truncate_prompt_tokens": 10, **GREEDY})
+    assert status == 200 and body["usage"]["prompt_tokens"] == 10 and max(calls) == limit
+    monkeypatch.undo()
+    kept = list(llm.tokenizer(huge).input_ids)[-10:]
+    assert body["choices"][0]["text"] == greedy(llm, kept)
+
+
+def test_unknown_field_warnings_are_bounded(caplog):
+    from segserve.deploy import protocol
+
+    protocol._warned_fields.clear()
+    with caplog.at_level("WARNING", logger=protocol.__name__):
+        for i in range(protocol.MAX_WARNED_FIELDS + 50):
+            CompletionRequest.model_validate({"model": "demo", "prompt": "hi", f"junk{i}": 1})
+    assert len(protocol._warned_fields) == protocol.MAX_WARNED_FIELDS + 1
+    assert len(caplog.records) == protocol.MAX_WARNED_FIELDS + 1  # and one saying it stops
 
 
 def test_an_over_long_cache_salt_is_refused_for_grpc_too():
