@@ -199,11 +199,11 @@ async def serve_openai(core: ServiceCore, endpoint: Endpoint, request: Request) 
     key_salt = core.authorize(request.headers.get("authorization"))
     body = await parse(request, endpoint.schema)
     body.cache_salt = core.cache_salt(body.cache_salt, key_salt)
-    preps = await core.prepare_off_loop(lambda: endpoint.prepare(core, body),
-                                        endpoint.text_chars(body),
-                                        chat=isinstance(body, ChatCompletionRequest))  # fmt: skip
-    response = _Response(core, endpoint, body, preps)
     try:
+        preps = await core.prepare_off_loop(lambda: endpoint.prepare(core, body),
+                                            endpoint.text_chars(body),
+                                            chat=isinstance(body, ChatCompletionRequest))
+        response = _Response(core, endpoint, body, preps)
         stream = await core.open_streams(preps)
     except APIError as e:
         if e.param == "structured":  # the engine's name: say which field the client sent

@@ -507,6 +507,13 @@ class ChatCompletionRequest(_Request):
             return choice.function.name
         return "*" if choice == "required" and self.tools else None
 
+    @property
+    def structured_param(self) -> str:
+        # A required or named tool_choice constrains the reply with the tools' schemas.
+        if self.structured() is None and self.forced_tool is not None:
+            return "tools"
+        return super().structured_param
+
     def tool_constraint(self) -> dict[str, Any] | None:
         forced = self.forced_tool
         if forced is None:
@@ -524,7 +531,8 @@ class ChatCompletionRequest(_Request):
         if choice == "none":
             return
         if not self.tools:
-            raise APIError(400, f"tool_choice {choice!r} needs tools", "tool_choice")
+            shown = repr(choice) if isinstance(choice, str) else f"naming {choice.function.name!r}"
+            raise APIError(400, f"tool_choice {shown} needs tools", "tool_choice")
         if isinstance(choice, NamedToolChoice):
             names = [t.function.name for t in self.tools]
             if choice.function.name not in names:

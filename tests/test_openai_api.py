@@ -327,6 +327,13 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "structured_outputs": {"grammar": "root ::= x"}},
      "structured_outputs"),
     ("/v1/completions", {"prompt": "hi", "device": "gpu"}, "device"),
+    # refused while preparing, before any replica: still the field the client sent
+    ("/v1/completions", {"prompt": "hi", "guided_choice": []}, "guided_choice"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"regex": 1}},
+     "structured_outputs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "integr"}}}]},
+     "tools"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]},
      "messages.0.content"),
