@@ -150,6 +150,12 @@ class IngressConfig(_Strict):
         "token; a replica's /metrics then shows its own engine only. A replica that dies "
         "takes its requests with it: nothing retries them on another",
     )
+    trust_request_chat_template: bool = Field(
+        False,
+        description="render a chat template a request sends (`chat_template`, as vLLM's "
+        "--trust-request-chat-template). Off by default: a template is code the ingress runs, "
+        "and Jinja's sandbox bounds neither its time nor its memory ('x' * 10**10)",
+    )
     api_key_cache_salt: str | None = Field(
         None, min_length=1, max_length=128,
         description="prefix-cache salt of every request made with the API key: its cached "

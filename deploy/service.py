@@ -295,6 +295,10 @@ class ServiceCore:
         only its end is tokenized, as only the end is kept."""
         if messages is not None:
             kwargs = {"add_generation_prompt": True, **(template_kwargs or {})}
+            if "chat_template" in kwargs and not self.config.ingress.trust_request_chat_template:
+                raise APIError(400, "this service does not render chat templates sent with "
+                               "requests (a template is code; its config's "
+                               "ingress.trust_request_chat_template allows it)", "chat_template")
             text = self._render_chat(served, messages, kwargs)
             text = self._fit(served, text, truncating, "messages")
             # The template already holds the special tokens (BOS) it wants.

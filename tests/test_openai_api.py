@@ -88,7 +88,7 @@ async def test_add_special_tokens(svc, llm):
     assert more["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] + 1
 
 
-async def test_chat_template_options_render_as_hf_does(svc, llm):
+async def test_chat_template_options_render_as_hf_does(svc, llm, monkeypatch):
     history = [*MESSAGES, {"role": "assistant", "content": "Sure, the"}]
     _, body = await svc.post("/v1/chat/completions", {
         "model": "demo", "messages": history, "add_generation_prompt": False,
@@ -97,8 +97,13 @@ async def test_chat_template_options_render_as_hf_does(svc, llm):
     assert body["usage"]["prompt_tokens"] == len(ids)
     assert body["choices"][0]["message"]["content"] == greedy(llm, ids)
 
-    # a template of the request's own, with a variable from chat_template_kwargs
+    # a template of the request's own: refused unless the config trusts them (it is code)
     template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}{{ greeting }}"
+    status, body = await svc.post("/v1/chat/completions", {
+        "model": "demo", "messages": MESSAGES, "chat_template": template, **GREEDY})
+    assert (status, body["error"]["param"]) == (400, "chat_template"), body
+    monkeypatch.setattr(svc.core.config.ingress, "trust_request_chat_template", True)
+    # ... with a variable from chat_template_kwargs
     _, body = await svc.post("/v1/chat/completions", {
         "model": "demo", "messages": MESSAGES, "chat_template": template,
         "chat_template_kwargs": {"greeting": "Hey there"}, **GREEDY})  # fmt: skip
