@@ -24,7 +24,8 @@ The paths:
 * **gRPC**: streaming ``GenerateStream`` through Serve's gRPC proxy (``grpc.aio``).
 * **HTTP / gRPC, engine in ingress**: the same two, against a second application of the same
   service with ``ingress.engine_in_ingress`` (one deployment: the engine runs in the ingress
-  replica, no replica hop). ``--layouts`` picks the layouts (default: both).
+  replica, no replica hop). ``--layouts`` picks the layouts (default: both), measured one
+  after another (each holds an engine: a one-GPU machine has room for one).
 * **Serve modes** (``--serve-modes``, default ``proxy``): each mode named runs every layout in
   a fresh local cluster started with that mode's environment (``deploy.launch.SERVE_MODES``).
   ``proxy`` (the service's default) and ``serve-defaults`` go through Serve's proxy actor, the
@@ -579,11 +580,6 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
             grpc_options=gRPCOptions(port=args.grpc_port,
                                      grpc_servicer_functions=[GRPC_SERVICER]),
         )  # fmt: skip
-        for layout in args.layouts:
-            app, prefix, _ = LAYOUTS[layout]
-            serve.run(build_app(service_config(args, layout == "engine-in-ingress")), name=app,
-                      route_prefix=prefix or "/")  # fmt: skip
-        print(f"Serve ({mode}) up in {time.perf_counter() - t:.1f} s", flush=True)
 
         def addresses(app: str, prefix: str) -> tuple[str, str]:
             if mode not in REPLICA_PORT_MODES:  # the proxy's (or HAProxy's) ports
@@ -594,31 +590,37 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
             return (f"http://127.0.0.1:{targets['HTTP'][1]}{prefix}",
                     f"127.0.0.1:{targets['gRPC'][1]}")  # fmt: skip
 
-        async def main() -> dict[str, dict[str, PhaseResult]]:
+        async def measure(layout: str) -> dict[str, PhaseResult]:
+            app, prefix, (http, grpc_path) = LAYOUTS[layout]
             # limit=0: no client-side cap on connections, so a burst is never queued here.
             connector = aiohttp.TCPConnector(limit=0)
             timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
             suffix = "" if mode == "proxy" else f"@{mode}"
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-                senders, channels = {}, []
-                for layout in args.layouts:
-                    app, prefix, (http, grpc_path) = LAYOUTS[layout]
-                    base, target = addresses(app, prefix)
-                    channels.append(channel := grpc.aio.insecure_channel(target))
+                base, target = addresses(app, prefix)
+                async with grpc.aio.insecure_channel(target) as channel:
                     stub = segserve_pb2_grpc.SegServeStub(channel)
                     await _wait_ready(session, base, stub, app)
-                    senders[http + suffix] = http_sender(session, f"{base}/v1/completions",
-                                                         "demo", args.output_len)  # fmt: skip
-                    senders[grpc_path + suffix] = grpc_sender(stub, "demo", args.output_len, app)
-                try:
+                    senders = {http + suffix: http_sender(session, f"{base}/v1/completions",
+                                                          "demo", args.output_len),
+                               grpc_path + suffix: grpc_sender(stub, "demo", args.output_len,
+                                                               app)}  # fmt: skip
                     return {path: await run_path(path, send, warm, phases, vocab,
                                                  args.output_len)
                             for path, send in senders.items()}  # fmt: skip
-                finally:
-                    for channel in channels:
-                        await channel.close()
 
-        return asyncio.run(main())
+        results: dict[str, dict[str, PhaseResult]] = {}
+        for layout in args.layouts:
+            # One layout at a time: each holds an engine, and on a one-GPU machine a second
+            # engine's replica would wait for the GPU forever (serve.run never returning).
+            app, prefix, _ = LAYOUTS[layout]
+            serve.run(build_app(service_config(args, layout == "engine-in-ingress")), name=app,
+                      route_prefix=prefix or "/")  # fmt: skip
+            print(f"Serve ({mode}, {layout}) up in {time.perf_counter() - t:.1f} s", flush=True)
+            results.update(asyncio.run(measure(layout)))
+            serve.delete(app)
+            t = time.perf_counter()
+        return results
     finally:
         serve.shutdown()
         ray.shutdown()
