@@ -300,7 +300,7 @@ class ServiceCore:
                                "requests (a template is code; its config's "
                                "ingress.trust_request_chat_template allows it)", "chat_template")
             text = self._render_chat(served, messages, kwargs)
-            text = self._fit(served, text, truncating, "messages")
+            text = self._fit(served, text, truncating, "messages", "the rendered chat")
             # The template already holds the special tokens (BOS) it wants.
             return list(served.tokenizer(text, add_special_tokens=bool(add_special_tokens))
                         .input_ids), None  # fmt: skip
@@ -310,8 +310,8 @@ class ServiceCore:
                 raise APIError(400, f"model {served.config.name!r} has no tokenizer; send token "
                                "ids", "prompt")  # fmt: skip
             add = True if add_special_tokens is None else add_special_tokens
-            text = self._fit(served, prompt, truncating, "prompt")
-            return list(tok(text, add_special_tokens=add).input_ids), prompt
+            text = self._fit(served, prompt, truncating, "prompt", "the prompt")
+            return list(tok(text, add_special_tokens=add).input_ids), text
         ids = list(prompt or [])
         self.check_token_ids(served, ids, "prompt")
         return ids, None
@@ -324,7 +324,7 @@ class ServiceCore:
                            f"[0, {served.vocab_size})", param)  # fmt: skip
 
     @staticmethod
-    def _fit(served: ServedModel, text: str, truncating: bool, param: str) -> str:
+    def _fit(served: ServedModel, text: str, truncating: bool, param: str, what: str) -> str:
         """``text``, or its end when it is longer than any context's worth of tokens and the
         request truncates (the tail still holds 4x more tokens than can be kept); too long
         and not truncating: a 400, before any tokenizing."""
@@ -333,7 +333,7 @@ class ServiceCore:
             return text
         if truncating:
             return text[-limit:]
-        raise APIError(400, f"the {param} is {len(text)} characters: far more than the model's "
+        raise APIError(400, f"{what} is {len(text)} characters: far more than the model's "
                        f"maximum context length of {served.max_model_len} tokens holds (at most "
                        f"{limit} characters; or set truncate_prompt_tokens)", param)
 
