@@ -113,11 +113,7 @@ class Ingress:
     @api.post("/tokenize")
     async def tokenize(self, request: Request) -> dict[str, Any]:
         self.core.authorize(request.headers.get("authorization"))
-        raw = await request.body()
-        # A chat template or a long prompt: rendered and tokenized off this loop, as a
-        # completion's are (a 5 MB prompt here stalled /health and every stream for 5 s).
-        return await self.core.prepare_off_loop(lambda: utility_api.tokenize(self.core, raw),
-                                                len(raw), chat=True)  # fmt: skip
+        return await utility_api.tokenize_off_loop(self.core, await request.body())
 
     @api.post("/detokenize")
     async def detokenize(self, request: Request) -> dict[str, Any]:

@@ -40,6 +40,13 @@ def _parse(raw: bytes, schema: type) -> Any:
         raise validation_error(e) from e
 
 
+async def tokenize_off_loop(core: ServiceCore, raw: bytes) -> dict[str, Any]:
+    """:func:`tokenize` in the ingress's tokenizer thread, as a completion's prompt is: a chat
+    template or a long prompt must not hold the event loop (a 5 MB prompt on it stalled
+    /health and every stream for 5 s)."""
+    return await core.prepare_off_loop(lambda: tokenize(core, raw), len(raw), chat=True)
+
+
 def tokenize(core: ServiceCore, raw: bytes) -> dict[str, Any]:
     """vLLM's /tokenize: a prompt, or messages rendered as a chat request would render them."""
     try:

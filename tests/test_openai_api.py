@@ -493,6 +493,25 @@ def test_unknown_field_warnings_are_bounded(caplog):
     assert len(caplog.records) == protocol.MAX_WARNED_FIELDS + 1  # and one saying it stops
 
 
+async def test_tokenize_runs_in_the_tokenizer_thread(svc, llm, monkeypatch):
+    import json
+
+    from segserve.deploy import utility_api
+
+    threads = []
+    real = svc.core.tokenize
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(svc.core, "tokenize", spy)
+    raw = json.dumps({"model": "demo", "prompt": "Hello world"}).encode()
+    out = await utility_api.tokenize_off_loop(svc.core, raw)
+    assert out["tokens"] == list(llm.tokenizer("Hello world").input_ids)
+    assert len(threads) == 1 and threads[0].startswith("segserve-tokenizer"), threads
+
+
 def test_an_over_long_cache_salt_is_refused_for_grpc_too():
     # HTTP's schema caps the field; gRPC's message reaches ServiceCore.cache_salt as sent
     from segserve.deploy.errors import APIError
