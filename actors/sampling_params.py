@@ -39,7 +39,7 @@ MAX_TOP_K = 2**31 - 1
 
 
 def _bounded(v: Any, most: int) -> bool:
-    return isinstance(v, list | tuple | dict) and len(v) <= most
+    return isinstance(v, list | tuple) and len(v) <= most
 
 
 # (field, predicate, what a valid value is). Predicates check the type first, so a wrongly

@@ -109,6 +109,8 @@ BAD_PARAMS = [
     ("logit_bias", dict(logit_bias={i: 1.0 for i in range(16385)})),
     ("logit_bias", dict(logit_bias={"\u00b2": 1.0})),  # a digit to str.isdigit(), not int()
     ("bad_words", dict(bad_words=[f"w{i}" for i in range(1025)])),
+    ("stop", dict(stop={"a": 1})),  # a mapping is no list, though its keys are strings
+    ("bad_words", dict(bad_words={"w": 1})),
 ]
 
 

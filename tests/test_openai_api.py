@@ -419,18 +419,24 @@ def test_tokenize_and_detokenize(svc, llm):
     assert status == 400
 
 
-async def test_long_text_and_chats_are_prepared_off_the_event_loop(svc, llm, monkeypatch):
-    """A long text prompt is tokenized, and a chat templated, in the ingress's tokenizer thread
-    (the event loop serves the other streams meanwhile); short text stays on the loop. The
-    answers are the engine's either way."""
+def tokenize_threads(core, monkeypatch) -> list[str]:
+    """The names of the threads ``core.tokenize`` runs in from now on, in call order."""
     threads = []
-    real = svc.core.tokenize
+    real = core.tokenize
 
     def spy(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(svc.core, "tokenize", spy)
+    monkeypatch.setattr(core, "tokenize", spy)
+    return threads
+
+
+async def test_long_text_and_chats_are_prepared_off_the_event_loop(svc, llm, monkeypatch):
+    """A long text prompt is tokenized, and a chat templated, in the ingress's tokenizer thread
+    (the event loop serves the other streams meanwhile); short text stays on the loop. The
+    answers are the engine's either way."""
+    threads = tokenize_threads(svc.core, monkeypatch)
     long = "the " * (OFF_LOOP_TEXT_CHARS // 4 + 1)  # ~250 of the demo tokenizer's tokens
     status, body = await svc.post("/v1/completions", {"model": "demo", "prompt": long, **GREEDY})
     assert status == 200 and body["choices"][0]["text"] == greedy(llm, long)
@@ -498,14 +504,7 @@ async def test_tokenize_runs_in_the_tokenizer_thread(svc, llm, monkeypatch):
 
     from segserve.deploy import utility_api
 
-    threads = []
-    real = svc.core.tokenize
-
-    def spy(*args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(svc.core, "tokenize", spy)
+    threads = tokenize_threads(svc.core, monkeypatch)
     raw = json.dumps({"model": "demo", "prompt": "Hello world"}).encode()
     out = await utility_api.tokenize_off_loop(svc.core, raw)
     assert out["tokens"] == list(llm.tokenizer("Hello world").input_ids)
