@@ -23,6 +23,10 @@ PKGS=(
   pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2
   fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0
   httptools==0.9.0  # uvicorn[standard]'s HTTP parser: what Serve's proxy uses where installed
+  # uvicorn[standard]'s event loop, which `pip install segserve` brings on Linux: Ray runs every
+  # async actor (Serve's proxy and replicas) on uvloop where it is installed, asyncio's own
+  # loop otherwise; without it the host would measure a slower Serve than users run.
+  uvloop==0.23.0
   opencensus==0.11.4 opencensus-context==0.1.3 googleapis-common-protos==1.76.0  # google.rpc
   opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-proto==1.45.2
   opentelemetry-exporter-prometheus==0.66b2 opentelemetry-semantic-conventions==0.66b2
