@@ -482,6 +482,23 @@ class ChatCompletionRequest(_Request):
             request._raw_tools = data["tools"] if isinstance(data, dict) else None
         return request
 
+    @model_validator(mode="after")
+    def _own_fields_from_template_kwargs(self) -> ChatCompletionRequest:
+        """vLLM lets chat_template_kwargs set the generation-prompt switches: they become the
+        fields, with their type and checks, so the echo and the template see the same value.
+        Tools there would skip the tool checks and the reply's parser: they must be a field."""
+        kwargs = self.chat_template_kwargs or {}
+        for key in ("add_generation_prompt", "continue_final_message"):
+            if key in kwargs:
+                if not isinstance(kwargs[key], bool):
+                    raise APIError(400, f"chat_template_kwargs.{key} must be a boolean",
+                                   f"chat_template_kwargs.{key}")  # fmt: skip
+                setattr(self, key, kwargs.pop(key))
+        if "tools" in kwargs:
+            raise APIError(400, "send tools as the request's tools field, not in "
+                           "chat_template_kwargs", "chat_template_kwargs.tools")  # fmt: skip
+        return self
+
     def template_messages(self) -> list[dict[str, Any]]:
         if not self.messages:
             raise APIError(400, "messages must not be empty", "messages")

@@ -97,6 +97,16 @@ async def test_chat_template_options_render_as_hf_does(svc, llm, monkeypatch):
     assert body["usage"]["prompt_tokens"] == len(ids)
     assert body["choices"][0]["message"]["content"] == greedy(llm, ids)
 
+    # ... the same switches from chat_template_kwargs (vLLM's); a string there is refused
+    _, body = await svc.post("/v1/chat/completions", {
+        "model": "demo", "messages": history, **GREEDY, "chat_template_kwargs": {
+            "add_generation_prompt": False, "continue_final_message": True}})  # fmt: skip
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    status, body = await svc.post("/v1/chat/completions", {
+        "model": "demo", "messages": history, "chat_template_kwargs": {
+            "add_generation_prompt": "false"}})  # fmt: skip
+    assert (status, body["error"]["param"]) == (400, "chat_template_kwargs.add_generation_prompt")
+
     # a template of the request's own: refused unless the config trusts them (it is code)
     template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}{{ greeting }}"
     status, body = await svc.post("/v1/chat/completions", {

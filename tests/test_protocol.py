@@ -428,6 +428,25 @@ def test_template_kwargs():
     assert (e.status, e.param) == (400, "chat_template_kwargs.tokenize")
 
 
+def test_template_kwargs_set_the_generation_prompt_fields():
+    # They become the fields (the echo reads them too), so the fields' checks apply.
+    r = chat(chat_template_kwargs={"add_generation_prompt": False, "continue_final_message": True,
+                                   "enable_thinking": True})  # fmt: skip
+    assert (r.add_generation_prompt, r.continue_final_message) == (False, True)
+    assert r.template_kwargs() == {"add_generation_prompt": False, "continue_final_message": True,
+                                   "enable_thinking": True}  # fmt: skip
+    e = api_error(chat(chat_template_kwargs={"continue_final_message": True}).template_kwargs)
+    assert (e.status, e.param) == (400, "continue_final_message")  # with the generation prompt
+    def with_kwargs(kwargs: dict) -> ChatCompletionRequest:
+        return chat(chat_template_kwargs=kwargs)
+
+    for key, value in [("add_generation_prompt", "no"), ("continue_final_message", 1)]:
+        e = api_error(with_kwargs, {key: value})
+        assert (e.status, e.param) == (400, f"chat_template_kwargs.{key}")
+    e = api_error(with_kwargs, {"tools": [{"type": "function"}]})
+    assert (e.status, e.param) == (400, "chat_template_kwargs.tools")
+
+
 @pytest.mark.parametrize(
     "last_role, add_generation_prompt, echoed",
     [("user", True, ""), ("assistant", True, "last"), ("user", False, "last"),
