@@ -150,6 +150,11 @@ class IngressConfig(_Strict):
         "token; a replica's /metrics then shows its own engine only. A replica that dies "
         "takes its requests with it: nothing retries them on another",
     )
+    max_body_bytes: int = Field(
+        32 * 2**20, ge=2**16,
+        description="an HTTP request body larger than this is refused with 413 before it is "
+        "read whole (a 128k-token prompt is ~0.5 MB of text)",
+    )  # fmt: skip
     trust_request_chat_template: bool = Field(
         False,
         description="render a chat template a request sends (`chat_template`, as vLLM's "

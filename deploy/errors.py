@@ -26,6 +26,8 @@ class APIError(Exception):
         400: "invalid_request_error",
         401: "authentication_error",
         404: "not_found_error",
+        413: "invalid_request_error",
+        415: "invalid_request_error",
         429: "rate_limit_error",
         500: "internal_error",
         503: "service_unavailable",

@@ -23,7 +23,7 @@ from . import grpc_api, routing_view, utility_api
 from .config import ServiceConfig, engine_config
 from .errors import APIError, internal_error
 from .local_handle import LocalReplicaHandle, LocalRoutingView
-from .openai_api import CHAT_COMPLETIONS, COMPLETIONS, serve_openai
+from .openai_api import CHAT_COMPLETIONS, COMPLETIONS, read_body, serve_openai
 from .openapi import openapi_schema, set_served_models
 from .proxy_middleware import skip_serves_body_fetch
 from .replica import LLMReplica
@@ -96,16 +96,21 @@ class Ingress:
             await self.replica.check_health()
 
     # ----- HTTP -----------------------------------------------------------------------------
+    # Each GET route answers HEAD too (RFC 9110 asks it of a server with GET; uptime checks
+    # send it), outside the schema, which lists each operation once.
     @api.get("/health")
+    @api.head("/health", include_in_schema=False)
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @api.get("/v1/models")
+    @api.head("/v1/models", include_in_schema=False)
     async def models(self, request: Request) -> dict[str, Any]:
         self.core.authorize(request.headers.get("authorization"))
         return utility_api.list_models(self.core)
 
     @api.get("/v1/models/{model_id:path}")  # ids may hold slashes (org/name)
+    @api.head("/v1/models/{model_id:path}", include_in_schema=False)
     async def model(self, model_id: str, request: Request) -> dict[str, Any]:
         self.core.authorize(request.headers.get("authorization"))
         return utility_api.get_model(self.core, model_id)
@@ -113,18 +118,22 @@ class Ingress:
     @api.post("/tokenize")
     async def tokenize(self, request: Request) -> dict[str, Any]:
         self.core.authorize(request.headers.get("authorization"))
-        return await utility_api.tokenize_off_loop(self.core, await request.body())
+        body = await read_body(request, self.core.config.ingress.max_body_bytes)
+        return await utility_api.tokenize_off_loop(self.core, body)
 
     @api.post("/detokenize")
     async def detokenize(self, request: Request) -> dict[str, Any]:
         self.core.authorize(request.headers.get("authorization"))
-        return utility_api.detokenize(self.core, await request.body())
+        body = await read_body(request, self.core.config.ingress.max_body_bytes)
+        return utility_api.detokenize(self.core, body)
 
     @api.get("/version")
+    @api.head("/version", include_in_schema=False)
     async def version(self) -> dict[str, str]:
         return utility_api.version()
 
     @api.get("/metrics")
+    @api.head("/metrics", include_in_schema=False)
     async def metrics(self) -> Response:
         # Open like /health (as vLLM's): scrapers carry no API key.
         return Response(utility_api.metrics(self.core), media_type=CONTENT_TYPE_LATEST)

@@ -88,8 +88,30 @@ CHAT_COMPLETIONS = Endpoint(ChatCompletionRequest, CHAT, _prepare_chat, lambda _
                             lambda body: bool(body.logprobs))  # fmt: skip
 
 
-async def parse(request: Request, schema: type[_Request]) -> Any:
-    raw = await request.body()
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body as sent, refused (413) once past ``max_bytes``, before it is all in
+    memory: a body's size bounds nothing else before it is parsed. Compressed bodies are refused
+    by name (415) rather than parsed as JSON."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise APIError(415, f"Content-Encoding {encoding[:40]!r} is not supported: send the "
+                       "body uncompressed")  # fmt: skip
+    too_big = APIError(413, f"the request body is larger than {max_bytes} bytes "
+                       "(ingress.max_body_bytes)")  # fmt: skip
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse(request: Request, schema: type[_Request], max_bytes: int) -> Any:
+    raw = await read_body(request, max_bytes)
     try:
         return schema.model_validate_json(raw)
     except ValidationError as e:
@@ -197,7 +219,7 @@ class _Response:
 async def serve_openai(core: ServiceCore, endpoint: Endpoint, request: Request) -> Any:
     """One completions or chat request: a JSON body, or an SSE stream of chunks."""
     key_salt = core.authorize(request.headers.get("authorization"))
-    body = await parse(request, endpoint.schema)
+    body = await parse(request, endpoint.schema, core.config.ingress.max_body_bytes)
     body.cache_salt = core.cache_salt(body.cache_salt, key_salt)
     try:
         preps = await core.prepare_off_loop(lambda: endpoint.prepare(core, body),

@@ -30,14 +30,15 @@ from .protocol import (
 REF = "#/components/schemas/{model}"
 
 # The statuses each route can answer with besides 200: 401 wherever an API key may be asked
-# for, 404 for a model not served, and the generation path's overload, replica and deadline
-# failures (errors.APIError.TYPES).
-_GENERATE = (400, 401, 404, 429, 500, 503, 504)
+# for, 404 for a model not served, 413/415 for a body too large or compressed
+# (openai_api.read_body), and the generation path's overload, replica and deadline failures
+# (errors.APIError.TYPES).
+_GENERATE = (400, 401, 404, 413, 415, 429, 500, 503, 504)
 ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/v1/models"): (401,),
     ("get", "/v1/models/{model_id}"): (401, 404),
-    ("post", "/tokenize"): (400, 401, 404),
-    ("post", "/detokenize"): (400, 401, 404),
+    ("post", "/tokenize"): (400, 401, 404, 413, 415),
+    ("post", "/detokenize"): (400, 401, 404, 413, 415),
     ("post", "/v1/completions"): _GENERATE,
     ("post", "/v1/chat/completions"): _GENERATE,
 }

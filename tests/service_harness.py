@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from segserve.actors.async_engine import AsyncEngine
@@ -65,6 +66,10 @@ class _Request:
     async def body(self) -> bytes:
         return self._body
 
+    async def stream(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self._body), 2**16):  # as an ASGI server hands it over
+            yield self._body[start:start + 2**16]
+
 
 class InProcessService:
     """``post(path, body)`` -> (status, JSON body) or, streamed, the list of SSE payloads."""
@@ -82,11 +87,12 @@ class InProcessService:
         return next(h.engine for name, h in self.core.handles.items()
                     if name.startswith(f"LLM:{model}:"))
 
-    async def post(self, path: str, body: dict[str, Any] | bytes) -> tuple[int, Any]:
+    async def post(self, path: str, body: dict[str, Any] | bytes,
+                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
         endpoint = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT_COMPLETIONS}[path]
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         try:
-            out = await serve_openai(self.core, endpoint, _Request(raw))
+            out = await serve_openai(self.core, endpoint, _Request(raw, headers))
         except APIError as e:
             return e.status, e.body()
         if isinstance(out, dict):

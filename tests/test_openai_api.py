@@ -4,6 +4,8 @@ request field through parse -> prepare -> engine -> render, against the engine i
 
 from __future__ import annotations
 
+import gzip
+import json
 import threading
 
 import pytest
@@ -537,3 +539,24 @@ def test_a_refused_sampling_value_is_not_echoed_back_whole():
     with pytest.raises(ValueError) as e:
         SamplingParams(stop_token_ids=[-1] * 50_000)
     assert "stop_token_ids" in str(e.value) and len(str(e.value)) < 200
+
+
+async def test_bodies_too_large_or_compressed_are_refused_by_name(svc, monkeypatch):
+    monkeypatch.setattr(svc.core.config.ingress, "max_body_bytes", 2**16)
+    head = json.dumps({"model": "demo", "prompt": "x", "max_tokens": 1, "user": ""}).encode()
+    body = head[:-2] + b"u" * (2**16 - len(head)) + b'"}'
+    assert len(body) == 2**16
+    status, _ = await svc.post("/v1/completions", body)
+    assert status == 200  # up to the bound
+    big = body[:-2] + b'u"}'  # one byte past it, with no Content-Length (chunked) ...
+    status, err = await svc.post("/v1/completions", big)
+    assert (status, err["error"]["type"]) == (413, "invalid_request_error")
+    assert "ingress.max_body_bytes" in err["error"]["message"]
+    # ... and with one, refused from the header before the body is read
+    status, _ = await svc.post("/v1/chat/completions", b"", {"content-length": str(2**16 + 1)})
+    assert status == 413
+    status, err = await svc.post("/v1/completions", gzip.compress(body),
+                                 {"content-encoding": "gzip"})  # fmt: skip
+    assert status == 415 and "'gzip'" in err["error"]["message"]
+    status, _ = await svc.post("/v1/completions", body, {"content-encoding": "identity"})
+    assert status == 200

@@ -9,6 +9,7 @@ answer must make sense (tests/test_smollm2.py holds it to HF).
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import os
@@ -486,7 +487,12 @@ def test_models_and_health(svc):
     assert [m.id for m in models.data] == ["demo", "tools", "eval"]
     conn = http.client.HTTPConnection("127.0.0.1", svc.http_port, timeout=10)
     conn.request("GET", "/health")
-    assert conn.getresponse().status == 200
+    resp = conn.getresponse()
+    assert (resp.status, json.loads(resp.read())) == (200, {"status": "ok"})
+    for path in ("/health", "/v1/models"):  # HEAD beside GET: the status, no body
+        conn.request("HEAD", path)
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"")
     conn.close()
     assert svc.grpc.health().status == "ok"
     listed = svc.grpc.list_models().models
@@ -726,6 +732,17 @@ BAD_HTTP = [
                                                              "content": "x"}]}, 404),
     ("/v1/nothing", {"model": "demo"}, 404),
 ]  # fmt: skip
+
+
+def test_bodies_too_large_or_compressed_get_413_and_415(svc):
+    body = json.dumps({"model": "demo", "prompt": "hi", "max_tokens": 1}).encode()
+    status, text = _post(svc, "/v1/completions", gzip.compress(body), {"Content-Encoding": "gzip"})
+    assert status == 415 and "gzip" in json.loads(text)["error"]["message"]
+    # past the default bound (32 MiB): refused from its Content-Length, before it is read
+    huge = body[:-1] + b', "user": "' + b"u" * (32 * 2**20) + b'"}'
+    status, text = _post(svc, "/v1/completions", huge)
+    assert status == 413 and "max_body_bytes" in json.loads(text)["error"]["message"]
+    assert _post(svc, "/v1/completions", body)[0] == 200
 
 
 @pytest.mark.parametrize("path,body,status", BAD_HTTP)
