@@ -36,6 +36,10 @@ The paths:
   replica's own HTTP and gRPC ports. ``haproxy``: the proxy's ports, served by HAProxy in
   front of those. A path measured in a mode is labelled with it.
 
+``--serve-floor`` adds **Serve's own floor** in each mode: a no-op ingress and a no-op hop behind
+it (``bench/serve_floor.py``), through the same addresses, so the report shows how much of
+the overhead is Serve's before any segserve code runs.
+
 The schedule: (a) concurrency 1, ``--num-sequential`` requests one after another; (b) for each
 of ``--rates``, ``--num-requests`` Poisson arrivals. Arrival times and prompts come from
 ``--seed``, so every path sees the same ones. Prompts are random token ids (a list of ids over
@@ -77,6 +81,7 @@ LABELS = {"engine": "engine alone", "http": "Serve HTTP", "grpc": "Serve gRPC",
 # use the engine's prompts; each Serve mode gets a fresh cluster, so its paths reuse the salts.
 SALT = {"engine": 0, "http": 1, "grpc": 2, "http_one": 3, "grpc_one": 4, "engine_again": 0}
 APP_NAME = "segserve"
+FLOORS: dict[str, dict[str, float]] = {}  # --serve-floor: per mode, serve_floor.measure's
 # layout -> (application name, route prefix, its paths)
 LAYOUTS = {"split": (APP_NAME, "", ("http", "grpc")),
            "engine-in-ingress": ("one", "/one", ("http_one", "grpc_one"))}  # fmt: skip
@@ -156,6 +161,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(direct, with RAY_SERVE_THROUGHPUT_OPTIMIZED), "
                         "haproxy (direct ingress behind HAProxy on the proxy's ports); "
                         "default: proxy")  # fmt: skip
+    p.add_argument("--serve-floor", action="store_true",
+                   help="in each mode, also time a no-op ingress and a no-op hop behind it "
+                        "(bench/serve_floor.py): Serve's own share of the overhead")
     p.add_argument("--no-engine-again", dest="engine_again", action="store_false",
                    help="skip the engine-alone rerun after Serve (the noise floor)")
     p.add_argument("--ray-logs", action="store_true",
@@ -610,6 +618,20 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
                             for path, send in senders.items()}  # fmt: skip
 
         results: dict[str, dict[str, PhaseResult]] = {}
+        if args.serve_floor:
+            import serve_floor
+
+            serve_floor.deploy()
+
+            async def floor() -> dict[str, float]:
+                async with aiohttp.ClientSession() as session:
+                    return await serve_floor.measure(
+                        session, addresses(serve_floor.APP, serve_floor.PREFIX)[0])
+
+            FLOORS[mode] = asyncio.run(floor())
+            print(f"Serve's floor ({mode}): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in FLOORS[mode].items()), flush=True)
+            serve.delete(serve_floor.APP)
         for layout in args.layouts:
             # One layout at a time: each holds an engine, and on a one-GPU machine a second
             # engine's replica would wait for the GPU forever (serve.run never returning).
@@ -757,6 +779,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_verdicts(rows))
     if grammar is not None:
         print(format_grammar(grammar))
+    for mode, floor in FLOORS.items():
+        print(f"Serve's own floor ({mode}, no segserve code, medians): a no-op request "
+              f"{floor['local_ms']:.2f} ms, one with a hop {floor['hop_ms']:.2f} ms "
+              f"(the hop {floor['hop_cost_ms']:.2f} ms)")  # fmt: skip
     wall = time.perf_counter() - wall
     print(f"\nwall time {wall:.1f} s{_load()}", flush=True)
 
@@ -772,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
                     for path, res in results.items()},
             "verdicts": rows,
             "grammar": grammar,
+            "serve_floor": FLOORS,
             "wall_s": wall,
         }  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)

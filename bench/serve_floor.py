@@ -1,0 +1,70 @@
+"""Serve's own floor, for ``bench/serve.py --serve-floor``: what Serve costs with no segserve code.
+
+Two no-op deployments, ``FloorIngress`` (HTTP, FastAPI) and ``FloorHop`` behind it, measured
+through the same Serve mode and addresses as the service: ``/local`` answers at once, ``/hop``
+first calls FloorHop once over a streaming handle (as the ingress calls the engine replica).
+The difference to the engine alone that Serve cannot go below is about ``/hop``'s latency, and
+``/hop`` - ``/local`` is what one deployment hop costs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+
+APP = "serve-floor"
+PREFIX = "/floor"
+floor_api = FastAPI()
+
+
+@serve.deployment
+class FloorHop:
+    async def generate(self, x: int) -> Any:
+        yield x
+
+
+@serve.deployment
+@serve.ingress(floor_api)
+class FloorIngress:
+    def __init__(self, hop: Any) -> None:
+        self.hop = hop.options(stream=True)
+
+    @floor_api.get("/local")
+    async def local(self) -> dict[str, int]:
+        return {"x": 1}
+
+    @floor_api.get("/hop")
+    async def hop(self) -> dict[str, list[int]]:
+        return {"x": [x async for x in self.hop.generate.remote(1)]}
+
+
+def deploy() -> None:
+    """Deploy the pair on the running Serve (the workers import this module's classes by value:
+    bench/ is not on their path)."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    serve.run(FloorIngress.bind(FloorHop.bind()), name=APP, route_prefix=PREFIX)
+
+
+async def measure(session: Any, base: str, n: int = 200, warmup: int = 20) -> dict[str, float]:
+    """Median latency (ms) of ``n`` sequential GETs of each route at ``base`` (the app's URL)."""
+    out = {}
+    for route in ("local", "hop"):
+        times = []
+        for i in range(warmup + n):
+            start = time.perf_counter()
+            async with session.get(f"{base}/{route}") as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"serve floor /{route}: HTTP {resp.status}")
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+        out[f"{route}_ms"] = statistics.median(times)
+    out["hop_cost_ms"] = out["hop_ms"] - out["local_ms"]
+    return out
