@@ -96,18 +96,21 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if encoding not in ("", "identity"):
         raise APIError(415, f"Content-Encoding {encoding[:40]!r} is not supported: send the "
                        "body uncompressed")  # fmt: skip
-    too_big = APIError(413, f"the request body is larger than {max_bytes} bytes "
-                       "(ingress.max_body_bytes)")  # fmt: skip
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
-        raise too_big
+        raise _body_too_large(max_bytes)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise too_big
+            raise _body_too_large(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _body_too_large(max_bytes: int) -> APIError:
+    return APIError(413, f"the request body is larger than {max_bytes} bytes "
+                    "(ingress.max_body_bytes)")  # fmt: skip
 
 
 async def parse(request: Request, schema: type[_Request], max_bytes: int) -> Any:
