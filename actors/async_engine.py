@@ -153,9 +153,8 @@ class AsyncEngine:
                     if not self.core.device_suspect:
                         self._step_failures = 0
                     busy = self.core.has_work()
-                    now = time.monotonic()
-                    if now - self._stats_time >= self.STATS_INTERVAL_S or not busy:
-                        self._stats, self._stats_time = self.core.stats(), now
+                    if not busy:  # before the last deltas: whoever they wake reads idle stats
+                        self._stats, self._stats_time = self.core.stats(), time.monotonic()
                     if deltas:
                         try:
                             loop.call_soon_threadsafe(self._deliver, deltas)
@@ -163,6 +162,11 @@ class AsyncEngine:
                             return
                     if not busy:
                         return
+                    # After the deltas are handed over, so the walk over the live blocks
+                    # (milliseconds for a big batch) never delays a token.
+                    now = time.monotonic()
+                    if now - self._stats_time >= self.STATS_INTERVAL_S:
+                        self._stats, self._stats_time = self.core.stats(), now
             finally:
                 self._stepping = False
 
