@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from . import grpc_api, routing_view, utility_api
 from .config import ServiceConfig, engine_config
@@ -39,11 +40,22 @@ async def _api_error(_: Request, e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+def allowed_methods(request: Request) -> str:
+    """A 405's Allow (RFC 9110 requires it): every method some route on the request's path
+    takes. Starlette names only the first route's, and GET and HEAD are two routes here."""
+    methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+    return ", ".join(m for m in methods if any(
+        route.matches({**request.scope, "method": m})[0] == Match.FULL
+        for route in request.app.router.routes))  # fmt: skip
+
+
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-    # e.headers: a 405's Allow (the methods the path has), which RFC 9110 requires
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    headers = e.headers
+    if e.status_code == 405:
+        headers = {**(headers or {}), "Allow": allowed_methods(request)}
     return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
-                        headers=e.headers)
+                        headers=headers)
 
 
 @api.exception_handler(Exception)

@@ -560,3 +560,21 @@ async def test_bodies_too_large_or_compressed_are_refused_by_name(svc, monkeypat
     assert status == 415 and "'gzip'" in err["error"]["message"]
     status, _ = await svc.post("/v1/completions", body, {"content-encoding": "identity"})
     assert status == 200
+
+
+def test_a_405_names_every_method_of_the_path():
+    # GET and HEAD are two routes; Starlette's own 405 named only the first one's method (the
+    # fuzzer's OPTIONS found `Allow: HEAD` on GET routes). No handler runs, so the app is
+    # called as it is, without a replica.
+    from fastapi.testclient import TestClient
+    from segserve.deploy.ingress import api
+
+    client = TestClient(api)
+    for method, path, allow in [("OPTIONS", "/health", "GET, HEAD"),
+                                ("DELETE", "/v1/models/org/name", "GET, HEAD"),
+                                ("POST", "/metrics", "GET, HEAD"),
+                                ("GET", "/v1/chat/completions", "POST"),
+                                ("PUT", "/tokenize", "POST")]:  # fmt: skip
+        resp = client.request(method, path)
+        assert (resp.status_code, resp.headers["allow"]) == (405, allow), (method, path)
+        assert resp.json()["error"]["code"] == 405
