@@ -32,7 +32,11 @@ class FloorHop:
 @serve.ingress(floor_api)
 class FloorIngress:
     def __init__(self, hop: Any) -> None:
-        self.hop = hop.options(stream=True)
+        from segserve.deploy.launch import serve_uses_grpc
+
+        # The transport of this replica's serve mode, as the service's ingress picks it: a
+        # handle otherwise keeps the driver's, which is the first mode's when a bench runs several.
+        self.hop = hop.options(stream=True, _by_reference=not serve_uses_grpc())
 
     @floor_api.get("/local")
     async def local(self) -> dict[str, int]:
