@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 import pytest
@@ -128,8 +129,6 @@ def test_an_engine_process_hands_the_gil_over_within_half_a_millisecond(tiny_mod
     # CPython's 5 ms default kept a token waiting behind the stepping thread's Python (H100,
     # engine in the ingress: gRPC TTFT 25.4 ms against 18.3 ms at 0.5 ms); a lower interval
     # already set in the process is kept.
-    import sys
-
     path, _ = tiny_models["mistral"]
     before = sys.getswitchinterval()
     try:
