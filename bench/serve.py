@@ -624,9 +624,10 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
             serve_floor.deploy()
 
             async def floor() -> dict[str, float]:
+                http_base, grpc_target = addresses(serve_floor.APP, serve_floor.PREFIX)
                 async with aiohttp.ClientSession() as session:
-                    return await serve_floor.measure(
-                        session, addresses(serve_floor.APP, serve_floor.PREFIX)[0])
+                    out = await serve_floor.measure(session, http_base)
+                return {**out, **await serve_floor.measure_grpc(grpc_target)}
 
             FLOORS[mode] = asyncio.run(floor())
             print(f"Serve's floor ({mode}): " + ", ".join(
@@ -782,7 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode, floor in FLOORS.items():
         print(f"Serve's own floor ({mode}, no segserve code, medians): a no-op request "
               f"{floor['local_ms']:.2f} ms, one with a hop {floor['hop_ms']:.2f} ms "
-              f"(the hop {floor['hop_cost_ms']:.2f} ms)")  # fmt: skip
+              f"(the hop {floor['hop_cost_ms']:.2f} ms); over gRPC "
+              f"{floor['grpc_local_ms']:.2f} and {floor['grpc_hop_ms']:.2f} ms")  # fmt: skip
     wall = time.perf_counter() - wall
     print(f"\nwall time {wall:.1f} s{_load()}", flush=True)
 

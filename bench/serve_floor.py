@@ -4,7 +4,8 @@ Two no-op deployments, ``FloorIngress`` (HTTP, FastAPI) and ``FloorHop`` behind 
 through the same Serve mode and addresses as the service: ``/local`` answers at once, ``/hop``
 first calls FloorHop once over a streaming handle (as the ingress calls the engine replica).
 The difference to the engine alone that Serve cannot go below is about ``/hop``'s latency, and
-``/hop`` - ``/local`` is what one deployment hop costs.
+``/hop`` - ``/local`` is what one deployment hop costs. Over gRPC (Serve's gRPC proxy, the
+service's servicer) the same pair answers ``Health`` at once and ``ListModels`` after the hop.
 """
 
 from __future__ import annotations
@@ -46,6 +47,18 @@ class FloorIngress:
     async def hop(self) -> dict[str, list[int]]:
         return {"x": [x async for x in self.hop.generate.remote(1)]}
 
+    # gRPC, through the service's servicer (the proxy calls the app's ingress by method name)
+    async def Health(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        from segserve.proto import segserve_pb2
+
+        return segserve_pb2.HealthResponse(status="ok")
+
+    async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        from segserve.proto import segserve_pb2
+
+        [_ async for _ in self.hop.generate.remote(1)]
+        return segserve_pb2.ListModelsResponse()
+
 
 def deploy() -> None:
     """Deploy the pair on the running Serve (the workers import this module's classes by value:
@@ -71,4 +84,27 @@ async def measure(session: Any, base: str, n: int = 200, warmup: int = 20) -> di
                 times.append((time.perf_counter() - start) * 1e3)
         out[f"{route}_ms"] = statistics.median(times)
     out["hop_cost_ms"] = out["hop_ms"] - out["local_ms"]
+    return out
+
+
+async def measure_grpc(target: str, n: int = 200, warmup: int = 20) -> dict[str, float]:
+    """As ``measure``, over gRPC at ``target`` (host:port of the proxy or the replica)."""
+    import grpc
+    from segserve.proto import segserve_pb2, segserve_pb2_grpc
+
+    metadata = (("application", APP),)
+    out = {}
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = segserve_pb2_grpc.SegServeStub(channel)
+        calls = {"local": (stub.Health, segserve_pb2.HealthRequest()),
+                 "hop": (stub.ListModels, segserve_pb2.ListModelsRequest())}  # fmt: skip
+        for name, (call, request) in calls.items():
+            times = []
+            for i in range(warmup + n):
+                start = time.perf_counter()
+                await call(request, metadata=metadata, timeout=30)
+                if i >= warmup:
+                    times.append((time.perf_counter() - start) * 1e3)
+            out[f"grpc_{name}_ms"] = statistics.median(times)
+    out["grpc_hop_cost_ms"] = out["grpc_hop_ms"] - out["grpc_local_ms"]
     return out
