@@ -13,10 +13,12 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
+from segserve.proto import segserve_pb2
 
 APP = "serve-floor"
 PREFIX = "/floor"
@@ -49,13 +51,9 @@ class FloorIngress:
 
     # gRPC, through the service's servicer (the proxy calls the app's ingress by method name)
     async def Health(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
-        from segserve.proto import segserve_pb2
-
         return segserve_pb2.HealthResponse(status="ok")
 
     async def ListModels(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
-        from segserve.proto import segserve_pb2
-
         [_ async for _ in self.hop.generate.remote(1)]
         return segserve_pb2.ListModelsResponse()
 
@@ -69,20 +67,30 @@ def deploy() -> None:
     serve.run(FloorIngress.bind(FloorHop.bind()), name=APP, route_prefix=PREFIX)
 
 
+async def _median_ms(call: Callable[[], Awaitable[Any]], n: int, warmup: int) -> float:
+    """Median latency (ms) of ``n`` sequential awaits of ``call()``, after ``warmup`` more."""
+    times = []
+    for i in range(warmup + n):
+        start = time.perf_counter()
+        await call()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 async def measure(session: Any, base: str, n: int = 200, warmup: int = 20) -> dict[str, float]:
     """Median latency (ms) of ``n`` sequential GETs of each route at ``base`` (the app's URL)."""
-    out = {}
-    for route in ("local", "hop"):
-        times = []
-        for i in range(warmup + n):
-            start = time.perf_counter()
+
+    def get(route: str) -> Callable[[], Awaitable[None]]:
+        async def call() -> None:
             async with session.get(f"{base}/{route}") as resp:
                 await resp.read()
                 if resp.status != 200:
                     raise RuntimeError(f"serve floor /{route}: HTTP {resp.status}")
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-        out[f"{route}_ms"] = statistics.median(times)
+
+        return call
+
+    out = {f"{route}_ms": await _median_ms(get(route), n, warmup) for route in ("local", "hop")}
     out["hop_cost_ms"] = out["hop_ms"] - out["local_ms"]
     return out
 
@@ -90,21 +98,18 @@ async def measure(session: Any, base: str, n: int = 200, warmup: int = 20) -> di
 async def measure_grpc(target: str, n: int = 200, warmup: int = 20) -> dict[str, float]:
     """As ``measure``, over gRPC at ``target`` (host:port of the proxy or the replica)."""
     import grpc
-    from segserve.proto import segserve_pb2, segserve_pb2_grpc
+    from segserve.proto import segserve_pb2_grpc
 
     metadata = (("application", APP),)
-    out = {}
     async with grpc.aio.insecure_channel(target) as channel:
         stub = segserve_pb2_grpc.SegServeStub(channel)
-        calls = {"local": (stub.Health, segserve_pb2.HealthRequest()),
-                 "hop": (stub.ListModels, segserve_pb2.ListModelsRequest())}  # fmt: skip
-        for name, (call, request) in calls.items():
-            times = []
-            for i in range(warmup + n):
-                start = time.perf_counter()
-                await call(request, metadata=metadata, timeout=30)
-                if i >= warmup:
-                    times.append((time.perf_counter() - start) * 1e3)
-            out[f"grpc_{name}_ms"] = statistics.median(times)
+
+        def rpc(method: Any, request: Any) -> Callable[[], Awaitable[Any]]:
+            return lambda: method(request, metadata=metadata, timeout=30)
+
+        local = rpc(stub.Health, segserve_pb2.HealthRequest())
+        hop = rpc(stub.ListModels, segserve_pb2.ListModelsRequest())
+        out = {"grpc_local_ms": await _median_ms(local, n, warmup),
+               "grpc_hop_ms": await _median_ms(hop, n, warmup)}  # fmt: skip
     out["grpc_hop_cost_ms"] = out["grpc_hop_ms"] - out["grpc_local_ms"]
     return out
