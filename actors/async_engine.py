@@ -71,6 +71,13 @@ class AsyncEngine:
         # One thread: compiles serialize on the grammar cache's lock anyway.
         self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="segserve-grammar")
 
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
     def _ensure_loop(self) -> None:
         if self.broken is not None:
             raise EngineBroken(self.broken)

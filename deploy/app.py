@@ -124,7 +124,8 @@ def build_app(config: ServiceConfig) -> Application:
             name = deployment_name(model.name, pool.name)
             handles[name] = LLMReplicaDeployment.options(
                 name=name, **replica_options(pool)
-            ).bind(asdict(engine_config(model, pool)), model.name, pool.name)
+            ).bind(asdict(engine_config(model, pool)), model.name, pool.name,
+                   pool.uses_engine_process)
     return Ingress.options(
         name="Ingress",
         num_replicas=ingress.num_replicas,

@@ -102,6 +102,13 @@ class PoolConfig(_Strict):
     # at least this many waiting requests or this KV utilization.
     spill_waiting_requests: int = Field(1, ge=1)
     spill_kv_utilization: float = Field(0.95, gt=0, le=1)
+    engine_process: bool | None = Field(
+        None,
+        description="step the engine in a child process of its replica (actors/"
+        "engine_process.py), so Ray's, Serve's and the ingress's threads never wait for its "
+        "GIL, nor it for theirs. Default: on for cuda/xpu pools with tensor_parallel_size 1; "
+        "a replica group (tensor_parallel_size > 1) steps in-process",
+    )
     graceful_shutdown_timeout_s: float = Field(
         600.0, ge=0,
         description="a replica being stopped (scale-down, rolling update, shutdown) takes no "
@@ -117,6 +124,9 @@ class PoolConfig(_Strict):
             raise ValueError(
                 "set at most one of kv_cache_memory_gb, gpu_memory_utilization, num_kv_blocks"
             )
+        if self.engine_process and self.tensor_parallel_size > 1:
+            raise ValueError("engine_process needs tensor_parallel_size 1: a replica group's "
+                             "ranks are Ray actors, which the engine's process cannot drive")
         if self.device == "cpu" and self.gpu_memory_utilization is not None:
             raise ValueError("gpu_memory_utilization applies to cuda/xpu pools only")
         if self.block_size & (self.block_size - 1):
@@ -130,6 +140,12 @@ class PoolConfig(_Strict):
     @property
     def is_accelerator(self) -> bool:
         return self.device in ACCELERATORS
+
+    @property
+    def uses_engine_process(self) -> bool:
+        if self.engine_process is not None:
+            return self.engine_process
+        return self.is_accelerator and self.tensor_parallel_size == 1
 
 
 class IngressConfig(_Strict):

@@ -88,7 +88,8 @@ class Ingress:
         if cfg.ingress.engine_in_ingress:
             model, pool = cfg.single_pool()
             name = deployment_name(model.name, pool.name)
-            self.replica = LLMReplica(asdict(engine_config(model, pool)), model.name, pool.name)
+            self.replica = LLMReplica(asdict(engine_config(model, pool)), model.name, pool.name,
+                                      pool.uses_engine_process)
             handles = {name: LocalReplicaHandle(self.replica)}
             routing_view.ROUTERS[context.app_name, name] = LocalRoutingView(
                 self.replica, context.replica_id.unique_id)

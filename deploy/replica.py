@@ -22,6 +22,7 @@ from ray.util import metrics
 from ..actors.async_engine import AsyncEngine, EngineBroken
 from ..actors.config import EngineConfig
 from ..actors.engine import QueueFull
+from ..actors.engine_process import EngineProcess
 from ..actors.outputs import Delta
 from ..actors.sampling_params import SamplingParams
 from .caller_watch import Caller, CallerWatch
@@ -161,26 +162,30 @@ class LLMReplica:
 
     METRICS_PERIOD_S = 1.0
 
-    def __init__(self, engine_config: dict[str, Any], model: str, pool: str) -> None:
+    def __init__(self, engine_config: dict[str, Any], model: str, pool: str,
+                 engine_process: bool = False) -> None:  # fmt: skip
+        """``engine_process``: the engine steps in a child process (engine_process.py), not in
+        a thread of this one."""
         self.model, self.pool = model, pool
-        self.engine = AsyncEngine(EngineConfig(**engine_config))
-        self.max_model_len = self.engine.core.max_model_len
+        config = EngineConfig(**engine_config)
+        self.engine = EngineProcess(config) if engine_process else AsyncEngine(config)
+        self.max_model_len = self.engine.max_model_len
         self.metrics = ReplicaMetrics(model, pool)
         self._metrics_task: asyncio.Task | None = None
         self.callers = CallerWatch()
-        self._last_stats = self.engine.core.stats()  # the engine is idle: safe to read
+        self._last_stats = self.engine.stats()  # the engine is idle: its stats are complete
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except RayServeException:  # constructed outside Serve (tests)
             self.replica_id = ""
-        logger.info("LLMReplica %s/%s ready: %s", model, pool, self.engine.core.stats())
+        logger.info("LLMReplica %s/%s ready: %s", model, pool, self._last_stats)
 
     def __del__(self) -> None:
         # Serve calls this when the replica stops: a replica group's TPWorker actors go with it
         # (they are this actor's children and would die with it anyway; this is the clean way).
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.core.shutdown()
+            engine.shutdown()
 
     def _ensure_metrics_loop(self) -> None:
         if self._metrics_task is None or self._metrics_task.done():

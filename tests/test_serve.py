@@ -48,8 +48,10 @@ MAIN = {
     }],
 }  # fmt: skip
 SECURE = {**MAIN, "ingress": {"api_key": API_KEY}}
-# The engine in the ingress replica: one deployment (tests/test_streaming_path.py)
-ONE = {**MAIN, "ingress": {"engine_in_ingress": True}}
+# The engine in the ingress replica: one deployment (tests/test_streaming_path.py), and it steps
+# in a child process of that replica (actors/engine_process.py), as on a GPU pool by default.
+ONE = {**MAIN, "pools": [{**MAIN["pools"][0], "engine_process": True}],
+       "ingress": {"engine_in_ingress": True}}  # fmt: skip
 REAL = {
     "models": [{"name": "smollm2", "path": "smollm2", "dtype": "float32", "max_model_len": 512}],
     "pools": [{"name": "cpu", "device": "cpu", "num_replicas": 1, "num_kv_blocks": 64,
