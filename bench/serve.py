@@ -35,6 +35,9 @@ The paths:
   ``RAY_SERVE_THROUGHPUT_OPTIMIZED``) have no proxy in the way: the clients call the ingress
   replica's own HTTP and gRPC ports. ``haproxy``: the proxy's ports, served by HAProxy in
   front of those. A path measured in a mode is labelled with it.
+* **Engine hosts** (``--engine-hosts``, default: the pool's default): ``process`` steps the
+  replica's engine in a child process (``actors/engine_process.py``), ``thread`` in a thread
+  of the replica's own process. Each one named runs every layout in turn, labelled ``+host``.
 
 ``--serve-floor`` adds **Serve's own floor** in each mode: a no-op ingress and a no-op hop behind
 it (``bench/serve_floor.py``), through the same addresses, so the report shows how much of
@@ -59,6 +62,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import math
 import os
@@ -85,6 +89,9 @@ FLOORS: dict[str, dict[str, float]] = {}  # --serve-floor: per mode, serve_floor
 # layout -> (application name, route prefix, its paths)
 LAYOUTS = {"split": (APP_NAME, "", ("http", "grpc")),
            "engine-in-ingress": ("one", "/one", ("http_one", "grpc_one"))}  # fmt: skip
+# --engine-hosts: where a replica's engine steps (PoolConfig.engine_process). A path measured
+# with one named is "<path>@<mode>+<host>" ("<path>@+<host>" in proxy mode).
+ENGINE_HOSTS = {"process": True, "thread": False}
 # --serve-modes: how Ray Serve takes requests in (deploy.launch.SERVE_MODES). A path measured in
 # a mode other than "proxy" is named "<path>@<mode>".
 TTFT_TARGET_MS = 5.0
@@ -103,6 +110,15 @@ def _list_of(kind: type) -> Callable[[str], list]:
         return values
 
     return parse
+
+
+def _engine_hosts(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ENGINE_HOSTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"engine hosts are {', '.join(ENGINE_HOSTS)}; "
+                                         f"got {text!r}")  # fmt: skip
+    return names
 
 
 def _layouts(text: str) -> list[str]:
@@ -161,6 +177,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(direct, with RAY_SERVE_THROUGHPUT_OPTIMIZED), "
                         "haproxy (direct ingress behind HAProxy on the proxy's ports); "
                         "default: proxy")  # fmt: skip
+    p.add_argument("--engine-hosts", type=_engine_hosts, default=[None],
+                   help="where the replica's engine steps, comma-separated, each measured in "
+                        "turn per layout: process (a child process of the replica) and/or "
+                        "thread (a thread of the replica's own process); default: the pool's "
+                        "default (process on cuda/xpu, thread on cpu)")
     p.add_argument("--serve-floor", action="store_true",
                    help="in each mode, also time a no-op ingress and a no-op hop behind it "
                         "(bench/serve_floor.py): Serve's own share of the overhead")
@@ -399,7 +420,9 @@ def grpc_sender(stub: Any, model: str, output_len: int, app: str = APP_NAME) -> 
     return send
 
 
-def service_config(args: argparse.Namespace, engine_in_ingress: bool = False) -> dict[str, Any]:
+def service_config(args: argparse.Namespace, engine_in_ingress: bool = False,
+                   host: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """``host``: where the replica's engine steps (ENGINE_HOSTS); None: the pool's default."""
     slots = args.max_num_seqs + 2 * args.warmup
     return {
         "models": [{"name": "demo", "path": args.model, "dtype": args.dtype}],
@@ -410,6 +433,7 @@ def service_config(args: argparse.Namespace, engine_in_ingress: bool = False) ->
                                               args.block_size),
             "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
             "max_queue_len": args.max_queue_len, "cpus_per_replica": args.cpus_per_replica,
+            "engine_process": None if host is None else ENGINE_HOSTS[host],
         }],
         "ingress": {"engine_in_ingress": engine_in_ingress},
     }  # fmt: skip
@@ -598,12 +622,13 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
             return (f"http://127.0.0.1:{targets['HTTP'][1]}{prefix}",
                     f"127.0.0.1:{targets['gRPC'][1]}")  # fmt: skip
 
-        async def measure(layout: str) -> dict[str, PhaseResult]:
+        async def measure(layout: str, host: str | None) -> dict[str, PhaseResult]:
             app, prefix, (http, grpc_path) = LAYOUTS[layout]
             # limit=0: no client-side cap on connections, so a burst is never queued here.
             connector = aiohttp.TCPConnector(limit=0)
             timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
-            suffix = "" if mode == "proxy" else f"@{mode}"
+            suffix = ("" if mode == "proxy" else mode) + ("" if host is None else f"+{host}")
+            suffix = suffix and f"@{suffix}"
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
                 base, target = addresses(app, prefix)
                 async with grpc.aio.insecure_channel(target) as channel:
@@ -633,14 +658,15 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
             print(f"Serve's floor ({mode}): " + ", ".join(
                 f"{k} {v:.2f}" for k, v in FLOORS[mode].items()), flush=True)
             serve.delete(serve_floor.APP)
-        for layout in args.layouts:
+        for layout, host in itertools.product(args.layouts, args.engine_hosts):
             # One layout at a time: each holds an engine, and on a one-GPU machine a second
             # engine's replica would wait for the GPU forever (serve.run never returning).
             app, prefix, _ = LAYOUTS[layout]
-            serve.run(build_app(service_config(args, layout == "engine-in-ingress")), name=app,
-                      route_prefix=prefix or "/")  # fmt: skip
-            print(f"Serve ({mode}, {layout}) up in {time.perf_counter() - t:.1f} s", flush=True)
-            results.update(asyncio.run(measure(layout)))
+            config = service_config(args, layout == "engine-in-ingress", host)
+            serve.run(build_app(config), name=app, route_prefix=prefix or "/")
+            print(f"Serve ({mode}, {layout}, engine in a {host or 'default'} host) up in "
+                  f"{time.perf_counter() - t:.1f} s", flush=True)  # fmt: skip
+            results.update(asyncio.run(measure(layout, host)))
             serve.delete(app)
             t = time.perf_counter()
         return results
