@@ -182,6 +182,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "turn per layout: process (a child process of the replica) and/or "
                         "thread (a thread of the replica's own process); default: the pool's "
                         "default (process on cuda/xpu, thread on cpu)")
+    p.add_argument("--paired", action="store_true",
+                   help="run an engine alone beside the service (its own process, same GPU) "
+                        "and send it each one-by-one request's prompt right after the service "
+                        "answers: TTFT/TPOT differences of pairs, immune to the engine's own "
+                        "drift between runs")
     p.add_argument("--serve-floor", action="store_true",
                    help="in each mode, also time a no-op ingress and a no-op hop behind it "
                         "(bench/serve_floor.py): Serve's own share of the overhead")
@@ -277,13 +282,27 @@ Send = Callable[[list[int]], Awaitable[Sample]]
 class PhaseResult:
     samples: list[Sample]
     duration_s: float  # first send -> last token
+    # --paired: the engine twin's answer to the same prompt, sent right after each sample's
+    twins: list[Sample] | None = None
 
     def summary(self, output_len: int) -> dict[str, float]:
         ttft = [s.ttft for s in self.samples]
         tpot = [s.tpot for s in self.samples]
         itl = [g for s in self.samples for g in s.itls]
         tokens = sum(s.tokens for s in self.samples)
-        return {
+        paired = {}
+        if self.twins:
+            # Differences of pairs taken a moment apart: the drift of the engine's own speed
+            # (tens of ms on a shared host) cancels out.
+            paired = {
+                "twin_ttft_p50_ms": statistics.median(t.ttft for t in self.twins) * 1e3,
+                "twin_tpot_p50_ms": statistics.median(t.tpot for t in self.twins) * 1e3,
+                "paired_ttft_added_ms": statistics.median(
+                    s.ttft - t.ttft for s, t in zip(self.samples, self.twins, strict=True)) * 1e3,
+                "paired_tpot_ratio": statistics.median(
+                    s.tpot / t.tpot for s, t in zip(self.samples, self.twins, strict=True)),
+            }  # fmt: skip
+        return {**paired,
             "requests": len(self.samples),
             "ttft_p50_ms": statistics.median(ttft) * 1e3,
             "ttft_p99_ms": percentile(ttft, 99.0) * 1e3,
@@ -305,14 +324,34 @@ class PhaseResult:
                           "tokens": s.tokens, "chunks": len(s.chunk_times),
                           "e2e_s": s.finished - s.sent} for s in self.samples],
             "itl_s": [g for s in self.samples for g in s.itls],
+            **({"twins": [{"ttft_s": t.ttft, "tpot_s": t.tpot} for t in self.twins]}
+               if self.twins else {}),
         }  # fmt: skip
 
 
-async def run_phase(send: Send, phase: Phase, path: str, vocab: int) -> PhaseResult:
+@dataclass
+class Twin:
+    """--paired: an engine alone beside the service, asked the same prompt (salted apart, so its
+    prefix cache never serves it) right after each of a one-by-one phase's requests."""
+
+    send: Send
+    salt: int
+
+    def prompt(self, prompt: list[int], vocab: int) -> list[int]:
+        return [(prompt[0] + self.salt) % vocab, *prompt[1:]]
+
+
+async def run_phase(send: Send, phase: Phase, path: str, vocab: int,
+                    twin: Twin | None = None) -> PhaseResult:  # fmt: skip
     prompts = [prompt_for(path, p, vocab) for p in phase.prompts]
     gc.collect()  # a collection of the previous phase's garbage would land in this one's p99
+    twins = None
     if phase.arrivals_s is None:
-        samples = [await send(p) for p in prompts]
+        samples, twins = [], [] if twin is not None else None
+        for p in prompts:
+            samples.append(await send(p))
+            if twin is not None:
+                twins.append(await twin.send(twin.prompt(p, vocab)))
     else:
         tasks = []
         t0 = time.perf_counter()
@@ -327,11 +366,12 @@ async def run_phase(send: Send, phase: Phase, path: str, vocab: int) -> PhaseRes
         raise RuntimeError(f"{path}, {phase.name}: {len(bad)} request(s) returned no tokens")
     start = min(s.sent for s in samples)
     end = max(s.chunk_times[-1] for s in samples)
-    return PhaseResult(samples, end - start)
+    return PhaseResult(samples, end - start, twins)
 
 
 async def run_path(path: str, send: Send, warm: list[list[int]], phases: list[Phase],
-                   vocab: int, output_len: int) -> dict[str, PhaseResult]:
+                   vocab: int, output_len: int, twin: Twin | None = None,
+                   ) -> dict[str, PhaseResult]:  # fmt: skip
     half = len(warm) // 2
     warm = [prompt_for(path, p, vocab) for p in warm]
     # One by one, then all at once: the batched decode shapes get their first run here too.
@@ -340,11 +380,13 @@ async def run_path(path: str, send: Send, warm: list[list[int]], phases: list[Ph
     await asyncio.gather(*(send(p) for p in warm[half:]))
     out = {}
     for phase in phases:
-        out[phase.name] = result = await run_phase(send, phase, path, vocab)
+        out[phase.name] = result = await run_phase(send, phase, path, vocab, twin)
         s = result.summary(output_len)
-        print(f"  {label(path):<24} {phase.name:<10} TTFT p50 {s['ttft_p50_ms']:7.2f} ms, "
-              f"TPOT p50 {s['tpot_p50_ms']:6.2f} ms, {s['output_tokens_per_s']:7.1f} tok/s",
-              flush=True)  # fmt: skip
+        paired = (f" (its engine twin {s['twin_ttft_p50_ms']:.2f} ms, paired "
+                  f"{s['paired_ttft_added_ms']:+.2f} ms)" if "twin_ttft_p50_ms" in s else "")
+        print(f"  {label(path):<24} {phase.name:<10} TTFT p50 {s['ttft_p50_ms']:7.2f} ms"
+              f"{paired}, TPOT p50 {s['tpot_p50_ms']:6.2f} ms, "
+              f"{s['output_tokens_per_s']:7.1f} tok/s", flush=True)  # fmt: skip
     return out
 
 
@@ -575,10 +617,12 @@ async def _wait_ready(session: Any, base: str, stub: Any, app: str,
 
 
 def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Phase],
-                vocab: int, mode: str = "proxy") -> dict[str, dict[str, PhaseResult]]:
+                vocab: int, mode: str = "proxy", twin_config: Any = None,
+                ) -> dict[str, dict[str, PhaseResult]]:  # fmt: skip
     """Every layout's HTTP and gRPC paths through a fresh local cluster in Serve ``mode``
     (its variables set before Ray starts; in a direct mode the clients call the ingress
-    replica's own ports instead of the proxy's)."""
+    replica's own ports instead of the proxy's). ``twin_config``: the engine of --paired's
+    twin (an EngineProcess of this process, beside the service's)."""
     # A throwaway cluster that lives for this run only and is reached from this machine: token
     # auth (Ray 2.60's default for new clusters) would only add a ~/.ray/auth_token to manage.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -600,6 +644,7 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
 
     _check_port_free(args.http_port)
     _check_port_free(args.grpc_port)
+    cleanup: list[Callable[[], None]] = []
     keep = ("PYTHONPATH", "SEGSERVE_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     t = time.perf_counter()
     # address="local": always a fresh cluster of our own, never one somebody else started.
@@ -639,9 +684,13 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
                                grpc_path + suffix: grpc_sender(stub, "demo", args.output_len,
                                                                app)}  # fmt: skip
                     return {path: await run_path(path, send, warm, phases, vocab,
-                                                 args.output_len)
+                                                 args.output_len, twin and twin(path))
                             for path, send in senders.items()}  # fmt: skip
 
+        twin = None
+        if twin_config is not None:
+            twin = make_twin(twin_config, args, warm, vocab)
+            cleanup.append(twin.engine.shutdown)
         results: dict[str, dict[str, PhaseResult]] = {}
         if args.serve_floor:
             import serve_floor
@@ -671,8 +720,42 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
             t = time.perf_counter()
         return results
     finally:
+        for stop in cleanup:
+            stop()
         serve.shutdown()
         ray.shutdown()
+
+
+class TwinFactory:
+    """--paired: one engine beside the service for the whole run; each path gets its own salt."""
+
+    def __init__(self, engine: Any, send: Send) -> None:
+        self.engine, self.send = engine, send
+        self._salts = itertools.count(1000, 16)
+
+    def __call__(self, path: str) -> Twin:
+        return Twin(self.send, next(self._salts))
+
+
+def make_twin(config: Any, args: argparse.Namespace, warm: list[list[int]],
+              vocab: int) -> TwinFactory:  # fmt: skip
+    """An EngineProcess: its own process, as the engine alone ran, so the driver's client
+    code and Ray threads never share its GIL. Warmed like a path."""
+    from segserve.actors.engine_process import EngineProcess
+
+    t = time.perf_counter()
+    engine = EngineProcess(config)
+    send = engine_sender(engine, args.output_len)
+
+    async def warm_up() -> None:
+        half = len(warm) // 2
+        for p in warm[:half]:
+            await send(Twin(send, 999).prompt(p, vocab))
+        await asyncio.gather(*(send(Twin(send, 999).prompt(p, vocab)) for p in warm[half:]))
+
+    asyncio.run(warm_up())
+    print(f"engine twin up and warm in {time.perf_counter() - t:.1f} s", flush=True)
+    return TwinFactory(engine, send)
 
 
 # ----- report ----------------------------------------------------------------------------------
@@ -717,10 +800,17 @@ def verdicts(phases: list[Phase], summaries: dict[str, dict[str, dict[str, float
             else:
                 d_ttft = s["ttft_p50_ms"] - best_ttft
                 r_tpot = s["tpot_p50_ms"] / best_tpot
-            rows.append({"phase": phase.name, "path": path, "ttft_added_ms": d_ttft,
-                         "ttft_pass": d_ttft <= TTFT_TARGET_MS, "tpot_ratio": r_tpot,
-                         "tpot_pass": r_tpot <= TPOT_TARGET_RATIO,
-                         "noise_floor": path == "engine_again"})  # fmt: skip
+            row = {"phase": phase.name, "path": path, "ttft_added_ms": d_ttft,
+                   "ttft_pass": d_ttft <= TTFT_TARGET_MS, "tpot_ratio": r_tpot,
+                   "tpot_pass": r_tpot <= TPOT_TARGET_RATIO,
+                   "noise_floor": path == "engine_again"}  # fmt: skip
+            if "paired_ttft_added_ms" in s:  # --paired: against the twin, pair by pair
+                row.update(paired_ttft_added_ms=s["paired_ttft_added_ms"],
+                           paired_ttft_pass=s["paired_ttft_added_ms"] <= TTFT_TARGET_MS,
+                           paired_tpot_ratio=s["paired_tpot_ratio"],
+                           paired_tpot_pass=s["paired_tpot_ratio"] <= TPOT_TARGET_RATIO,
+                           twin_ttft_p50_ms=s["twin_ttft_p50_ms"])  # fmt: skip
+            rows.append(row)
     return rows
 
 
@@ -738,6 +828,20 @@ def format_verdicts(rows: list[dict]) -> str:
         lines.append(f"{r['phase']:<10} {label(r['path'], True):<24} {r['ttft_added_ms']:>+9.2f} "
                      f"{verdict(r['ttft_pass'], noise):<7} {r['tpot_ratio']:>9.3f}x "
                      f"{verdict(r['tpot_pass'], noise):<7}".rstrip())  # fmt: skip
+    paired = [r for r in rows if "paired_ttft_added_ms" in r]
+    if paired:
+        head = (f"{'phase':<10} {'path':<24} {'TTFT +ms':>9} {'':<7} {'TPOT ratio':>10} "
+                f"{'':<7} {'twin TTFT':>9}")
+        lines += ["", "Paired with the engine twin (each request, then the same prompt to an "
+                  "engine alone beside the service; medians of the pairs' differences)", head,
+                  "-" * len(head)]  # fmt: skip
+        for r in paired:
+            lines.append(f"{r['phase']:<10} {label(r['path'], True):<24} "
+                         f"{r['paired_ttft_added_ms']:>+9.2f} "
+                         f"{verdict(r['paired_ttft_pass'], False):<7} "
+                         f"{r['paired_tpot_ratio']:>9.3f}x "
+                         f"{verdict(r['paired_tpot_pass'], False):<7} "
+                         f"{r['twin_ttft_p50_ms']:>9.2f}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -786,7 +890,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.serve_modes:
         print(f"Serve {mode} ({', '.join(args.layouts)}: HTTP, then gRPC){_load()} ...",
               flush=True)  # fmt: skip
-        results.update(bench_serve(args, warm, phases, vocab, mode))
+        results.update(bench_serve(args, warm, phases, vocab, mode,
+                                   econfig if args.paired else None))
     paths = list(results)
     if args.engine_again:
         print(f"engine alone again, a fresh engine{_load()} ...", flush=True)
