@@ -364,9 +364,11 @@ async def run_phase(send: Send, phase: Phase, path: str, vocab: int,
     bad = [s for s in samples if not s.chunk_times]
     if bad:
         raise RuntimeError(f"{path}, {phase.name}: {len(bad)} request(s) returned no tokens")
+    if twins:  # the twin's turns between the requests are not the path's time
+        return PhaseResult(samples, sum(s.chunk_times[-1] - s.sent for s in samples), twins)
     start = min(s.sent for s in samples)
     end = max(s.chunk_times[-1] for s in samples)
-    return PhaseResult(samples, end - start, twins)
+    return PhaseResult(samples, end - start)
 
 
 async def run_path(path: str, send: Send, warm: list[list[int]], phases: list[Phase],

@@ -1027,3 +1027,42 @@ def test_engine_in_ingress_streams_the_engines_tokens_and_frees_a_leavers_blocks
     left = wait_for(lambda: (m := _one_metrics(svc)).get(("segserve_requests_total", "abort"))
                      and m)  # fmt: skip
     assert left and left["segserve_kv_blocks_used", None] == 0, left
+
+
+def _engine_processes() -> set[int]:
+    """Pids of the engine processes running (only the "one" app's pool has one)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"segserve.actors.engine_process" in f.read():
+                    pids.add(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_a_dead_engine_process_ends_its_stream_cleanly_and_its_replica_is_replaced(svc):
+    """The "one" app's engine steps in a child process of its replica: killed mid-stream, the
+    client gets an opaque error event (no internals), the replica fails its health check, and
+    Serve replaces it (a new engine process) within 60 s."""
+    (pid,) = _engine_processes()
+    body = {"model": "demo", "prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", svc.http_port, timeout=60)
+    conn.request("POST", "/one/v1/completions", json.dumps(body),
+                 {"Content-Type": "application/json"})  # fmt: skip
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: {")
+    os.kill(pid, 9)
+    rest = resp.read().decode()
+    conn.close()
+    events = [e.strip() for e in rest.split("\n\n")]
+    errors = [json.loads(e[6:])["error"] for e in events
+              if e.startswith("data: {") and '"error"' in e]  # fmt: skip
+    assert errors and errors[0]["code"] == 500, rest[-500:]
+    assert "request id" in errors[0]["message"]
+    assert not any(s in errors[0]["message"] for s in INTERNALS), errors
+    short = {**body, "max_tokens": 4, "stream": False}
+    assert wait_for(lambda: _post(svc, "/one/v1/completions", short)[0] == 200, 60)
+    assert _engine_processes() - {pid}
