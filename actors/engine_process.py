@@ -214,8 +214,9 @@ class EngineProcess:
             raise EngineBroken(self.broken)
         code = self._proc.poll()
         if code is not None:
-            self._break(f"the engine process exited with code {code}")
-            raise EngineBroken(self.broken)
+            # No stream is touched here (Serve may call this off the event loop): the socket's
+            # EOF, read on the loop, fails them.
+            raise EngineBroken(f"the engine process exited with code {code}")
         if self._queues and time.monotonic() - self._last_heard > self.STUCK_STEP_S:
             raise EngineBroken(f"an engine step has run for over {self.STUCK_STEP_S:.0f} s")
 
@@ -314,7 +315,7 @@ class _ChildLoop:
         elif kind == "abort":
             request_id = message[1]
             future = self.compiling.pop(request_id, None)
-            if future is not None:
+            if future is not None:  # out of `compiling`, it is never submitted
                 future.cancel()
             elif request_id in self.inflight:
                 self.core.abort(request_id)
