@@ -116,8 +116,8 @@ def test_build_local():
     assert d.max_queued_requests == 256
     assert d.num_replicas == 1
     assert d._deployment_config.autoscaling_config is None
-    engine, model, pool = d.init_args
-    assert (model, pool) == ("smollm2", "cpu")
+    engine, model, pool, engine_process = d.init_args
+    assert (model, pool, engine_process) == ("smollm2", "cpu", False)  # cpu: in-process
     assert (engine["model"], engine["device"], engine["dtype"]) == ("smollm2", "cpu", "float32")
     assert (engine["kv_cache_memory_gb"], engine["max_num_seqs"]) == (0.5, 64)
     assert engine["max_queue_len"] == 256
@@ -138,6 +138,7 @@ def test_build_tensor_parallel_groups():
         assert d.ray_actor_options == {"num_cpus": 1.0, **({"num_gpus": 1} if gpu else {})}
         engine = d.init_args[0]
         assert (engine["tensor_parallel_size"], engine["communicator"]) == (2, comm), name
+        assert d.init_args[3] is False, name  # a replica group's rank 0 steps in-process
         assert dc is not None
 
 
@@ -147,6 +148,7 @@ def test_build_gpu():
     assert list(deps) == ["LLM:smollm2:gpu"]
     d = deps["LLM:smollm2:gpu"]
     assert d.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 1}
+    assert d.init_args[3] is True  # a one-GPU replica's engine steps in a child process
     assert d.max_ongoing_requests == 128 + 512
     assert d.max_queued_requests == 512
     dc = d._deployment_config
@@ -229,7 +231,8 @@ def test_build_one_deployment_per_model_and_pool():
             "scale_up_waiting_per_replica": 2.5,
             "scale_down_kv_utilization": 0.2,
         }
-    assert deps["LLM:b:small"].init_args[1:] == ("b", "small")
+    assert deps["LLM:b:small"].init_args[1:] == ("b", "small", False)
+    assert big.init_args[3] is True  # its own GPU: the engine steps in a child process
 
 
 def test_serve_instantiates_the_policy_with_the_pool_thresholds():
@@ -379,6 +382,10 @@ BAD = [
     ("'#' in a model name", {"models.0.name": "a#b"}, "args.models.0.name", "pattern"),
     ("string for a number", {"pools.0.max_num_seqs": "many"}, "args.pools.0.max_num_seqs",
      "valid integer"),
+    ("engine process of a replica group", {"models.0.path": "demo",
+                                           "pools.1.tensor_parallel_size": 2,
+                                           "pools.1.engine_process": True}, "args.pools.1",
+     "engine_process needs tensor_parallel_size 1"),
 ]  # fmt: skip
 
 
