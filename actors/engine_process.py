@@ -72,6 +72,7 @@ class EngineProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_heard = time.monotonic()
         self.broken: str | None = None
+        self._shutting_down = False
         try:
             self._conn.send((config, logging.getLogger("segserve").getEffectiveLevel()))
             if not self._conn.poll(self.START_TIMEOUT_S):
@@ -107,7 +108,11 @@ class EngineProcess:
         except (EOFError, OSError):
             code = self._proc.wait()
             self._stop_reading()
-            self._break(f"the engine process exited with code {code}")
+            if self._shutting_down:
+                self._conn.close()
+                self._fail_all()
+            else:
+                self._break(f"the engine process exited with code {code}")
 
     def _stop_reading(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -253,7 +258,11 @@ class EngineProcess:
         return dict(self._stats)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Stop the child: it shuts its core down and exits; killed if it does not."""
+        """Stop the child: it shuts its core down and exits; killed if it does not. Safe from
+        any thread (Serve stops a replica from its own): the socket is closed here only when
+        no other thread's loop still reads it; that one sees the EOF and lets it go."""
+        self._shutting_down = True
+        self.broken = self.broken or "the engine has shut down"
         if self._proc.poll() is None:
             try:
                 self._conn.send(("shutdown",))
@@ -261,6 +270,14 @@ class EngineProcess:
             except (OSError, subprocess.TimeoutExpired):
                 self._proc.kill()
                 self._proc.wait()
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and loop.is_running():
+            try:
+                ours = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                ours = False
+            if not ours:
+                return
         self._stop_reading()
         self._conn.close()
 

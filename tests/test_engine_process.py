@@ -157,6 +157,23 @@ def test_a_hung_engine_process_fails_the_health_check(path, monkeypatch):
         ep.shutdown()
 
 
+def test_shutdown_from_another_thread_stops_the_child_and_refuses_new_requests(path):
+    """Serve stops a replica from a thread of its own while the replica's loop reads the
+    child's socket: the child exits cleanly, the loop lets the socket go, and a request after
+    that is refused as from a broken engine (the router then retries it elsewhere)."""
+    ep = EngineProcess(EngineConfig(model=path, block_size=4, num_kv_blocks=256))
+
+    async def main():
+        assert (await _collect(ep, PROMPT, GREEDY))[0][0]  # this loop reads the socket
+        await asyncio.to_thread(ep.shutdown)
+        assert await _until(lambda: ep._conn.closed)
+        with pytest.raises(EngineBroken):
+            await _collect(ep, PROMPT, GREEDY)
+
+    asyncio.run(main())
+    assert ep._proc.returncode == 0 and not ep.healthy
+
+
 def test_a_model_that_cannot_load_raises_the_childs_error(tmp_path):
     with pytest.raises(Exception) as in_process:
         LLM(str(tmp_path / "missing"))
