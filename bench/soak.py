@@ -61,6 +61,19 @@ def serve_processes() -> dict[str, int]:
         if a["name"].startswith("SERVE_"):
             actor = ray.get_actor(a["name"], namespace=a["namespace"])
             out[a["name"]] = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+    # A replica's engine process (--engine-process) holds the engine's memory: sampled too.
+    parents = {pid: name for name, pid in out.items()}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"segserve.actors.engine_process" not in f.read():
+                    continue
+            with open(f"/proc/{entry}/status") as f:
+                ppid = int(next(line.split()[1] for line in f if line.startswith("PPid:")))
+        except (OSError, ValueError, StopIteration):
+            continue
+        if ppid in parents:
+            out[f"{parents[ppid]} engine process"] = int(entry)
     return out
 
 
@@ -296,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=5.0,
                    help="seconds of the same load before the RSS baseline (first requests "
                         "compile and allocate; Serve's proxy grows for its first minutes)")
+    p.add_argument("--engine-process", action="store_true",
+                   help="the replica's engine steps in a child process (the pool's "
+                        "engine_process, the GPU default; CPU pools step in-process)")
     p.add_argument("--json", default=None, help="also write the report here")
     args = p.parse_args(argv)
 
@@ -317,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     config = {
         "models": [{"name": MODEL, "path": "demo", "dtype": "float32", "max_model_len": 512}],
         "pools": [{"name": "cpu", "device": "cpu", "num_replicas": 1, "num_kv_blocks": 256,
-                   "max_num_seqs": 8, "max_queue_len": 16, "cpus_per_replica": 1}],
+                   "max_num_seqs": 8, "max_queue_len": 16, "cpus_per_replica": 1,
+                   "engine_process": args.engine_process}],
     }  # fmt: skip
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
@@ -343,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
     report["serve_mode"] = args.serve_mode
+    report["engine_process"] = args.engine_process
     report["warmup_s"] = args.warmup
     report["load_avg"] = os.getloadavg()
     report["rss_mib"] = rss.report()
