@@ -66,7 +66,7 @@ def serve_processes() -> dict[str, int]:
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"segserve.actors.engine_process" not in f.read():
+                if b"segserve.actors.engine_child" not in f.read():
                     continue
             with open(f"/proc/{entry}/status") as f:
                 ppid = int(next(line.split()[1] for line in f if line.startswith("PPid:")))

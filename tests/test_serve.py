@@ -1035,7 +1035,7 @@ def _engine_processes() -> set[int]:
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"segserve.actors.engine_process" in f.read():
+                if b"segserve.actors.engine_child" in f.read():
                     pids.add(int(entry))
         except (OSError, ValueError):
             continue
