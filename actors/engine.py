@@ -265,7 +265,11 @@ class EngineCore(TokenUpdates):
     def submit(self, group: SequenceGroup) -> None:
         """Queue a validated request; it joins the batch at the next step. Thread-safe."""
         limit = self.config.max_queue_len
-        if limit is not None and len(self.scheduler.waiting) + len(self._inbox) >= limit:
+        # Requests only: an abort still in the inbox is none (it used to count, so a request
+        # arriving right after a client left could get a 429 from an idle engine). list() copies
+        # the deque in one step, safe while the stepping thread pops from it.
+        queued = sum(kind == "add" for kind, _ in list(self._inbox))
+        if limit is not None and len(self.scheduler.waiting) + queued >= limit:
             raise QueueFull(f"the engine queue is full ({limit} waiting requests)")
         self._inbox.append(("add", group))
 

@@ -89,16 +89,20 @@ class EngineProcess:
         self._stats: dict[str, float] = info["stats"]
 
     # ----- messages from the child, read on the event loop ----------------------------------
-    def _bind(self) -> None:
-        """Read the child's messages on the running loop (the first caller's; a test's next
-        ``asyncio.run`` takes over from a closed one)."""
+    def _bind(self) -> bool:
+        """Read the child's messages on the running loop: the first caller's (a test's next
+        ``asyncio.run`` takes over from a closed one). False if another thread's running loop
+        reads them: its queues and futures are not this loop's to touch."""
         loop = asyncio.get_running_loop()
         if self._loop is loop:
-            return
+            return True
         if self._loop is not None and not self._loop.is_closed():
+            if self._loop.is_running():
+                return False
             self._loop.remove_reader(self._conn.fileno())
         self._loop = loop
         loop.add_reader(self._conn.fileno(), self._on_readable)
+        return True
 
     def _on_readable(self) -> None:
         try:
@@ -182,7 +186,8 @@ class EngineProcess:
         queue (QueueFull) are raised here, before the first item."""
         if self.broken is not None:
             raise EngineBroken(self.broken)
-        self._bind()
+        if not self._bind():
+            raise RuntimeError("this EngineProcess is read on another thread's event loop")
         request_id = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         if not self._queues:  # from idle: the stuck-step clock starts now
@@ -227,9 +232,10 @@ class EngineProcess:
     async def probe(self) -> None:
         """``check_health``, and on an idle engine a tiny op on its device, in the child."""
         self.check_health()
-        if self._queues:
-            return  # the steps themselves show the device works
-        self._bind()
+        if self._queues or not self._bind():
+            # The steps themselves show the device works. (Called on a loop that does not
+            # read the child, the checks above are what it can do.)
+            return
         token = uuid.uuid4().hex
         fut = self._probes[token] = asyncio.get_running_loop().create_future()
         try:

@@ -93,11 +93,25 @@ def test_a_leaver_aborts_its_request_and_frees_its_blocks(engine):
         stream = engine.generate(PROMPT, LONG)
         first = await stream.__anext__()
         assert first.token_ids
+        # A snapshot taken while it runs (every 0.25 s), so the idle one below is a new one.
+        assert await _until(lambda: engine.stats()["running_requests"] == 1), engine.stats()
         await stream.aclose()
         # The child aborted it: idle stats come back with nothing in use.
         assert await _until(lambda: engine.stats()["running_requests"] == 0
                             and engine.stats()["blocks_used"] == 0), engine.stats()
         await engine.probe()  # idle: the child runs a tiny op on its device
+
+    asyncio.run(main())
+
+
+def test_a_probe_from_another_threads_loop_leaves_the_reader_alone(engine):
+    """Only the loop that reads the child's socket may touch its streams: a health check run
+    on another thread's loop does what it can without taking the socket over."""
+    async def main():
+        assert (await _collect(engine, PROMPT, GREEDY))[0][0]
+        await asyncio.to_thread(lambda: asyncio.run(engine.probe()))
+        assert engine._loop is asyncio.get_running_loop()
+        assert (await _collect(engine, PROMPT, GREEDY))[0][0]
 
     asyncio.run(main())
 

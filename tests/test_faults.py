@@ -196,6 +196,22 @@ def test_a_full_queue_leaks_no_stream_queue(replica):
     asyncio.run(main())
 
 
+def test_an_abort_waiting_in_the_inbox_is_no_queued_request():
+    """A client that just left leaves an abort in the engine's inbox until its next step; a
+    request arriving then is no more queued than it would be a moment later."""
+    from segserve.actors.config import EngineConfig
+    from segserve.actors.engine import EngineCore
+
+    core = EngineCore(EngineConfig(model="demo", num_kv_blocks=64, max_queue_len=1))
+    long = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    first = core.add_request([1, 2, 3], long)
+    core.step()  # running now: the queue is empty
+    core.abort(first)
+    core.add_request([4, 5, 6], long)  # the abort in the inbox took the one slot before
+    with pytest.raises(QueueFull):  # a second waiting request is still one too many
+        core.add_request([7, 8, 9], long)
+
+
 def test_a_stream_response_never_iterated_still_closes_its_replica_stream():
     from segserve.deploy.openai_api import ClosingStreamingResponse
     from starlette.requests import ClientDisconnect
