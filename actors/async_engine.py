@@ -31,7 +31,48 @@ class EngineBroken(RuntimeError):
     """The engine cannot step anymore; its replica must be replaced."""
 
 
-class AsyncEngine:
+def check_device(device: torch.device | str) -> None:
+    """A tiny op on the device: raises if it fails or computes wrong (an idle engine's probe)."""
+    x = torch.arange(4.0, device=device)
+    if float((x * x).sum()) != 14.0:
+        raise RuntimeError("the device computed a wrong sum")
+
+
+class EngineFront:
+    """What the replica's two engine hosts share (this module's AsyncEngine, a thread of the
+    process; engine_process.EngineProcess, a child process): per-delta streaming on top of their
+    ``generate_ready``, and ``healthy`` on top of their ``check_health``."""
+
+    def generate_ready(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[list[Delta]]:  # fmt: skip
+        raise NotImplementedError
+
+    def check_health(self) -> None:
+        raise NotImplementedError
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[Delta]:
+        """Stream the request's deltas; the iterator ends when every sequence has finished.
+        Closing the iterator early (a client that went away) aborts the request."""
+        batches = self.generate_ready(prompt, params, request_id)
+        try:
+            async for ready in batches:
+                for delta in ready:
+                    yield delta
+        finally:
+            await batches.aclose()  # at once, not when collected: it aborts the request
+
+    @property
+    def healthy(self) -> bool:
+        try:
+            self.check_health()
+        except EngineBroken:
+            return False
+        return True
+
+
+class AsyncEngine(EngineFront):
     """Async front of EngineCore: ``generate`` streams Deltas; one background task runs the
     core's steps in a worker thread (see the module's docstring)."""
 
@@ -186,19 +227,6 @@ class AsyncEngine:
             finally:
                 self._stepping = False
 
-    async def generate(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
-    ) -> AsyncIterator[Delta]:
-        """Stream the request's deltas; the iterator ends when every sequence has finished.
-        Closing the iterator early (a client that went away) aborts the request."""
-        batches = self.generate_ready(prompt, params, request_id)
-        try:
-            async for ready in batches:
-                for delta in ready:
-                    yield delta
-        finally:
-            await batches.aclose()  # at once, not when collected: it aborts the request
-
     async def generate_ready(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[list[Delta]]:
@@ -276,18 +304,8 @@ class AsyncEngine:
             logger.error("%s; the replica reports unhealthy", self.broken)
             raise EngineBroken(self.broken) from e
 
-    def _device_op(self) -> None:
-        x = torch.arange(4.0, device=self.core.runner.device)
-        if float((x * x).sum()) != 14.0:
-            raise RuntimeError("the device computed a wrong sum")
-
-    @property
-    def healthy(self) -> bool:
-        try:
-            self.check_health()
-        except EngineBroken:
-            return False
-        return True
+    def _device_op(self) -> None:  # a method: the fault tests make the device fail here
+        check_device(self.core.runner.device)
 
     def stats(self) -> dict[str, float]:
         """The KV manager's metrics and queue sizes. While a step runs in the worker thread this

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .async_engine import AsyncEngine, EngineBroken
+from .async_engine import AsyncEngine, EngineBroken, EngineFront
 from .config import EngineConfig
 from .outputs import Delta
 from .sampling_params import SamplingParams
@@ -36,17 +37,35 @@ from .sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+CHILD_MODULE = "segserve.actors.engine_child"
+
+
+def engine_processes() -> dict[int, int]:
+    """{pid: parent pid} of the engine processes running on this machine (Linux's /proc; empty
+    elsewhere): for tools that watch them, such as bench/soak.py."""
+    out = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if CHILD_MODULE.encode() not in f.read():
+                    continue
+            with open(f"/proc/{entry}/status") as f:
+                out[int(entry)] = int(next(ln.split()[1] for ln in f if ln.startswith("PPid:")))
+        except (OSError, ValueError, StopIteration):  # gone meanwhile, or not a process
+            continue
+    return out
+
+
 def supports_engine_process(config: EngineConfig) -> bool:
     """The child is no Ray worker: a replica group whose ranks are Ray actors stays in-process."""
     return config.tensor_parallel_size == 1 or config.tp_launcher == "processes"
 
 
-class EngineProcess:
+class EngineProcess(EngineFront):
     """The parent's side: ``generate_ready``/``generate``, ``abort``, ``stats``, ``probe`` and
     ``check_health`` as AsyncEngine's, the core in a child process (see the module's docstring)."""
 
     START_TIMEOUT_S = 900.0  # loading a big checkpoint from a slow disk
-    STATS_INTERVAL_S = AsyncEngine.STATS_INTERVAL_S
     # Requests in flight and no word from the child for this long: a step hangs.
     STUCK_STEP_S = AsyncEngine.STUCK_STEP_S
     PROBE_TIMEOUT_S = AsyncEngine.PROBE_TIMEOUT_S
@@ -61,7 +80,7 @@ class EngineProcess:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SOCKET_BUFFER_BYTES)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.SOCKET_BUFFER_BYTES)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "segserve.actors.engine_child", str(theirs.fileno())],
+            [sys.executable, "-m", CHILD_MODULE, str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
         )  # fmt: skip
         theirs.close()
@@ -167,18 +186,6 @@ class EngineProcess:
             raise EngineBroken(f"the engine process is gone ({e!r})") from None
 
     # ----- AsyncEngine's interface -----------------------------------------------------------
-    async def generate(
-        self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None
-    ) -> AsyncIterator[Delta]:
-        """As AsyncEngine.generate."""
-        batches = self.generate_ready(prompt, params, request_id)
-        try:
-            async for ready in batches:
-                for delta in ready:
-                    yield delta
-        finally:
-            await batches.aclose()
-
     async def generate_ready(
         self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[list[Delta]]:
@@ -249,17 +256,9 @@ class EngineProcess:
             self._break(f"the device probe failed: {error}")
             raise EngineBroken(self.broken)
 
-    @property
-    def healthy(self) -> bool:
-        try:
-            self.check_health()
-        except EngineBroken:
-            return False
-        return True
-
     def stats(self) -> dict[str, float]:
-        """The child's latest snapshot: taken when it went idle, and every STATS_INTERVAL_S
-        while it steps."""
+        """The child's latest snapshot: taken when it went idle, and every
+        AsyncEngine.STATS_INTERVAL_S while it steps."""
         return dict(self._stats)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:

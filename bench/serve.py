@@ -371,15 +371,18 @@ async def run_phase(send: Send, phase: Phase, path: str, vocab: int,
     return PhaseResult(samples, end - start)
 
 
+async def warm_up(send: Send, prompts: list[list[int]]) -> None:
+    """One by one, then all at once: the batched decode shapes get their first run here too."""
+    half = len(prompts) // 2
+    for p in prompts[:half]:
+        await send(p)
+    await asyncio.gather(*(send(p) for p in prompts[half:]))
+
+
 async def run_path(path: str, send: Send, warm: list[list[int]], phases: list[Phase],
                    vocab: int, output_len: int, twin: Twin | None = None,
                    ) -> dict[str, PhaseResult]:  # fmt: skip
-    half = len(warm) // 2
-    warm = [prompt_for(path, p, vocab) for p in warm]
-    # One by one, then all at once: the batched decode shapes get their first run here too.
-    for p in warm[:half]:
-        await send(p)
-    await asyncio.gather(*(send(p) for p in warm[half:]))
+    await warm_up(send, [prompt_for(path, p, vocab) for p in warm])
     out = {}
     for phase in phases:
         out[phase.name] = result = await run_phase(send, phase, path, vocab, twin)
@@ -686,7 +689,7 @@ def bench_serve(args: argparse.Namespace, warm: list[list[int]], phases: list[Ph
                                grpc_path + suffix: grpc_sender(stub, "demo", args.output_len,
                                                                app)}  # fmt: skip
                     return {path: await run_path(path, send, warm, phases, vocab,
-                                                 args.output_len, twin and twin(path))
+                                                 args.output_len, twin and twin())
                             for path, send in senders.items()}  # fmt: skip
 
         twin = None
@@ -735,7 +738,7 @@ class TwinFactory:
         self.engine, self.send = engine, send
         self._salts = itertools.count(1000, 16)
 
-    def __call__(self, path: str) -> Twin:
+    def __call__(self) -> Twin:
         return Twin(self.send, next(self._salts))
 
 
@@ -749,13 +752,8 @@ def make_twin(config: Any, args: argparse.Namespace, warm: list[list[int]],
     engine = EngineProcess(config)
     send = engine_sender(engine, args.output_len)
 
-    async def warm_up() -> None:
-        half = len(warm) // 2
-        for p in warm[:half]:
-            await send(Twin(send, 999).prompt(p, vocab))
-        await asyncio.gather(*(send(Twin(send, 999).prompt(p, vocab)) for p in warm[half:]))
-
-    asyncio.run(warm_up())
+    # Its own prefix-cache keys, apart from every path's
+    asyncio.run(warm_up(send, [Twin(send, 999).prompt(p, vocab) for p in warm]))
     print(f"engine twin up and warm in {time.perf_counter() - t:.1f} s", flush=True)
     return TwinFactory(engine, send)
 

@@ -62,18 +62,12 @@ def serve_processes() -> dict[str, int]:
             actor = ray.get_actor(a["name"], namespace=a["namespace"])
             out[a["name"]] = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
     # A replica's engine process (--engine-process) holds the engine's memory: sampled too.
+    from segserve.actors.engine_process import engine_processes
+
     parents = {pid: name for name, pid in out.items()}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"segserve.actors.engine_child" not in f.read():
-                    continue
-            with open(f"/proc/{entry}/status") as f:
-                ppid = int(next(line.split()[1] for line in f if line.startswith("PPid:")))
-        except (OSError, ValueError, StopIteration):
-            continue
+    for pid, ppid in engine_processes().items():
         if ppid in parents:
-            out[f"{parents[ppid]} engine process"] = int(entry)
+            out[f"{parents[ppid]} engine process"] = pid
     return out
 
 

@@ -30,6 +30,7 @@ from conftest import smollm2_or_reason  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.config import HTTPOptions, gRPCOptions  # noqa: E402
 from segserve import LLM, SamplingParams  # noqa: E402
+from segserve.actors.engine_process import engine_processes  # noqa: E402
 from segserve.deploy.app import build_app  # noqa: E402
 from segserve.deploy.launch import GRPC_SERVICER  # noqa: E402
 from segserve.deploy.replica import KV_COUNTERS, KV_GAUGES  # noqa: E402
@@ -1029,24 +1030,11 @@ def test_engine_in_ingress_streams_the_engines_tokens_and_frees_a_leavers_blocks
     assert left and left["segserve_kv_blocks_used", None] == 0, left
 
 
-def _engine_processes() -> set[int]:
-    """Pids of the engine processes running (only the "one" app's pool has one)."""
-    pids = set()
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"segserve.actors.engine_child" in f.read():
-                    pids.add(int(entry))
-        except (OSError, ValueError):
-            continue
-    return pids
-
-
 def test_a_dead_engine_process_ends_its_stream_cleanly_and_its_replica_is_replaced(svc):
     """The "one" app's engine steps in a child process of its replica: killed mid-stream, the
     client gets an opaque error event (no internals), the replica fails its health check, and
     Serve replaces it (a new engine process) within 60 s."""
-    (pid,) = _engine_processes()
+    (pid,) = engine_processes()
     body = {"model": "demo", "prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0.0,
             "ignore_eos": True, "stream": True}  # fmt: skip
     conn = http.client.HTTPConnection("127.0.0.1", svc.http_port, timeout=60)
@@ -1065,4 +1053,4 @@ def test_a_dead_engine_process_ends_its_stream_cleanly_and_its_replica_is_replac
     assert not any(s in errors[0]["message"] for s in INTERNALS), errors
     short = {**body, "max_tokens": 4, "stream": False}
     assert wait_for(lambda: _post(svc, "/one/v1/completions", short)[0] == 200, 60)
-    assert _engine_processes() - {pid}
+    assert set(engine_processes()) - {pid}  # only the "one" app has one
